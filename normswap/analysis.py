@@ -1,0 +1,40 @@
+"""Analysis: capture -> discover -> advise, the part that lint and convert share."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from torch import nn
+
+from .advise import advise
+from .capture import Capture, capture
+from .context import Context
+from .rules import CATALOGUE, Finding, Rule, Skip
+from .sites import Site, discover
+
+
+@dataclass
+class Analysis:
+    capture: Capture
+    sites: list[Site]
+    findings: list[Finding]
+    skipped: dict[str, list[Skip]]
+    context: Context
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def analyze(model: nn.Module, example_inputs: Any, context: Context | None = None, rules: Sequence[Rule] = CATALOGUE) -> Analysis:
+    """Capture the model, discover its BatchNorm sites and judge them against the context."""
+    context = context or Context()
+    timings = {}
+    start = time.perf_counter()
+    captured = capture(model, example_inputs)
+    timings["capture"] = time.perf_counter() - start
+    start = time.perf_counter()
+    sites = discover(model, captured)
+    timings["discover"] = time.perf_counter() - start
+    start = time.perf_counter()
+    findings, skipped = advise(sites, captured, context, rules)
+    timings["rules"] = time.perf_counter() - start
+    return Analysis(captured, sites, findings, skipped, context, timings)

@@ -1,0 +1,118 @@
+"""Replacement normalizations and the functions the graph rewrite calls.
+
+channel layer norm: y[n, :, p] = (x[n, :, p] - mean_c) / sqrt(var_c + eps) * w + b at every position p.
+frozen batch norm:  y = (x - running_mean) / sqrt(running_var + eps) * w + b, BatchNorm's eval function.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm over dim 1 of (N, C, *) at every position; plain LayerNorm(C) on (N, C)."""
+    if x.dim() == 2:
+        return F.layer_norm(x, (x.shape[1],), weight, bias, eps)
+    # (N, C, *) -> (N, *, C): LayerNormalization over the last axis exports as one fused op.
+    moved = x.movedim(1, -1)
+    return F.layer_norm(moved, (moved.shape[-1],), weight, bias, eps).movedim(-1, 1)
+
+
+def frozen_batch_norm(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """BatchNorm's eval-mode function, whatever the module's mode."""
+    return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel dimension of (N, C, *) inputs, independently at every position.
+
+    Parameters are named `weight` and `bias` like BatchNorm's, so state_dict keys carry over.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_channels))
+            self.bias = nn.Parameter(torch.zeros(num_channels))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return channel_layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
+
+
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm fixed to its eval-mode function: running statistics and affine do not change.
+
+    `weight`/`bias` stay parameters (with requires_grad=False) so optimiser groups that name them
+    keep working; `running_mean`/`running_var` stay buffers, so state_dict keys carry over.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features), requires_grad=False)
+            self.bias = nn.Parameter(torch.zeros(num_features), requires_grad=False)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frozen_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+
+
+class SwappedBatchNorm(_BatchNorm):
+    """Mixed into a BatchNorm *subclass* in place of `_BatchNorm.forward`.
+
+    A subclass such as `class BNAct(nn.BatchNorm2d): forward = act(super().forward(x))` is rebased
+    onto `(BNAct, SwappedBatchNorm)`: its own forward still runs, and its `super().forward()` lands
+    here and normalizes per sample. The instance keeps its class identity, submodules and
+    parameter names.
+    """
+
+    normswap_target: str = "groupnorm"
+    normswap_num_groups: int = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normswap_target == "groupnorm":
+            return F.group_norm(x, self.normswap_num_groups, self.weight, self.bias, self.eps)
+        if self.normswap_target == "layernorm":
+            return channel_layer_norm(x, self.weight, self.bias, self.eps)
+        return frozen_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+
+
+@functools.lru_cache(maxsize=None)
+def swapped_class(cls: type) -> type:
+    """`cls` with `SwappedBatchNorm` inserted before `_BatchNorm` in its MRO (cached per class)."""
+    return type(cls.__name__, (cls, SwappedBatchNorm), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+def is_swapped(module: nn.Module) -> bool:
+    """True for modules normswap produced (never reported as BatchNorm again)."""
+    return isinstance(module, (SwappedBatchNorm, ChannelLayerNorm, FrozenBatchNorm))

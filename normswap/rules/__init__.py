@@ -1,0 +1,35 @@
+"""The rule catalogue: one explicit tuple, in code order."""
+from __future__ import annotations
+
+from .base import Finding, Fix, Rule, Severity, Skip
+from .ns101_batchnorm_in_recurrence import BatchNormInRecurrence
+from .ns102_batchnorm_over_sequence import BatchNormOverSequence
+from .ns103_small_batch import SmallBatch
+from .ns104_batch_of_one import BatchOfOne
+from .ns105_unsynced_distributed import UnsyncedDistributed
+from .ns106_privacy_incompatible import PrivacyIncompatible
+from .ns107_batch_dependent_inference import BatchDependentInference
+from .ns201_functional_batchnorm import FunctionalBatchNorm
+from .ns202_batchnorm_subclass import BatchNormSubclass
+from .ns203_degenerate_groups import DegenerateGroups
+from .ns301_foldable_into_conv import FoldableIntoConv
+from .ns302_freeze_for_finetune import FreezeForFinetune
+from .ns901_not_traceable import NotTraceable
+
+CATALOGUE: tuple[Rule, ...] = (
+    BatchNormInRecurrence(),
+    BatchNormOverSequence(),
+    SmallBatch(),
+    BatchOfOne(),
+    UnsyncedDistributed(),
+    PrivacyIncompatible(),
+    BatchDependentInference(),
+    FunctionalBatchNorm(),
+    BatchNormSubclass(),
+    DegenerateGroups(),
+    FoldableIntoConv(),
+    FreezeForFinetune(),
+    NotTraceable(),
+)
+
+__all__ = ["CATALOGUE", "Finding", "Fix", "Rule", "Severity", "Skip"]

@@ -1,0 +1,91 @@
+"""Rule, Finding, Fix and Severity: the vocabulary every rule module shares."""
+from __future__ import annotations
+
+import enum
+import inspect
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..context import Context
+from ..sites import Site
+from ..targets import natural_target
+
+
+class Severity(str, enum.Enum):
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+    @property
+    def rank(self) -> int:
+        """Higher is more severe."""
+        return {"info": 1, "warning": 2, "error": 3}[self.value]
+
+
+@dataclass(frozen=True)
+class Fix:
+    """What a rule proposes: a target, and whether it keeps the function (safe) or changes it."""
+
+    target: str
+    safe: bool
+    description: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "safe": self.safe, "description": self.description}
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    name: str
+    severity: Severity
+    message: str
+    site: Site | None = None
+    fix: Fix | None = None
+
+    @property
+    def site_name(self) -> str:
+        return self.site.name if self.site is not None else "<model>"
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A rule that did not fire, and why (answers "why was this layer left alone?")."""
+
+    code: str
+    reason: str
+
+
+class Rule:
+    """Base class. Subclasses set the class attributes and implement `check` (per site) or
+    `check_model` (once per model). The subclass docstring is the rule's documentation."""
+
+    code: ClassVar[str]
+    name: ClassVar[str]
+    severity: ClassVar[Severity]
+    summary: ClassVar[str]
+    fix_safe: ClassVar[bool | None] = None  # None: the rule proposes no fix
+
+    def check(self, site: Site, context: Context) -> Finding | Skip:
+        return Skip(self.code, "applies to the whole model, not to a site")
+
+    def check_model(self, capture: Any, context: Context) -> list[Finding]:
+        return []
+
+    @classmethod
+    def documentation(cls) -> str:
+        return inspect.cleandoc(cls.__doc__ or "")
+
+    def finding(self, site: Site | None, message: str, fix: Fix | None = None) -> Finding:
+        return Finding(self.code, self.name, self.severity, message, site, fix)
+
+    def skip(self, reason: str) -> Skip:
+        return Skip(self.code, reason)
+
+    def natural_fix(self, site: Site, safe: bool = False) -> Fix:
+        target, why = natural_target(site)
+        return Fix(target, safe, f"replace with {target}: {why}")
+
+
+def shape_text(site: Site) -> str:
+    return "(" + ", ".join(str(d) for d in site.input_shape) + ")" if site.input_shape else "(unknown shape)"

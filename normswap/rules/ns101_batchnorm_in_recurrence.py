@@ -1,0 +1,56 @@
+"""NS101 batchnorm-in-recurrence: one BatchNorm applied several times in one forward pass."""
+from __future__ import annotations
+
+from ..context import Context
+from ..sites import Site
+from .base import Finding, Fix, Rule, Severity, Skip
+
+
+class BatchNormInRecurrence(Rule):
+    """## What it does
+    Flags a BatchNorm module (or functional call) that is applied several times in one forward
+    pass, typically once per time step of a recurrent cell.
+
+    ## Why is this bad?
+    One set of running statistics is shared by every step, so the statistics mix the
+    distributions of early and late steps; in training, each step is normalized by the batch of
+    that step only, while the running averages blend all of them, so train and eval diverge.
+    Padding and variable-length sequences leak into the statistics. Layer normalization was
+    introduced for exactly this case (Ba, Kiros & Hinton, 2016).
+
+    ## Example
+    ```python
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(64)
+        def forward(self, xs):
+            h = xs[0]
+            for x in xs:            # self.bn runs at every step
+                h = torch.tanh(self.bn(self.ih(x) + self.hh(h)))
+            return h
+    ```
+
+    ## Fix safety
+    Unsafe: LayerNorm normalizes each sample and step on its own, which changes the function;
+    calibrate and heal a trained checkpoint (`normswap convert --calibration-data`).
+
+    ## References
+    - Ba, Kiros, Hinton. Layer Normalization. arXiv:1607.06450, 2016.
+    - Cooijmans et al. Recurrent Batch Normalization. ICLR 2017 (why per-step statistics are needed).
+    """
+
+    code = "NS101"
+    name = "batchnorm-in-recurrence"
+    severity = Severity.WARNING
+    summary = "One BatchNorm is applied several times in one forward pass."
+    fix_safe = False
+
+    def check(self, site: Site, context: Context) -> Finding | Skip:
+        if site.call_count < 2:
+            return self.skip("called once per forward")
+        return self.finding(
+            site,
+            f"'{site.name}' is applied {site.call_count} times per forward pass: its statistics pool every step.",
+            Fix("layernorm", False, "replace with LayerNorm over channels, applied per step"),
+        )

@@ -1,0 +1,48 @@
+"""NS102 batchnorm-over-sequence: BatchNorm1d normalizing an (N, C, L) sequence."""
+from __future__ import annotations
+
+from ..context import Context
+from ..sites import Site
+from .base import Finding, Fix, Rule, Severity, Skip, shape_text
+
+
+class BatchNormOverSequence(Rule):
+    """## What it does
+    Flags BatchNorm1d (or a functional batch_norm) whose input is a rank-3 (N, C, L) tensor, i.e.
+    a sequence whose statistics are pooled over the batch *and* every time step.
+
+    ## Why is this bad?
+    Statistics are shared by all positions and all samples: padding tokens and variable lengths
+    change them, a sample's output depends on the lengths of the others in its batch, and a long
+    sequence at inference sees statistics learned on short ones.
+
+    ## Example
+    ```python
+    self.bn = nn.BatchNorm1d(128)
+    y = self.bn(self.conv(x))     # x: (N, 128, L)
+    ```
+
+    ## Fix safety
+    Unsafe: a channel LayerNorm (per time step) changes the function; calibrate a trained model.
+
+    ## References
+    - Ba, Kiros, Hinton. Layer Normalization. 2016.
+    - Shen et al. PowerNorm: Rethinking Batch Normalization in Transformers. ICML 2020.
+    """
+
+    code = "NS102"
+    name = "batchnorm-over-sequence"
+    severity = Severity.WARNING
+    summary = "BatchNorm1d normalizes an (N, C, L) sequence over batch and time."
+    fix_safe = False
+
+    def check(self, site: Site, context: Context) -> Finding | Skip:
+        if site.input_rank != 3:
+            return self.skip(f"input {shape_text(site)} is not an (N, C, L) sequence")
+        if site.call_count > 1:
+            return self.skip("reported as batchnorm-in-recurrence (NS101)")
+        return self.finding(
+            site,
+            f"'{site.name}' normalizes the sequence {shape_text(site)} with statistics pooled over batch and time steps.",
+            Fix("layernorm", False, "replace with a channel LayerNorm applied at every time step"),
+        )

@@ -1,0 +1,55 @@
+"""NS103 small-batch: per-device training batch below the threshold."""
+from __future__ import annotations
+
+from ..context import Context
+from ..sites import Site
+from .base import Finding, Rule, Severity, Skip
+
+
+class SmallBatch(Rule):
+    """## What it does
+    Flags every batch-dependent BatchNorm when the per-device training batch (`--batch-size`,
+    `batch_size` in `[tool.normswap]`) is below the threshold (16 by default).
+
+    ## Why is this bad?
+    Batch statistics of a few samples are noisy estimates; the error grows quickly as the batch
+    shrinks. Wu & He report ResNet-50 on ImageNet at 2 images per GPU: 34.7% top-1 error with
+    BatchNorm against 24.1% with GroupNorm, whose error does not depend on the batch size.
+    Detection, segmentation, video and 3D models usually train this way.
+
+    ## Example
+    ```toml
+    [tool.normswap]
+    batch_size = 2
+    ```
+
+    ## Fix safety
+    Unsafe: GroupNorm (feature maps) or LayerNorm (features) change the function. For fine-tuning
+    a pretrained model, freeze instead (NS302), which keeps it.
+
+    ## References
+    - Wu & He. Group Normalization. ECCV 2018, Figure 1 and Table 2.
+    - Ioffe. Batch Renormalization. NeurIPS 2017.
+    """
+
+    code = "NS103"
+    name = "small-batch"
+    severity = Severity.WARNING
+    summary = "Per-device training batch is below the small-batch threshold."
+    fix_safe = False
+
+    def check(self, site: Site, context: Context) -> Finding | Skip:
+        if not context.trains:
+            return self.skip("inference only: no batch statistics are used")
+        if context.batch_size is None:
+            return self.skip("batch size unknown (pass --batch-size)")
+        if context.batch_size >= context.small_batch_threshold:
+            return self.skip(f"batch size {context.batch_size} >= {context.small_batch_threshold}")
+        if not site.batch_dependent_train:
+            return self.skip("does not use batch statistics in training")
+        return self.finding(
+            site,
+            f"'{site.name}' estimates its statistics from {context.batch_size} sample(s) per device "
+            f"(threshold {context.small_batch_threshold}); they will be noisy.",
+            self.natural_fix(site),
+        )

@@ -1,0 +1,211 @@
+"""Core engine: capture, discovery, plan and rewrite on every test model and every target."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import fx, nn
+
+import normswap
+from normswap.errors import CaptureError, PlanError
+from normswap.norms import ChannelLayerNorm, FrozenBatchNorm
+from normswap.residual import count_batch_statistics_calls, residual_batchnorm
+from models import MODELS, build, input_for
+
+TARGETS = ("auto", "groupnorm", "layernorm", "frozen", "syncbn")
+# (model, target) pairs where the target cannot replace a site: planning must refuse clearly.
+REFUSED = {
+    ("no_running_stats", "frozen"): "nothing to freeze",
+    ("functional", "syncbn"): "SyncBatchNorm replaces only",
+    ("subclass", "syncbn"): "SyncBatchNorm replaces only",
+}
+CASES = [(m, t) for m in MODELS for t in TARGETS]
+
+
+def _convert(name: str, to: str):
+    model = build(name)
+    return model, normswap.convert(model, input_for(name), to=to)
+
+
+@pytest.mark.parametrize("name,to", CASES, ids=[f"{m}-{t}" for m, t in CASES])
+def test_convert_every_model_every_target(name: str, to: str) -> None:
+    if (name, to) in REFUSED:
+        with pytest.raises(PlanError, match=REFUSED[(name, to)]):
+            _convert(name, to)
+        return
+    original, conv = _convert(name, to)
+    model, plan = conv.model, conv.plan
+    x = input_for(name, batch=8)
+
+    # no BatchNorm left unless the plan keeps it on purpose
+    assert residual_batchnorm(model, plan) == []
+
+    # forward and backward in train and eval mode
+    for train in (True, False):
+        model.train(train)
+        out = model(x)
+        out.float().pow(2).mean().backward()
+        assert torch.isfinite(out).all()
+    model.eval()
+
+    # per-sample targets are batch-independent even in train mode: sample alone == inside a batch of 8
+    if to in ("groupnorm", "layernorm", "frozen") or (to == "auto" and all(e.target != "syncbn" for e in plan)):
+        kept_dependent = [s for s in conv.sites if s.batch_dependent and plan.get(s.name).target == "keep"]
+        if not kept_dependent:
+            assert count_batch_statistics_calls(model, x, train=True) == 0
+            model.train()
+            with torch.no_grad():
+                together = model(x)
+                alone = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+            # fp32: per-sample reductions differ only by summation order between batch sizes
+            torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-5)
+            model.eval()
+
+    # frozen keeps the eval-mode function exactly (same op, same statistics)
+    if to == "frozen":
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), original(x), rtol=0, atol=1e-6)
+
+    # the plan round-trips through JSON and re-applies to a fresh instance
+    restored_plan = normswap.Plan.from_json(plan.to_json())
+    assert restored_plan.to_dict() == plan.to_dict()
+    fresh = normswap.apply_plan(MODELS[name](), restored_plan, example_inputs=x)
+    assert set(fresh.state_dict()) == set(model.state_dict())
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_convert_leaves_the_input_model_untouched(name: str) -> None:
+    model = build(name)
+    before = copy.deepcopy(model.state_dict())
+    classes = [type(m) for m in model.modules()]
+    normswap.convert(model, input_for(name), to="auto")
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for key in before:
+        assert torch.equal(after[key], before[key]), key
+    assert [type(m) for m in model.modules()] == classes
+    assert model.training is False
+
+
+def test_inplace_conversion_modifies_the_model() -> None:
+    model = build("resnet")
+    conv = normswap.convert(model, input_for("resnet"), to="groupnorm", inplace=True)
+    assert conv.model is model
+    assert isinstance(model.bn1, nn.GroupNorm)
+
+
+def test_capture_methods_cascade() -> None:
+    assert normswap.convert(build("resnet"), input_for("resnet")).capture_method == "fx"
+    assert normswap.convert(build("rnn"), input_for("rnn")).capture_method == "export"  # torch.zeros(x.shape[0]) in forward
+    assert normswap.convert(build("untraceable"), input_for("untraceable")).capture_method == "hooks"
+
+
+def test_sites_record_what_design_lists() -> None:
+    conv = normswap.convert(build("resnet"), input_for("resnet"))
+    bn1 = conv.sites[0]
+    assert (bn1.name, bn1.kind, bn1.flavour, bn1.num_features) == ("bn1", "module", "BatchNorm2d", 16)
+    assert bn1.input_shape == (4, 16, 12, 12)
+    assert (bn1.affine, bn1.track_running_stats, bn1.eps, bn1.momentum, bn1.call_count) == (True, True, 1e-5, 0.1, 1)
+    assert bn1.producers == ("conv1 (Conv2d)",)
+    assert bn1.consumers == ("relu",)
+    assert bn1.defined_at.path == "tests/models.py"
+    assert bn1.defined_at.code == "self.bn1 = nn.BatchNorm2d(width)"
+    assert bn1.called_at[0].code == "x = F.relu(self.bn1(self.conv1(x)))"
+
+
+def test_recurrent_reuse_is_one_site_with_call_count() -> None:
+    conv = normswap.convert(build("rnn"), input_for("rnn"))
+    (site,) = conv.sites
+    assert site.call_count == 4
+    assert conv.plan.get("bn").target == "layernorm"
+    assert isinstance(conv.model.bn, nn.LayerNorm)
+
+
+def test_functional_site_is_rewritten_in_the_graph() -> None:
+    conv = normswap.convert(build("functional"), input_for("functional"), to="groupnorm")
+    (site,) = conv.sites
+    assert (site.kind, site.name, site.owner) == ("functional", "batch_norm", "")
+    assert isinstance(conv.model, fx.GraphModule)
+    assert "group_norm" in conv.model.code and "batch_norm" not in conv.model.code
+    assert {"weight", "bias"} <= set(conv.model.state_dict())
+
+
+def test_subclass_keeps_its_activation() -> None:
+    model = build("subclass")
+    conv = normswap.convert(model, input_for("subclass"), to="groupnorm")
+    bn = conv.model.bn
+    assert type(bn).__name__ == "BatchNormAct2d"
+    x = torch.randn(2, 8, 5, 5)
+    reference = torch.relu(torch.nn.functional.group_norm(x, bn.normswap_num_groups, bn.weight, bn.bias, bn.eps))
+    torch.testing.assert_close(bn(x), reference)
+    assert (bn(x) >= 0).all()  # the ReLU survived the swap
+
+
+def test_lookalike_frozen_bn_is_left_alone() -> None:
+    conv = normswap.convert(build("lookalike"), input_for("lookalike"))
+    lookalike = next(s for s in conv.sites if s.name == "bn")
+    assert lookalike.kind == "lookalike" and not lookalike.batch_dependent
+    assert conv.plan.get("bn").target == "keep"
+    assert not any(f.site is lookalike for f in conv.findings)
+
+
+def test_replacement_modules_carry_weights_and_names() -> None:
+    model = build("resnet")
+    gn = normswap.convert(model, input_for("resnet"), to="groupnorm").model
+    assert isinstance(gn.bn1, nn.GroupNorm) and gn.bn1.num_groups == 16
+    torch.testing.assert_close(gn.bn1.weight, model.bn1.weight, rtol=0, atol=0)
+    ln = normswap.convert(model, input_for("resnet"), to="layernorm").model
+    assert isinstance(ln.bn1, ChannelLayerNorm)
+    frozen = normswap.convert(model, input_for("resnet"), to="frozen").model
+    assert isinstance(frozen.bn1, FrozenBatchNorm)
+    torch.testing.assert_close(frozen.bn1.running_var, model.bn1.running_var, rtol=0, atol=0)
+    assert set(frozen.state_dict()) == set(model.state_dict()) - {k for k in model.state_dict() if k.endswith("num_batches_tracked")}
+
+
+@pytest.mark.parametrize(
+    "channels,values,expected",
+    [(64, 49, 32), (24, 4, 24), (72, 1, 24), (3, 64, 3), (16, 1, 8), (7, 1, 1)],
+    ids=["64ch", "24ch", "72ch-pooled", "3ch", "16-features", "prime-features"],
+)
+def test_group_choice_never_degenerate(channels: int, values: int, expected: int) -> None:
+    from normswap.targets import choose_num_groups
+
+    groups, reason = choose_num_groups(channels, values)
+    assert groups == expected
+    assert (channels // groups) * values >= 2
+    assert f"GroupNorm({groups}, {channels})" in reason
+
+
+def test_mobilenet_groups_divide_channels() -> None:
+    conv = normswap.convert(build("mobilenet"), input_for("mobilenet"), to="groupnorm")
+    for entry in conv.plan:
+        assert entry.params["num_channels"] % entry.params["num_groups"] == 0
+    assert conv.plan.get("expand.1").params["num_groups"] == 24  # largest divisor of 72 up to 32
+
+
+def test_not_a_module_is_refused() -> None:
+    with pytest.raises(CaptureError, match="torch.nn.Module"):
+        normswap.convert(lambda x: x, torch.zeros(1))
+
+
+def test_inputs_the_model_cannot_run_are_refused() -> None:
+    with pytest.raises(CaptureError, match=r"cannot run on example inputs of shape \(2, 5, 8, 8\)"):
+        normswap.convert(build("resnet"), torch.zeros(2, 5, 8, 8))
+
+
+def test_plan_for_another_model_is_refused() -> None:
+    plan = normswap.convert(build("resnet"), input_for("resnet")).plan
+    with pytest.raises(PlanError, match="does not have"):
+        normswap.apply_plan(build("mlp"), plan)
+
+
+def test_plan_json_is_validated() -> None:
+    with pytest.raises(PlanError, match="not valid JSON"):
+        normswap.Plan.from_json("{")
+    with pytest.raises(PlanError, match="unknown target 'batchnorm'"):
+        normswap.Plan.from_json('{"version": 1, "sites": [{"name": "bn", "target": "batchnorm"}]}')
