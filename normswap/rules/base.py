@@ -82,9 +82,10 @@ class Rule:
     def skip(self, reason: str) -> Skip:
         return Skip(self.code, reason)
 
-    def natural_fix(self, site: Site, safe: bool = False) -> Fix:
+    def natural_fix(self, site: Site) -> Fix:
         target, why = natural_target(site)
-        return Fix(target, safe, f"replace with {target}: {why}")
+        # only freezing keeps BatchNorm's (eval-mode) function
+        return Fix(target, target == "frozen", f"replace with {target}: {why}")
 
 
 def shape_text(site: Site) -> str:

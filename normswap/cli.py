@@ -1,0 +1,153 @@
+"""The `normswap` command line: lint, convert, rules, explain."""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .errors import ConfigError, NormswapError
+
+EXIT_INTERNAL = 3
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"normswap: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(command: Callable) -> Callable:
+    """One sentence and exit 2 for input errors, exit 3 for bugs; a traceback only with --debug."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except NormswapError as exc:
+            if debug:
+                raise
+            _fail(str(exc), exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the internal-error exit code
+            if debug:
+                raise
+            _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", EXIT_INTERNAL)
+
+    return click.option("--debug", is_flag=True, help="Show tracebacks.")(wrapper)
+
+
+# --- options shared by lint and convert -----------------------------------------------------
+
+
+def model_options(command: Callable) -> Callable:
+    for decorator in reversed(
+        [
+            click.option("-k", "kwargs", multiple=True, metavar="KEY=VALUE", help="Keyword argument for the model callable (Python literal)."),
+            click.option("--input-shape", "input_shapes", multiple=True, metavar="N,C,...", help="Shape of one example input, batch first; repeat for several inputs."),
+        ]
+    ):
+        command = decorator(command)
+    return command
+
+
+def context_options(command: Callable) -> Callable:
+    for decorator in reversed(
+        [
+            click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Training batch size per device."),
+            click.option("--world-size", type=click.IntRange(min=1), default=None, help="Number of data-parallel devices."),
+            click.option("--dp", "differential_privacy", is_flag=True, default=None, help="Trained with differential privacy (DP-SGD)."),
+            click.option("--inference", "inference_only", is_flag=True, default=None, help="Inference only: never trained again."),
+            click.option("--finetune", is_flag=True, default=None, help="Fine-tuned from a pretrained checkpoint."),
+            click.option("--sequence", is_flag=True, default=None, help="Inputs are sequences."),
+        ]
+    ):
+        command = decorator(command)
+    return command
+
+
+def context_flags(options: dict[str, Any]) -> dict[str, Any]:
+    keys = ("batch_size", "world_size", "differential_privacy", "inference_only", "finetune", "sequence")
+    return {k: options.pop(k) for k in keys}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="normswap")
+def main() -> None:
+    """Find BatchNorm in PyTorch models, judge it, and rewrite it to GroupNorm / LayerNorm / frozen BN.
+
+    \b
+    Examples:
+      normswap lint mypkg.models:resnet50 --input-shape 2,3,224,224 --batch-size 2
+      normswap convert ckpt.pt --model mypkg.models:resnet50 --input-shape 1,3,224,224 --out converted/
+      normswap explain NS101
+    """
+
+
+@main.command()
+@click.argument("models", nargs=-1, metavar="[MODEL]...")
+@model_options
+@context_options
+@click.option("--format", "output_format", type=click.Choice(["text", "json", "markdown", "sarif"]), default=None, help="Report format (default: text).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write the report to FILE (atomically) instead of stdout.")
+@click.option("--fail-on", type=click.Choice(["error", "warning", "info", "never"]), default=None, help="Exit 1 when findings reach this severity (default: error).")
+@click.option("--select", multiple=True, metavar="CODE", help="Only these rule codes or prefixes (repeatable, or comma-separated).")
+@click.option("--ignore", multiple=True, metavar="CODE", help="Skip these rule codes or prefixes.")
+@handle_errors
+def lint(models: tuple[str, ...], kwargs: tuple[str, ...], input_shapes: tuple[str, ...], output_format: str | None,
+         output: str | None, fail_on: str | None, select: tuple[str, ...], ignore: tuple[str, ...], **options: Any) -> None:
+    """Report where BatchNorm will hurt the way MODEL is trained or served.
+
+    MODEL is `package.module:callable` or `path/to/file.py:callable`. Without MODEL, lints the
+    models listed in [tool.normswap] of the nearest pyproject.toml. Exit codes: 0 clean,
+    1 findings at or above --fail-on, 2 usage or input error, 3 internal error.
+
+    \b
+    Examples:
+      normswap lint mypkg.nets:build --input-shape 2,3,224,224 --batch-size 2 --world-size 8
+      normswap lint models.py:Net -k width=64 --input-shape 8,3,32,32 --format sarif -o normswap.sarif
+      normswap lint            # the models in [tool.normswap]
+    """
+    from .commands import run_lint
+
+    run_lint(models, kwargs, input_shapes, output_format, output, fail_on, select, ignore, context_flags(options))
+
+
+@main.command()
+def rules() -> None:
+    """List the rule catalogue: code, name, default severity, fix safety.
+
+    \b
+    Examples:
+      normswap rules
+    """
+    from .rules import CATALOGUE
+
+    for rule in CATALOGUE:
+        fix = {True: "safe fix", False: "unsafe fix", None: "no fix"}[rule.fix_safe]
+        click.echo(f"{rule.code}  {rule.name:<28} {rule.severity.value:<8} {fix:<11} {rule.summary}")
+
+
+@main.command()
+@click.argument("code")
+@handle_errors
+def explain(code: str) -> None:
+    """Print a rule's documentation.
+
+    \b
+    Examples:
+      normswap explain NS101
+    """
+    from .rules import CATALOGUE
+
+    rule = next((r for r in CATALOGUE if r.code == code.upper() or r.name == code.lower()), None)
+    if rule is None:
+        raise ConfigError(f"Unknown rule '{code}'; `normswap rules` lists the codes.")
+    click.echo(f"{rule.code} {rule.name} ({rule.severity.value})\n")
+    click.echo(rule.documentation())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

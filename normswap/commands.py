@@ -1,0 +1,69 @@
+"""What the CLI commands do, separated from option parsing."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Sequence
+
+import click
+
+from .config import Config, ModelEntry, load_config
+from .errors import ConfigError
+from .files import write_text_atomic
+from .lint import lint
+from .loader import example_inputs, load_model, parse_kwargs, parse_shape
+from .render import RENDERERS
+from .report import Report, model_definition, worst_exit_code
+from .source import relative_path
+
+
+def _split_codes(values: Sequence[str]) -> list[str]:
+    return [code for value in values for code in value.split(",") if code.strip()]
+
+
+def display_spec(spec: str) -> str:
+    """The spec as shown in reports: a file path relative to the repository root, never absolute."""
+    location, sep, attribute = spec.rpartition(":")
+    if sep and (location.endswith(".py") or "/" in location):
+        return f"{relative_path(os.path.abspath(location))}:{attribute}"
+    return spec
+
+
+def model_entries(models: Sequence[str], kwargs: Sequence[str], input_shapes: Sequence[str], config: Config) -> list[ModelEntry]:
+    """The models to work on: from the command line, else from [tool.normswap]."""
+    if models:
+        if not input_shapes:
+            raise ConfigError("--input-shape is required with a MODEL (e.g. --input-shape 2,3,224,224).")
+        shapes = [parse_shape(s) for s in input_shapes]
+        return [ModelEntry(spec, parse_kwargs(kwargs), shapes) for spec in models]
+    if not config.models:
+        raise ConfigError("No MODEL given and no 'models' in [tool.normswap] of the nearest pyproject.toml.")
+    return config.models
+
+
+def run_lint(models, kwargs, input_shapes, output_format, output, fail_on, select, ignore, flags: dict[str, Any]) -> None:
+    config = load_config()
+    context = config.make_context(**flags)
+    output_format = output_format or config.format or "text"
+    if output_format not in RENDERERS:
+        raise ConfigError(f"Unknown format '{output_format}'; use one of {', '.join(RENDERERS)}.")
+    fail_on = fail_on or config.fail_on or "error"
+    select = _split_codes(select) or config.select
+    ignore = _split_codes(ignore) or config.ignore
+    reports: list[Report] = []
+    for entry in model_entries(models, kwargs, input_shapes, config):
+        model, factory = load_model(entry.spec, entry.kwargs)
+        report = lint(model, example_inputs(entry.input_shapes), context, select=select, ignore=ignore, name=display_spec(entry.spec))
+        report.model_location = model_definition(factory) or report.model_location
+        reports.append(report)
+    code = worst_exit_code(reports, fail_on)  # validates fail_on before anything is written
+    if output_format == "text":
+        color = output is None and sys.stdout.isatty()
+        rendered = RENDERERS["text"](reports, color=color)
+    else:
+        rendered = RENDERERS[output_format](reports)
+    if output:
+        write_text_atomic(output, rendered)
+    else:
+        click.echo(rendered, nl=False)
+    sys.exit(code)

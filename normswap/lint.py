@@ -1,0 +1,49 @@
+"""lint(): analyse a model and return a Report of findings (no rewriting)."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from torch import nn
+
+from .advise import select_rules
+from .analysis import analyze
+from .context import Context
+from .errors import CaptureError
+from .report import Report, model_definition
+
+
+def lint(
+    model: nn.Module,
+    example_inputs: Any,
+    context: Context | None = None,
+    *,
+    select: Iterable[str] | None = None,
+    ignore: Iterable[str] | None = None,
+    name: str | None = None,
+) -> Report:
+    """Find every BatchNorm site of `model` and judge it against `context`.
+
+    Args:
+        model: the model (never modified).
+        example_inputs: tensor or tuple of tensors, batch first.
+        context: training / serving context (default: nothing known).
+        select, ignore: rule codes or prefixes ("NS1") to run / skip.
+        name: how the model is named in the report (default: its class name).
+
+    Returns:
+        Report with `.findings`, `.sites`, renderers (`to_text`, `to_json`, `to_markdown`,
+        `to_sarif`) and `exit_code(fail_on=...)`.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"lint() needs a torch.nn.Module, got {type(model).__name__}.")
+    context = context or Context()
+    analysis = analyze(model, example_inputs, context, select_rules(select, ignore))
+    return Report(
+        model=name or type(model).__name__,
+        capture_method=analysis.capture.method,
+        context=context,
+        sites=analysis.sites,
+        findings=analysis.findings,
+        fallback_reasons=analysis.capture.fallback_reasons,
+        model_location=model_definition(model),
+    )

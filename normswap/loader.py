@@ -1,0 +1,106 @@
+"""Load a model from a spec (`package.module:callable` or `path/to/file.py:callable`) and build inputs."""
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ModelLoadError
+from .source import recording_construction
+
+
+def parse_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings to a dict; values are Python literals where possible, else strings."""
+    kwargs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"-k expects KEY=VALUE with a Python identifier as KEY, got '{pair}'.")
+        try:
+            kwargs[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            kwargs[key] = raw
+    return kwargs
+
+
+def parse_shape(text: str | Sequence[int]) -> tuple[int, ...]:
+    """'2,3,224,224' (or a list of ints) to a shape tuple of positive ints."""
+    parts = text if not isinstance(text, str) else [p for p in text.replace("x", ",").split(",")]
+    try:
+        shape = tuple(int(str(p).strip()) for p in parts)
+    except ValueError:
+        raise ConfigError(f"Input shape '{text}' is malformed; write comma-separated positive integers, batch first, e.g. 2,3,224,224.") from None
+    if not shape or any(d < 1 for d in shape):
+        raise ConfigError(f"Input shape '{text}' is malformed; write comma-separated positive integers, batch first, e.g. 2,3,224,224.")
+    return shape
+
+
+def example_inputs(shapes: Sequence[Sequence[int]], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Deterministic standard-normal inputs of the given shapes."""
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(tuple(shape), generator=generator) for shape in shapes)
+
+
+def _import_target(spec: str) -> tuple[Any, str]:
+    if ":" not in spec:
+        raise ModelLoadError(f"Model '{spec}' must be 'package.module:callable' or 'path/to/file.py:callable'.")
+    location, _, attribute = spec.rpartition(":")
+    if location.endswith(".py") or os.sep in location or "/" in location:
+        path = Path(location)
+        if not path.is_file():
+            raise ModelLoadError(f"Model file '{location}' does not exist; check the path in '{spec}'.")
+        module_name = f"_normswap_user_{abs(hash(str(path.resolve())))}"
+        import_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(import_spec)
+        sys.path.insert(0, str(path.resolve().parent))  # sibling imports of the user's file
+        try:
+            sys.modules[module_name] = module
+            import_spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(module_name, None)
+            raise ModelLoadError(f"Importing '{location}' failed: {type(exc).__name__}: {exc}.") from exc
+        finally:
+            sys.path.remove(str(path.resolve().parent))
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # like `python -m`: the current project is importable
+        try:
+            module = importlib.import_module(location)
+        except ModuleNotFoundError as exc:
+            raise ModelLoadError(f"Module '{location}' not found ({exc}); check '{spec}' and that the package is importable from here.") from exc
+        except Exception as exc:
+            raise ModelLoadError(f"Importing module '{location}' failed: {type(exc).__name__}: {exc}.") from exc
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ModelLoadError(f"'{location}' has no attribute '{attribute}'; check the name after ':' in '{spec}'.")
+        target = getattr(target, part)
+    return target, attribute
+
+
+def load_model(spec: str, kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, Any]:
+    """Build the model named by `spec`, recording where its BatchNorm layers are constructed.
+
+    Returns:
+        (model, the callable it came from).
+    """
+    target, attribute = _import_target(spec)
+    if isinstance(target, nn.Module):
+        return target, type(target)
+    if not callable(target):
+        raise ModelLoadError(f"'{attribute}' in '{spec}' is a {type(target).__name__}, not a callable that builds a model.")
+    try:
+        with recording_construction():
+            model = target(**(kwargs or {}))
+    except Exception as exc:
+        raise ModelLoadError(f"Calling '{spec}' with {kwargs or {}} failed: {type(exc).__name__}: {exc}.") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"'{spec}' returned a {type(model).__name__}, not a torch.nn.Module.")
+    return model, target

@@ -1,0 +1,57 @@
+"""JSON report, schema version 1 (normswap/schemas/report.schema.json); keys and lists in stable order."""
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from .. import __version__
+from ..rules import Finding
+
+JSON_SCHEMA_VERSION = 1
+
+
+def finding_to_dict(finding: Finding) -> dict[str, Any]:
+    site = finding.site
+    return {
+        "code": finding.code,
+        "name": finding.name,
+        "severity": finding.severity.value,
+        "message": finding.message,
+        "site": site.name if site else None,
+        "location": site.location.to_dict() if site and site.location else None,
+        "call_locations": [loc.to_dict() for loc in site.called_at] if site else [],
+        "fix": finding.fix.to_dict() if finding.fix else None,
+    }
+
+
+def report_to_dict(report) -> dict[str, Any]:
+    return {
+        "model": report.model,
+        "capture": {"method": report.capture_method, "fallback_reasons": list(report.fallback_reasons)},
+        "context": report.context.to_dict(),
+        "summary": {"sites": len(report.sites), "findings": report.counts()},
+        "sites": [site.to_dict() for site in report.sites],
+        "findings": [finding_to_dict(f) for f in report.findings],
+        "plan": report.plan.to_dict() if report.plan is not None else None,
+        "validation": report.validation.to_dict() if report.validation is not None else None,
+        "drift": {stage: d.to_dict() for stage, d in report.drift.items()},
+        "calibration": list(report.calibration),
+        "outputs": dict(sorted(report.outputs.items())),
+    }
+
+
+def render_json(reports: Sequence) -> str:
+    document = {
+        "schema_version": JSON_SCHEMA_VERSION,
+        "tool": {"name": "normswap", "version": __version__},
+        "reports": [report_to_dict(r) for r in reports],
+    }
+    return json.dumps(document, indent=2, sort_keys=False, default=_plain) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")

@@ -1,0 +1,86 @@
+"""The Report: one object for everything a run found; renderers turn it into text/json/markdown/sarif."""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .context import Context
+from .errors import ConfigError
+from .plan import Plan
+from .rules import Finding, Severity
+from .sites import Site
+from .source import SourceLocation, relative_path
+
+FAIL_ON = ("error", "warning", "info", "never")
+
+
+@dataclass
+class Report:
+    """Findings, sites and (for convert) plan, validation and drift for one model."""
+
+    model: str
+    capture_method: str
+    context: Context
+    sites: list[Site]
+    findings: list[Finding]
+    fallback_reasons: list[str] = field(default_factory=list)
+    model_location: SourceLocation | None = None
+    plan: Plan | None = None
+    validation: Any = None  # normswap.validate.Validation
+    drift: dict[str, Any] = field(default_factory=dict)  # stage -> normswap.drift.Drift
+    calibration: list[dict[str, Any]] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        """Number of findings per severity."""
+        return {s.value: sum(1 for f in self.findings if f.severity is s) for s in Severity}
+
+    def exit_code(self, fail_on: str = "error") -> int:
+        """0 clean, 1 findings at or above `fail_on` or a failed validation (the only place this is decided)."""
+        if fail_on not in FAIL_ON:
+            raise ConfigError(f"--fail-on must be one of {', '.join(FAIL_ON)}, got '{fail_on}'.")
+        if self.validation is not None and not self.validation.passed:
+            return 1
+        if fail_on == "never":
+            return 0
+        threshold = Severity(fail_on).rank
+        return 1 if any(f.severity.rank >= threshold for f in self.findings) else 0
+
+    def to_text(self, color: bool = False, width: int = 120) -> str:
+        from .render.text import render_text
+
+        return render_text([self], color=color, width=width)
+
+    def to_json(self) -> str:
+        from .render.json import render_json
+
+        return render_json([self])
+
+    def to_markdown(self) -> str:
+        from .render.markdown import render_markdown
+
+        return render_markdown([self])
+
+    def to_sarif(self) -> str:
+        from .render.sarif import render_sarif
+
+        return render_sarif([self])
+
+
+def worst_exit_code(reports: Sequence[Report], fail_on: str = "error") -> int:
+    return max((r.exit_code(fail_on) for r in reports), default=0)
+
+
+def model_definition(obj: Any) -> SourceLocation | None:
+    """Where the model's class (or factory function) is defined, for model-level findings."""
+    target = obj if inspect.isfunction(obj) or inspect.isclass(obj) else type(obj)
+    try:
+        filename = inspect.getsourcefile(target)
+        _, line = inspect.getsourcelines(target)
+    except (OSError, TypeError):
+        return None
+    if filename is None:
+        return None
+    return SourceLocation(relative_path(os.path.abspath(filename)), max(line, 1), "")
