@@ -6,7 +6,9 @@ __version__ = "0.1.0"
 from .context import Context
 from .convert import Conversion, apply_plan, convert
 from .errors import NormswapError
+from .lint import lint
 from .plan import Plan, PlanEntry
+from .report import Report
 from .sites import Site
 from .source import SourceLocation, recording_construction
 
@@ -19,7 +21,9 @@ __all__ = [
     "Site",
     "SourceLocation",
     "__version__",
+    "Report",
     "apply_plan",
     "convert",
+    "lint",
     "recording_construction",
 ]

@@ -42,10 +42,14 @@ class SourceLocation:
         return cls(path=data["path"], line=int(data["line"]), code=data.get("code", ""))
 
 
-@functools.lru_cache(maxsize=None)
 def repo_root(start: str | None = None) -> Path:
     """The nearest directory at or above `start` (default: cwd) holding pyproject.toml or .git."""
-    here = Path(start or os.getcwd()).resolve()
+    return _repo_root(start or os.getcwd())
+
+
+@functools.lru_cache(maxsize=64)
+def _repo_root(start: str) -> Path:
+    here = Path(start).resolve()
     for folder in (here, *here.parents):
         if (folder / "pyproject.toml").is_file() or (folder / ".git").exists():
             return folder

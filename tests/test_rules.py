@@ -1,0 +1,104 @@
+"""Every rule: a case that fires, a case that does not, an edge case."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from normswap import Context
+from normswap.capture import Capture
+from normswap.rules import CATALOGUE, Finding, Severity, Skip
+from normswap.sites import Site
+
+RULES = {rule.code: rule for rule in CATALOGUE}
+
+
+def site(**overrides) -> Site:
+    base = Site(
+        name="layer.bn", kind="module", flavour="BatchNorm2d", num_features=64, input_shape=(8, 64, 14, 14),
+        affine=True, track_running_stats=True, eps=1e-5, momentum=0.1, call_count=1,
+        producers=("layer.conv (Conv2d)",), consumers=("relu",),
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def fires(code: str, s: Site, ctx: Context = Context()) -> bool:
+    result = RULES[code].check(s, ctx)
+    assert isinstance(result, (Finding, Skip))
+    if isinstance(result, Finding):
+        assert result.code == code and result.severity is RULES[code].severity and s.name in result.message or code in ("NS201",)
+    return isinstance(result, Finding)
+
+
+CASES = [
+    # code, site overrides, context, expected
+    ("NS101", {"call_count": 4, "input_shape": (8, 64)}, Context(), True),
+    ("NS101", {}, Context(), False),
+    ("NS101", {"call_count": 2, "kind": "functional", "flavour": "F.batch_norm"}, Context(), True),
+    ("NS102", {"flavour": "BatchNorm1d", "input_shape": (8, 64, 100)}, Context(), True),
+    ("NS102", {"flavour": "BatchNorm1d", "input_shape": (8, 64)}, Context(), False),
+    ("NS102", {"flavour": "BatchNorm1d", "input_shape": (8, 64, 100), "call_count": 3}, Context(), False),  # NS101 covers it
+    ("NS103", {}, Context(batch_size=2), True),
+    ("NS103", {}, Context(batch_size=64), False),
+    ("NS103", {}, Context(batch_size=2, inference_only=True), False),
+    ("NS103", {}, Context(batch_size=15), True),  # just below the default threshold
+    ("NS104", {"input_shape": (8, 64)}, Context(batch_size=1), True),
+    ("NS104", {}, Context(batch_size=1), False),  # 14x14 values per channel: runs
+    ("NS104", {"input_shape": (8, 64, 1, 1)}, Context(batch_size=1), True),  # pooled map: one value per channel
+    ("NS105", {}, Context(world_size=8), True),
+    ("NS105", {}, Context(world_size=1), False),
+    ("NS105", {"flavour": "SyncBatchNorm"}, Context(world_size=8), False),
+    ("NS106", {}, Context(differential_privacy=True), True),
+    ("NS106", {}, Context(), False),
+    ("NS106", {"batch_dependent_train": False}, Context(differential_privacy=True), False),
+    ("NS107", {"track_running_stats": False, "batch_dependent_eval": True}, Context(), True),
+    ("NS107", {}, Context(), False),
+    ("NS107", {"kind": "functional", "batch_dependent_eval": True}, Context(inference_only=True), True),
+    ("NS201", {"kind": "functional", "flavour": "F.batch_norm", "name": "batch_norm"}, Context(), True),
+    ("NS201", {}, Context(), False),
+    ("NS201", {"kind": "functional", "flavour": "F.batch_norm", "name": "batch_norm_3", "owner": "block"}, Context(), True),
+    ("NS202", {"kind": "subclass", "flavour": "BatchNormAct2d", "overrides_forward": True}, Context(), True),
+    ("NS202", {}, Context(), False),
+    ("NS202", {"kind": "subclass", "flavour": "MyBN", "overrides_forward": False}, Context(), False),  # adds nothing
+    ("NS203", {"input_shape": (8, 16), "num_features": 16}, Context(), True),
+    ("NS203", {}, Context(), False),
+    ("NS203", {"input_shape": (8, 64, 1, 1)}, Context(), False),  # 64 / 32 = 2 values per group
+    ("NS301", {}, Context(inference_only=True), True),
+    ("NS301", {}, Context(), False),
+    ("NS301", {"producers": ("add",)}, Context(inference_only=True), False),
+    ("NS302", {}, Context(finetune=True, batch_size=4), True),
+    ("NS302", {}, Context(finetune=True, batch_size=256), False),
+    ("NS302", {"track_running_stats": False, "batch_dependent_eval": True}, Context(finetune=True, batch_size=4), False),
+]
+
+
+@pytest.mark.parametrize("code,overrides,ctx,expected", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_rule(code: str, overrides: dict, ctx: Context, expected: bool) -> None:
+    assert fires(code, site(**overrides), ctx) is expected
+
+
+def test_not_traceable_fires_only_for_fallback_captures() -> None:
+    rule = RULES["NS901"]
+    assert rule.check_model(Capture("fx", []), Context()) == []
+    (finding,) = rule.check_model(Capture("hooks", [], fallback_reasons=["fx: TraceError: control flow"]), Context())
+    assert "TraceError" in finding.message and "hooks" in finding.message
+    (finding,) = rule.check_model(Capture("export", []), Context())  # edge: no recorded reason
+    assert "export" in finding.message
+
+
+def test_catalogue_is_complete_and_documented() -> None:
+    codes = [r.code for r in CATALOGUE]
+    assert codes == sorted(codes) and len(set(codes)) == len(codes) == 13
+    for rule in CATALOGUE:
+        doc = rule.documentation()
+        for heading in ("## What it does", "## Why is this bad?", "## Example", "## Fix safety", "## References"):
+            assert heading in doc, (rule.code, heading)
+        assert isinstance(rule.severity, Severity)
+    assert "34.7%" in RULES["NS103"].documentation()  # the GroupNorm paper's batch-size figure
+
+
+def test_fix_safety_is_stated() -> None:
+    frozen = RULES["NS302"].check(site(), Context(finetune=True, batch_size=2))
+    assert frozen.fix.target == "frozen" and frozen.fix.safe
+    swap = RULES["NS106"].check(site(), Context(differential_privacy=True))
+    assert swap.fix.target == "groupnorm" and not swap.fix.safe
