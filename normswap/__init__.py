@@ -7,6 +7,8 @@ from .context import Context
 from .convert import Conversion, apply_plan, convert
 from .errors import NormswapError
 from .lint import lint
+from .onnx_export import export_onnx
+from .validate import Validation, validate_onnx
 from .plan import Plan, PlanEntry
 from .report import Report
 from .sites import Site
@@ -22,8 +24,11 @@ __all__ = [
     "SourceLocation",
     "__version__",
     "Report",
+    "Validation",
     "apply_plan",
     "convert",
+    "export_onnx",
     "lint",
     "recording_construction",
+    "validate_onnx",
 ]

@@ -13,13 +13,22 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
-def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """LayerNorm over dim 1 of (N, C, *) at every position; plain LayerNorm(C) on (N, C)."""
+def channel_layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, num_channels: int | None = None
+) -> torch.Tensor:
+    """LayerNorm over dim 1 of (N, C, *) at every position; plain LayerNorm(C) on (N, C).
+
+    Pass `num_channels` when known: a Python int keeps the normalized shape static for tracers.
+    """
+    shape = (int(num_channels),) if num_channels is not None else (x.shape[1],)
     if x.dim() == 2:
-        return F.layer_norm(x, (x.shape[1],), weight, bias, eps)
+        return F.layer_norm(x, shape, weight, bias, eps)
     # (N, C, *) -> (N, *, C): LayerNormalization over the last axis exports as one fused op.
-    moved = x.movedim(1, -1)
-    return F.layer_norm(moved, (moved.shape[-1],), weight, bias, eps).movedim(-1, 1)
+    # Explicit non-negative permutations: the TorchScript exporter mis-exports movedim(-1, 1).
+    rank = x.dim()
+    to_last = (0, *range(2, rank), 1)
+    to_channels = (0, rank - 1, *range(1, rank - 1))
+    return F.layer_norm(x.permute(to_last), shape, weight, bias, eps).permute(to_channels)
 
 
 def frozen_batch_norm(
@@ -53,7 +62,7 @@ class ChannelLayerNorm(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return channel_layer_norm(x, self.weight, self.bias, self.eps)
+        return channel_layer_norm(x, self.weight, self.bias, self.eps, self.num_channels)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
@@ -103,7 +112,7 @@ class SwappedBatchNorm(_BatchNorm):
         if self.normswap_target == "groupnorm":
             return F.group_norm(x, self.normswap_num_groups, self.weight, self.bias, self.eps)
         if self.normswap_target == "layernorm":
-            return channel_layer_norm(x, self.weight, self.bias, self.eps)
+            return channel_layer_norm(x, self.weight, self.bias, self.eps, self.num_features)
         return frozen_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
 
 

@@ -34,7 +34,9 @@ def make_plan(
     entries = []
     for site in sites:
         if not site.batch_dependent:
-            entries.append(entry_for(site, "keep", "batch-independent: each sample's output does not depend on the batch"))
+            kept = entry_for(site, "keep", "batch-independent: each sample's output does not depend on the batch")
+            kept.params["batch_independent"] = True
+            entries.append(kept)
         elif site.kind == "lookalike":
             entries.append(entry_for(site, "keep", f"custom {site.flavour} implementation: normswap rewrites torch BatchNorm only"))
         elif to == "auto":

@@ -80,7 +80,7 @@ def _replacement_node(graph: fx.Graph, node: fx.Node, entry) -> fx.Node:
         if entry.target == "groupnorm":
             new = graph.call_function(F.group_norm, (x, int(entry.params["num_groups"]), weight, bias, eps))
         elif entry.target == "layernorm":
-            new = graph.call_function(channel_layer_norm, (x, weight, bias, eps))
+            new = graph.call_function(channel_layer_norm, (x, weight, bias, eps, int(entry.params["num_channels"])))
         elif entry.target == "frozen":
             if args["running_mean"] is None or args["running_var"] is None:
                 raise PlanError(f"functional batch_norm '{entry.name}' has no running statistics to freeze")

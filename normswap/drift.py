@@ -1,0 +1,68 @@
+"""Drift between the original and the converted model's outputs (information, not a verdict)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .capture import as_input_tuple, preserved
+
+
+@dataclass
+class Drift:
+    max_abs: float
+    mean_abs: float
+    cosine: float
+    top1_agreement: float | None  # when the output is (N, K) class scores
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_abs": self.max_abs, "mean_abs": self.mean_abs, "cosine": self.cosine,
+            "top1_agreement": self.top1_agreement, "samples": self.samples,
+        }
+
+    def summary(self) -> str:
+        top1 = f", top-1 agreement {self.top1_agreement:.1%}" if self.top1_agreement is not None else ""
+        return f"max abs {self.max_abs:.3g}, mean abs {self.mean_abs:.3g}, cosine {self.cosine:.4f}{top1} over {self.samples} samples"
+
+    def markdown_row(self, stage: str) -> str:
+        top1 = f"{self.top1_agreement:.1%}" if self.top1_agreement is not None else "-"
+        return f"| {stage} | {self.max_abs:.3g} | {self.mean_abs:.3g} | {self.cosine:.4f} | {top1} |"
+
+
+def flat_outputs(output: Any) -> list[torch.Tensor]:
+    """Tensors of a (possibly nested tuple / dict) model output, in a stable order."""
+    leaves, _ = tree_flatten(output)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+def eval_outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
+    with preserved(model), torch.no_grad():
+        model.eval()
+        return [t.detach().float() for t in flat_outputs(model(*inputs))]
+
+
+def measure_drift(original: nn.Module, converted: nn.Module, batches: Iterable[Any]) -> Drift:
+    """Compare eval-mode outputs over `batches` (each a tensor or tuple of tensors)."""
+    max_abs, abs_sum, count, agree, top1_total, samples = 0.0, 0.0, 0, 0, 0, 0
+    dot = norm_a = norm_b = 0.0
+    for batch in batches:
+        inputs = as_input_tuple(batch)
+        for a, b in zip(eval_outputs(original, inputs), eval_outputs(converted, inputs)):
+            diff = (a - b).abs()
+            max_abs = max(max_abs, float(diff.max()) if diff.numel() else 0.0)
+            abs_sum += float(diff.sum())
+            count += diff.numel()
+            dot += float((a * b).sum())
+            norm_a += float((a * a).sum())
+            norm_b += float((b * b).sum())
+            if a.dim() == 2 and a.shape[1] > 1:
+                agree += int((a.argmax(1) == b.argmax(1)).sum())
+                top1_total += a.shape[0]
+        samples += int(inputs[0].shape[0]) if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
+    cosine = dot / max((norm_a * norm_b) ** 0.5, 1e-30)
+    return Drift(max_abs, abs_sum / max(count, 1), cosine, agree / top1_total if top1_total else None, samples)

@@ -1,0 +1,187 @@
+"""export_onnx(): torch.onnx (dynamo exporter) with a dynamic batch axis, checked, written atomically."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import as_input_tuple, preserved
+from .errors import ExportError
+from .files import atomic_path
+
+# GroupNorm exports as Reshape -> InstanceNormalization -> Reshape -> Mul -> Add and channel
+# LayerNorm as Transpose -> LayerNormalization -> Transpose at opset 18, which onnxruntime runs
+# correctly and fast; opset 21's fused GroupNormalization is opt-in (runtimes disagree on it).
+DEFAULT_OPSET = 18
+# Above this many bytes of weights, ONNX's 2 GB protobuf limit needs external data.
+EXTERNAL_DATA_BYTES = 1_500_000_000
+METADATA_EXPORTER = "normswap.exporter"
+METADATA_OPSET = "normswap.opset"
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    path: Path
+    exporter: str
+    opset: int
+    dynamic_batch: bool
+    external_data: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path.name, "exporter": self.exporter, "opset": self.opset, "dynamic_batch": self.dynamic_batch, "external_data": self.external_data}
+
+
+def batch_of(inputs: tuple, size: int) -> tuple:
+    """The inputs with batch size `size`: a slice, or the batch repeated along dim 0."""
+    resized = []
+    for x in inputs:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            resized.append(x)
+            continue
+        repeats = -(-size // x.shape[0])
+        resized.append(x.repeat(repeats, *([1] * (x.dim() - 1)))[:size] if repeats > 1 else x[:size])
+    return tuple(resized)
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | Path,
+    *,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+) -> Path:
+    """Export `model` (eval mode) to ONNX at `path` and check it with onnx.checker.
+
+    Args:
+        model: the model to export (its mode is restored afterwards).
+        example_inputs: tensor or tuple of tensors, batch first.
+        path: the .onnx file to write (atomically; weights beside it as external data when large).
+        opset: ONNX opset (default DEFAULT_OPSET = 18).
+        dynamic_batch: make dimension 0 of every input dynamic.
+
+    Returns:
+        The path written. `export_info(path)` tells which exporter and opset produced it.
+
+    Raises:
+        ExportError: the exporter failed (the message names the operator when it can) or the
+        file cannot be written.
+    """
+    return export_onnx_with_info(model, example_inputs, path, opset=opset, dynamic_batch=dynamic_batch).path
+
+
+def export_onnx_with_info(model: nn.Module, example_inputs: Any, path: str | Path, *, opset: int | None = None, dynamic_batch: bool = True) -> ExportInfo:
+
+    inputs = as_input_tuple(example_inputs)
+    opset = opset or DEFAULT_OPSET
+    target = Path(path)
+    if dynamic_batch and all(isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1 for x in inputs):
+        # torch.export specializes a dimension of size 1; export at batch 2 to keep it symbolic
+        inputs = batch_of(inputs, 2)
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1)
+        dynamic_shapes = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
+    external = weight_bytes > EXTERNAL_DATA_BYTES
+    with preserved(model):
+        model.eval()
+        try:
+            program = _run_exporter(model, inputs, dynamic_shapes, opset)
+            exporter = f"torch.onnx dynamo exporter (torch {torch.__version__})"
+        except ExportError as dynamo_error:
+            # data-dependent control flow defeats torch.export; the TorchScript exporter traces
+            # the path the example inputs take, which validation then checks
+            program = None
+            exporter = f"torch.onnx TorchScript exporter (torch {torch.__version__})"
+            with atomic_path(target) as temporary:
+                try:
+                    _run_torchscript_exporter(model, inputs, temporary, opset, dynamic_batch)
+                except Exception:  # noqa: BLE001 - report the primary exporter's failure
+                    raise dynamo_error from None
+                _finish(temporary, target, exporter, opset, external=False)
+    if program is not None:
+        program.model.metadata_props[METADATA_EXPORTER] = exporter
+        program.model.metadata_props[METADATA_OPSET] = str(opset)
+        with atomic_path(target) as temporary:
+            try:
+                program.save(str(temporary), external_data=external)
+            except OSError as exc:
+                raise ExportError(f"Cannot write '{target}': {exc.strerror or exc}.") from exc
+            _finish(temporary, target, None, opset, external)
+    return ExportInfo(target, exporter, opset, dynamic_batch, external)
+
+
+def _finish(temporary: Path, target: Path, exporter: str | None, opset: int, external: bool) -> None:
+    """Record the exporter (when not yet recorded), check the file, place external data."""
+    import onnx
+
+    if exporter is not None:
+        model = onnx.load(str(temporary))
+        onnx.helper.set_model_props(model, {METADATA_EXPORTER: exporter, METADATA_OPSET: str(opset)})
+        onnx.save(model, str(temporary))
+    try:
+        onnx.checker.check_model(str(temporary), full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"The exported ONNX file '{target.name}' fails onnx.checker: {str(exc).splitlines()[0]}.") from exc
+    if external:
+        _rename_external_data(temporary, target)
+
+
+def _run_torchscript_exporter(model: nn.Module, inputs: tuple, path: Path, opset: int, dynamic_batch: bool) -> None:
+    names = [f"input_{i}" for i in range(len(inputs))]
+    axes = {name: {0: "batch"} for name in names} if dynamic_batch else None
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, inputs, str(path), dynamo=False, opset_version=opset, input_names=names, dynamic_axes=axes)
+
+
+def _run_exporter(model: nn.Module, inputs: tuple, dynamic_shapes: Any, opset: int):
+    log = io.StringIO()
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # the exporter logs progress and skipped torchvision ops
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(model, inputs, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - one clear sentence with the operator when known
+        text = re.sub(r"\x1b\[[0-9;]*m", "", f"{exc.__cause__ or exc}")
+        operator = re.search(r"(aten::\w+(?:\.\w+)?|aten\.\w+(?:\.\w+)?|torch\.ops\.[\w.]+)", text)
+        where = f" at operator {operator.group(1)}" if operator else ""
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise ExportError(
+            f"torch.onnx could not export {type(model).__name__}{where}: {first[:300]}; "
+            "try another --opset, or --no-onnx to skip the export."
+        ) from exc
+    finally:
+        logging.disable(previous)
+
+
+def _rename_external_data(temporary: Path, target: Path) -> None:
+    """Point the model at `<target>.data` instead of the temporary file's data name."""
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    model = onnx.load(str(temporary))
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location=f"{target.name}.data")
+    onnx.save_model(model, str(temporary), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{target.name}.data")
+    stale = temporary.parent / f"{temporary.name}.data"
+    if stale.exists():
+        stale.unlink()
+
+
+def export_info(path: str | Path) -> dict[str, str]:
+    """The exporter and opset recorded in an ONNX file's metadata by export_onnx."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    return {"exporter": props.get(METADATA_EXPORTER, "unknown"), "opset": props.get(METADATA_OPSET, str(model.opset_import[0].version))}
