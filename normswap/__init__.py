@@ -9,6 +9,7 @@ from .errors import NormswapError
 from .lint import lint
 from .onnx_export import export_onnx
 from .validate import Validation, validate_onnx
+from .pipeline import load_converted
 from .plan import Plan, PlanEntry
 from .report import Report
 from .sites import Site
@@ -29,6 +30,7 @@ __all__ = [
     "convert",
     "export_onnx",
     "lint",
+    "load_converted",
     "recording_construction",
     "validate_onnx",
 ]

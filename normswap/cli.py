@@ -116,6 +116,48 @@ def lint(models: tuple[str, ...], kwargs: tuple[str, ...], input_shapes: tuple[s
 
 
 @main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=True))
+@click.option("--model", "model_spec", required=True, metavar="MODEL", help="`package.module:callable` or `path/to/file.py:callable` that builds the model.")
+@model_options
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory (weights, plan.json, model.onnx, report.json, report.md).")
+@click.option("--to", type=click.Choice(["auto", "groupnorm", "layernorm", "frozen", "syncbn"]), default="auto", show_default=True, help="Replacement target.")
+@click.option("--groups", "max_groups", type=click.IntRange(min=1), default=32, show_default=True, help="Largest GroupNorm group count.")
+@click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Re-apply this saved plan.json instead of planning.")
+@context_options
+@click.option("--no-onnx", is_flag=True, help="Skip the ONNX export (and its validation).")
+@click.option("--no-validate", is_flag=True, help="Export but do not validate with onnxruntime.")
+@click.option("--atol", type=float, default=None, help="Absolute tolerance (default: 1e-4 x each output's magnitude).")
+@click.option("--rtol", type=float, default=1e-4, show_default=True, help="Relative tolerance.")
+@click.option("--opset", type=click.IntRange(min=14), default=None, help="ONNX opset (default 18).")
+@click.option("--calibration-data", type=click.Path(), default=None, help="Unlabeled inputs (.pt/.npz/.safetensors, first axis = samples) to calibrate the new layers.")
+@click.option("--calibration-batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size for calibration and healing.")
+@click.option("--heal-steps", type=click.IntRange(min=0), default=0, show_default=True, help="Distillation steps toward the original model after calibration.")
+@click.option("--heal-lr", type=float, default=1e-3, show_default=True, help="Learning rate for healing.")
+@click.option("--heal-params", type=click.Choice(["norm", "all"]), default="norm", show_default=True, help="Parameters healing trains.")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow a checkpoint that runs code when loaded (a pickled module). Only for files you trust.")
+@click.option("--force", is_flag=True, help="Replace normswap's outputs in an existing, non-empty --out.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress or summary, only errors.")
+@handle_errors
+def convert(checkpoint: str, model_spec: str, kwargs: tuple[str, ...], input_shapes: tuple[str, ...], out_dir: str, quiet: bool, **options: Any) -> None:
+    """Rewrite the BatchNorm of a trained CHECKPOINT and write weights, plan, ONNX and report.
+
+    Loads CHECKPOINT (state_dict .pt/.pth/.ckpt, nested or prefixed, or .safetensors; never
+    running code from it unless --trust-checkpoint) into MODEL, converts, exports to ONNX and
+    validates the export with onnxruntime. Exit codes: 0 converted and validated, 1 validation
+    failed (outputs kept, report marked failed), 2 usage or input error, 3 internal error.
+
+    \b
+    Examples:
+      normswap convert resnet.pt --model mypkg.nets:resnet50 --input-shape 1,3,224,224 --out converted/
+      normswap convert ckpt.safetensors --model nets.py:Net --input-shape 8,3,32,32 --out out/ --to groupnorm --groups 16
+      normswap convert ckpt.pt --model nets.py:Net --input-shape 8,3,32,32 --out out/ --calibration-data calib.pt --heal-steps 200
+    """
+    from .commands import run_convert
+
+    run_convert(checkpoint, model_spec, kwargs, input_shapes, out_dir, quiet, context_flags(options), options)
+
+
+@main.command()
 def rules() -> None:
     """List the rule catalogue: code, name, default severity, fix safety.
 

@@ -67,3 +67,26 @@ def run_lint(models, kwargs, input_shapes, output_format, output, fail_on, selec
     else:
         click.echo(rendered, nl=False)
     sys.exit(code)
+
+
+def run_convert(checkpoint: str, model_spec: str, kwargs, input_shapes, out_dir: str, quiet: bool, flags: dict[str, Any], options: dict[str, Any]) -> None:
+    from .pipeline import ConvertOptions, convert_checkpoint
+
+    if not input_shapes:
+        raise ConfigError("--input-shape is required (e.g. --input-shape 1,3,224,224).")
+    config = load_config()
+    context = config.make_context(**flags)
+    convert_options = ConvertOptions(
+        to=options["to"], max_groups=options["max_groups"], plan_path=options["plan_path"],
+        onnx=not options["no_onnx"], validate=not options["no_validate"], atol=options["atol"], rtol=options["rtol"],
+        opset=options["opset"], trust_checkpoint=options["trust_checkpoint"], force=options["force"],
+        calibration_data=options["calibration_data"], calibration_batch_size=options["calibration_batch_size"],
+        heal_steps=options["heal_steps"], heal_lr=options["heal_lr"], heal_params=options["heal_params"],
+    )
+    result = convert_checkpoint(
+        checkpoint, model_spec, parse_kwargs(kwargs), [parse_shape(s) for s in input_shapes], out_dir,
+        context, convert_options, quiet=quiet, model_name=display_spec(model_spec),
+    )
+    if not quiet:
+        click.echo(RENDERERS["text"]([result.report], color=sys.stdout.isatty()), nl=False)
+    sys.exit(result.report.exit_code(fail_on="never"))

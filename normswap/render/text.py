@@ -33,9 +33,9 @@ def render_text(reports: Sequence, color: bool = False, width: int = 120) -> str
         if report.plan is not None:
             console.print("plan: " + ", ".join(f"{n} {t}" for t, n in report.plan.counts().items()) if len(report.plan) else "plan: nothing to convert")
         if report.validation is not None:
-            console.print(report.validation.summary())
+            console.print(report.validation.summary(), soft_wrap=True)
         for stage, drift in report.drift.items():
-            console.print(f"drift ({stage}): {drift.summary()}")
+            console.print(f"drift ({stage}): {drift.summary()}", soft_wrap=True)
         for name, path in sorted(report.outputs.items()):
             console.print(f"wrote {name}: {path}")
     return buffer.getvalue()

@@ -1,0 +1,167 @@
+"""Checkpoints: safe loading (weights_only / safetensors), nested and prefixed layouts, fitting to a
+model with a readable mismatch list, atomic saving in the input's format."""
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .files import write_with
+
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
+PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its tensors and how they were laid out in the file."""
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    format: str  # "safetensors" or "torch"
+    nested_key: str | None = None
+    prefix: str | None = None
+
+    @property
+    def weights_name(self) -> str:
+        return "model.safetensors" if self.format == "safetensors" else "model.pt"
+
+
+def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
+    """Load tensors without running code (unless `trust`): .safetensors or a torch file read with
+    weights_only=True; a whole pickled nn.Module only when trusted.
+
+    Raises:
+        CheckpointError: missing, empty, truncated or corrupt file, untrusted code, not a checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"Checkpoint '{path}' does not exist; check the path.")
+    if path.is_dir():
+        raise CheckpointError(f"Checkpoint '{path}' is a directory; give the weights file inside it.")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"Checkpoint '{path}' is empty (0 bytes); it was probably not written completely.")
+    if path.suffix == ".safetensors":
+        return Checkpoint(path, _load_safetensors(path), "safetensors")
+    obj = _load_torch(path, trust)
+    if isinstance(obj, nn.Module):
+        return Checkpoint(path, dict(obj.state_dict()), "torch", nested_key="<pickled module>")
+    state, nested = _find_state_dict(obj, path)
+    return Checkpoint(path, state, "torch", nested_key=nested)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and friends
+        raise CheckpointError(f"Checkpoint '{path}' is not a readable safetensors file ({_first_line(exc)}); it may be truncated or corrupt.") from exc
+
+
+def _load_torch(path: Path, trust: bool) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if not trust and ("weights_only" in text or "Unsupported global" in text or "Unsupported operand" in text):
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"Checkpoint '{path}' contains Python objects{what} that would run code when loaded, so normswap refused to "
+                "load it; pass --trust-checkpoint (trust_checkpoint=True) only if you trust its source."
+            ) from None
+        raise CheckpointError(f"Checkpoint '{path}' is not a PyTorch checkpoint ({_first_line(exc)}).") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        text = _first_line(exc)
+        if "failed finding central directory" in text or isinstance(exc, EOFError) or "truncated" in text.lower():
+            raise CheckpointError(f"Checkpoint '{path}' is truncated or corrupt ({text}); re-save or re-download it.") from exc
+        raise CheckpointError(f"Checkpoint '{path}' could not be read as a PyTorch checkpoint ({text}).") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"Checkpoint '{path}' could not be read as a PyTorch checkpoint ({_first_line(exc)}).") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _is_tensor_mapping(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(k, str) for k in obj) and any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _find_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    if isinstance(obj, Mapping):
+        for key in NESTED_KEYS:
+            inner = obj.get(key)
+            if _is_tensor_mapping(inner):
+                return {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}, key
+        if _is_tensor_mapping(obj):
+            return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, None
+    raise CheckpointError(
+        f"Checkpoint '{path}' holds a {type(obj).__name__} without model weights; expected a state_dict "
+        f"(names -> tensors), possibly under one of the keys {', '.join(NESTED_KEYS)}."
+    )
+
+
+def fit_to_model(checkpoint: Checkpoint, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors renamed to `model`'s keys (stripping a data-parallel / Lightning
+    prefix when that makes them fit), checked key by key and shape by shape.
+
+    Raises:
+        CheckpointError: listing missing, unexpected and mis-shaped keys.
+    """
+    expected = model.state_dict()
+    state = checkpoint.state_dict
+    best, best_prefix = state, None
+    for prefix in PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            stripped = {k[len(prefix):]: v for k, v in state.items()}
+            if len(set(stripped) & set(expected)) > len(set(best) & set(expected)):
+                best, best_prefix = stripped, prefix
+    checkpoint.prefix = best_prefix
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}  # absent from older checkpoints
+    missing = sorted(set(expected) - set(best) - optional)
+    unexpected = sorted(set(best) - set(expected))
+    misshaped = sorted(
+        f"{k} (checkpoint {tuple(best[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in set(best) & set(expected)
+        if tuple(best[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or misshaped:
+        parts = [f"{label}: {_short(items)}" for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)) if items]
+        raise CheckpointError(
+            f"Checkpoint '{checkpoint.path}' does not fit {type(model).__name__} ({'; '.join(parts)}); "
+            "check --model and its -k arguments."
+        )
+    return {k: v for k, v in best.items() if k in expected}
+
+
+def _short(items: list[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> Path:
+    """Atomically save tensors as .safetensors or a torch file (by suffix)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        # safetensors refuses shared storage: give each tensor its own copy
+        tensors = {k: v.clone() for k, v in tensors.items()}
+        return write_with(path, lambda tmp: save_file(tensors, str(tmp)))
+    return write_with(path, lambda tmp: torch.save(tensors, str(tmp)))
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read weights that normswap wrote (safe loading)."""
+    return load_checkpoint(path).state_dict

@@ -1,0 +1,203 @@
+"""convert_checkpoint(): the whole `normswap convert` job, staged so that no partial output remains."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from rich.console import Console
+
+from .checkpoint import Checkpoint, fit_to_model, load_checkpoint, save_weights
+from .context import Context
+from .convert import Conversion, apply_plan, convert
+from .errors import OutputError, PlanError
+from .files import write_text_atomic
+from .loader import example_inputs, load_model
+from .plan import Plan
+from .report import Report, model_definition
+from .targets import DEFAULT_MAX_GROUPS
+
+
+@dataclass
+class ConvertOptions:
+    to: str = "auto"
+    max_groups: int = DEFAULT_MAX_GROUPS
+    plan_path: str | None = None
+    onnx: bool = True
+    validate: bool = True
+    atol: float | None = None
+    rtol: float = 1e-4
+    opset: int | None = None
+    trust_checkpoint: bool = False
+    force: bool = False
+    calibration_data: str | None = None
+    calibration_batch_size: int = 32
+    heal_steps: int = 0
+    heal_lr: float = 1e-3
+    heal_params: str = "norm"
+    seed: int = 0
+
+
+@dataclass
+class ConvertResult:
+    report: Report
+    conversion: Conversion
+    out_dir: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Steps:
+    """Progress for the steps of a job: a spinner on a terminal, nothing when quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.console = Console(stderr=True, highlight=False)
+        self.quiet = quiet or not self.console.is_terminal
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        if self.quiet:
+            yield
+        else:
+            with self.console.status(f"{name}..."):
+                yield
+            self.console.print(f"[green]✓[/green] {name} ({time.perf_counter() - start:.2f} s)")
+        self.timings[name] = time.perf_counter() - start
+
+
+def check_output_dir(out_dir: Path, checkpoint_path: Path, force: bool) -> None:
+    """Refuse outputs that would lose anything: a file in the way, existing files without --force,
+    or an output that is the input checkpoint."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"Output path '{out_dir}' is a file; give a directory for --out.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise OutputError(f"Output directory '{out_dir}' already has files; pass --force to replace normswap's outputs in it.")
+    if checkpoint_path.resolve().parent == out_dir.resolve() and checkpoint_path.name in OUTPUT_NAMES:
+        raise OutputError(f"Output directory '{out_dir}' would overwrite the input checkpoint '{checkpoint_path.name}'; choose another --out.")
+    parent = out_dir.resolve().parent
+    if not parent.is_dir():
+        raise OutputError(f"Cannot create '{out_dir}': directory '{parent}' does not exist.")
+    if not os.access(parent if not out_dir.exists() else out_dir, os.W_OK):
+        raise OutputError(f"Output directory '{out_dir}' is not writable; choose another --out.")
+
+
+OUTPUT_NAMES = ("model.safetensors", "model.pt", "plan.json", "model.onnx", "model.onnx.data", "report.json", "report.md")
+
+
+def convert_checkpoint(
+    checkpoint_path: str | Path,
+    model_spec: str,
+    model_kwargs: dict[str, Any],
+    input_shapes: Sequence[Sequence[int]],
+    out_dir: str | Path,
+    context: Context | None = None,
+    options: ConvertOptions | None = None,
+    quiet: bool = True,
+    model_name: str | None = None,
+) -> ConvertResult:
+    """Load weights into the user's model, convert, export, validate and write every output.
+
+    Everything is written to a staging directory beside `out_dir` and moved in at the end, so a
+    failure leaves no partial output. A failed validation still writes the outputs (marked failed).
+    """
+    options = options or ConvertOptions()
+    context = context or Context()
+    checkpoint_path, out_dir = Path(checkpoint_path), Path(out_dir)
+    check_output_dir(out_dir, checkpoint_path, options.force)
+    steps = Steps(quiet)
+    with steps.step("load"):
+        model, factory = load_model(model_spec, model_kwargs)
+        checkpoint = load_checkpoint(checkpoint_path, trust=options.trust_checkpoint)
+        model.load_state_dict(fit_to_model(checkpoint, model), strict=False)
+        model.eval()
+        inputs = example_inputs(input_shapes, seed=options.seed)
+        plan = Plan.from_json(_read_text(options.plan_path), where=options.plan_path) if options.plan_path else None
+    with steps.step("trace, plan and rewrite"):
+        conversion = convert(model, inputs, to=options.to, context=context, max_groups=options.max_groups, plan=plan)
+    report = Report(
+        model=model_name or model_spec,
+        capture_method=conversion.capture_method,
+        context=context,
+        sites=conversion.sites,
+        findings=conversion.findings,
+        fallback_reasons=conversion.analysis.capture.fallback_reasons,
+        model_location=model_definition(factory),
+        plan=conversion.plan,
+    )
+    if options.calibration_data:
+        from .calibrate import calibrate_and_heal_from_file
+
+        with steps.step("calibrate and heal"):
+            calibrate_and_heal_from_file(model, conversion, report, options)
+    with _staging(out_dir) as staging:
+        weights_name = checkpoint.weights_name
+        with steps.step("write weights and plan"):
+            save_weights(conversion.model.state_dict(), staging / weights_name)
+            write_text_atomic(staging / "plan.json", conversion.plan.to_json())
+        report.outputs = {"weights": str(out_dir / weights_name), "plan": str(out_dir / "plan.json")}
+        if options.onnx:
+            from .onnx_export import export_onnx
+            from .validate import validate_onnx
+
+            with steps.step("export ONNX"):
+                onnx_path = export_onnx(conversion.model, inputs, staging / "model.onnx", opset=options.opset)
+            report.outputs["onnx"] = str(out_dir / "model.onnx")
+            if options.validate:
+                with steps.step("validate with onnxruntime"):
+                    report.validation = validate_onnx(conversion.model, onnx_path, inputs, original=model, atol=options.atol, rtol=options.rtol, plan=conversion.plan)
+                if report.validation.drift is not None and "swap" not in report.drift:
+                    report.drift = {"swap": report.validation.drift, **report.drift}
+        report.outputs.update({"report": str(out_dir / "report.json"), "markdown": str(out_dir / "report.md")})
+        write_text_atomic(staging / "report.json", report.to_json())
+        write_text_atomic(staging / "report.md", report.to_markdown())
+    return ConvertResult(report, conversion, out_dir, steps.timings)
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PlanError(f"Cannot read plan '{path}': {exc.strerror or exc}.") from exc
+
+
+@contextlib.contextmanager
+def _staging(out_dir: Path) -> Iterator[Path]:
+    """A temporary directory beside `out_dir`; its files are moved into `out_dir` on success."""
+    parent = out_dir.resolve().parent
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.normswap-", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"Cannot write next to '{out_dir}': {exc.strerror}; choose a writable --out.") from exc
+    try:
+        yield staging
+        out_dir.mkdir(exist_ok=True)
+        for item in sorted(staging.iterdir()):
+            os.replace(item, out_dir / item.name)  # same filesystem: atomic per file
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_converted(model: torch.nn.Module, out_dir: str | Path, example_inputs: Any = None) -> torch.nn.Module:
+    """Apply `out_dir/plan.json` to a fresh `model` and load the converted weights into it.
+
+    Returns the converted model (an fx.GraphModule when functional sites were rewritten).
+    """
+    out_dir = Path(out_dir)
+    plan_path = out_dir / "plan.json"
+    if not plan_path.is_file():
+        raise PlanError(f"'{out_dir}' has no plan.json; point to a directory written by `normswap convert`.")
+    plan = Plan.from_json(plan_path.read_text(encoding="utf-8"), where=str(plan_path))
+    weights = next((out_dir / n for n in ("model.safetensors", "model.pt") if (out_dir / n).is_file()), None)
+    if weights is None:
+        raise PlanError(f"'{out_dir}' has no model.safetensors or model.pt.")
+    converted = apply_plan(model, plan, example_inputs=example_inputs)
+    checkpoint = Checkpoint(weights, load_checkpoint(weights).state_dict, "torch")
+    converted.load_state_dict(fit_to_model(checkpoint, converted), strict=False)
+    return converted
