@@ -3,9 +3,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .calibrate import calibrate
 from .context import Context
 from .convert import Conversion, apply_plan, convert
 from .errors import NormswapError
+from .heal import heal
 from .lint import lint
 from .onnx_export import export_onnx
 from .validate import Validation, validate_onnx
@@ -27,8 +29,10 @@ __all__ = [
     "Report",
     "Validation",
     "apply_plan",
+    "calibrate",
     "convert",
     "export_onnx",
+    "heal",
     "lint",
     "load_converted",
     "recording_construction",

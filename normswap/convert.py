@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import fx, nn
@@ -34,6 +34,8 @@ class Conversion:
     analysis: Analysis
     changes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    calibration: list[Any] = field(default_factory=list)  # normswap.calibrate.SiteFit per site
+    drift: dict[str, Any] = field(default_factory=dict)  # "swap" / "calibrated" / "healed" -> Drift
 
     @property
     def capture_method(self) -> str:
@@ -49,6 +51,11 @@ def convert(
     *,
     max_groups: int = DEFAULT_MAX_GROUPS,
     plan: Plan | None = None,
+    calibration_data: Iterable[Any] | None = None,
+    heal_steps: int = 0,
+    heal_lr: float = 1e-3,
+    heal_params: str = "norm",
+    seed: int = 0,
 ) -> Conversion:
     """Rewrite every BatchNorm site of `model` into a batch-independent normalization.
 
@@ -60,6 +67,10 @@ def convert(
         inplace: rewrite `model` itself instead of a copy.
         max_groups: largest GroupNorm group count.
         plan: apply this plan instead of planning.
+        calibration_data: unlabeled input batches; when given, each new GroupNorm / LayerNorm
+            affine is fitted to the original BatchNorm output (see `normswap.calibrate`).
+        heal_steps: distillation steps toward the original after calibration (0: none).
+        heal_lr, heal_params, seed: healing learning rate, "norm" or "all" parameters, seed.
 
     Returns:
         Conversion with `.model` (the user's module tree with swapped submodules, or an
@@ -71,6 +82,7 @@ def convert(
     inputs = as_input_tuple(example_inputs)
     start = time.perf_counter()
     working = _working_copy(model, inputs, inplace)
+    original = copy.deepcopy(model) if inplace and calibration_data is not None else model
     timings["copy"] = time.perf_counter() - start
     context = context or Context()
     analysis = analyze(working, inputs, context)
@@ -92,7 +104,26 @@ def convert(
     result = PassManager([SwapBatchNormModules(plan), RewriteFunctionalBatchNorm(plan)])(target)
     _verify_subclasses(result.model, plan, analysis.sites)
     timings["rewrite"] = time.perf_counter() - start
-    return Conversion(result.model, plan, analysis.sites, analysis.findings, analysis, result.changes, timings)
+    conversion = Conversion(result.model, plan, analysis.sites, analysis.findings, analysis, result.changes, timings)
+    if calibration_data is not None:
+        _calibrate_and_heal(conversion, original, calibration_data, heal_steps, heal_lr, heal_params, seed)
+    return conversion
+
+
+def _calibrate_and_heal(conversion: Conversion, original: nn.Module, data: Iterable[Any], heal_steps: int, heal_lr: float, heal_params: str, seed: int) -> None:
+    from .calibrate import calibrate, check_batches
+    from .drift import measure_drift
+    from .heal import heal
+
+    start = time.perf_counter()
+    batches = check_batches(data)
+    conversion.drift["swap"] = measure_drift(original, conversion.model, batches)
+    conversion.calibration = calibrate(conversion.model, original, batches, conversion.plan)
+    conversion.drift["calibrated"] = measure_drift(original, conversion.model, batches)
+    if heal_steps:
+        heal(conversion.model, original, batches, steps=heal_steps, lr=heal_lr, params=heal_params, seed=seed)
+        conversion.drift["healed"] = measure_drift(original, conversion.model, batches)
+    conversion.timings["calibrate"] = time.perf_counter() - start
 
 
 def apply_plan(model: nn.Module, plan: Plan, example_inputs: Any = None, inplace: bool = False) -> nn.Module:

@@ -1,0 +1,238 @@
+"""Calibrate: fit each new layer's per-channel affine to the original BatchNorm output, layer by layer.
+
+For site k, z is the new layer's normalized output (before its affine) computed from the converted
+model's own activations (upstream sites already calibrated) and y the original BatchNorm's
+eval-mode output on the original model's activations. Per channel, in closed form:
+    scale = cov(z, y) / var(z),   shift = mean(y) - scale * mean(z)
+Statistics are streamed batch by batch: per site only per-channel sums are kept.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .capture import as_input_tuple, preserved
+from .errors import CalibrationError
+from .norms import ChannelLayerNorm, SwappedBatchNorm, channel_layer_norm
+from .plan import Plan
+
+
+@dataclass
+class SiteFit:
+    """Fit quality for one calibrated site."""
+
+    name: str
+    target: str
+    r2: float
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"site": self.name, "target": self.target, "r2": self.r2, "samples": self.samples}
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once the layer of interest has been seen."""
+
+
+def normalize_without_affine(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The new layer's output before its per-channel affine."""
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+    if isinstance(module, SwappedBatchNorm):
+        if module.normswap_target == "groupnorm":
+            return F.group_norm(x, module.normswap_num_groups, None, None, module.eps)
+        return channel_layer_norm(x, None, None, module.eps, module.num_features)
+    if isinstance(module, (ChannelLayerNorm, nn.LayerNorm)):
+        return channel_layer_norm(x, None, None, module.eps)
+    raise CalibrationError(f"Cannot calibrate a {type(module).__name__}.")
+
+
+def original_batchnorm_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The original BatchNorm's eval-mode normalization (with affine, without any subclass extras)."""
+    use_batch = module.running_mean is None
+    return F.batch_norm(x, module.running_mean, module.running_var, module.weight, module.bias, use_batch, 0.0, module.eps)
+
+
+def _channel_sums(z: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    dims = [d for d in range(z.dim()) if d != 1]
+    z, y = z.double(), y.double()
+    return {"z": z.sum(dims), "y": y.sum(dims), "zz": (z * z).sum(dims), "yy": (y * y).sum(dims), "zy": (z * y).sum(dims), "n": torch.tensor(float(z.numel() // z.shape[1]))}
+
+
+def _inputs_of(model: nn.Module, name: str, inputs: tuple, calls: int = 1) -> torch.Tensor:
+    """Run `model` until submodule `name` has been called `calls` times; its inputs, concatenated
+    along the batch axis (a module reused at every time step contributes every step)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        seen.append(args[0].detach())
+        if len(seen) >= calls:
+            raise _Stop  # nothing downstream is needed
+
+    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+    try:
+        model(*inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise CalibrationError(f"Layer '{name}' is never called on the calibration inputs.")
+    return torch.cat(seen)
+
+
+def _call_counts(model: nn.Module, names: list[str], inputs: tuple) -> dict[str, int]:
+    counts = dict.fromkeys(names, 0)
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: counts.__setitem__(n, counts[n] + 1)) for n in names]
+    try:
+        model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
+def calibratable_sites(plan: Plan) -> list[str]:
+    """Converted module sites whose function changed (groupnorm / layernorm), in graph order."""
+    return [e.name for e in plan if e.kind != "functional" and e.target in ("groupnorm", "layernorm")]
+
+
+def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable[Any], plan: Plan | None = None) -> list[SiteFit]:
+    """Fit the affine of every converted groupnorm / layernorm module site to the original output.
+
+    Args:
+        converted: the converted model (modified in place).
+        original: the model before conversion.
+        batches: a re-iterable collection of input batches (tensors or tuples of tensors).
+        plan: the conversion plan (default: every GroupNorm / LayerNorm at a BatchNorm's name).
+
+    Returns:
+        Per site, the fit quality (R^2 of the per-channel affine regression).
+    """
+    batches = check_batches(batches)
+    names = calibratable_sites(plan) if plan is not None else [
+        n for n, m in converted.named_modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm, ChannelLayerNorm, SwappedBatchNorm))
+    ]
+    originals = dict(original.named_modules())
+    names = [n for n in names if isinstance(originals.get(n), nn.modules.batchnorm._BatchNorm)]
+    if not names:
+        raise CalibrationError("The converted model has no GroupNorm / LayerNorm sites to calibrate (frozen sites keep the function already).")
+    fits = []
+    with preserved(original), torch.no_grad():
+        original.eval()
+        converted.eval()
+        calls = _call_counts(original, names, batches[0])
+        for name in names:  # graph order: each fit sees the calibrated layers upstream
+            new, old = converted.get_submodule(name), originals[name]
+            sums: dict[str, torch.Tensor] | None = None
+            for batch in batches:
+                z = normalize_without_affine(new, _inputs_of(converted, name, batch, calls[name]))
+                y = original_batchnorm_output(old, _inputs_of(original, name, batch, calls[name]))
+                part = _channel_sums(z, y)
+                sums = part if sums is None else {k: sums[k] + part[k] for k in sums}
+            fits.append(_apply_fit(name, new, sums, plan))
+    return fits
+
+
+def _apply_fit(name: str, module: nn.Module, s: dict[str, torch.Tensor], plan: Plan | None) -> SiteFit:
+    n = s["n"]
+    mean_z, mean_y = s["z"] / n, s["y"] / n
+    var_z = s["zz"] / n - mean_z**2
+    cov = s["zy"] / n - mean_z * mean_y
+    var_y = (s["yy"] / n - mean_y**2).clamp_min(0)
+    flat = var_z <= 1e-12  # constant z: only the shift can match
+    scale = torch.where(flat, torch.zeros_like(cov), cov / var_z.clamp_min(1e-12))
+    shift = mean_y - scale * mean_z
+    residual = (var_y - torch.where(flat, torch.zeros_like(cov), cov**2 / var_z.clamp_min(1e-12))).clamp_min(0)
+    total = float(var_y.sum())
+    r2 = 1.0 - float(residual.sum()) / total if total > 0 else 1.0
+    if module.weight is None:
+        raise CalibrationError(f"Layer '{name}' has no affine parameters (affine=False) to calibrate.")
+    module.weight.copy_(scale.to(module.weight.dtype))
+    module.bias.copy_(shift.to(module.bias.dtype))
+    target = plan.get(name).target if plan is not None and plan.get(name) else type(module).__name__
+    return SiteFit(name, target, r2, int(n))
+
+
+def check_batches(batches: Iterable[Any]) -> list[tuple]:
+    """Materialize and check calibration batches: non-empty, finite tensors."""
+    checked = [as_input_tuple(b) for b in batches]
+    if not checked:
+        raise CalibrationError("Calibration data is empty; give at least one batch of inputs.")
+    for index, batch in enumerate(checked):
+        for x in batch:
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
+                raise CalibrationError(f"Calibration batch {index} holds NaN or infinite values; clean the data first.")
+    return checked
+
+
+def batches_from_tensor(data: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [data[i : i + batch_size] for i in range(0, data.shape[0], batch_size)]
+
+
+def load_calibration_tensor(path: str) -> torch.Tensor:
+    """Inputs from a .pt / .npz / .safetensors file holding one tensor (first axis = samples)."""
+    import os
+
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise CalibrationError(f"Calibration data '{path}' does not exist.")
+    try:
+        if path.endswith(".npz"):
+            with np.load(path) as archive:
+                arrays = [archive[k] for k in archive.files]
+            tensors = [torch.from_numpy(a) for a in arrays]
+        elif path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            tensors = list(load_file(path).values())
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            tensors = [obj] if isinstance(obj, torch.Tensor) else [v for v in (obj.values() if isinstance(obj, dict) else obj) if isinstance(v, torch.Tensor)]
+    except CalibrationError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise CalibrationError(f"Calibration data '{path}' could not be read ({str(exc).splitlines()[0][:160]}).") from exc
+    if len(tensors) != 1:
+        raise CalibrationError(f"Calibration data '{path}' must hold exactly one tensor of inputs, found {len(tensors)}.")
+    data = tensors[0].float()
+    if data.dim() == 0 or data.shape[0] == 0:
+        raise CalibrationError(f"Calibration data '{path}' is empty.")
+    return data
+
+
+def calibrate_and_heal_from_file(original: nn.Module, conversion, report, options) -> None:
+    """The CLI's calibration step: load the file, split off a held-out part, calibrate, heal, record drift."""
+    from .drift import measure_drift
+    from .heal import heal
+
+    data = load_calibration_tensor(options.calibration_data)
+    batches = batches_from_tensor(data, options.calibration_batch_size)
+    _check_fits(conversion.model, batches[0], options.calibration_data)
+    report.drift["swap"] = measure_drift(original, conversion.model, batches)
+    fits = calibrate(conversion.model, original, batches, conversion.plan)
+    report.calibration = [f.to_dict() for f in fits]
+    report.drift["calibrated"] = measure_drift(original, conversion.model, batches)
+    if options.heal_steps:
+        heal(conversion.model, original, batches, steps=options.heal_steps, lr=options.heal_lr, params=options.heal_params, seed=options.seed)
+        report.drift["healed"] = measure_drift(original, conversion.model, batches)
+
+
+def _check_fits(model: nn.Module, batch: torch.Tensor, path: str) -> None:
+    try:
+        with preserved(model), torch.no_grad():
+            model.eval()(batch)
+    except Exception as exc:  # noqa: BLE001
+        raise CalibrationError(
+            f"Calibration data '{path}' of shape {tuple(batch.shape)} (per batch) does not fit the model: {str(exc).splitlines()[0][:160]}."
+        ) from exc
+
+
+def mean_r2(fits: Sequence[SiteFit]) -> float:
+    return sum(f.r2 for f in fits) / len(fits) if fits else math.nan

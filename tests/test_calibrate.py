@@ -1,0 +1,180 @@
+"""Calibrate and heal on models trained inside the test on generated data with real structure."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import normswap
+from normswap.errors import CalibrationError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from synthetic import SequenceRNN, ShapesNet, accuracy, agreement, sequence_dataset, shapes_dataset, train  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    x, y = shapes_dataset(3000, seed=0)
+    xt, yt = shapes_dataset(1000, seed=1)
+    model = train(ShapesNet(width=16), x, y, steps=300)
+    return model, x, xt, yt
+
+
+@pytest.fixture(scope="module")
+def sequences():
+    x, y = sequence_dataset(3000, seed=0)
+    xt, yt = sequence_dataset(1000, seed=1)
+    model = train(SequenceRNN(), x, y, steps=1000, lr=5e-3)
+    return model, x, xt, yt
+
+
+def _batches(x: torch.Tensor, n: int = 1024, size: int = 64) -> list[torch.Tensor]:
+    return [x[i : i + size] for i in range(0, n, size)]
+
+
+def test_shapes_classifier_calibrate_then_heal(shapes) -> None:
+    model, x, xt, yt = shapes
+    original_accuracy = accuracy(model, xt, yt)
+    assert original_accuracy > 0.95  # the task is learnable: the evidence below means something
+    plain = normswap.convert(model, x[:8], to="groupnorm", max_groups=4).model
+    calibrated = normswap.convert(model, x[:8], to="groupnorm", max_groups=4, calibration_data=_batches(x))
+    healed = normswap.convert(model, x[:8], to="groupnorm", max_groups=4, calibration_data=_batches(x), heal_steps=300, heal_lr=3e-3)
+    # held-out generated data (seed 1), never seen by training, calibration or healing
+    assert agreement(calibrated.model, model, xt) > agreement(plain, model, xt) + 0.03
+    assert calibrated.drift["calibrated"].cosine > calibrated.drift["swap"].cosine + 0.05
+    assert accuracy(healed.model, xt, yt) >= original_accuracy - 0.03
+    assert [f.name for f in calibrated.calibration] == ["bn1", "bn2", "bn3"]
+    assert all(0.3 < f.r2 <= 1.0 for f in calibrated.calibration)
+
+
+def test_recurrent_model_calibrate_then_heal(sequences) -> None:
+    model, x, xt, yt = sequences
+    original_accuracy = accuracy(model, xt, yt)
+    assert original_accuracy > 0.95
+    plain = normswap.convert(model, x[:8]).model  # auto: LayerNorm for the reused BN
+    calibrated = normswap.convert(model, x[:8], calibration_data=_batches(x))
+    healed = normswap.convert(model, x[:8], calibration_data=_batches(x), heal_steps=300, heal_lr=1e-2)
+    assert calibrated.plan.get("bn").target == "layernorm"
+    assert agreement(calibrated.model, model, xt) > agreement(plain, model, xt)
+    assert calibrated.drift["calibrated"].mean_abs < calibrated.drift["swap"].mean_abs
+    assert accuracy(healed.model, xt, yt) >= original_accuracy - 0.03
+
+
+def test_calibrate_and_heal_on_their_own_are_deterministic(shapes) -> None:
+    model, x, _, _ = shapes
+    results = []
+    for _ in range(2):
+        converted = normswap.convert(model, x[:8], to="layernorm").model
+        fits = normswap.calibrate(converted, model, _batches(x, 256))
+        normswap.heal(converted, model, _batches(x, 512), steps=40, lr=1e-3, seed=7, progress=False)
+        results.append((fits, converted.state_dict()))
+    (fits_a, state_a), (fits_b, state_b) = results
+    assert [f.r2 for f in fits_a] == [f.r2 for f in fits_b]
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+
+
+def test_heal_all_parameters_moves_conv_weights(shapes) -> None:
+    model, x, _, _ = shapes
+    converted = normswap.convert(model, x[:8], to="groupnorm", max_groups=4).model
+    before = converted.conv1.weight.detach().clone()
+    result = normswap.heal(converted, model, _batches(x, 512), steps=30, params="all", progress=False)
+    assert result.best_heldout_loss <= result.initial_heldout_loss
+    assert not torch.equal(before, converted.conv1.weight)
+
+
+@pytest.mark.parametrize(
+    "make_data,message",
+    [
+        (lambda x: [], "is empty"),
+        (lambda x: [x[:4].clone().fill_(float("nan"))], "NaN or infinite"),
+        (lambda x: [torch.randn(4, 5, 16, 16)], "expected input"),
+    ],
+    ids=["empty", "non-finite", "wrong-shape"],
+)
+def test_bad_calibration_data(shapes, make_data, message: str) -> None:
+    model, x, _, _ = shapes
+    with pytest.raises((CalibrationError, RuntimeError), match=message):
+        normswap.convert(model, x[:8], to="groupnorm", calibration_data=make_data(x))
+
+
+def test_nothing_to_calibrate(shapes) -> None:
+    model, x, _, _ = shapes
+    with pytest.raises(CalibrationError, match="no GroupNorm / LayerNorm sites"):
+        normswap.convert(model, x[:8], to="frozen", calibration_data=_batches(x, 128))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npz", ".safetensors"])
+def test_cli_calibration_data_files(shapes, tmp_path: Path, suffix: str) -> None:
+    from click.testing import CliRunner
+
+    from normswap.cli import main
+
+    model, x, _, _ = shapes
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    data = x[:256]
+    if suffix == ".pt":
+        torch.save(data, tmp_path / "calib.pt")
+    elif suffix == ".npz":
+        np.savez(tmp_path / "calib.npz", inputs=data.numpy())
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"inputs": data.contiguous()}, str(tmp_path / "calib.safetensors"))
+    examples = Path(__file__).resolve().parent.parent / "examples" / "synthetic.py"
+    result = CliRunner().invoke(main, [
+        "convert", str(tmp_path / "ckpt.pt"), "--model", f"{examples}:ShapesNet", "--input-shape", "2,3,16,16",
+        "--out", str(tmp_path / "out"), "--no-onnx", "--groups", "4", "--calibration-data", str(tmp_path / f"calib{suffix}"),
+        "--calibration-batch-size", "64", "--heal-steps", "20",
+    ])
+    assert result.exit_code == 0, result.output
+    import json
+
+    report = json.loads((tmp_path / "out" / "report.json").read_text())["reports"][0]
+    assert set(report["drift"]) == {"swap", "calibrated", "healed"}
+    assert [c["site"] for c in report["calibration"]] == ["bn1", "bn2", "bn3"]
+    assert report["drift"]["calibrated"]["cosine"] > report["drift"]["swap"]["cosine"]
+
+
+def test_cli_bad_calibration_file(shapes, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from normswap.cli import main
+
+    model, _, _, _ = shapes
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    torch.save(torch.randn(10, 3, 9), tmp_path / "calib.pt")
+    examples = Path(__file__).resolve().parent.parent / "examples" / "synthetic.py"
+    result = CliRunner().invoke(main, [
+        "convert", str(tmp_path / "ckpt.pt"), "--model", f"{examples}:ShapesNet", "--input-shape", "2,3,16,16",
+        "--out", str(tmp_path / "out"), "--no-onnx", "--calibration-data", str(tmp_path / "calib.pt"),
+    ])
+    assert result.exit_code == 2 and "does not fit the model" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_heal_data_parallel_with_two_cpu_processes(tmp_path: Path) -> None:
+    env = {**os.environ, "NORMSWAP_TEST_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(HERE / "distributed_heal.py")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["world_size"] == 2
+    for key in rank0["state"]:
+        torch.testing.assert_close(rank0["state"][key], rank1["state"][key], rtol=0, atol=0)  # DDP keeps replicas equal
+    assert rank0["best"] < rank0["initial"]
