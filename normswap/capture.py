@@ -165,25 +165,29 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 
 def propagate_shapes(graph_module: fx.GraphModule, inputs: tuple) -> None:
-    """Fill node.meta['val'] with fake tensors (no compute); fall back to real execution."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    """Fill node.meta['val'] by running the graph once (eval mode, no gradients).
 
+    A real run costs one forward pass; fake tensors avoid the arithmetic but pay ~3 ms of
+    dispatch per module, which is slower for all but very large inputs (benchmarks/bench_lint.py).
+    """
     graph_module.eval()
-    try:
-        FakeTensorProp(graph_module, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
-        return
-    except Exception:  # noqa: BLE001 - some ops have no fake kernel; run for real instead
-        pass
     with torch.no_grad():
         _RealShapeProp(graph_module).run(*inputs)
 
 
 class _RealShapeProp(fx.Interpreter):
+    """Records each node's output shape (not the tensor: nothing large is kept alive)."""
+
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        n.meta["val"] = result
+        if isinstance(result, torch.Tensor):
+            n.meta["val"] = _Shape(tuple(result.shape))
         return result
+
+
+@dataclass(frozen=True)
+class _Shape:
+    shape: tuple[int, ...]
 
 
 def _capture_fx(model: nn.Module, inputs: tuple) -> Capture:
