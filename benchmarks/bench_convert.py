@@ -1,0 +1,57 @@
+"""Convert end to end vs a bare torch.onnx.export of the same converted model, and peak memory."""
+from __future__ import annotations
+
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import normswap  # noqa: E402
+from nets import ResNet50, trained_statistics  # noqa: E402
+from normswap.validate import _session  # noqa: E402
+
+
+def main() -> dict:
+    model = trained_statistics(ResNet50(), (4, 3, 224, 224))
+    x = torch.randn(2, 3, 224, 224)
+    params_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with tempfile.TemporaryDirectory() as folder:
+        normswap.export_onnx(model, x, Path(folder) / "warm.onnx")  # warm-up: exporter imports
+        timings = {}
+        start = time.perf_counter()
+        conversion = normswap.convert(model, x)
+        timings.update({f"convert: {k}": v for k, v in conversion.timings.items()})
+        step = time.perf_counter()
+        path = normswap.export_onnx(conversion.model, x, Path(folder) / "model.onnx")
+        timings["export (normswap.export_onnx)"] = time.perf_counter() - step
+        step = time.perf_counter()
+        session = _session(path)
+        timings["onnxruntime session"] = time.perf_counter() - step
+        step = time.perf_counter()
+        normswap.validate_onnx(conversion.model, path, x, original=model, plan=conversion.plan, session=session)
+        timings["validate (runs, checks, drift)"] = time.perf_counter() - step
+        total = time.perf_counter() - start
+        step = time.perf_counter()
+        torch.onnx.export(conversion.model.eval(), (x,), str(Path(folder) / "bare.onnx"), dynamo=True, verbose=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+        bare = time.perf_counter() - step
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rest = total - timings["export (normswap.export_onnx)"] - timings["onnxruntime session"]
+    print("convert end to end, ResNet-50 layout, input 2x3x224x224:")
+    for key, value in timings.items():
+        print(f"  {key:<34} {value:7.2f} s")
+    print(f"  {'total':<34} {total:7.2f} s")
+    print(f"  bare torch.onnx.export             {bare:7.2f} s")
+    print(f"  everything but export + one session: {rest:.2f} s = {rest / bare:.0%} of the bare export (target <= 25%)")
+    print(f"  peak RSS {rss_after:.0f} MiB (before convert {rss_before:.0f} MiB); parameters {params_mb:.0f} MiB;"
+          f" growth during convert {rss_after - rss_before:.0f} MiB = {(rss_after - rss_before) / params_mb:.1f}x parameters")
+    return {"rest_over_export": rest / bare}
+
+
+if __name__ == "__main__":
+    main()
