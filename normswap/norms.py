@@ -43,6 +43,16 @@ def frozen_batch_norm(
     return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
 
 
+def _register_affine(module: nn.Module, size: int, affine: bool, trainable: bool = True) -> None:
+    """`weight` (ones) and `bias` (zeros) parameters named like BatchNorm's, or None without affine."""
+    if affine:
+        module.weight = nn.Parameter(torch.ones(size), requires_grad=trainable)
+        module.bias = nn.Parameter(torch.zeros(size), requires_grad=trainable)
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+
+
 class ChannelLayerNorm(nn.Module):
     """LayerNorm over the channel dimension of (N, C, *) inputs, independently at every position.
 
@@ -54,12 +64,7 @@ class ChannelLayerNorm(nn.Module):
         self.num_channels = num_channels
         self.eps = eps
         self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_channels))
-            self.bias = nn.Parameter(torch.zeros(num_channels))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _register_affine(self, num_channels, affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return channel_layer_norm(x, self.weight, self.bias, self.eps, self.num_channels)
@@ -80,12 +85,7 @@ class FrozenBatchNorm(nn.Module):
         self.num_features = num_features
         self.eps = eps
         self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features), requires_grad=False)
-            self.bias = nn.Parameter(torch.zeros(num_features), requires_grad=False)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _register_affine(self, num_features, affine, trainable=False)
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
