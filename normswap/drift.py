@@ -46,23 +46,42 @@ def eval_outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
         return [t.detach().float() for t in flat_outputs(model(*inputs))]
 
 
+class DriftAccumulator:
+    """Accumulates output differences batch by batch (nothing but sums is kept)."""
+
+    def __init__(self) -> None:
+        self.max_abs, self.abs_sum, self.count = 0.0, 0.0, 0
+        self.dot = self.norm_a = self.norm_b = 0.0
+        self.agree, self.top1_total, self.samples = 0, 0, 0
+
+    def add(self, reference: list[torch.Tensor], candidate: list[torch.Tensor], samples: int) -> None:
+        for a, b in zip(reference, candidate):
+            diff = (a - b).abs()
+            self.max_abs = max(self.max_abs, float(diff.max()) if diff.numel() else 0.0)
+            self.abs_sum += float(diff.sum())
+            self.count += diff.numel()
+            self.dot += float((a * b).sum())
+            self.norm_a += float((a * a).sum())
+            self.norm_b += float((b * b).sum())
+            if a.dim() == 2 and a.shape[1] > 1:
+                self.agree += int((a.argmax(1) == b.argmax(1)).sum())
+                self.top1_total += a.shape[0]
+        self.samples += samples
+
+    def result(self) -> Drift:
+        cosine = self.dot / max((self.norm_a * self.norm_b) ** 0.5, 1e-30)
+        top1 = self.agree / self.top1_total if self.top1_total else None
+        return Drift(self.max_abs, self.abs_sum / max(self.count, 1), cosine, top1, self.samples)
+
+
+def batch_samples(inputs: tuple) -> int:
+    return int(inputs[0].shape[0]) if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
+
+
 def measure_drift(original: nn.Module, converted: nn.Module, batches: Iterable[Any]) -> Drift:
     """Compare eval-mode outputs over `batches` (each a tensor or tuple of tensors)."""
-    max_abs, abs_sum, count, agree, top1_total, samples = 0.0, 0.0, 0, 0, 0, 0
-    dot = norm_a = norm_b = 0.0
+    accumulator = DriftAccumulator()
     for batch in batches:
         inputs = as_input_tuple(batch)
-        for a, b in zip(eval_outputs(original, inputs), eval_outputs(converted, inputs)):
-            diff = (a - b).abs()
-            max_abs = max(max_abs, float(diff.max()) if diff.numel() else 0.0)
-            abs_sum += float(diff.sum())
-            count += diff.numel()
-            dot += float((a * b).sum())
-            norm_a += float((a * a).sum())
-            norm_b += float((b * b).sum())
-            if a.dim() == 2 and a.shape[1] > 1:
-                agree += int((a.argmax(1) == b.argmax(1)).sum())
-                top1_total += a.shape[0]
-        samples += int(inputs[0].shape[0]) if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
-    cosine = dot / max((norm_a * norm_b) ** 0.5, 1e-30)
-    return Drift(max_abs, abs_sum / max(count, 1), cosine, agree / top1_total if top1_total else None, samples)
+        accumulator.add(eval_outputs(original, inputs), eval_outputs(converted, inputs), batch_samples(inputs))
+    return accumulator.result()

@@ -25,6 +25,8 @@ DEFAULT_OPSET = 18
 EXTERNAL_DATA_BYTES = 1_500_000_000
 METADATA_EXPORTER = "normswap.exporter"
 METADATA_OPSET = "normswap.opset"
+# Counted on the in-memory graph at export, so validation need not re-read a large file.
+METADATA_BATCHNORM_OPS = "normswap.batchnorm_ops"
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ def export_onnx_with_info(model: nn.Module, example_inputs: Any, path: str | Pat
     if program is not None:
         program.model.metadata_props[METADATA_EXPORTER] = exporter
         program.model.metadata_props[METADATA_OPSET] = str(opset)
+        program.model.metadata_props[METADATA_BATCHNORM_OPS] = str(_count_batchnorm_ir(program.model))
         with atomic_path(target) as temporary:
             try:
                 program.save(str(temporary), external_data=external)
@@ -126,7 +129,9 @@ def _finish(temporary: Path, target: Path, exporter: str | None, opset: int, ext
 
     if exporter is not None:
         model = onnx.load(str(temporary))
-        onnx.helper.set_model_props(model, {METADATA_EXPORTER: exporter, METADATA_OPSET: str(opset)})
+        nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
+        count = sum(1 for n in nodes if n.op_type == "BatchNormalization")
+        onnx.helper.set_model_props(model, {METADATA_EXPORTER: exporter, METADATA_OPSET: str(opset), METADATA_BATCHNORM_OPS: str(count)})
         onnx.save(model, str(temporary))
     try:
         onnx.checker.check_model(str(temporary), full_check=False)
@@ -134,6 +139,14 @@ def _finish(temporary: Path, target: Path, exporter: str | None, opset: int, ext
         raise ExportError(f"The exported ONNX file '{target.name}' fails onnx.checker: {str(exc).splitlines()[0]}.") from exc
     if external:
         _rename_external_data(temporary, target)
+
+
+def _count_batchnorm_ir(model) -> int:
+    """BatchNormalization nodes in an onnx_ir model, subgraphs and functions included."""
+    from onnx_ir import traversal
+
+    graphs = [model.graph, *model.functions.values()]
+    return sum(1 for graph in graphs for node in traversal.RecursiveGraphIterator(graph) if node.op_type == "BatchNormalization")
 
 
 def _run_torchscript_exporter(model: nn.Module, inputs: tuple, path: Path, opset: int, dynamic_batch: bool) -> None:

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from .capture import as_input_tuple, preserved
-from .drift import Drift, eval_outputs, flat_outputs, measure_drift
+from .drift import Drift, DriftAccumulator, batch_samples, eval_outputs, flat_outputs
 from .errors import ValidationError
-from .onnx_export import batch_of, export_info
+from .onnx_export import METADATA_BATCHNORM_OPS, METADATA_EXPORTER, METADATA_OPSET, batch_of
 from .plan import Plan
 from .residual import residual_batchnorm
 
@@ -152,17 +152,26 @@ def compare(expected: np.ndarray, actual: np.ndarray, atol: float | None, rtol: 
     return OutputCheck(batch, index, max_abs, max_rel, float(error.mean()) if error.size else 0.0, tolerance, rtol, needed, passed)
 
 
-def batch_independent(model: nn.Module, inputs: tuple, train: bool, samples: int = 4) -> bool:
-    """Is each sample's output the same alone as inside the batch? (dropout held in eval mode)"""
-    batch = batch_of(inputs, max(2, min(samples, _batch_size(inputs))))
+def batch_independent(model: nn.Module, inputs: tuple, train: bool, samples: int = 4, known: dict[int, list[torch.Tensor]] | None = None) -> bool:
+    """Is each sample's output the same alone as inside the batch? (dropout held in eval mode)
+
+    `known` maps a batch size b to eval-mode outputs already computed on `batch_of(inputs, b)`;
+    eval-mode checks reuse them instead of running the model again.
+    """
+    size = max(2, min(samples, _batch_size(inputs)))
+    batch = batch_of(inputs, size)
+    known = known if (known is not None and not train) else {}
     with preserved(model), torch.no_grad():
         model.train(train)
         for module in model.modules():
             if isinstance(module, nn.modules.dropout._DropoutNd):
                 module.eval()  # randomness, not batch dependence
         try:
-            together = flat_outputs(model(*batch))
-            alone = [flat_outputs(model(*batch_of(tuple(x[i : i + 1] for x in batch), 1))) for i in range(_batch_size(batch))]
+            together = known.get(size) or flat_outputs(model(*batch))
+            alone = [
+                known.get(1) if i == 0 and 1 in known else flat_outputs(model(*tuple(x[i : i + 1] for x in batch)))
+                for i in range(size)
+            ]
         except Exception:  # noqa: BLE001 - e.g. BatchNorm refusing a batch of one in train mode
             return False
     for index, output in enumerate(together):
@@ -179,11 +188,27 @@ def _batch_size(inputs: tuple) -> int:
 
 
 def count_onnx_batchnorm(path: Path) -> int:
+    """BatchNormalization ops in the file's graph (always read from the file)."""
+    return _onnx_facts(path)[0]
+
+
+def _facts_from_session(session, path: Path) -> tuple[int, dict[str, str]]:
+    """Op count and exporter from the metadata export_onnx recorded; other files are read in full."""
+    props = session.get_modelmeta().custom_metadata_map
+    if METADATA_BATCHNORM_OPS in props:
+        return int(props[METADATA_BATCHNORM_OPS]), {"exporter": props.get(METADATA_EXPORTER, "unknown"), "opset": props.get(METADATA_OPSET, "unknown")}
+    return _onnx_facts(path)
+
+
+def _onnx_facts(path: Path) -> tuple[int, dict[str, str]]:
+    """BatchNormalization op count and exporter metadata, from one read of the file."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
-    return sum(1 for n in nodes if n.op_type == "BatchNormalization")
+    props = {p.key: p.value for p in model.metadata_props}
+    info = {"exporter": props.get(METADATA_EXPORTER, "unknown"), "opset": props.get(METADATA_OPSET, str(model.opset_import[0].version))}
+    return sum(1 for n in nodes if n.op_type == "BatchNormalization"), info
 
 
 def validate_onnx(
@@ -221,9 +246,10 @@ def validate_onnx(
     example_batch = _batch_size(inputs)
     sizes = [1, example_batch] if example_batch > 1 else [1, 3]  # a second size proves the batch axis is dynamic
     checks, messages = [], []
+    known: dict[int, list[torch.Tensor]] = {}  # eval outputs by batch size, reused below
     for size in sizes:
         batch = batch_of(inputs, size)
-        expected = eval_outputs(model, batch)
+        expected = known[size] = eval_outputs(model, batch)
         actual = run_onnx(session, batch)
         if len(actual) != len(expected):
             messages.append(f"the ONNX model has {len(actual)} output(s), PyTorch {len(expected)}")
@@ -232,7 +258,7 @@ def validate_onnx(
             checks.append(check)
             if not check.passed:
                 messages.append(check.describe())
-    ops = count_onnx_batchnorm(path)
+    ops, info = _facts_from_session(session, path)
     allowed = bool(plan is not None and any(e.keeps_batchnorm_op for e in plan))
     residual = residual_batchnorm(model, plan)
     if residual:
@@ -240,11 +266,14 @@ def validate_onnx(
     if ops and not allowed:
         messages.append(f"{ops} BatchNormalization op(s) left in the ONNX graph that the plan did not keep")
     required = plan is not None and all(e.target in ("groupnorm", "layernorm", "frozen") or e.params.get("batch_independent") for e in plan)
-    independent_eval = batch_independent(model, inputs, train=False)
+    independent_eval = batch_independent(model, inputs, train=False, known=known)
     independent_train = batch_independent(model, inputs, train=True)
     for mode, ok in (("eval", independent_eval), ("train", independent_train)):
         if not ok:
             messages.append(f"the PyTorch model is batch-dependent in {mode} mode: a sample's output changes with the rest of the batch")
-    info = export_info(path)
-    drift = measure_drift(original, model, [inputs]) if original is not None else None
+    drift = None
+    if original is not None:
+        accumulator = DriftAccumulator()
+        accumulator.add(eval_outputs(original, inputs), known.get(example_batch) or eval_outputs(model, inputs), batch_samples(inputs))
+        drift = accumulator.result()
     return Validation(str(path.name), info["exporter"], info["opset"], checks, independent_eval, independent_train, required, ops, allowed, residual, drift, messages)
