@@ -1,7 +1,6 @@
-"""Convert end to end vs a bare torch.onnx.export of the same converted model, and peak memory."""
+"""Convert end to end vs a bare torch.onnx.export of the same converted model (memory: bench_memory.py)."""
 from __future__ import annotations
 
-import resource
 import sys
 import tempfile
 import time
@@ -18,8 +17,6 @@ from normswap.validate import _session  # noqa: E402
 def main() -> dict:
     model = trained_statistics(ResNet50(), (4, 3, 224, 224))
     x = torch.randn(2, 3, 224, 224)
-    params_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with tempfile.TemporaryDirectory() as folder:
         normswap.export_onnx(model, x, Path(folder) / "warm.onnx")  # warm-up: exporter imports
         timings = {}
@@ -40,7 +37,6 @@ def main() -> dict:
         torch.onnx.export(conversion.model.eval(), (x,), str(Path(folder) / "bare.onnx"), dynamo=True, verbose=False,
                           dynamic_shapes=({0: torch.export.Dim("batch")},))
         bare = time.perf_counter() - step
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rest = total - timings["export (normswap.export_onnx)"] - timings["onnxruntime session"]
     print("convert end to end, ResNet-50 layout, input 2x3x224x224:")
     for key, value in timings.items():
@@ -48,8 +44,6 @@ def main() -> dict:
     print(f"  {'total':<34} {total:7.2f} s")
     print(f"  bare torch.onnx.export             {bare:7.2f} s")
     print(f"  everything but export + one session: {rest:.2f} s = {rest / bare:.0%} of the bare export (target <= 25%)")
-    print(f"  peak RSS {rss_after:.0f} MiB (before convert {rss_before:.0f} MiB); parameters {params_mb:.0f} MiB;"
-          f" growth during convert {rss_after - rss_before:.0f} MiB = {(rss_after - rss_before) / params_mb:.1f}x parameters")
     return {"rest_over_export": rest / bare}
 
 

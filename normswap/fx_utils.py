@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .norms import ChannelLayerNorm, FrozenBatchNorm, is_swapped
+from .norms import ChannelLayerNorm, FrozenBatchNorm, GroupNorm, is_swapped
 
 # Functions whose FX call_function node means "batch_norm semantics used inline in forward".
 BATCH_NORM_FUNCTIONS = (F.batch_norm, torch.batch_norm)
 
-_LEAF_TYPES = (_BatchNorm, ChannelLayerNorm, FrozenBatchNorm)
+_LEAF_TYPES = (_BatchNorm, ChannelLayerNorm, FrozenBatchNorm, GroupNorm)
 
 
 class BatchNormTracer(fx.Tracer):

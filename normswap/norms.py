@@ -1,16 +1,48 @@
 """Replacement normalizations and the functions the graph rewrite calls.
 
+group norm:         per sample, over groups of C/G channels (and all positions); per-channel affine.
+
 channel layer norm: y[n, :, p] = (x[n, :, p] - mean_c) / sqrt(var_c + eps) * w + b at every position p.
 frozen batch norm:  y = (x - running_mean) / sqrt(running_var + eps) * w + b, BatchNorm's eval function.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+
+# How group_norm exports: "layernorm-view" (fastest in onnxruntime, the default) or "native"
+# (the exporter's own form; at opset >= 21 that is the GroupNormalization op, opt-in).
+GROUP_NORM_EXPORT_FORM: contextvars.ContextVar[str] = contextvars.ContextVar("normswap_group_norm_export_form", default="layernorm-view")
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """F.group_norm, exported to ONNX as LayerNormalization over a (N, G, C/G * positions) view
+    followed by the per-channel affine: the fastest correct form in onnxruntime among those
+    measured in benchmarks/bench_formulations.py (the exporter's own is Reshape ->
+    InstanceNormalization -> Reshape -> Mul -> Add). Eager PyTorch keeps the fused kernel."""
+    native = GROUP_NORM_EXPORT_FORM.get() == "native"
+    if native or not torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or x.dim() < 2:
+        return F.group_norm(x, num_groups, weight, bias, eps)
+    per_group = math.prod(x.shape[1:]) // num_groups  # static: only the batch axis is dynamic
+    y = F.layer_norm(x.reshape(x.shape[0], num_groups, per_group), (per_group,), None, None, eps).reshape(x.shape)
+    if weight is None:
+        return y
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return y * weight.reshape(shape) + bias.reshape(shape)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm whose ONNX export uses the faster formulation of `group_norm` (same function)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def channel_layer_norm(
@@ -110,7 +142,7 @@ class SwappedBatchNorm(_BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.normswap_target == "groupnorm":
-            return F.group_norm(x, self.normswap_num_groups, self.weight, self.bias, self.eps)
+            return group_norm(x, self.normswap_num_groups, self.weight, self.bias, self.eps)
         if self.normswap_target == "layernorm":
             return channel_layer_norm(x, self.weight, self.bias, self.eps, self.num_features)
         return frozen_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
@@ -124,4 +156,4 @@ def swapped_class(cls: type) -> type:
 
 def is_swapped(module: nn.Module) -> bool:
     """True for modules normswap produced (never reported as BatchNorm again)."""
-    return isinstance(module, (SwappedBatchNorm, ChannelLayerNorm, FrozenBatchNorm))
+    return isinstance(module, (SwappedBatchNorm, ChannelLayerNorm, FrozenBatchNorm, GroupNorm))

@@ -16,10 +16,12 @@ from torch import nn
 from .capture import as_input_tuple, preserved
 from .errors import ExportError
 from .files import atomic_path
+from .norms import GROUP_NORM_EXPORT_FORM
 
-# GroupNorm exports as Reshape -> InstanceNormalization -> Reshape -> Mul -> Add and channel
-# LayerNorm as Transpose -> LayerNormalization -> Transpose at opset 18, which onnxruntime runs
-# correctly and fast; opset 21's fused GroupNormalization is opt-in (runtimes disagree on it).
+# At opset 18 GroupNorm exports as LayerNormalization over a (N, G, -1) view + Mul + Add and
+# channel LayerNorm as Transpose -> LayerNormalization -> Transpose: the fastest correct forms
+# measured in onnxruntime (benchmarks/bench_formulations.py). Opset 21's GroupNormalization op is
+# opt-in (`opset=21`): slower in onnxruntime, and runtimes disagree on its older definition.
 DEFAULT_OPSET = 18
 # Above this many bytes of weights, ONNX's 2 GB protobuf limit needs external data.
 EXTERNAL_DATA_BYTES = 1_500_000_000
@@ -94,7 +96,10 @@ def export_onnx_with_info(model: nn.Module, example_inputs: Any, path: str | Pat
         dynamic_shapes = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
     external = weight_bytes > EXTERNAL_DATA_BYTES
-    with preserved(model):
+    # opset 21 asks for the GroupNormalization op: export group norms in their native form
+    form = GROUP_NORM_EXPORT_FORM.set("native" if opset >= 21 else "layernorm-view")
+    with preserved(model), contextlib.ExitStack() as restore:
+        restore.callback(GROUP_NORM_EXPORT_FORM.reset, form)
         model.eval()
         try:
             program = _run_exporter(model, inputs, dynamic_shapes, opset)

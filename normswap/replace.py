@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
 from .errors import PlanError
-from .norms import ChannelLayerNorm, FrozenBatchNorm, SwappedBatchNorm, swapped_class
+from .norms import ChannelLayerNorm, FrozenBatchNorm, GroupNorm, SwappedBatchNorm, swapped_class
 from .plan import PlanEntry
 
 
@@ -23,7 +23,7 @@ def build_replacement(bn: nn.Module, entry: PlanEntry) -> nn.Module:
         return _rebase_subclass(bn, entry)
     p = entry.params
     if entry.target == "groupnorm":
-        new = nn.GroupNorm(int(p["num_groups"]), int(p["num_channels"]), eps=float(p["eps"]), affine=bool(p["affine"]))
+        new = GroupNorm(int(p["num_groups"]), int(p["num_channels"]), eps=float(p["eps"]), affine=bool(p["affine"]))
     elif entry.target == "layernorm":
         if p.get("layout") == "features":
             new = nn.LayerNorm(int(p["num_channels"]), eps=float(p["eps"]), elementwise_affine=bool(p["affine"]))

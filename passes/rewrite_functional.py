@@ -1,17 +1,16 @@
 """Rewrite planned functional batch_norm nodes of an FX graph into per-sample normalizations.
 
-groupnorm: F.group_norm(x, G, w, b, eps); layernorm: channel_layer_norm(x, w, b, eps);
+groupnorm: group_norm(x, G, w, b, eps); layernorm: channel_layer_norm(x, w, b, eps);
 frozen: frozen_batch_norm(x, running_mean, running_var, w, b, eps). The weight / bias / statistics
 come from the same graph values, so parameter names are unchanged.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import fx
 
 from normswap.errors import PlanError
 from normswap.fx_utils import batch_norm_arguments, is_batch_norm_call
-from normswap.norms import channel_layer_norm, frozen_batch_norm
+from normswap.norms import channel_layer_norm, frozen_batch_norm, group_norm
 from normswap.plan import Plan
 
 from .base import Pass, PassResult
@@ -78,7 +77,7 @@ def _replacement_node(graph: fx.Graph, node: fx.Node, entry) -> fx.Node:
     x, weight, bias = args["input"], args["weight"], args["bias"]
     with graph.inserting_after(node):
         if entry.target == "groupnorm":
-            new = graph.call_function(F.group_norm, (x, int(entry.params["num_groups"]), weight, bias, eps))
+            new = graph.call_function(group_norm, (x, int(entry.params["num_groups"]), weight, bias, eps))
         elif entry.target == "layernorm":
             new = graph.call_function(channel_layer_norm, (x, weight, bias, eps, int(entry.params["num_channels"])))
         elif entry.target == "frozen":

@@ -63,6 +63,23 @@ def test_export_records_exporter_and_runs_at_other_batch_sizes(exports) -> None:
         np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_groupnorm_exports_in_the_measured_fastest_form(exports) -> None:
+    _, _, path = exports("mobilenet", "groupnorm")
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "LayerNormalization" in ops and "InstanceNormalization" not in ops  # see benchmarks/bench_formulations.py
+
+
+def test_opset_21_groupnormalization_is_opt_in(tmp_path: Path) -> None:
+    conv = normswap.convert(build("resnet"), input_for("resnet"), to="groupnorm")
+    default_ops = {n.op_type for n in onnx.load(str(normswap.export_onnx(conv.model, input_for("resnet"), tmp_path / "d.onnx"))).graph.node}
+    assert "GroupNormalization" not in default_ops
+    path = normswap.export_onnx(conv.model, input_for("resnet"), tmp_path / "g.onnx", opset=21)
+    validation = normswap.validate_onnx(conv.model, path, input_for("resnet"), plan=conv.plan)
+    assert validation.passed, validation.messages
+    assert export_info(path)["opset"] == "21"
+    assert "GroupNormalization" in {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
 def test_untraceable_model_falls_back_to_torchscript_exporter(exports) -> None:
     _, _, path = exports("untraceable", "groupnorm")
     assert export_info(path)["exporter"].startswith("torch.onnx TorchScript exporter")
