@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 from .errors import CaptureError
 from .fx_utils import (
     BATCH_NORM_FUNCTIONS,
+    CALL_SITE_META,
     BatchNormTracer,
     batch_norm_arguments,
     describe_node,
@@ -217,7 +218,7 @@ def _fx_call(node: fx.Node, modules: dict[str, nn.Module], module: str | None) -
         module=module,
         owner=_owner_from_stack(node.meta.get("nn_module_stack")) if module is None else module,
         input_shape=_shape_of(source.meta.get("val")) if isinstance(source, fx.Node) else None,
-        called_at=location_from_stack_trace(node.stack_trace),
+        called_at=node.meta.get(CALL_SITE_META) or location_from_stack_trace(node.stack_trace),
         producers=tuple(describe_node(a, modules) for a in node.all_input_nodes[:1]),
         consumers=tuple(describe_node(u, modules) for u in node.users),
     )

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .source import user_frame_location
 from .norms import ChannelLayerNorm, FrozenBatchNorm, GroupNorm, is_swapped
 
 # Functions whose FX call_function node means "batch_norm semantics used inline in forward".
@@ -16,13 +17,22 @@ BATCH_NORM_FUNCTIONS = (F.batch_norm, torch.batch_norm)
 _LEAF_TYPES = (_BatchNorm, ChannelLayerNorm, FrozenBatchNorm, GroupNorm)
 
 
+CALL_SITE_META = "normswap_call_site"
+
+
 class BatchNormTracer(fx.Tracer):
     """Symbolic tracer that keeps every BatchNorm (subclasses included) and every normswap
-    replacement as one leaf `call_module` node, and records stack traces for source lines."""
+    replacement as one leaf `call_module` node, and records the user's source line of each
+    BatchNorm call in node.meta["normswap_call_site"] (only those: torch's `record_stack_traces`
+    formats a whole stack for every node, which dominated lint time on deep models)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.record_stack_traces = True
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if (kind == "call_function" and target in BATCH_NORM_FUNCTIONS) or (
+            kind == "call_module" and is_batchnorm_like(self.root.get_submodule(target))
+        ):
+            node.meta[CALL_SITE_META] = user_frame_location(skip=2)
+        return node
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, _LEAF_TYPES) or is_batchnorm_like(m) or super().is_leaf_module(m, module_qualified_name)

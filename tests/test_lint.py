@@ -134,3 +134,28 @@ def test_lint_does_not_modify_the_model() -> None:
     normswap.lint(model, input_for("functional"), Context(batch_size=2))
     for key, value in model.state_dict().items():
         assert value.equal(before[key]), key
+
+
+def _multitool() -> str | None:
+    import shutil
+
+    local = REPO / ".ci" / "tools" / "node_modules" / ".bin" / "sarif-multitool"
+    return str(local) if local.exists() else shutil.which("sarif-multitool")
+
+
+@pytest.mark.skipif(_multitool() is None, reason="Microsoft SARIF multitool not installed (.ci/run installs it with npm)")
+def test_sarif_multitool_validate(tmp_path: Path) -> None:
+    import subprocess
+
+    def validate(log: dict) -> list[dict]:
+        index = len(list(tmp_path.iterdir()))
+        source, output = tmp_path / f"in{index}.sarif", tmp_path / f"out{index}.sarif"
+        source.write_text(json.dumps(log))
+        env = {**os.environ, "DOTNET_SYSTEM_GLOBALIZATION_INVARIANT": "1"}
+        subprocess.run([_multitool(), "validate", str(source), "-o", str(output)], check=True, capture_output=True, env=env, timeout=300)
+        return json.loads(output.read_text())["runs"][0].get("results", [])
+
+    log = json.loads(_report("rnn").to_sarif())
+    assert [r for r in validate(log) if r.get("level") in ("error", "warning")] == []
+    del log["runs"][0]["tool"]["driver"]["name"]  # required by the schema
+    assert any(r.get("level") == "error" for r in validate(log))  # the validator does catch mistakes
