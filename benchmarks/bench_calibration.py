@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+import torch  # noqa: E402
+
 import normswap  # noqa: E402
 from synthetic import SequenceRNN, ShapesNet, accuracy, agreement, sequence_dataset, shapes_dataset, train  # noqa: E402
 
@@ -24,6 +26,7 @@ def main() -> None:
     for name, build, dataset, (steps, lr), kwargs, heal_lr in CASES:
         x, y = dataset(3000, seed=0)
         xt, yt = dataset(1000, seed=1)  # held out: never seen by training, calibration or healing
+        torch.manual_seed(0)  # reproducible initialization
         model = train(build(), x, y, steps=steps, lr=lr)
         batches = [x[i : i + 64] for i in range(0, 1024, 64)]
         start = time.perf_counter()

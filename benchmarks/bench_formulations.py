@@ -9,15 +9,12 @@ in between). Every variant is checked against F.group_norm / the default before 
 """
 from __future__ import annotations
 
-import statistics
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +22,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 import normswap  # noqa: E402
 import normswap.norms as norms  # noqa: E402
+from bench_latency import latency  # noqa: E402
 from nets import MobileNetV2, ResNet50, trained_statistics  # noqa: E402
 
 NORMSWAP_GN = norms.GroupNorm.forward  # LayerNormalization over a (N, G, -1) view at export
@@ -63,22 +61,6 @@ def ln_reduce_mean(x, weight, bias, eps, num_channels=None):
     y = d * torch.rsqrt((d * d).mean(1, keepdim=True) + eps)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     return y * weight.reshape(shape) + bias.reshape(shape) if weight is not None else y
-
-
-def latency(path: Path, batch: int, repeats: int = 15) -> float:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)}
-    for _ in range(3):
-        session.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def foldable_sites(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:

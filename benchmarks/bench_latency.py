@@ -16,7 +16,7 @@ import normswap  # noqa: E402
 from nets import MobileNetV2, ResNet50, trained_statistics  # noqa: E402
 
 
-def latency(path: Path, batch: int, repeats: int) -> float:
+def latency(path: Path, batch: int, repeats: int = 15) -> float:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.inter_op_num_threads = 1

@@ -5,7 +5,6 @@ visible to tracemalloc).
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import sys

@@ -28,6 +28,7 @@ def main() -> int:
 
     images, labels = shapes_dataset(3000, seed=0)
     held_out, held_out_labels = shapes_dataset(1000, seed=1)
+    torch.manual_seed(0)
     model = train(ShapesNet(width=16), images, labels, steps=300)
     print(f"trained ShapesNet on generated images: held-out accuracy {accuracy(model, held_out, held_out_labels):.1%}")
     torch.save(model.state_dict(), out / "checkpoint.pt")

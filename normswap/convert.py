@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from .analysis import Analysis, analyze

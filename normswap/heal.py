@@ -19,7 +19,7 @@ from .calibrate import check_batches
 from .capture import preserved
 from .drift import flat_outputs
 from .errors import CalibrationError
-from .norms import ChannelLayerNorm, FrozenBatchNorm, SwappedBatchNorm
+from .norms import ChannelLayerNorm, SwappedBatchNorm
 
 _NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, ChannelLayerNorm, SwappedBatchNorm)
 

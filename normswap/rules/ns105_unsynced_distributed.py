@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..context import Context
 from ..sites import Site
-from .base import Finding, Fix, Rule, Severity, Skip
+from .base import Finding, Rule, Severity, Skip
 
 
 class UnsyncedDistributed(Rule):
