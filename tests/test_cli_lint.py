@@ -151,3 +151,16 @@ def test_console_script_and_python_m(project: Path) -> None:
     assert json.loads(result.stdout)["runs"][0]["results"][0]["ruleId"] == "NS106"
     module = subprocess.run([sys.executable, "-m", "normswap", "rules"], capture_output=True, text=True, cwd=project)
     assert module.returncode == 0 and "NS901" in module.stdout
+
+
+def test_internal_error_exits_3(project: Path, monkeypatch) -> None:
+    import normswap.commands
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(normswap.commands, "lint", broken)
+    result = CliRunner().invoke(main, ["lint", "nets:build", "--input-shape", "2,3,8,8"])
+    assert result.exit_code == 3
+    assert "internal error: ZeroDivisionError" in result.output and "--debug" in result.output
+    assert "Traceback" not in result.output

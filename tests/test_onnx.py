@@ -175,3 +175,16 @@ def test_corrupt_onnx_file_is_a_load_error(tmp_path: Path) -> None:
     garbage.write_bytes(b"not an onnx model")
     with pytest.raises(ValidationError, match="onnxruntime cannot load"):
         normswap.validate_onnx(build("resnet"), garbage, input_for("resnet"))
+
+
+def test_large_models_use_external_data(tmp_path: Path, monkeypatch) -> None:
+    import normswap.onnx_export
+
+    monkeypatch.setattr(normswap.onnx_export, "EXTERNAL_DATA_BYTES", 0)  # treat the test model as large
+    conv = normswap.convert(build("resnet"), input_for("resnet"), to="groupnorm")
+    path = normswap.export_onnx(conv.model, input_for("resnet"), tmp_path / "big.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    model = onnx.load(str(path), load_external_data=False)
+    assert any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+    validation = normswap.validate_onnx(conv.model, path, input_for("resnet"), plan=conv.plan)
+    assert validation.passed, validation.messages

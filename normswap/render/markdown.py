@@ -47,6 +47,10 @@ def render_markdown(reports: Sequence) -> str:
             lines.append("")
         if report.validation is not None:
             lines += ["#### Validation", "", report.validation.to_markdown(), ""]
+        if report.calibration:
+            lines += ["#### Calibration", "", "| Layer | Target | R² | Values fitted per channel |", "|---|---|---|---|"]
+            lines += [f"| `{c['site']}` | {c['target']} | {c['r2']:.3f} | {c['samples']} |" for c in report.calibration]
+            lines.append("")
         if report.drift:
             lines += ["#### Drift (original vs converted)", "", "| Stage | Max abs | Mean abs | Cosine | Top-1 agreement |", "|---|---|---|---|---|"]
             for stage, d in report.drift.items():

@@ -34,6 +34,9 @@ def render_text(reports: Sequence, color: bool = False, width: int = 120) -> str
             console.print("plan: " + ", ".join(f"{n} {t}" for t, n in report.plan.counts().items()) if len(report.plan) else "plan: nothing to convert")
         if report.validation is not None:
             console.print(report.validation.summary(), soft_wrap=True)
+        if report.calibration:
+            fits = ", ".join(f"{c['site']} R² {c['r2']:.3f}" for c in report.calibration)
+            console.print(f"calibration: {fits}", soft_wrap=True)
         for stage, drift in report.drift.items():
             console.print(f"drift ({stage}): {drift.summary()}", soft_wrap=True)
         for name, path in sorted(report.outputs.items()):
