@@ -1,0 +1,74 @@
+"""The passes on their own: positive, negative (nothing modified) and edge cases."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import normswap
+from normswap.capture import trace
+from normswap.errors import PlanError
+from normswap.norms import ChannelLayerNorm
+from normswap.passes import PassManager, RewriteFunctionalBatchNorm, SwapBatchNormModules
+from normswap.plan import Plan, PlanEntry
+from models import build, input_for
+
+
+def test_swap_modules_replaces_planned_layers_only() -> None:
+    model = build("resnet")
+    plan = Plan([PlanEntry("bn1", "layernorm", {"num_channels": 16, "eps": 1e-5, "affine": True, "layout": "channels_first"}),
+                 PlanEntry("bn2", "keep")])
+    result = SwapBatchNormModules(plan)(model)
+    assert result.modified and result.changes == ["bn1: BatchNorm2d -> layernorm"]
+    assert isinstance(model.bn1, ChannelLayerNorm) and isinstance(model.bn2, nn.BatchNorm2d)
+
+
+def test_swap_modules_with_nothing_to_do_modifies_nothing() -> None:
+    model = build("resnet")
+    before = [type(m) for m in model.modules()]
+    result = SwapBatchNormModules(Plan([PlanEntry("bn1", "keep")]))(model)
+    assert not result.modified and [type(m) for m in model.modules()] == before
+
+
+def test_swap_modules_rejects_a_plan_for_another_layer_type() -> None:
+    plan = Plan([PlanEntry("conv1", "groupnorm", {"num_groups": 4, "num_channels": 16, "eps": 1e-5, "affine": True})])
+    with pytest.raises(PlanError, match="expects a BatchNorm at 'conv1' but the model has a Conv2d"):
+        SwapBatchNormModules(plan)(build("resnet"))
+
+
+def test_swap_modules_rejects_a_channel_mismatch() -> None:
+    plan = Plan([PlanEntry("bn1", "groupnorm", {"num_groups": 4, "num_channels": 32, "eps": 1e-5, "affine": True})])
+    with pytest.raises(PlanError, match="expects 32 channels but the model's layer has 16"):
+        SwapBatchNormModules(plan)(build("resnet"))
+
+
+def test_rewrite_functional_rewrites_the_node() -> None:
+    graph_module = trace(build("functional").train())
+    plan = Plan([PlanEntry("batch_norm", "layernorm", {"num_channels": 8, "eps": 1e-5, "affine": True}, kind="functional")])
+    result = RewriteFunctionalBatchNorm(plan)(graph_module)
+    assert result.modified and "channel_layer_norm" in graph_module.code
+    assert "running_mean" not in graph_module.code  # the orphaned statistics went with the call
+    graph_module(input_for("functional"))
+
+
+def test_rewrite_functional_without_functional_entries_is_a_no_op() -> None:
+    model = build("resnet")
+    result = RewriteFunctionalBatchNorm(Plan([PlanEntry("bn1", "keep")]))(model)
+    assert not result.modified and result.model is model
+
+
+def test_rewrite_functional_needs_a_graph_and_the_named_node() -> None:
+    plan = Plan([PlanEntry("batch_norm_7", "groupnorm", {"num_groups": 2, "num_channels": 8, "eps": 1e-5}, kind="functional")])
+    with pytest.raises(PlanError, match="symbolically traced graph"):
+        RewriteFunctionalBatchNorm(plan)(build("functional"))
+    with pytest.raises(PlanError, match="batch_norm_7"):
+        RewriteFunctionalBatchNorm(plan)(trace(build("functional")))
+
+
+def test_pass_manager_composes_and_reports_changes() -> None:
+    conv = normswap.convert(build("functional"), input_for("functional"), to="groupnorm")
+    fresh = trace(build("functional").train())
+    result = PassManager([SwapBatchNormModules(conv.plan), RewriteFunctionalBatchNorm(conv.plan)])(fresh)
+    assert result.modified and result.changes == ["batch_norm: F.batch_norm -> groupnorm"]
+    with torch.no_grad():
+        torch.testing.assert_close(result.model.eval()(input_for("functional")), conv.model.eval()(input_for("functional")))
