@@ -27,6 +27,8 @@ def choose_num_groups(num_channels: int, values_per_channel: int, max_groups: in
             why += f", fewer groups than {min(max_groups, num_channels)} so that no group holds a single value"
         elif groups != max_groups:
             why += f", largest divisor of {num_channels} up to {max_groups}"
+        if groups == num_channels and groups > 1:
+            why += " (one channel per group is InstanceNorm; a lower --groups keeps per-sample channel intensities)"
         return groups, why
     raise PlanError(f"A GroupNorm over {num_channels} channel(s) of {values_per_channel} value(s) has no non-degenerate grouping.")
 
