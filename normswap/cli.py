@@ -46,7 +46,7 @@ def model_options(command: Callable) -> Callable:
     for decorator in reversed(
         [
             click.option("-k", "kwargs", multiple=True, metavar="KEY=VALUE", help="Keyword argument for the model callable (Python literal)."),
-            click.option("--input-shape", "input_shapes", multiple=True, metavar="N,C,...", help="Shape of one example input, batch first; repeat for several inputs."),
+            click.option("--input-shape", "input_shapes", multiple=True, metavar="N,C,...", help="Shape of one example input, batch first, optionally with a dtype (8,128:int64); repeat for several inputs."),
         ]
     ):
         command = decorator(command)

@@ -11,7 +11,7 @@ from .config import Config, ModelEntry, load_config
 from .errors import ConfigError
 from .files import write_text_atomic
 from .lint import lint
-from .loader import example_inputs, load_model, parse_kwargs, parse_shape
+from .loader import example_inputs, load_model, parse_input_spec, parse_kwargs
 from .render import RENDERERS
 from .report import Report, model_definition, worst_exit_code
 from .source import relative_path
@@ -34,7 +34,7 @@ def model_entries(models: Sequence[str], kwargs: Sequence[str], input_shapes: Se
     if models:
         if not input_shapes:
             raise ConfigError("--input-shape is required with a MODEL (e.g. --input-shape 2,3,224,224).")
-        shapes = [parse_shape(s) for s in input_shapes]
+        shapes = [parse_input_spec(s) for s in input_shapes]
         return [ModelEntry(spec, parse_kwargs(kwargs), shapes) for spec in models]
     if not config.models:
         raise ConfigError("No MODEL given and no 'models' in [tool.normswap] of the nearest pyproject.toml.")
@@ -84,7 +84,7 @@ def run_convert(checkpoint: str, model_spec: str, kwargs, input_shapes, out_dir:
         heal_steps=options["heal_steps"], heal_lr=options["heal_lr"], heal_params=options["heal_params"],
     )
     result = convert_checkpoint(
-        checkpoint, model_spec, parse_kwargs(kwargs), [parse_shape(s) for s in input_shapes], out_dir,
+        checkpoint, model_spec, parse_kwargs(kwargs), [parse_input_spec(s) for s in input_shapes], out_dir,
         context, convert_options, quiet=quiet, model_name=display_spec(model_spec),
     )
     if not quiet:

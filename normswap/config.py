@@ -8,7 +8,7 @@ from typing import Any
 
 from .context import Context
 from .errors import ConfigError
-from .loader import parse_shape
+from .loader import InputSpec, parse_input_spec
 
 _CONTEXT_KEYS = {"batch_size", "world_size", "differential_privacy", "dp", "inference_only", "inference", "finetune", "sequence", "small_batch_threshold"}
 _OTHER_KEYS = {"models", "input_shape", "select", "ignore", "fail_on", "format"}
@@ -20,7 +20,7 @@ class ModelEntry:
 
     spec: str
     kwargs: dict[str, Any] = field(default_factory=dict)
-    input_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    input_shapes: list[InputSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -102,4 +102,4 @@ def _model_entry(item: Any, where: str, default_shape: Any) -> ModelEntry:
     kwargs = item.get("kwargs", {})
     if not isinstance(kwargs, dict):
         raise ConfigError(f"'kwargs' of model '{item['model']}' in {where} must be a table.")
-    return ModelEntry(item["model"], kwargs, [parse_shape(s) for s in shapes])
+    return ModelEntry(item["model"], kwargs, [parse_input_spec(s) for s in shapes])

@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,16 +37,54 @@ def parse_shape(text: str | Sequence[int]) -> tuple[int, ...]:
     try:
         shape = tuple(int(str(p).strip()) for p in parts)
     except ValueError:
-        raise ConfigError(f"Input shape '{text}' is malformed; write comma-separated positive integers, batch first, e.g. 2,3,224,224.") from None
+        raise ConfigError(
+            f"Input shape '{text}' is malformed; write comma-separated positive integers, batch first, "
+            "e.g. 2,3,224,224 (or 8,128:int64 for token ids)."
+        ) from None
     if not shape or any(d < 1 for d in shape):
         raise ConfigError(f"Input shape '{text}' is malformed; write comma-separated positive integers, batch first, e.g. 2,3,224,224.")
     return shape
 
 
-def example_inputs(shapes: Sequence[Sequence[int]], seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Deterministic standard-normal inputs of the given shapes."""
+DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64,
+    "float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+    "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32, "bool": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One example input: its shape (batch first) and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+
+def parse_input_spec(text: str | Sequence[int]) -> InputSpec:
+    """'2,3,224,224' or '8,128:int64' (token ids) to an InputSpec."""
+    if not isinstance(text, str):
+        return InputSpec(parse_shape(text))
+    shape_text, sep, dtype_text = text.partition(":")
+    dtype = torch.float32
+    if sep:
+        dtype = DTYPES.get(dtype_text.strip().lower())
+        if dtype is None:
+            raise ConfigError(f"Unknown input dtype '{dtype_text}' in '{text}'; use one of {', '.join(DTYPES)}.")
+    return InputSpec(parse_shape(shape_text), dtype)
+
+
+def example_inputs(specs: Sequence[InputSpec | Sequence[int]], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Deterministic inputs: standard normal for floating dtypes, zeros (a valid index) otherwise."""
     generator = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(tuple(shape), generator=generator) for shape in shapes)
+    tensors = []
+    for spec in specs:
+        spec = spec if isinstance(spec, InputSpec) else InputSpec(tuple(spec))
+        if spec.dtype.is_floating_point:
+            tensors.append(torch.randn(spec.shape, generator=generator).to(spec.dtype))
+        else:
+            tensors.append(torch.zeros(spec.shape, dtype=spec.dtype))
+    return tuple(tensors)
 
 
 def _import_target(spec: str) -> tuple[Any, str]:

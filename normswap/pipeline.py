@@ -95,7 +95,7 @@ def convert_checkpoint(
     checkpoint_path: str | Path,
     model_spec: str,
     model_kwargs: dict[str, Any],
-    input_shapes: Sequence[Sequence[int]],
+    input_shapes: Sequence[Any],
     out_dir: str | Path,
     context: Context | None = None,
     options: ConvertOptions | None = None,

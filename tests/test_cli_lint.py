@@ -164,3 +164,31 @@ def test_internal_error_exits_3(project: Path, monkeypatch) -> None:
     assert result.exit_code == 3
     assert "internal error: ZeroDivisionError" in result.output and "--debug" in result.output
     assert "Traceback" not in result.output
+
+
+TOKENS = textwrap.dedent(
+    """
+    from torch import nn
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(100, 16)
+            self.conv = nn.Conv1d(16, 16, 3, padding=1)
+            self.bn = nn.BatchNorm1d(16)
+
+        def forward(self, tokens):  # (N, L) token ids
+            return self.bn(self.conv(self.embed(tokens).transpose(1, 2)))
+    """
+)
+
+
+def test_integer_inputs_for_token_models(project: Path) -> None:
+    (project / "tagger.py").write_text(TOKENS)
+    result = run("lint", "tagger.py:Tagger", "--input-shape", "4,12:int64", "--format", "json")
+    assert result.exit_code == 0, result.output
+    (report,) = json.loads(result.output)["reports"]
+    assert report["sites"][0]["input_shape"] == [4, 16, 12]
+    assert [f["code"] for f in report["findings"]] == ["NS102"]
+    bad = CliRunner().invoke(main, ["lint", "tagger.py:Tagger", "--input-shape", "4,12:int7"])
+    assert bad.exit_code == 2 and "Unknown input dtype 'int7'" in bad.output
