@@ -38,7 +38,7 @@ def natural_target(site: Site) -> tuple[str, str]:
     rank = site.input_rank
     if site.feeds_from_input and site.track_running_stats:
         return "frozen", "normalizes the model's raw inputs (data standardization): frozen keeps the learned statistics"
-    if site.call_count > 1:
+    if site.call_count > 1 and (rank is None or rank <= 3):
         return "layernorm", f"applied {site.call_count} times per forward (recurrence): LayerNorm normalizes each step on its own"
     if rank == 3 and site.flavour.endswith("1d"):
         return "layernorm", "normalizes a (N, C, L) sequence: channel LayerNorm per time step"

@@ -34,7 +34,7 @@ CASES = [
     # code, site overrides, context, expected
     ("NS101", {"call_count": 4, "input_shape": (8, 64)}, Context(), True),
     ("NS101", {}, Context(), False),
-    ("NS101", {"call_count": 2, "kind": "functional", "flavour": "F.batch_norm"}, Context(), True),
+    ("NS101", {"call_count": 2, "kind": "functional", "flavour": "F.batch_norm"}, Context(), True),  # shared by two branches
     ("NS102", {"flavour": "BatchNorm1d", "input_shape": (8, 64, 100)}, Context(), True),
     ("NS102", {"flavour": "BatchNorm1d", "input_shape": (8, 64)}, Context(), False),
     ("NS102", {"flavour": "BatchNorm1d", "input_shape": (8, 64, 100), "call_count": 3}, Context(), False),  # NS101 covers it
@@ -95,6 +95,12 @@ def test_catalogue_is_complete_and_documented() -> None:
             assert heading in doc, (rule.code, heading)
         assert isinstance(rule.severity, Severity)
     assert "34.7%" in RULES["NS103"].documentation()  # the GroupNorm paper's batch-size figure
+
+
+def test_reuse_fix_depends_on_the_data() -> None:
+    recurrent = RULES["NS101"].check(site(call_count=4, input_shape=(8, 64)), Context())
+    shared_maps = RULES["NS101"].check(site(call_count=2), Context())
+    assert (recurrent.fix.target, shared_maps.fix.target) == ("layernorm", "groupnorm")
 
 
 def test_fix_safety_is_stated() -> None:

@@ -31,6 +31,9 @@ class BatchNormInRecurrence(Rule):
             return h
     ```
 
+    A BatchNorm shared by several branches over feature maps (siamese or multi-scale heads) has
+    the same problem; there the proposed replacement is GroupNorm.
+
     ## Fix safety
     Unsafe: LayerNorm normalizes each sample and step on its own, which changes the function;
     calibrate and heal a trained checkpoint (`normswap convert --calibration-data`).
@@ -49,8 +52,13 @@ class BatchNormInRecurrence(Rule):
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if site.call_count < 2:
             return self.skip("called once per forward")
+        if site.input_rank is not None and site.input_rank >= 4:
+            # one BN shared by several branches over feature maps (siamese, multi-scale): GroupNorm
+            fix = Fix("groupnorm", False, "replace with GroupNorm, which normalizes each call's feature map on its own")
+        else:
+            fix = Fix("layernorm", False, "replace with LayerNorm over channels, applied per step")
         return self.finding(
             site,
-            f"'{site.name}' is applied {site.call_count} times per forward pass: its statistics pool every step.",
-            Fix("layernorm", False, "replace with LayerNorm over channels, applied per step"),
+            f"'{site.name}' is applied {site.call_count} times per forward pass: its statistics pool every call.",
+            fix,
         )
