@@ -14,12 +14,12 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from .capture import as_input_tuple, preserved
 from .errors import CalibrationError
 from .norms import ChannelLayerNorm, SwappedBatchNorm, channel_layer_norm
-from .plan import Plan
+from .plan import Plan, PlanEntry
 
 
 @dataclass
@@ -98,48 +98,144 @@ def _call_counts(model: nn.Module, names: list[str], inputs: tuple) -> dict[str,
 
 
 def calibratable_sites(plan: Plan) -> list[str]:
-    """Converted module sites whose function changed (groupnorm / layernorm), in graph order."""
-    return [e.name for e in plan if e.kind != "functional" and e.target in ("groupnorm", "layernorm")]
+    """Converted sites whose function changed (groupnorm / layernorm), in graph order."""
+    return [e.name for e in plan if e.target in ("groupnorm", "layernorm")]
+
+
+class _ModuleSite:
+    """A converted module: z from a forward pre-hook on it, y from the original BatchNorm module."""
+
+    def __init__(self, name: str, converted: nn.Module, original: nn.Module, calls: int) -> None:
+        self.name, self.converted, self.original, self.calls = name, converted, original, calls
+        self.new, self.old = converted.get_submodule(name), original.get_submodule(name)
+        if self.new.weight is None:
+            raise CalibrationError(f"Layer '{name}' has no affine parameters (affine=False) to calibrate.")
+
+    def pair(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        z = normalize_without_affine(self.new, _inputs_of(self.converted, self.name, batch, self.calls))
+        y = original_batchnorm_output(self.old, _inputs_of(self.original, self.name, batch, self.calls))
+        return z, y
+
+    def set_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        self.new.weight.copy_(scale.to(self.new.weight.dtype))
+        self.new.bias.copy_(shift.to(self.new.bias.dtype))
+
+
+class _FunctionalSite:
+    """A rewritten functional call: its replacement node in the converted graph (tagged by the
+    rewrite pass) and the original call in an eval-mode trace of the original model."""
+
+    def __init__(self, name: str, converted: fx.GraphModule, original_graph: fx.GraphModule) -> None:
+        from normswap.passes.rewrite_functional import SITE_META
+
+        self.name, self.converted, self.original_graph = name, converted, original_graph
+        self.new = next((n for n in converted.graph.nodes if n.meta.get(SITE_META) == name), None)
+        self.old = next((n for n in original_graph.graph.nodes if n.name == name), None)
+        if self.new is None or self.old is None:
+            raise CalibrationError(f"Functional site '{name}' is not in the converted graph; calibrate the model convert() returned.")
+        # group_norm(x, G, weight, bias, eps) / channel_layer_norm(x, weight, bias, eps, C)
+        self.layer_norm = self.new.target is channel_layer_norm
+        weight, bias = self.new.args[1:3] if self.layer_norm else self.new.args[2:4]
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and isinstance(bias, fx.Node) and bias.op == "get_attr"):
+            raise CalibrationError(f"Functional site '{name}' has no weight/bias attributes to calibrate.")
+        self.weight = _attribute(converted, weight.target)
+        self.bias = _attribute(converted, bias.target)
+
+    def pair(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        args, _ = _node_arguments(self.converted, self.new, batch)
+        if self.layer_norm:
+            z = channel_layer_norm(args[0], None, None, args[3], args[4] if len(args) > 4 else None)
+        else:
+            z = F.group_norm(args[0], args[1], None, None, args[4])
+        old_args, old_kwargs = _node_arguments(self.original_graph, self.old, batch)
+        return z, self.old.target(*old_args, **old_kwargs)  # traced in eval mode: running statistics
+
+    def set_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        self.weight.copy_(scale.to(self.weight.dtype))
+        self.bias.copy_(shift.to(self.bias.dtype))
+
+
+def _attribute(root: nn.Module, target: str) -> torch.Tensor:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _node_arguments(graph_module: fx.GraphModule, node: fx.Node, inputs: tuple) -> tuple[tuple, dict]:
+    """Run the graph until `node` and return its evaluated arguments."""
+
+    found: list[tuple[tuple, dict]] = []
+
+    class Until(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            if n is node:
+                found.append(self.fetch_args_kwargs_from_env(n))
+                raise _Stop  # (the Interpreter rewrites exception args, so the payload lives outside)
+            return super().run_node(n)
+
+    try:
+        Until(graph_module).run(*inputs)
+    except _Stop:
+        return found[0]
+    raise CalibrationError(f"Graph node '{node.name}' was not reached on the calibration inputs.")
 
 
 def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable[Any], plan: Plan | None = None) -> list[SiteFit]:
-    """Fit the affine of every converted groupnorm / layernorm module site to the original output.
+    """Fit the affine of every converted groupnorm / layernorm site to the original output.
 
     Args:
         converted: the converted model (modified in place).
         original: the model before conversion.
         batches: a re-iterable collection of input batches (tensors or tuples of tensors).
-        plan: the conversion plan (default: every GroupNorm / LayerNorm at a BatchNorm's name).
+        plan: the conversion plan (default: every GroupNorm / LayerNorm module at a BatchNorm's name).
 
     Returns:
         Per site, the fit quality (R^2 of the per-channel affine regression).
     """
     batches = check_batches(batches)
-    names = calibratable_sites(plan) if plan is not None else [
-        n for n, m in converted.named_modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm, ChannelLayerNorm, SwappedBatchNorm))
-    ]
     originals = dict(original.named_modules())
-    names = [n for n in names if isinstance(originals.get(n), nn.modules.batchnorm._BatchNorm)]
-    if not names:
+    if plan is not None:
+        entries = [e for e in plan if e.target in ("groupnorm", "layernorm")]
+    else:
+        entries = [
+            PlanEntry(n, "groupnorm" if isinstance(m, nn.GroupNorm) else "layernorm")
+            for n, m in converted.named_modules()
+            if isinstance(m, (nn.GroupNorm, nn.LayerNorm, ChannelLayerNorm, SwappedBatchNorm))
+        ]
+    entries = [e for e in entries if e.kind == "functional" or isinstance(originals.get(e.name), nn.modules.batchnorm._BatchNorm)]
+    if not entries:
         raise CalibrationError("The converted model has no GroupNorm / LayerNorm sites to calibrate (frozen sites keep the function already).")
     fits = []
     with preserved(original), torch.no_grad():
         original.eval()
         converted.eval()
-        calls = _call_counts(original, names, batches[0])
-        for name in names:  # graph order: each fit sees the calibrated layers upstream
-            new, old = converted.get_submodule(name), originals[name]
+        module_names = [e.name for e in entries if e.kind != "functional"]
+        calls = _call_counts(original, module_names, batches[0]) if module_names else {}
+        original_graph = None
+        if any(e.kind == "functional" for e in entries):
+            from .capture import trace
+
+            original_graph = trace(original)  # eval mode: `training=self.training` traced as False
+        for entry in entries:  # graph order: each fit sees the calibrated layers upstream
+            if entry.kind == "functional":
+                if not isinstance(converted, fx.GraphModule):
+                    raise CalibrationError(f"Functional site '{entry.name}' needs the fx.GraphModule that convert() returned.")
+                site = _FunctionalSite(entry.name, converted, original_graph)
+            else:
+                site = _ModuleSite(entry.name, converted, original, calls[entry.name])
             sums: dict[str, torch.Tensor] | None = None
             for batch in batches:
-                z = normalize_without_affine(new, _inputs_of(converted, name, batch, calls[name]))
-                y = original_batchnorm_output(old, _inputs_of(original, name, batch, calls[name]))
-                part = _channel_sums(z, y)
+                part = _channel_sums(*site.pair(batch))
                 sums = part if sums is None else {k: sums[k] + part[k] for k in sums}
-            fits.append(_apply_fit(name, new, sums, plan))
+            scale, shift, r2, n = _fit(sums)
+            site.set_affine(scale, shift)
+            fits.append(SiteFit(entry.name, entry.target, r2, n))
     return fits
 
 
-def _apply_fit(name: str, module: nn.Module, s: dict[str, torch.Tensor], plan: Plan | None) -> SiteFit:
+def _fit(s: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """Per-channel least squares y ~ scale * z + shift from the streamed sums; R^2 over all channels."""
     n = s["n"]
     mean_z, mean_y = s["z"] / n, s["y"] / n
     var_z = s["zz"] / n - mean_z**2
@@ -151,12 +247,7 @@ def _apply_fit(name: str, module: nn.Module, s: dict[str, torch.Tensor], plan: P
     residual = (var_y - torch.where(flat, torch.zeros_like(cov), cov**2 / var_z.clamp_min(1e-12))).clamp_min(0)
     total = float(var_y.sum())
     r2 = 1.0 - float(residual.sum()) / total if total > 0 else 1.0
-    if module.weight is None:
-        raise CalibrationError(f"Layer '{name}' has no affine parameters (affine=False) to calibrate.")
-    module.weight.copy_(scale.to(module.weight.dtype))
-    module.bias.copy_(shift.to(module.bias.dtype))
-    target = plan.get(name).target if plan is not None and plan.get(name) else type(module).__name__
-    return SiteFit(name, target, r2, int(n))
+    return scale, shift, r2, int(n)
 
 
 def check_batches(batches: Iterable[Any]) -> list[tuple]:

@@ -15,6 +15,8 @@ from normswap.plan import Plan
 
 from .base import Pass, PassResult
 
+SITE_META = "normswap_site"
+
 
 class RewriteFunctionalBatchNorm(Pass):
     """Replace each functional entry of the plan (matched by graph node name) in a GraphModule."""
@@ -87,4 +89,5 @@ def _replacement_node(graph: fx.Graph, node: fx.Node, entry) -> fx.Node:
         else:
             raise PlanError(f"target '{entry.target}' has no functional form")
     new.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "val")})
+    new.meta[SITE_META] = entry.name  # calibration finds the replacement of this site by it
     return new

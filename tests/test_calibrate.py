@@ -180,3 +180,15 @@ def test_heal_data_parallel_with_two_cpu_processes(tmp_path: Path) -> None:
     for key in rank0["state"]:
         torch.testing.assert_close(rank0["state"][key], rank1["state"][key], rtol=0, atol=0)  # DDP keeps replicas equal
     assert rank0["best"] < rank0["initial"]
+
+
+@pytest.mark.parametrize("target", ["groupnorm", "layernorm"])
+def test_functional_sites_are_calibrated(target: str) -> None:
+    from models import build, input_for
+
+    model = build("functional")
+    data = [input_for("functional", batch=16) * (1 + i) for i in range(4)]
+    conversion = normswap.convert(model, data[0], to=target, calibration_data=data)
+    assert [f.name for f in conversion.calibration] == ["batch_norm"]
+    assert conversion.drift["calibrated"].mean_abs < conversion.drift["swap"].mean_abs
+    assert 0.0 < conversion.calibration[0].r2 <= 1.0
