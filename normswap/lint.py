@@ -46,4 +46,5 @@ def lint(
         findings=analysis.findings,
         fallback_reasons=analysis.capture.fallback_reasons,
         model_location=model_definition(model),
+        not_fired=analysis.skipped,
     )

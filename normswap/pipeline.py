@@ -130,6 +130,7 @@ def convert_checkpoint(
         fallback_reasons=conversion.analysis.capture.fallback_reasons,
         model_location=model_definition(factory),
         plan=conversion.plan,
+        not_fired=conversion.analysis.skipped,
     )
     if options.calibration_data:
         from .calibrate import calibrate_and_heal_from_file

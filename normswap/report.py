@@ -32,6 +32,7 @@ class Report:
     drift: dict[str, Any] = field(default_factory=dict)  # stage -> normswap.drift.Drift
     calibration: list[dict[str, Any]] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
+    not_fired: dict[str, list[Any]] = field(default_factory=dict)  # site -> rules.Skip (why a rule stayed quiet)
 
     def counts(self) -> dict[str, int]:
         """Number of findings per severity."""

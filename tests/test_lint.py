@@ -87,6 +87,14 @@ def test_json_report_matches_its_schema() -> None:
     assert document["schema_version"] == 1
 
 
+def test_report_says_why_rules_stayed_quiet() -> None:
+    document = json.loads(_report("mobilenet_dp").to_json())["reports"][0]
+    quiet = {entry["code"]: entry["reason"] for entry in document["not_fired"]["stem.1"]}
+    assert quiet["NS101"] == "called once per forward"
+    assert quiet["NS105"] == "single device or inference only"
+    assert "NS106" not in quiet  # it fired
+
+
 def test_findings_point_to_construction_and_call_lines() -> None:
     report = _report("rnn")
     finding = next(f for f in report.findings if f.code == "NS101")

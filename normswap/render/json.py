@@ -32,6 +32,8 @@ def report_to_dict(report) -> dict[str, Any]:
         "summary": {"sites": len(report.sites), "findings": report.counts()},
         "sites": [site.to_dict() for site in report.sites],
         "findings": [finding_to_dict(f) for f in report.findings],
+        # why each rule stayed quiet, per site ("why was this layer left alone?")
+        "not_fired": {site: [{"code": skip.code, "reason": skip.reason} for skip in skips] for site, skips in report.not_fired.items()},
         "plan": report.plan.to_dict() if report.plan is not None else None,
         "validation": report.validation.to_dict() if report.validation is not None else None,
         "drift": {stage: d.to_dict() for stage, d in report.drift.items()},
