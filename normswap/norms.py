@@ -28,9 +28,10 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     measured in benchmarks/bench_formulations.py (the exporter's own is Reshape ->
     InstanceNormalization -> Reshape -> Mul -> Add). Eager PyTorch keeps the fused kernel."""
     native = GROUP_NORM_EXPORT_FORM.get() == "native"
-    if native or not torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or x.dim() < 2:
+    static = all(isinstance(d, int) for d in x.shape[1:])  # a dynamic C/H/W axis keeps the native form
+    if native or not static or not torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or x.dim() < 2:
         return F.group_norm(x, num_groups, weight, bias, eps)
-    per_group = math.prod(x.shape[1:]) // num_groups  # static: only the batch axis is dynamic
+    per_group = math.prod(x.shape[1:]) // num_groups
     y = F.layer_norm(x.reshape(x.shape[0], num_groups, per_group), (per_group,), None, None, eps).reshape(x.shape)
     if weight is None:
         return y
