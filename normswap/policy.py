@@ -33,7 +33,11 @@ def make_plan(
             by_site.setdefault(finding.site.name, []).append(finding)
     entries = []
     for site in sites:
-        if not site.batch_dependent:
+        if site.call_count == 0:
+            unused = entry_for(site, "keep", "never called by forward on the example inputs: it does not affect the output")
+            unused.params["unused"] = True
+            entries.append(unused)
+        elif not site.batch_dependent:
             kept = entry_for(site, "keep", "batch-independent: each sample's output does not depend on the batch")
             kept.params["batch_independent"] = True
             entries.append(kept)

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
 from .capture import BatchNormCall, Capture
+from .norms import is_swapped
 from .source import SourceLocation, construction_site
 
 KINDS = ("module", "subclass", "functional", "lookalike")
@@ -103,7 +104,30 @@ def discover(model: nn.Module, captured: Capture) -> list[Site]:
             sites.append(_functional_site(name, calls))
         else:
             sites.append(_module_site(model, modules[first.module], name, calls))
+    sites.extend(_unused_sites(model, modules, set(grouped)))
     return sites
+
+
+def _unused_sites(model: nn.Module, modules: dict[str, nn.Module], called: set[str]) -> list[Site]:
+    """BatchNorm modules forward never reached on the example inputs (e.g. an auxiliary head)."""
+    unused = []
+    for name, module in modules.items():
+        if not isinstance(module, _BatchNorm) or is_swapped(module) or name in called:
+            continue
+        if any(name.startswith(f"{other}.") for other in called):
+            continue  # part of a called BatchNorm-like module
+        running = getattr(module, "running_mean", None)
+        unused.append(
+            Site(
+                name=name, kind="module" if type(module).__module__.startswith("torch.nn") else "subclass",
+                flavour=type(module).__name__, num_features=getattr(module, "num_features", None), input_shape=None,
+                affine=getattr(module, "weight", None) is not None, track_running_stats=isinstance(running, torch.Tensor),
+                eps=float(module.eps), momentum=module.momentum, call_count=0, owner=name,
+                defined_at=construction_site(model, name), batch_dependent_train=False, batch_dependent_eval=False,
+                notes=["never called by forward on the example inputs"],
+            )
+        )
+    return unused
 
 
 def _common(calls: list[BatchNormCall]) -> dict[str, Any]:

@@ -265,7 +265,7 @@ def validate_onnx(
         messages.append(f"BatchNorm left in the model: {', '.join(residual)}")
     if ops and not allowed:
         messages.append(f"{ops} BatchNormalization op(s) left in the ONNX graph that the plan did not keep")
-    required = plan is not None and all(e.target in ("groupnorm", "layernorm", "frozen") or e.params.get("batch_independent") for e in plan)
+    required = plan is not None and all(e.target in ("groupnorm", "layernorm", "frozen") or e.params.get("batch_independent") or e.params.get("unused") for e in plan)
     independent_eval = batch_independent(model, inputs, train=False, known=known)
     independent_train = batch_independent(model, inputs, train=True)
     for mode, ok in (("eval", independent_eval), ("train", independent_train)):

@@ -209,3 +209,27 @@ def test_plan_json_is_validated() -> None:
         normswap.Plan.from_json("{")
     with pytest.raises(PlanError, match="unknown target 'batchnorm'"):
         normswap.Plan.from_json('{"version": 1, "sites": [{"name": "bn", "target": "batchnorm"}]}')
+
+
+class WithAuxHead(nn.Module):
+    """An auxiliary head with BatchNorm that forward never uses (like Inception's aux logits in eval)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.aux = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def test_unused_batchnorm_is_kept_and_said_so(tmp_path) -> None:
+    x = torch.randn(4, 3, 8, 8)
+    conv = normswap.convert(WithAuxHead().eval(), x, to="groupnorm")
+    entry = conv.plan.get("aux.1")
+    assert entry.target == "keep" and "never called" in entry.reason
+    assert not any(f.site is not None and f.site.name == "aux.1" for f in conv.findings)
+    assert residual_batchnorm(conv.model, conv.plan) == []
+    path = normswap.export_onnx(conv.model, x, tmp_path / "aux.onnx")
+    assert normswap.validate_onnx(conv.model, path, x, plan=conv.plan).passed
