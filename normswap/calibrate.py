@@ -8,9 +8,8 @@ Statistics are streamed batch by batch: per site only per-channel sums are kept.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -95,11 +94,6 @@ def _call_counts(model: nn.Module, names: list[str], inputs: tuple) -> dict[str,
         for handle in handles:
             handle.remove()
     return counts
-
-
-def calibratable_sites(plan: Plan) -> list[str]:
-    """Converted sites whose function changed (groupnorm / layernorm), in graph order."""
-    return [e.name for e in plan if e.target in ("groupnorm", "layernorm")]
 
 
 class _ModuleSite:
@@ -299,20 +293,15 @@ def load_calibration_tensor(path: str) -> torch.Tensor:
 
 
 def calibrate_and_heal_from_file(original: nn.Module, conversion, report, options) -> None:
-    """The CLI's calibration step: load the file, split off a held-out part, calibrate, heal, record drift."""
-    from .drift import measure_drift
-    from .heal import heal
+    """The CLI's calibration step: load the file, check it fits, then `convert.calibrate_and_heal`."""
+    from .convert import calibrate_and_heal
 
     data = load_calibration_tensor(options.calibration_data)
     batches = batches_from_tensor(data, options.calibration_batch_size)
     _check_fits(conversion.model, batches[0], options.calibration_data)
-    report.drift["swap"] = measure_drift(original, conversion.model, batches)
-    fits = calibrate(conversion.model, original, batches, conversion.plan)
-    report.calibration = [f.to_dict() for f in fits]
-    report.drift["calibrated"] = measure_drift(original, conversion.model, batches)
-    if options.heal_steps:
-        heal(conversion.model, original, batches, steps=options.heal_steps, lr=options.heal_lr, params=options.heal_params, seed=options.seed)
-        report.drift["healed"] = measure_drift(original, conversion.model, batches)
+    calibrate_and_heal(conversion, original, batches, options.heal_steps, options.heal_lr, options.heal_params, options.seed)
+    report.calibration = [fit.to_dict() for fit in conversion.calibration]
+    report.drift.update(conversion.drift)
 
 
 def _check_fits(model: nn.Module, batch: torch.Tensor, path: str) -> None:
@@ -323,7 +312,3 @@ def _check_fits(model: nn.Module, batch: torch.Tensor, path: str) -> None:
         raise CalibrationError(
             f"Calibration data '{path}' of shape {tuple(batch.shape)} (per batch) does not fit the model: {str(exc).splitlines()[0][:160]}."
         ) from exc
-
-
-def mean_r2(fits: Sequence[SiteFit]) -> float:
-    return sum(f.r2 for f in fits) / len(fits) if fits else math.nan

@@ -106,11 +106,15 @@ def convert(
     timings["rewrite"] = time.perf_counter() - start
     conversion = Conversion(result.model, plan, analysis.sites, analysis.findings, analysis, result.changes, timings)
     if calibration_data is not None:
-        _calibrate_and_heal(conversion, original, calibration_data, heal_steps, heal_lr, heal_params, seed)
+        calibrate_and_heal(conversion, original, calibration_data, heal_steps, heal_lr, heal_params, seed)
     return conversion
 
 
-def _calibrate_and_heal(conversion: Conversion, original: nn.Module, data: Iterable[Any], heal_steps: int, heal_lr: float, heal_params: str, seed: int) -> None:
+def calibrate_and_heal(
+    conversion: Conversion, original: nn.Module, data: Iterable[Any], heal_steps: int = 0, heal_lr: float = 1e-3, heal_params: str = "norm", seed: int = 0
+) -> None:
+    """Calibrate `conversion.model` toward `original` (then heal when heal_steps > 0), recording
+    per-site fits in `conversion.calibration` and drift after each stage in `conversion.drift`."""
     from .calibrate import calibrate, check_batches
     from .drift import measure_drift
     from .heal import heal

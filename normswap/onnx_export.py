@@ -134,9 +134,8 @@ def _finish(temporary: Path, target: Path, exporter: str | None, opset: int, ext
 
     if exporter is not None:
         model = onnx.load(str(temporary))
-        nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
-        count = sum(1 for n in nodes if n.op_type == "BatchNormalization")
-        onnx.helper.set_model_props(model, {METADATA_EXPORTER: exporter, METADATA_OPSET: str(opset), METADATA_BATCHNORM_OPS: str(count)})
+        props = {METADATA_EXPORTER: exporter, METADATA_OPSET: str(opset), METADATA_BATCHNORM_OPS: str(_count_batchnorm_proto(model))}
+        onnx.helper.set_model_props(model, props)
         onnx.save(model, str(temporary))
     try:
         onnx.checker.check_model(str(temporary), full_check=False)
@@ -196,10 +195,26 @@ def _rename_external_data(temporary: Path, target: Path) -> None:
         stale.unlink()
 
 
-def export_info(path: str | Path) -> dict[str, str]:
-    """The exporter and opset recorded in an ONNX file's metadata by export_onnx."""
+def _count_batchnorm_proto(model) -> int:
+    """BatchNormalization nodes in an onnx ModelProto's graph and functions."""
+    nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
+    return sum(1 for n in nodes if n.op_type == "BatchNormalization")
+
+
+def facts_from_metadata(props: dict[str, str], default_opset: str = "unknown") -> dict[str, str]:
+    """Exporter and opset from the metadata export_onnx records."""
+    return {"exporter": props.get(METADATA_EXPORTER, "unknown"), "opset": props.get(METADATA_OPSET, default_opset)}
+
+
+def onnx_file_facts(path: str | Path) -> tuple[int, dict[str, str]]:
+    """(BatchNormalization op count, exporter/opset) from one read of the file (weights not loaded)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     props = {p.key: p.value for p in model.metadata_props}
-    return {"exporter": props.get(METADATA_EXPORTER, "unknown"), "opset": props.get(METADATA_OPSET, str(model.opset_import[0].version))}
+    return _count_batchnorm_proto(model), facts_from_metadata(props, str(model.opset_import[0].version))
+
+
+def export_info(path: str | Path) -> dict[str, str]:
+    """The exporter and opset recorded in an ONNX file's metadata by export_onnx."""
+    return onnx_file_facts(path)[1]

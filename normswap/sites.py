@@ -116,14 +116,10 @@ def _unused_sites(model: nn.Module, modules: dict[str, nn.Module], called: set[s
             continue
         if any(name.startswith(f"{other}.") for other in called):
             continue  # part of a called BatchNorm-like module
-        running = getattr(module, "running_mean", None)
         unused.append(
             Site(
-                name=name, kind="module" if type(module).__module__.startswith("torch.nn") else "subclass",
-                flavour=type(module).__name__, num_features=getattr(module, "num_features", None), input_shape=None,
-                affine=getattr(module, "weight", None) is not None, track_running_stats=isinstance(running, torch.Tensor),
-                eps=float(module.eps), momentum=module.momentum, call_count=0, owner=name,
-                defined_at=construction_site(model, name), batch_dependent_train=False, batch_dependent_eval=False,
+                **_module_fields(model, module, name, None), input_shape=None, call_count=0,
+                batch_dependent_train=False, batch_dependent_eval=False,
                 notes=["never called by forward on the example inputs"],
             )
         )
@@ -142,26 +138,29 @@ def _common(calls: list[BatchNormCall]) -> dict[str, Any]:
     }
 
 
-def _module_site(model: nn.Module, module: nn.Module, name: str, calls: list[BatchNormCall]) -> Site:
-    common = _common(calls)
+def _module_fields(model: nn.Module, module: nn.Module, name: str, input_shape: tuple[int, ...] | None) -> dict[str, Any]:
+    """The Site fields read off a BatchNorm(-like) module itself."""
     is_bn = isinstance(module, _BatchNorm)
     is_torch_class = type(module).__module__.startswith("torch.nn")
-    overrides = is_bn and not is_torch_class and type(module).forward is not _BatchNorm.forward
-    running = getattr(module, "running_mean", None)
-    site = Site(
-        name=name,
-        kind="module" if is_torch_class else ("subclass" if is_bn else "lookalike"),
-        flavour=type(module).__name__,
-        num_features=_num_features(module, common["input_shape"]),
-        affine=getattr(module, "weight", None) is not None,
-        track_running_stats=isinstance(running, torch.Tensor),
-        eps=float(getattr(module, "eps", 1e-5)),
-        momentum=getattr(module, "momentum", None),
-        owner=name,
-        defined_at=construction_site(model, name),
-        overrides_forward=overrides,
-        **common,
-    )
+    return {
+        "name": name,
+        "kind": "module" if is_torch_class else ("subclass" if is_bn else "lookalike"),
+        "flavour": type(module).__name__,
+        "num_features": _num_features(module, input_shape),
+        "affine": getattr(module, "weight", None) is not None,
+        "track_running_stats": isinstance(getattr(module, "running_mean", None), torch.Tensor),
+        "eps": float(getattr(module, "eps", 1e-5)),
+        "momentum": getattr(module, "momentum", None),
+        "owner": name,
+        "defined_at": construction_site(model, name),
+        "overrides_forward": is_bn and not is_torch_class and type(module).forward is not _BatchNorm.forward,
+    }
+
+
+def _module_site(model: nn.Module, module: nn.Module, name: str, calls: list[BatchNormCall]) -> Site:
+    common = _common(calls)
+    site = Site(**_module_fields(model, module, name, common["input_shape"]), **common)
+    is_bn, overrides = isinstance(module, _BatchNorm), site.overrides_forward
     if is_bn and not overrides:
         # torch's BatchNorm: batch statistics in training; in eval too when it keeps no running stats.
         site.batch_dependent_train = True

@@ -17,7 +17,7 @@ from torch import nn
 from .capture import as_input_tuple, preserved
 from .drift import Drift, DriftAccumulator, batch_samples, eval_outputs, flat_outputs
 from .errors import ValidationError
-from .onnx_export import METADATA_BATCHNORM_OPS, METADATA_EXPORTER, METADATA_OPSET, batch_of
+from .onnx_export import METADATA_BATCHNORM_OPS, batch_of, facts_from_metadata, onnx_file_facts
 from .plan import Plan
 from .residual import residual_batchnorm
 
@@ -189,26 +189,15 @@ def _batch_size(inputs: tuple) -> int:
 
 def count_onnx_batchnorm(path: Path) -> int:
     """BatchNormalization ops in the file's graph (always read from the file)."""
-    return _onnx_facts(path)[0]
+    return onnx_file_facts(path)[0]
 
 
 def _facts_from_session(session, path: Path) -> tuple[int, dict[str, str]]:
     """Op count and exporter from the metadata export_onnx recorded; other files are read in full."""
     props = session.get_modelmeta().custom_metadata_map
     if METADATA_BATCHNORM_OPS in props:
-        return int(props[METADATA_BATCHNORM_OPS]), {"exporter": props.get(METADATA_EXPORTER, "unknown"), "opset": props.get(METADATA_OPSET, "unknown")}
-    return _onnx_facts(path)
-
-
-def _onnx_facts(path: Path) -> tuple[int, dict[str, str]]:
-    """BatchNormalization op count and exporter metadata, from one read of the file."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
-    props = {p.key: p.value for p in model.metadata_props}
-    info = {"exporter": props.get(METADATA_EXPORTER, "unknown"), "opset": props.get(METADATA_OPSET, str(model.opset_import[0].version))}
-    return sum(1 for n in nodes if n.op_type == "BatchNormalization"), info
+        return int(props[METADATA_BATCHNORM_OPS]), facts_from_metadata(props)
+    return onnx_file_facts(path)
 
 
 def validate_onnx(
