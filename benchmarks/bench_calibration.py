@@ -34,7 +34,7 @@ def main() -> None:
             "original": model,
             "swap": normswap.convert(model, x[:8], **kwargs).model,
             "calibrated": normswap.convert(model, x[:8], calibration_data=batches, **kwargs).model,
-            "healed": normswap.convert(model, x[:8], calibration_data=batches, heal_steps=300, heal_lr=heal_lr, **kwargs).model,
+            "healed": normswap.convert(model, x[:8], calibration_data=batches, heal=normswap.HealOptions(steps=300, lr=heal_lr), **kwargs).model,
         }
         elapsed = time.perf_counter() - start
         for stage, m in stages.items():

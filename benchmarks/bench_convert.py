@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import normswap  # noqa: E402
 from nets import ResNet50, trained_statistics  # noqa: E402
-from normswap.validate import _session  # noqa: E402
+from normswap.export.validate import _session  # noqa: E402
 
 
 def main() -> dict:

@@ -25,10 +25,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import normswap  # noqa: E402
-import normswap.norms as norms  # noqa: E402
+from normswap.targets import groupnorm as gn_target, layernorm as norms  # noqa: E402
 from nets import MobileNetV2, ResNet50, trained_statistics  # noqa: E402
 
-NORMSWAP_GN = norms.GroupNorm.forward  # LayerNormalization over a (N, G, -1) view at export
+NORMSWAP_GN = gn_target.GroupNorm.forward  # LayerNormalization over a (N, G, -1) view at export
 
 
 def exporter_default_gn(m, x):
@@ -119,14 +119,14 @@ def main() -> None:
             ("layernorm: ReduceMean", ln, reference_ln, NORMSWAP_GN, ln_reduce_mean, None),
         ]
         for index, (label, converted, reference, gn_forward, ln_function, opset) in enumerate(variants):
-            norms.GroupNorm.forward, norms.channel_layer_norm = gn_forward, ln_function
+            gn_target.GroupNorm.forward, norms.channel_layer_norm = gn_forward, ln_function
             try:
                 with torch.no_grad():
                     error = float((converted(x) - reference).abs().max())
                 path = normswap.export_onnx(converted, x, folder / f"{name}-{index}.onnx", opset=opset)
                 validation = normswap.validate_onnx(converted, path, x)
             finally:
-                norms.GroupNorm.forward, norms.channel_layer_norm = NORMSWAP_GN, DEFAULT_LN
+                gn_target.GroupNorm.forward, norms.channel_layer_norm = NORMSWAP_GN, DEFAULT_LN
             ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
             norm_ops = "+".join(op for op in ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "ReduceMean") if ops.get(op))
             paths[label] = path

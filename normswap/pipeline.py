@@ -13,15 +13,19 @@ from typing import Any, Iterator, Sequence
 import torch
 from rich.console import Console
 
+from .calibration import HealOptions, batches_from_tensor, calibrate_and_heal, load_calibration_tensor
 from .checkpoint import Checkpoint, fit_to_model, load_checkpoint, save_weights
 from .context import Context
-from .convert import Conversion, apply_plan, convert
-from .errors import OutputError, PlanError
+from .conversion import convert
+from .errors import CalibrationError, OutputError, PlanError
+from .export import export_onnx, validate_onnx
 from .files import write_text_atomic
 from .loader import example_inputs, load_model
 from .plan import Plan
 from .report import Report, model_definition
+from .rewrite import Conversion, apply_plan
 from .targets import DEFAULT_MAX_GROUPS
+from .torchutil import preserved
 
 
 @dataclass
@@ -38,9 +42,7 @@ class ConvertOptions:
     force: bool = False
     calibration_data: str | None = None
     calibration_batch_size: int = 32
-    heal_steps: int = 0
-    heal_lr: float = 1e-3
-    heal_params: str = "norm"
+    heal: HealOptions = field(default_factory=HealOptions)
     seed: int = 0
 
 
@@ -133,10 +135,11 @@ def convert_checkpoint(
         not_fired=conversion.analysis.skipped,
     )
     if options.calibration_data:
-        from .calibrate import calibrate_and_heal_from_file
-
         with steps.step("calibrate and heal"):
-            calibrate_and_heal_from_file(model, conversion, report, options)
+            batches = _calibration_batches(model, options.calibration_data, options.calibration_batch_size)
+            calibrate_and_heal(conversion, model, batches, options.heal)
+            report.calibration = [fit.to_dict() for fit in conversion.calibration]
+            report.drift.update(conversion.drift)
     with _staging(out_dir) as staging:
         weights_name = checkpoint.weights_name
         with steps.step("write weights and plan"):
@@ -144,9 +147,6 @@ def convert_checkpoint(
             write_text_atomic(staging / "plan.json", conversion.plan.to_json())
         report.outputs = {"weights": str(out_dir / weights_name), "plan": str(out_dir / "plan.json")}
         if options.onnx:
-            from .onnx_export import export_onnx
-            from .validate import validate_onnx
-
             with steps.step("export ONNX"):
                 onnx_path = export_onnx(conversion.model, inputs, staging / "model.onnx", opset=options.opset)
             report.outputs["onnx"] = str(out_dir / "model.onnx")
@@ -159,6 +159,19 @@ def convert_checkpoint(
         write_text_atomic(staging / "report.json", report.to_json())
         write_text_atomic(staging / "report.md", report.to_markdown())
     return ConvertResult(report, conversion, out_dir, steps.timings)
+
+
+def _calibration_batches(model: torch.nn.Module, path: str, batch_size: int) -> list[torch.Tensor]:
+    """The calibration file in batches, checked to fit the model before anything else runs."""
+    batches = batches_from_tensor(load_calibration_tensor(path), batch_size)
+    try:
+        with preserved(model), torch.no_grad():
+            model.eval()(batches[0])
+    except Exception as exc:  # noqa: BLE001 - the user's model rejects the data: one sentence, with the cause
+        raise CalibrationError(
+            f"Calibration data '{path}' of shape {tuple(batches[0].shape)} (per batch) does not fit the model: {str(exc).splitlines()[0][:160]}."
+        ) from exc
+    return batches
 
 
 def _read_text(path: str) -> str:

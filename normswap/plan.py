@@ -1,14 +1,16 @@
-"""The Plan: per site, the target normalization, its parameters and the reason; JSON round-trip."""
+"""The Plan: per site, the target, its parameters and the reason; checked and JSON round-tripped."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
+from . import targets
 from .errors import PlanError
+from .sites import KINDS, Site
 
 PLAN_VERSION = 1
-PLAN_TARGETS = ("groupnorm", "layernorm", "frozen", "syncbn", "keep")
 
 
 @dataclass
@@ -22,10 +24,8 @@ class PlanEntry:
     kind: str = "module"
 
     def __post_init__(self) -> None:
-        if self.target not in PLAN_TARGETS:
-            raise PlanError(
-                f"Plan entry '{self.name}' has unknown target '{self.target}'; use one of {', '.join(PLAN_TARGETS)}."
-            )
+        if self.target not in targets.NAMES:
+            raise PlanError(f"Plan entry '{self.name}' has unknown target '{self.target}'; use one of {', '.join(targets.NAMES)}.")
 
     @property
     def converts(self) -> bool:
@@ -34,8 +34,18 @@ class PlanEntry:
 
     @property
     def keeps_batchnorm_op(self) -> bool:
-        """Targets whose exported graph legitimately still holds a BatchNormalization op."""
-        return self.target in ("keep", "frozen", "syncbn")
+        """Whether the exported graph may legitimately still hold a BatchNormalization op here."""
+        return targets.get(self.target).keeps_batchnorm_op
+
+    def check(self, site: Site | None = None) -> None:
+        """Check the parameters (types, ranges; channels and divisibility against `site`).
+
+        Raises:
+            PlanError: naming the site and the field.
+        """
+        if self.kind not in KINDS:
+            raise PlanError(f"Plan entry '{self.name}' has unknown kind '{self.kind}'; use one of {', '.join(KINDS)}.")
+        targets.get(self.target).check(self.name, self.params, site)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "target": self.target, "params": dict(self.params), "reason": self.reason}
@@ -62,8 +72,18 @@ class Plan:
         return [entry for entry in self.entries if entry.converts]
 
     def counts(self) -> dict[str, int]:
-        """Number of sites per target, in PLAN_TARGETS order."""
-        return {t: n for t in PLAN_TARGETS if (n := sum(1 for e in self.entries if e.target == t))}
+        """Number of sites per target, in registry order."""
+        return {t: n for t in targets.NAMES if (n := sum(1 for e in self.entries if e.target == t))}
+
+    def check(self, sites: Sequence[Site] = ()) -> None:
+        """Check every entry, against its site where `sites` has it, before any model is touched."""
+        by_name = {site.name: site for site in sites}
+        seen: set[str] = set()
+        for entry in self.entries:
+            if entry.name in seen:
+                raise PlanError(f"The plan names site '{entry.name}' twice; keep one entry per site.")
+            seen.add(entry.name)
+            entry.check(by_name.get(entry.name))
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "sites": [entry.to_dict() for entry in self.entries]}
@@ -72,7 +92,12 @@ class Plan:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "plan") -> "Plan":
+    def from_dict(cls, data: Any, where: str = "plan") -> Plan:
+        """Read and check a plan (structure, targets, parameter types and ranges).
+
+        Raises:
+            PlanError: naming the entry and the field that is wrong.
+        """
         if not isinstance(data, dict) or not isinstance(data.get("sites"), list):
             raise PlanError(f"{where} is not a normswap plan: expected an object with a 'sites' list.")
         version = data.get("version")
@@ -80,21 +105,23 @@ class Plan:
             raise PlanError(f"{where} has plan version {version!r}; this normswap reads version {PLAN_VERSION}.")
         entries = []
         for index, site in enumerate(data["sites"]):
-            if not isinstance(site, dict) or "name" not in site or "target" not in site:
-                raise PlanError(f"{where}: site #{index} needs at least 'name' and 'target'.")
+            if not isinstance(site, dict) or not isinstance(site.get("name"), str) or not isinstance(site.get("target"), str):
+                raise PlanError(f"{where}: site #{index} needs at least a 'name' and a 'target' string.")
+            params = site.get("params") or {}
+            if not isinstance(params, dict):
+                raise PlanError(f"{where}: 'params' of site '{site['name']}' must be an object.")
             entries.append(
                 PlanEntry(
-                    name=str(site["name"]),
-                    target=str(site["target"]),
-                    params=dict(site.get("params") or {}),
-                    reason=str(site.get("reason", "")),
-                    kind=str(site.get("kind", "module")),
+                    name=site["name"], target=site["target"], params=dict(params),
+                    reason=str(site.get("reason", "")), kind=str(site.get("kind", "module")),
                 )
             )
-        return cls(entries, version)
+        plan = cls(entries, version)
+        plan.check()
+        return plan
 
     @classmethod
-    def from_json(cls, text: str, where: str = "plan") -> "Plan":
+    def from_json(cls, text: str, where: str = "plan") -> Plan:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

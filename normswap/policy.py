@@ -1,15 +1,16 @@
 """Policy: turn sites, findings and a requested target into a Plan, one reasoned entry per site."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
+from . import targets
 from .advise import most_severe
 from .context import Context
 from .errors import PlanError
 from .plan import Plan, PlanEntry
 from .rules import Finding
 from .sites import Site
-from .targets import DEFAULT_MAX_GROUPS, TARGETS, entry_for, natural_target
+from .targets import PlanOptions, Refusal
 
 
 def make_plan(
@@ -17,16 +18,17 @@ def make_plan(
     findings: Sequence[Finding],
     context: Context,
     to: str = "auto",
-    max_groups: int = DEFAULT_MAX_GROUPS,
+    options: PlanOptions | None = None,
 ) -> Plan:
     """One PlanEntry per site.
 
     `to="auto"` follows the most severe finding's fix (so lint and convert agree about every
     site), else the site's natural target. An explicit target applies to every batch-dependent
-    site and raises PlanError for a site it cannot replace.
+    site and raises PlanError for a site it cannot replace (after its declared fallback).
     """
-    if to not in TARGETS:
-        raise PlanError(f"Unknown target '{to}'; use one of {', '.join(TARGETS)}.")
+    if to not in targets.CHOICES:
+        raise PlanError(f"Unknown target '{to}'; use one of {', '.join(targets.CHOICES)}.")
+    options = options or PlanOptions()
     by_site: dict[str, list[Finding]] = {}
     for finding in findings:
         if finding.site is not None:
@@ -34,36 +36,60 @@ def make_plan(
     entries = []
     for site in sites:
         if site.call_count == 0:
-            unused = entry_for(site, "keep", "never called by forward on the example inputs: it does not affect the output")
-            unused.params["unused"] = True
-            entries.append(unused)
+            entries.append(keep(site, "never called by forward on the example inputs: it does not affect the output", unused=True))
         elif not site.batch_dependent:
-            kept = entry_for(site, "keep", "batch-independent: each sample's output does not depend on the batch")
-            kept.params["batch_independent"] = True
-            entries.append(kept)
+            entries.append(keep(site, "batch-independent: each sample's output does not depend on the batch", batch_independent=True))
         elif site.kind == "lookalike":
-            entries.append(entry_for(site, "keep", f"custom {site.flavour} implementation: normswap rewrites torch BatchNorm only"))
+            entries.append(keep(site, f"custom {site.flavour} implementation: normswap rewrites torch BatchNorm only"))
         elif to == "auto":
-            entries.append(_auto_entry(site, by_site.get(site.name, []), context, max_groups))
+            entries.append(_auto_entry(site, by_site.get(site.name, []), context, options))
         else:
-            entries.append(entry_for(site, to, f"--to {to}", max_groups))
+            entries.append(explicit_entry(site, to, f"--to {to}", options))
     return Plan(entries)
 
 
-def _auto_entry(site: Site, findings: list[Finding], context: Context, max_groups: int) -> PlanEntry:
+def keep(site: Site, reason: str, **flags: bool) -> PlanEntry:
+    return PlanEntry(site.name, "keep", dict(flags), reason, site.kind)
+
+
+def entry_for(site: Site, target: str, reason: str, options: PlanOptions | None = None) -> PlanEntry:
+    """A PlanEntry replacing `site` with `target`.
+
+    Raises:
+        Refusal: the target cannot replace this site (the message says which to use instead).
+    """
+    params, why = targets.get(target).plan(site, options or PlanOptions())
+    return PlanEntry(site.name, target, params, f"{reason}; {why}" if why else reason, site.kind)
+
+
+def explicit_entry(site: Site, target: str, reason: str, options: PlanOptions) -> PlanEntry:
+    """`target` for the site, else its declared fallback with both reasons; PlanError otherwise."""
+    try:
+        return entry_for(site, target, reason, options)
+    except Refusal as refusal:
+        fallback = targets.get(target).fallback
+        if fallback is None:
+            raise
+        try:
+            return entry_for(site, fallback, f"{reason}, fell back to {fallback}: {refusal}", options)
+        except Refusal as second:
+            raise Refusal(f"{refusal}; its fallback {fallback} cannot either: {second}") from None
+
+
+def _auto_entry(site: Site, findings: list[Finding], context: Context, options: PlanOptions) -> PlanEntry:
     deciding = most_severe(findings)
-    if deciding is not None:
+    if deciding is not None and deciding.fix is not None:
         candidates = [(deciding.fix.target, f"{deciding.code} {deciding.name}: {deciding.fix.description}")]
     elif context.inference_only and site.track_running_stats and not site.batch_dependent_eval:
         candidates = [("frozen", "inference only: with running statistics BatchNorm is a fixed affine; frozen keeps it exactly")]
     else:
-        candidates = [natural_target(site)]
-    natural = natural_target(site)
+        candidates = [targets.natural_target(site)]
+    natural = targets.natural_target(site)
     candidates += [natural, ("layernorm", "fallback: LayerNorm over channels"), ("frozen", "fallback: frozen statistics")]
     problems = []
     for target, reason in candidates:
         try:
-            return entry_for(site, target, reason, max_groups)
-        except PlanError as exc:
+            return entry_for(site, target, reason, options)
+        except Refusal as exc:
             problems.append(str(exc))
-    return entry_for(site, "keep", f"no replacement fits: {problems[0]}")
+    return keep(site, f"no replacement fits: {problems[0]}")

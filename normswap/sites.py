@@ -7,11 +7,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
 from .capture import BatchNormCall, Capture
-from .norms import is_swapped
+from .capture.tracer import BATCH_NORM_FUNCTIONS
 from .source import SourceLocation, construction_site
+from .torchutil import is_replacement
 
 KINDS = ("module", "subclass", "functional", "lookalike")
 
@@ -44,6 +46,10 @@ class Site:
     batch_dependent_eval: bool = False
     overrides_forward: bool = False
     feeds_from_input: bool = False
+    producer_module: str | None = None  # the module whose output this site normalizes (FX graph only)
+    producer_exclusive: bool = False  # that output feeds nothing else and the module runs once
+    # batch-dependent without any batch_norm call normswap could take over (statistics by hand)
+    normalizes_by_hand: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -112,7 +118,7 @@ def _unused_sites(model: nn.Module, modules: dict[str, nn.Module], called: set[s
     """BatchNorm modules forward never reached on the example inputs (e.g. an auxiliary head)."""
     unused = []
     for name, module in modules.items():
-        if not isinstance(module, _BatchNorm) or is_swapped(module) or name in called:
+        if not isinstance(module, _BatchNorm) or is_replacement(module) or name in called:
             continue
         if any(name.startswith(f"{other}.") for other in called):
             continue  # part of a called BatchNorm-like module
@@ -135,6 +141,8 @@ def _common(calls: list[BatchNormCall]) -> dict[str, Any]:
         "consumers": tuple(dict.fromkeys(u for c in calls for u in c.consumers)),
         "called_at": tuple(dict.fromkeys(c.called_at for c in calls if c.called_at is not None)),
         "feeds_from_input": any(p.startswith("input ") for c in calls for p in c.producers),
+        "producer_module": first.producer_module if len(calls) == 1 else None,
+        "producer_exclusive": len(calls) == 1 and first.producer_exclusive,
     }
 
 
@@ -166,7 +174,9 @@ def _module_site(model: nn.Module, module: nn.Module, name: str, calls: list[Bat
         site.batch_dependent_train = True
         site.batch_dependent_eval = not site.track_running_stats
     else:
-        site.batch_dependent_train, site.batch_dependent_eval = probe_batch_dependence(module, site.input_shape)
+        behaviour = probe(module, site.input_shape)
+        site.batch_dependent_train, site.batch_dependent_eval = behaviour.batch_dependent_train, behaviour.batch_dependent_eval
+        site.normalizes_by_hand = site.batch_dependent and not behaviour.calls_batch_norm
         if not site.batch_dependent:
             site.notes.append("output of each sample does not depend on the rest of the batch (a fixed affine)")
     return site
@@ -203,24 +213,49 @@ def _functional_site(name: str, calls: list[BatchNormCall]) -> Site:
     )
 
 
-def probe_batch_dependence(module: nn.Module, input_shape: tuple[int, ...] | None) -> tuple[bool, bool]:
-    """Run a copy of `module` on a batch of 3 and on its first sample alone, in train and eval
-    mode: does sample 0's output change with the rest of the batch? Unknown shape: assume yes."""
+@dataclass(frozen=True)
+class Probe:
+    """How one module behaves on its own: is sample 0's output different inside a batch of 3
+    than alone, in train and in eval mode; and does its forward call batch_norm at all."""
+
+    batch_dependent_train: bool
+    batch_dependent_eval: bool
+    calls_batch_norm: bool
+
+
+class _BatchNormCallCounter(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.count += func in BATCH_NORM_FUNCTIONS
+        return func(*args, **(kwargs or {}))
+
+
+def probe(module: nn.Module, input_shape: tuple[int, ...] | None) -> Probe:
+    """Run a copy of `module` (only its own training flag set; dropout and other stochastic
+    submodules stay in eval mode) on random inputs of `input_shape`. Unknown shape: assume the
+    worst."""
     if input_shape is None or len(input_shape) < 2:
-        return True, True
-    probe = copy.deepcopy(module)
+        return Probe(True, True, True)
+    copy_ = copy.deepcopy(module).eval()
+    reference = next(iter(copy_.parameters()), None)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((3, *input_shape[1:]), generator=generator) * 2 + 1
+    if reference is not None:
+        x = x.to(device=reference.device, dtype=reference.dtype)
     verdicts = []
+    counter = _BatchNormCallCounter()
     for training in (True, False):
-        probe.train(training)
-        with torch.no_grad():
+        copy_.training = training
+        with torch.no_grad(), counter:
             try:
-                together = probe(x)[:1]
-                alone = probe(x[:1])
-            except Exception:  # noqa: BLE001 - a module that rejects batch 1 depends on the batch
+                together = copy_(x)[:1]
+                alone = copy_(x[:1])
+            except (RuntimeError, ValueError):  # a module that rejects a batch of one depends on the batch
                 verdicts.append(True)
                 continue
         # 1e-4 relative: far above fp32 reduction-order noise, far below any batch statistic effect.
-        verdicts.append(not torch.allclose(together, alone, rtol=1e-4, atol=1e-5))
-    return verdicts[0], verdicts[1]
+        verdicts.append(not torch.allclose(together.float(), alone.float(), rtol=1e-4, atol=1e-5))
+    return Probe(verdicts[0], verdicts[1], counter.count > 0)

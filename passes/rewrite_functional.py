@@ -1,16 +1,15 @@
-"""Rewrite planned functional batch_norm nodes of an FX graph into per-sample normalizations.
+"""Rewrite planned functional batch_norm nodes of an FX graph into the target's functional form.
 
-groupnorm: group_norm(x, G, w, b, eps); layernorm: channel_layer_norm(x, w, b, eps);
-frozen: frozen_batch_norm(x, running_mean, running_var, w, b, eps). The weight / bias / statistics
-come from the same graph values, so parameter names are unchanged.
+Each node becomes a call of the function the target names (group_norm, channel_layer_norm,
+frozen_batch_norm, ...) on the same graph values, so parameter names are unchanged.
 """
 from __future__ import annotations
 
 from torch import fx
 
-from normswap.errors import PlanError
-from normswap.fx_utils import batch_norm_arguments, is_batch_norm_call
-from normswap.norms import channel_layer_norm, frozen_batch_norm, group_norm
+from normswap import targets
+from normswap.capture.tracer import BatchNormArgs, is_batch_norm_call
+from normswap.errors import NormswapError, PlanError
 from normswap.plan import Plan
 
 from .base import Pass, PassResult
@@ -24,7 +23,7 @@ class RewriteFunctionalBatchNorm(Pass):
     def __init__(self, plan: Plan) -> None:
         self.entries = {e.name: e for e in plan if e.kind == "functional" and e.converts}
 
-    def requires(self, model) -> None:
+    def requires(self, model) -> None:  # type: ignore[no-untyped-def]
         if not self.entries:
             return
         if not isinstance(model, fx.GraphModule):
@@ -35,11 +34,9 @@ class RewriteFunctionalBatchNorm(Pass):
         names = {n.name for n in model.graph.nodes if is_batch_norm_call(n)}
         missing = sorted(set(self.entries) - names)
         if missing:
-            raise PlanError(
-                f"The plan names functional batch_norm call(s) {', '.join(missing)}, which this model's forward does not make."
-            )
+            raise PlanError(f"The plan names functional batch_norm call(s) {', '.join(missing)}, which this model's forward does not make.")
 
-    def call(self, model: fx.GraphModule) -> PassResult:
+    def call(self, model: fx.GraphModule) -> PassResult:  # type: ignore[override]
         if not self.entries:
             return PassResult(model, False)
         graph = model.graph
@@ -49,9 +46,13 @@ class RewriteFunctionalBatchNorm(Pass):
             if entry is None:
                 continue
             try:
-                replacement = _replacement_node(graph, node, entry)
-            except Exception as exc:
-                raise PlanError(f"Could not rewrite `{node.format_node()}` to {entry.target}: {exc}.") from exc
+                function, arguments = targets.get(entry.target).function(entry.params, BatchNormArgs.of_node(node))
+            except NormswapError as exc:
+                raise PlanError(f"Could not rewrite `{node.format_node()}` to {entry.target}: {exc}") from exc
+            with graph.inserting_after(node):
+                replacement = graph.call_function(function, arguments)
+            replacement.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "val")})
+            replacement.meta[SITE_META] = entry.name  # calibration finds the replacement of this site by it
             inputs = node.all_input_nodes
             node.replace_all_uses_with(replacement)
             graph.erase_node(node)
@@ -65,29 +66,9 @@ class RewriteFunctionalBatchNorm(Pass):
         model.recompile()
         return PassResult(model, True, changes)
 
-    def ensures(self, model) -> None:
+    def ensures(self, model) -> None:  # type: ignore[no-untyped-def]
         if not self.entries:
             return
         left = [n.name for n in model.graph.nodes if is_batch_norm_call(n) and n.name in self.entries]
         if left:
             raise PlanError(f"Functional batch_norm node(s) {', '.join(left)} survived the rewrite.")
-
-
-def _replacement_node(graph: fx.Graph, node: fx.Node, entry) -> fx.Node:
-    args = batch_norm_arguments(node)
-    eps = float(entry.params.get("eps", args["eps"]))
-    x, weight, bias = args["input"], args["weight"], args["bias"]
-    with graph.inserting_after(node):
-        if entry.target == "groupnorm":
-            new = graph.call_function(group_norm, (x, int(entry.params["num_groups"]), weight, bias, eps))
-        elif entry.target == "layernorm":
-            new = graph.call_function(channel_layer_norm, (x, weight, bias, eps, int(entry.params["num_channels"])))
-        elif entry.target == "frozen":
-            if args["running_mean"] is None or args["running_var"] is None:
-                raise PlanError(f"functional batch_norm '{entry.name}' has no running statistics to freeze")
-            new = graph.call_function(frozen_batch_norm, (x, args["running_mean"], args["running_var"], weight, bias, eps))
-        else:
-            raise PlanError(f"target '{entry.target}' has no functional form")
-    new.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "val")})
-    new.meta[SITE_META] = entry.name  # calibration finds the replacement of this site by it
-    return new

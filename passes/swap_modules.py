@@ -1,16 +1,17 @@
-"""Swap planned BatchNorm modules in the module tree for their replacements (names unchanged)."""
+"""Replace planned BatchNorm modules in the module tree (names unchanged): torch's own classes by
+the target's module, subclasses by taking over their normalization (see rebase.py)."""
 from __future__ import annotations
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
+from normswap import targets
 from normswap.errors import PlanError
-from normswap.fx_utils import parent_and_attribute
-from normswap.norms import is_swapped
 from normswap.plan import Plan
-from normswap.replace import build_replacement
+from normswap.torchutil import is_replacement, parent_and_attribute
 
 from .base import Pass, PassResult
+from .rebase import is_subclass_instance, take_over
 
 
 class SwapBatchNormModules(Pass):
@@ -29,8 +30,14 @@ class SwapBatchNormModules(Pass):
                     "re-plan for this model or build the model with the same arguments."
                 ) from None
             if not isinstance(module, _BatchNorm):
+                raise PlanError(f"The plan expects a BatchNorm at '{entry.name}' but the model has a {type(module).__name__} there.")
+            if isinstance(module, _LazyNormBase) and module.has_uninitialized_params():
+                raise PlanError(f"Layer '{entry.name}' is a lazy BatchNorm that was never run; pass example_inputs so it can be materialized.")
+            channels = entry.params.get("num_channels", entry.params.get("num_features"))
+            if channels is not None and module.num_features != int(channels):
                 raise PlanError(
-                    f"The plan expects a BatchNorm at '{entry.name}' but the model has a {type(module).__name__} there."
+                    f"Plan entry '{entry.name}' expects {channels} channels but the model's layer has {module.num_features}; "
+                    "the plan was made for another configuration of this model."
                 )
 
     def call(self, model: nn.Module) -> PassResult:
@@ -39,14 +46,17 @@ class SwapBatchNormModules(Pass):
             parent, attribute = parent_and_attribute(model, entry.name)
             original = getattr(parent, attribute)
             before = type(original).__name__
-            replacement = build_replacement(original, entry)
-            if replacement is not original:
-                setattr(parent, attribute, replacement)
+            target = targets.get(entry.target)
+            target.absorb(model, entry.name, original, entry.params)
+            if is_subclass_instance(original):
+                take_over(original, entry)
+            else:
+                setattr(parent, attribute, target.module(original, entry.params))
             changes.append(f"{entry.name}: {before} -> {entry.target}")
         return PassResult(model, bool(changes), changes)
 
     def ensures(self, model: nn.Module) -> None:
         for entry in self.entries:
             module = model.get_submodule(entry.name)
-            if isinstance(module, _BatchNorm) and not is_swapped(module) and entry.target != "syncbn":
+            if isinstance(module, _BatchNorm) and not is_replacement(module) and not targets.get(entry.target).batch_statistics:
                 raise PlanError(f"Layer '{entry.name}' is still a {type(module).__name__} after the swap.")

@@ -48,7 +48,7 @@ def test_shapes_classifier_calibrate_then_heal(shapes) -> None:
     assert original_accuracy > 0.95  # the task is learnable: the evidence below means something
     plain = normswap.convert(model, x[:8], to="groupnorm", max_groups=4).model
     calibrated = normswap.convert(model, x[:8], to="groupnorm", max_groups=4, calibration_data=_batches(x))
-    healed = normswap.convert(model, x[:8], to="groupnorm", max_groups=4, calibration_data=_batches(x), heal_steps=300, heal_lr=3e-3)
+    healed = normswap.convert(model, x[:8], to="groupnorm", max_groups=4, calibration_data=_batches(x), heal=normswap.HealOptions(steps=300, lr=3e-3))
     # held-out generated data (seed 1), never seen by training, calibration or healing
     assert agreement(calibrated.model, model, xt) > agreement(plain, model, xt) + 0.03
     assert calibrated.drift["calibrated"].cosine > calibrated.drift["swap"].cosine + 0.05
@@ -63,7 +63,7 @@ def test_recurrent_model_calibrate_then_heal(sequences) -> None:
     assert original_accuracy > 0.95
     plain = normswap.convert(model, x[:8]).model  # auto: LayerNorm for the reused BN
     calibrated = normswap.convert(model, x[:8], calibration_data=_batches(x))
-    healed = normswap.convert(model, x[:8], calibration_data=_batches(x), heal_steps=300, heal_lr=1e-2)
+    healed = normswap.convert(model, x[:8], calibration_data=_batches(x), heal=normswap.HealOptions(steps=300, lr=1e-2))
     assert calibrated.plan.get("bn").target == "layernorm"
     assert agreement(calibrated.model, model, xt) > agreement(plain, model, xt)
     assert calibrated.drift["calibrated"].mean_abs < calibrated.drift["swap"].mean_abs

@@ -154,12 +154,12 @@ def test_console_script_and_python_m(project: Path) -> None:
 
 
 def test_internal_error_exits_3(project: Path, monkeypatch) -> None:
-    import normswap.commands
+    import normswap.cli.commands
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(normswap.commands, "lint", broken)
+    monkeypatch.setattr(normswap.cli.commands, "lint", broken)
     result = CliRunner().invoke(main, ["lint", "nets:build", "--input-shape", "2,3,8,8"])
     assert result.exit_code == 3
     assert "internal error: ZeroDivisionError" in result.output and "--debug" in result.output

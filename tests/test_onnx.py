@@ -11,8 +11,8 @@ from torch import nn
 
 import normswap
 from normswap.errors import ExportError, OutputError, ValidationError
-from normswap.onnx_export import export_info
-from normswap.validate import compare, count_onnx_batchnorm
+from normswap.export.onnx import export_info
+from normswap.export.validate import compare, count_onnx_batchnorm
 from models import build, input_for
 
 EXPORTED = ["resnet", "mobilenet", "mlp", "tcn", "rnn", "functional", "subclass", "bn3d", "no_affine", "no_running_stats", "lazy", "untraceable", "lookalike"]
@@ -178,9 +178,9 @@ def test_corrupt_onnx_file_is_a_load_error(tmp_path: Path) -> None:
 
 
 def test_large_models_use_external_data(tmp_path: Path, monkeypatch) -> None:
-    import normswap.onnx_export
+    import normswap.export.onnx
 
-    monkeypatch.setattr(normswap.onnx_export, "EXTERNAL_DATA_BYTES", 0)  # treat the test model as large
+    monkeypatch.setattr(normswap.export.onnx, "EXTERNAL_DATA_BYTES", 0)  # treat the test model as large
     conv = normswap.convert(build("resnet"), input_for("resnet"), to="groupnorm")
     path = normswap.export_onnx(conv.model, input_for("resnet"), tmp_path / "big.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]

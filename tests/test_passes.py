@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import normswap
-from normswap.capture import trace
+from normswap.capture.tracer import trace
 from normswap.errors import PlanError
-from normswap.norms import ChannelLayerNorm
+from normswap.nn import ChannelLayerNorm
 from normswap.passes import PassManager, RewriteFunctionalBatchNorm, SwapBatchNormModules
 from normswap.plan import Plan, PlanEntry
 from models import build, input_for

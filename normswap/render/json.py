@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-from .. import __version__
+from .._version import __version__
 from ..rules import Finding
 
 JSON_SCHEMA_VERSION = 1

@@ -5,7 +5,7 @@ import hashlib
 import json
 from typing import Any, Sequence
 
-from .. import __version__
+from .._version import __version__
 from ..rules import CATALOGUE
 
 SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from ..context import Context
 from ..sites import Site
-from ..targets import natural_target
+from .. import targets
 
 
 class Severity(str, enum.Enum):
@@ -83,9 +83,8 @@ class Rule:
         return Skip(self.code, reason)
 
     def natural_fix(self, site: Site) -> Fix:
-        target, why = natural_target(site)
-        # only freezing keeps BatchNorm's (eval-mode) function
-        return Fix(target, target == "frozen", f"replace with {target}: {why}")
+        target, why = targets.natural_target(site)
+        return Fix(target, targets.get(target).keeps_function, f"replace with {target}: {why}")
 
 
 def shape_text(site: Site) -> str:

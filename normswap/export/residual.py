@@ -8,10 +8,9 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from .capture import as_input_tuple, preserved
-from .fx_utils import BATCH_NORM_FUNCTIONS, is_batch_norm_call
-from .norms import is_swapped
-from .plan import Plan
+from ..capture.tracer import BATCH_NORM_FUNCTIONS, is_batch_norm_call
+from ..plan import Plan
+from ..torchutil import as_input_tuple, is_replacement, preserved
 
 
 def residual_batchnorm(model: nn.Module, plan: Plan | None = None) -> list[str]:
@@ -19,7 +18,7 @@ def residual_batchnorm(model: nn.Module, plan: Plan | None = None) -> list[str]:
     kept = {e.name for e in (plan or []) if e.keeps_batchnorm_op}
     left = [
         name for name, m in model.named_modules()
-        if isinstance(m, _BatchNorm) and not is_swapped(m) and name not in kept
+        if isinstance(m, _BatchNorm) and not is_replacement(m) and name not in kept
     ]
     if isinstance(model, fx.GraphModule):
         left += [n.name for n in model.graph.nodes if is_batch_norm_call(n) and n.name not in kept]

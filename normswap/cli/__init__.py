@@ -1,40 +1,41 @@
-"""The `normswap` command line: lint, convert, rules, explain."""
+"""The `normswap` command line: lint, convert, rules, explain (option parsing; the work is in commands.py)."""
 from __future__ import annotations
 
 import functools
-import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
-from . import __version__
-from .errors import ConfigError, NormswapError
+from .. import targets
+from .._version import __version__
+from ..errors import ConfigError, NormswapError
 
 EXIT_INTERNAL = 3
 
 
-def _fail(message: str, code: int) -> None:
-    click.echo(f"normswap: error: {message}", err=True)
-    sys.exit(code)
-
-
-def handle_errors(command: Callable) -> Callable:
-    """One sentence and exit 2 for input errors, exit 3 for bugs; a traceback only with --debug."""
+def handle_errors(command: Callable[..., int]) -> Callable[..., None]:
+    """Exit with the command's code; one sentence and exit 2 for input errors, exit 3 for bugs;
+    a traceback only with --debug. The one place where the process exit code is set."""
 
     @functools.wraps(command)
-    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> None:
+        context = click.get_current_context()
         try:
-            return command(*args, **kwargs)
+            code = command(*args, **kwargs)
         except NormswapError as exc:
             if debug:
                 raise
-            _fail(str(exc), exc.exit_code)
-        except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
+            click.echo(f"normswap: error: {exc}", err=True)
+            context.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
             raise
-        except Exception as exc:  # noqa: BLE001 - the internal-error exit code
+        except Exception as exc:  # noqa: BLE001 - the CLI boundary: any bug becomes exit 3 with one line
             if debug:
                 raise
-            _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", EXIT_INTERNAL)
+            click.echo(f"normswap: error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+            context.exit(EXIT_INTERNAL)
+        context.exit(code)
 
     return click.option("--debug", is_flag=True, help="Show tracebacks.")(wrapper)
 
@@ -97,7 +98,7 @@ def main() -> None:
 @click.option("--ignore", multiple=True, metavar="CODE", help="Skip these rule codes or prefixes.")
 @handle_errors
 def lint(models: tuple[str, ...], kwargs: tuple[str, ...], input_shapes: tuple[str, ...], output_format: str | None,
-         output: str | None, fail_on: str | None, select: tuple[str, ...], ignore: tuple[str, ...], **options: Any) -> None:
+         output: str | None, fail_on: str | None, select: tuple[str, ...], ignore: tuple[str, ...], **options: Any) -> int:
     """Report where BatchNorm will hurt the way MODEL is trained or served.
 
     MODEL is `package.module:callable` or `path/to/file.py:callable`. Without MODEL, lints the
@@ -112,7 +113,7 @@ def lint(models: tuple[str, ...], kwargs: tuple[str, ...], input_shapes: tuple[s
     """
     from .commands import run_lint
 
-    run_lint(models, kwargs, input_shapes, output_format, output, fail_on, select, ignore, context_flags(options))
+    return run_lint(models, kwargs, input_shapes, output_format, output, fail_on, select, ignore, context_flags(options))
 
 
 @main.command()
@@ -120,7 +121,7 @@ def lint(models: tuple[str, ...], kwargs: tuple[str, ...], input_shapes: tuple[s
 @click.option("--model", "model_spec", required=True, metavar="MODEL", help="`package.module:callable` or `path/to/file.py:callable` that builds the model.")
 @model_options
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory (weights, plan.json, model.onnx, report.json, report.md).")
-@click.option("--to", type=click.Choice(["auto", "groupnorm", "layernorm", "frozen", "syncbn"]), default="auto", show_default=True, help="Replacement target.")
+@click.option("--to", type=click.Choice(targets.CHOICES), default="auto", show_default=True, help="Replacement target: auto (per site, from the findings), " + "; ".join(f"{t.name}: {t.summary}" for t in targets.REGISTRY if t.name != "keep") + ".")
 @click.option("--groups", "max_groups", type=click.IntRange(min=1), default=32, show_default=True, help="Largest GroupNorm group count.")
 @click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Re-apply this saved plan.json instead of planning.")
 @context_options
@@ -138,7 +139,7 @@ def lint(models: tuple[str, ...], kwargs: tuple[str, ...], input_shapes: tuple[s
 @click.option("--force", is_flag=True, help="Replace normswap's outputs in an existing, non-empty --out.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary, only errors.")
 @handle_errors
-def convert(checkpoint: str, model_spec: str, kwargs: tuple[str, ...], input_shapes: tuple[str, ...], out_dir: str, quiet: bool, **options: Any) -> None:
+def convert(checkpoint: str, model_spec: str, kwargs: tuple[str, ...], input_shapes: tuple[str, ...], out_dir: str, quiet: bool, **options: Any) -> int:
     """Rewrite the BatchNorm of a trained CHECKPOINT and write weights, plan, ONNX and report.
 
     Loads CHECKPOINT (state_dict .pt/.pth/.ckpt, nested or prefixed, or .safetensors; never
@@ -154,7 +155,7 @@ def convert(checkpoint: str, model_spec: str, kwargs: tuple[str, ...], input_sha
     """
     from .commands import run_convert
 
-    run_convert(checkpoint, model_spec, kwargs, input_shapes, out_dir, quiet, context_flags(options), options)
+    return run_convert(checkpoint, model_spec, kwargs, input_shapes, out_dir, quiet, context_flags(options), options)
 
 
 @main.command()
@@ -165,7 +166,7 @@ def rules() -> None:
     Examples:
       normswap rules
     """
-    from .rules import CATALOGUE
+    from ..rules import CATALOGUE
 
     for rule in CATALOGUE:
         fix = {True: "safe fix", False: "unsafe fix", None: "no fix"}[rule.fix_safe]
@@ -175,20 +176,21 @@ def rules() -> None:
 @main.command()
 @click.argument("code")
 @handle_errors
-def explain(code: str) -> None:
+def explain(code: str) -> int:
     """Print a rule's documentation.
 
     \b
     Examples:
       normswap explain NS101
     """
-    from .rules import CATALOGUE
+    from ..rules import CATALOGUE
 
     rule = next((r for r in CATALOGUE if r.code == code.upper() or r.name == code.lower()), None)
     if rule is None:
         raise ConfigError(f"Unknown rule '{code}'; `normswap rules` lists the codes.")
     click.echo(f"{rule.code} {rule.name} ({rule.severity.value})\n")
     click.echo(rule.documentation())
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .capture import as_input_tuple, preserved
+from ..torchutil import as_input_tuple, preserved
 
 
 @dataclass

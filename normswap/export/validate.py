@@ -14,11 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .capture import as_input_tuple, preserved
-from .drift import Drift, DriftAccumulator, batch_samples, eval_outputs, flat_outputs
-from .errors import ValidationError
-from .onnx_export import METADATA_BATCHNORM_OPS, batch_of, facts_from_metadata, onnx_file_facts
-from .plan import Plan
+from .. import targets
+from ..calibration.drift import Drift, DriftAccumulator, batch_samples, eval_outputs, flat_outputs
+from ..errors import ValidationError
+from ..plan import Plan
+from ..postcondition import norms_in_train_mode
+from ..torchutil import as_input_tuple, batch_of, batch_size_of, preserved
+from .onnx import METADATA_BATCHNORM_OPS, facts_from_metadata, onnx_file_facts
 from .residual import residual_batchnorm
 
 DEFAULT_RTOL = 1e-4
@@ -153,26 +155,26 @@ def compare(expected: np.ndarray, actual: np.ndarray, atol: float | None, rtol: 
 
 
 def batch_independent(model: nn.Module, inputs: tuple, train: bool, samples: int = 4, known: dict[int, list[torch.Tensor]] | None = None) -> bool:
-    """Is each sample's output the same alone as inside the batch? (dropout held in eval mode)
+    """Is each sample's output the same alone as inside the batch? In train mode only the
+    normalization layers train: dropout, stochastic depth and training-only code stay off.
 
     `known` maps a batch size b to eval-mode outputs already computed on `batch_of(inputs, b)`;
     eval-mode checks reuse them instead of running the model again.
     """
-    size = max(2, min(samples, _batch_size(inputs)))
+    size = max(2, min(samples, batch_size_of(inputs)))
     batch = batch_of(inputs, size)
     known = known if (known is not None and not train) else {}
-    with preserved(model), torch.no_grad():
-        model.train(train)
-        for module in model.modules():
-            if isinstance(module, nn.modules.dropout._DropoutNd):
-                module.eval()  # randomness, not batch dependence
+    mode = norms_in_train_mode(model) if train else preserved(model)
+    with mode, torch.no_grad():
+        if not train:
+            model.eval()
         try:
             together = known.get(size) or flat_outputs(model(*batch))
             alone = [
                 known.get(1) if i == 0 and 1 in known else flat_outputs(model(*tuple(x[i : i + 1] for x in batch)))
                 for i in range(size)
             ]
-        except Exception:  # noqa: BLE001 - e.g. BatchNorm refusing a batch of one in train mode
+        except ValueError:  # BatchNorm refusing a batch of one in train mode
             return False
     for index, output in enumerate(together):
         stacked = torch.cat([a[index] for a in alone])
@@ -181,10 +183,6 @@ def batch_independent(model: nn.Module, inputs: tuple, train: bool, samples: int
         if stacked.shape != output.shape or not torch.allclose(stacked, output, rtol=1e-4, atol=1e-5 + 1e-5 * scale):
             return False
     return True
-
-
-def _batch_size(inputs: tuple) -> int:
-    return next((int(x.shape[0]) for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
 
 
 def count_onnx_batchnorm(path: Path) -> int:
@@ -232,7 +230,7 @@ def validate_onnx(
         raise ValidationError(f"ONNX file '{path}' does not exist.")
     inputs = as_input_tuple(example_inputs)
     session = session or _session(path)
-    example_batch = _batch_size(inputs)
+    example_batch = batch_size_of(inputs)
     sizes = [1, example_batch] if example_batch > 1 else [1, 3]  # a second size proves the batch axis is dynamic
     checks, messages = [], []
     known: dict[int, list[torch.Tensor]] = {}  # eval outputs by batch size, reused below
@@ -254,7 +252,9 @@ def validate_onnx(
         messages.append(f"BatchNorm left in the model: {', '.join(residual)}")
     if ops and not allowed:
         messages.append(f"{ops} BatchNormalization op(s) left in the ONNX graph that the plan did not keep")
-    required = plan is not None and all(e.target in ("groupnorm", "layernorm", "frozen") or e.params.get("batch_independent") or e.params.get("unused") for e in plan)
+    required = plan is not None and all(
+        not targets.get(e.target).batch_statistics or e.params.get("batch_independent") or e.params.get("unused") for e in plan
+    )
     independent_eval = batch_independent(model, inputs, train=False, known=known)
     independent_train = batch_independent(model, inputs, train=True)
     for mode, ok in (("eval", independent_eval), ("train", independent_train)):

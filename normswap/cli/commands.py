@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import click
 
-from .config import Config, ModelEntry, load_config
-from .errors import ConfigError
-from .files import write_text_atomic
-from .lint import lint
-from .loader import example_inputs, load_model, parse_input_spec, parse_kwargs
-from .render import RENDERERS
-from .report import Report, model_definition, worst_exit_code
-from .source import relative_path
+from ..calibration import HealOptions
+from ..config import Config, ModelEntry, load_config
+from ..errors import ConfigError
+from ..files import write_text_atomic
+from ..linter import lint
+from ..loader import example_inputs, load_model, parse_input_spec, parse_kwargs
+from ..render import RENDERERS
+from ..report import Report, model_definition, worst_exit_code
+from ..source import relative_path
 
 
 def _split_codes(values: Sequence[str]) -> list[str]:
@@ -41,7 +43,8 @@ def model_entries(models: Sequence[str], kwargs: Sequence[str], input_shapes: Se
     return config.models
 
 
-def run_lint(models, kwargs, input_shapes, output_format, output, fail_on, select, ignore, flags: dict[str, Any]) -> None:
+def run_lint(models, kwargs, input_shapes, output_format, output, fail_on, select, ignore, flags: dict[str, Any]) -> int:  # type: ignore[no-untyped-def]
+    """`normswap lint`; returns the exit code."""
     config = load_config()
     context = config.make_context(**flags)
     output_format = output_format or config.format or "text"
@@ -66,11 +69,20 @@ def run_lint(models, kwargs, input_shapes, output_format, output, fail_on, selec
         write_text_atomic(output, rendered)
     else:
         click.echo(rendered, nl=False)
-    sys.exit(code)
+    return code
 
 
-def run_convert(checkpoint: str, model_spec: str, kwargs, input_shapes, out_dir: str, quiet: bool, flags: dict[str, Any], options: dict[str, Any]) -> None:
-    from .pipeline import ConvertOptions, convert_checkpoint
+def heal_options(options: dict[str, Any]) -> HealOptions:
+    """HealOptions from the command line; a value it refuses is a usage error (exit 2)."""
+    try:
+        return HealOptions(steps=options["heal_steps"], lr=options["heal_lr"], params=options["heal_params"])
+    except ValueError as exc:
+        raise ConfigError(f"Invalid healing option: {exc}") from None
+
+
+def run_convert(checkpoint: str, model_spec: str, kwargs, input_shapes, out_dir: str, quiet: bool, flags: dict[str, Any], options: dict[str, Any]) -> int:  # type: ignore[no-untyped-def]
+    """`normswap convert`; returns the exit code."""
+    from ..pipeline import ConvertOptions, convert_checkpoint
 
     if not input_shapes:
         raise ConfigError("--input-shape is required (e.g. --input-shape 1,3,224,224).")
@@ -81,7 +93,7 @@ def run_convert(checkpoint: str, model_spec: str, kwargs, input_shapes, out_dir:
         onnx=not options["no_onnx"], validate=not options["no_validate"], atol=options["atol"], rtol=options["rtol"],
         opset=options["opset"], trust_checkpoint=options["trust_checkpoint"], force=options["force"],
         calibration_data=options["calibration_data"], calibration_batch_size=options["calibration_batch_size"],
-        heal_steps=options["heal_steps"], heal_lr=options["heal_lr"], heal_params=options["heal_params"],
+        heal=heal_options(options),
     )
     result = convert_checkpoint(
         checkpoint, model_spec, parse_kwargs(kwargs), [parse_input_spec(s) for s in input_shapes], out_dir,
@@ -89,4 +101,4 @@ def run_convert(checkpoint: str, model_spec: str, kwargs, input_shapes, out_dir:
     )
     if not quiet:
         click.echo(RENDERERS["text"]([result.report], color=sys.stdout.isatty()), nl=False)
-    sys.exit(result.report.exit_code(fail_on="never"))
+    return result.report.exit_code(fail_on="never")

@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,10 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import as_input_tuple, preserved
-from .errors import ExportError
-from .files import atomic_path
-from .norms import GROUP_NORM_EXPORT_FORM
+from ..errors import ExportError
+from ..files import atomic_path
+from ..targets.groupnorm import GROUP_NORM_EXPORT_FORM
+from ..torchutil import as_input_tuple, batch_of, preserved, quiet_torch
 
 # At opset 18 GroupNorm exports as LayerNormalization over a (N, G, -1) view + Mul + Add and
 # channel LayerNorm as Transpose -> LayerNormalization -> Transpose: the fastest correct forms
@@ -41,18 +38,6 @@ class ExportInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path.name, "exporter": self.exporter, "opset": self.opset, "dynamic_batch": self.dynamic_batch, "external_data": self.external_data}
-
-
-def batch_of(inputs: tuple, size: int) -> tuple:
-    """The inputs with batch size `size`: a slice, or the batch repeated along dim 0."""
-    resized = []
-    for x in inputs:
-        if not isinstance(x, torch.Tensor) or x.dim() == 0:
-            resized.append(x)
-            continue
-        repeats = -(-size // x.shape[0])
-        resized.append(x.repeat(repeats, *([1] * (x.dim() - 1)))[:size] if repeats > 1 else x[:size])
-    return tuple(resized)
 
 
 def export_onnx(
@@ -156,20 +141,15 @@ def _count_batchnorm_ir(model) -> int:
 def _run_torchscript_exporter(model: nn.Module, inputs: tuple, path: Path, opset: int, dynamic_batch: bool) -> None:
     names = [f"input_{i}" for i in range(len(inputs))]
     axes = {name: {0: "batch"} for name in names} if dynamic_batch else None
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with quiet_torch():
         torch.onnx.export(model, inputs, str(path), dynamo=False, opset_version=opset, input_names=names, dynamic_axes=axes)
 
 
 def _run_exporter(model: nn.Module, inputs: tuple, dynamic_shapes: Any, opset: int):
-    log = io.StringIO()
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # the exporter logs progress and skipped torchvision ops
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            warnings.simplefilter("ignore")
+        with quiet_torch():
             return torch.onnx.export(model, inputs, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False)
-    except Exception as exc:  # noqa: BLE001 - one clear sentence with the operator when known
+    except Exception as exc:  # noqa: BLE001 - the exporter failed on the user's model: one sentence, operator when known
         text = re.sub(r"\x1b\[[0-9;]*m", "", f"{exc.__cause__ or exc}")
         operator = re.search(r"(aten::\w+(?:\.\w+)?|aten\.\w+(?:\.\w+)?|torch\.ops\.[\w.]+)", text)
         where = f" at operator {operator.group(1)}" if operator else ""
@@ -178,8 +158,6 @@ def _run_exporter(model: nn.Module, inputs: tuple, dynamic_shapes: Any, opset: i
             f"torch.onnx could not export {type(model).__name__}{where}: {first[:300]}; "
             "try another --opset, or --no-onnx to skip the export."
         ) from exc
-    finally:
-        logging.disable(previous)
 
 
 def _rename_external_data(temporary: Path, target: Path) -> None:

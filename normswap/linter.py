@@ -8,8 +8,8 @@ from torch import nn
 from .advise import select_rules
 from .analysis import analyze
 from .context import Context
-from .errors import CaptureError
 from .report import Report, model_definition
+from .torchutil import require_module
 
 
 def lint(
@@ -34,8 +34,7 @@ def lint(
         Report with `.findings`, `.sites`, renderers (`to_text`, `to_json`, `to_markdown`,
         `to_sarif`) and `exit_code(fail_on=...)`.
     """
-    if not isinstance(model, nn.Module):
-        raise CaptureError(f"lint() needs a torch.nn.Module, got {type(model).__name__}.")
+    require_module(model, "lint")
     context = context or Context()
     analysis = analyze(model, example_inputs, context, select_rules(select, ignore))
     return Report(

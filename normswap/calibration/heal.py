@@ -15,13 +15,16 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from .calibrate import check_batches
-from .capture import preserved
+from .. import targets
+from ..errors import CalibrationError
+from ..passes.rebase import TakenOver
+from ..targets.layernorm import ChannelLayerNorm
+from ..torchutil import preserved
+from .data import check_batches
 from .drift import flat_outputs
-from .errors import CalibrationError
-from .norms import ChannelLayerNorm, SwappedBatchNorm
+from .options import HealOptions
 
-_NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, ChannelLayerNorm, SwappedBatchNorm)
+_NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, ChannelLayerNorm)
 
 
 @dataclass
@@ -45,13 +48,18 @@ def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) 
     return total
 
 
+def _is_new_norm(module: nn.Module) -> bool:
+    """A normalization the conversion introduced, with parameters healing may train."""
+    if isinstance(module, TakenOver):
+        return targets.get(module.normswap_target).calibrated
+    return isinstance(module, _NORM_TYPES)
+
+
 def trainable_parameters(model: nn.Module, params: str) -> list[nn.Parameter]:
     if params == "all":
         chosen = [p for p in model.parameters() if p.is_floating_point()]
-    elif params == "norm":
-        chosen = [p for m in model.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)]
     else:
-        raise CalibrationError(f"heal params must be 'norm' or 'all', got '{params}'.")
+        chosen = [p for m in model.modules() if _is_new_norm(m) for p in m.parameters(recurse=False)]
     if not chosen:
         raise CalibrationError("The converted model has no normalization parameters to heal; use params='all'.")
     return chosen
@@ -61,29 +69,24 @@ def heal(
     converted: nn.Module,
     original: nn.Module,
     batches: Iterable[Any],
-    steps: int = 100,
-    lr: float = 1e-3,
-    params: str = "norm",
-    seed: int = 0,
-    heldout_fraction: float = 0.2,
-    patience: int = 5,
-    eval_every: int = 10,
+    options: HealOptions | None = None,
+    *,
     progress: bool | None = None,
+    **settings: Any,
 ) -> HealResult:
     """Distill `converted` toward `original` on unlabeled `batches` (modified in place).
 
     Args:
-        steps: optimisation steps at most.
-        lr: Adam learning rate.
-        params: "norm" (the new normalization layers' parameters) or "all".
-        seed: makes the run deterministic.
-        heldout_fraction: share of batches kept aside for early stopping.
-        patience: evaluations without improvement before stopping.
+        options: the healing settings (default: HealOptions(steps=100)); keyword `settings`
+            (steps=, lr=, params=, seed=, ...) override single fields.
         progress: show a progress bar (default: on a terminal).
 
     Returns:
         HealResult; the converted model holds the parameters with the best held-out loss.
     """
+    options = (options or HealOptions(steps=100)).replace(**settings)
+    steps, lr, params, seed = options.steps, options.lr, options.params, options.seed
+    heldout_fraction, patience, eval_every = options.heldout_fraction, options.patience, options.eval_every
     batches = check_batches(batches)
     if steps < 1:
         raise CalibrationError("heal steps must be at least 1.")
@@ -91,7 +94,6 @@ def heal(
     train, heldout = batches[: len(batches) - held] or batches, batches[len(batches) - held :] or batches
     world = int(os.environ.get("WORLD_SIZE", "1"))
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     chosen = trainable_parameters(converted, params)
     flags = {p: p.requires_grad for p in converted.parameters()}
     for p in converted.parameters():

@@ -1,0 +1,71 @@
+"""Capture strategy 3: forward hooks on the module tree plus a TorchFunctionMode that sees
+functional batch_norm calls made outside BatchNorm modules (works on any model that runs)."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..source import user_frame_location
+from .calls import BatchNormCall, Capture, run_eagerly, shape_of
+from .tracer import BATCH_NORM_FUNCTIONS, BatchNormArgs, is_batchnorm_like
+
+
+class _FunctionalBatchNormSpy(TorchFunctionMode):
+    """Sees `F.batch_norm` / `torch.batch_norm` calls made outside any BatchNorm module."""
+
+    def __init__(self, module_stack: list[tuple[str, nn.Module]], calls: list[BatchNormCall]) -> None:
+        super().__init__()
+        self.module_stack = module_stack
+        self.calls = calls
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        inside_norm = any(is_batchnorm_like(module) for _, module in self.module_stack)
+        if func in BATCH_NORM_FUNCTIONS and not inside_norm:
+            index = sum(1 for c in self.calls if c.module is None)
+            arguments = BatchNormArgs.of(func, args, kwargs)
+            self.calls.append(
+                BatchNormCall(
+                    name="batch_norm" if index == 0 else f"batch_norm_{index}",
+                    module=None,
+                    owner=self.module_stack[-1][0] if self.module_stack else "",
+                    input_shape=shape_of(arguments.input),
+                    called_at=user_frame_location(skip=2),
+                    # hooks run the model in eval mode: the flag seen is the inference one
+                    training_in_eval=bool(arguments.training),
+                )
+            )
+        return func(*args, **kwargs)
+
+
+def capture_hooks(model: nn.Module, inputs: tuple) -> Capture:
+    calls: list[BatchNormCall] = []
+    stack: list[tuple[str, nn.Module]] = []
+    handles = []
+
+    def pre_hook(name: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: tuple) -> None:
+            stack.append((name, module))
+            if is_batchnorm_like(module) and not any(is_batchnorm_like(m) for _, m in stack[:-1]):
+                x = args[0] if args else None
+                calls.append(
+                    BatchNormCall(name=name, module=name, owner=name, input_shape=shape_of(x), called_at=user_frame_location(skip=2))
+                )
+
+        return hook
+
+    def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+        stack.pop()
+
+    try:
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(pre_hook(name)))
+            handles.append(module.register_forward_hook(post_hook))
+        with _FunctionalBatchNormSpy(stack, calls):
+            run_eagerly(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Capture("hooks", calls, None)

@@ -1,0 +1,134 @@
+"""The rewrite's post-condition: no site the plan converted still normalizes with batch statistics.
+
+The converted model runs once with only its normalization layers in train mode (so stochastic
+layers stay off and forwards that need labels in training still run) and once in eval mode,
+while every batch_norm call is watched and attributed to the innermost module running it. Each
+converted BatchNorm subclass is also probed alone, which catches statistics computed by hand.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
+
+from . import targets
+from .capture.tracer import BATCH_NORM_FUNCTIONS, BatchNormArgs, is_batchnorm_like
+from .errors import PlanError
+from .plan import Plan
+from .sites import Site, probe
+from .torchutil import is_replacement, preserved
+
+log = logging.getLogger(__name__)
+
+
+class _BatchStatisticsWatch(TorchFunctionMode):
+    """Records the module running each batch_norm call that normalizes with batch statistics."""
+
+    def __init__(self, stack: list[str]) -> None:
+        super().__init__()
+        self.stack = stack
+        self.owners: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in BATCH_NORM_FUNCTIONS:
+            call = BatchNormArgs.of(func, args, kwargs)
+            if call.training or call.running_mean is None or call.running_var is None:
+                self.owners.append(self.stack[-1] if self.stack else "")
+        return func(*args, **(kwargs or {}))
+
+
+def is_normalization(module: nn.Module) -> bool:
+    return isinstance(module, _BatchNorm) or is_replacement(module) or is_batchnorm_like(module)
+
+
+@contextlib.contextmanager
+def norms_in_train_mode(model: nn.Module, owners: Sequence[str] = ()) -> Iterator[None]:
+    """Eval mode, except the normalization layers (and the modules whose forward makes a
+    functional batch_norm call): a train-mode check of normalization without dropout, stochastic
+    depth or training-only code paths. State is restored on exit."""
+    with preserved(model):
+        model.eval()
+        for module in model.modules():
+            if is_normalization(module):
+                module.training = True
+        for owner in owners:
+            model.get_submodule(owner).training = True
+        yield
+
+
+def batch_statistics_users(model: nn.Module, inputs: tuple, train: bool, owners: Sequence[str] = ()) -> list[str]:
+    """Modules (qualified names) whose forward ran a batch_norm with batch statistics."""
+    stack: list[str] = []
+
+    def enter(name: str) -> Callable[..., None]:
+        return lambda module, args: stack.append(name)
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        stack.pop()  # (a forward hook that returns a value would replace the output)
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
+    watch = _BatchStatisticsWatch(stack)
+    try:
+        mode = norms_in_train_mode(model, owners) if train else preserved(model)
+        with mode, torch.no_grad(), watch:
+            if not train:
+                model.eval()
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return watch.owners
+
+
+def check_no_batch_statistics(model: nn.Module, plan: Plan, sites: Sequence[Site], inputs: tuple) -> list[str]:
+    """Raise PlanError when a site the plan made batch-independent still uses batch statistics.
+
+    Returns notes on what could not be checked (a forward that fails with its normalization in
+    train mode is checked per layer only).
+    """
+    independent = {e.name: e for e in plan if e.converts and not targets.get(e.target).batch_statistics}
+    if not independent:
+        return []
+    notes: list[str] = []
+    owners = sorted({s.owner for s in sites if s.kind == "functional" and s.owner})
+    for train in (True, False):
+        try:
+            users = batch_statistics_users(model, inputs, train, owners)
+        except Exception as exc:  # noqa: BLE001 - the user's forward failed in this mode: say so, check per layer
+            log.debug("post-condition run failed", exc_info=True)
+            notes.append(f"whole-model {'train' if train else 'eval'}-mode check skipped: {type(exc).__name__}: {str(exc).strip()[:160]}")
+            continue
+        for user in users:
+            site = next((n for n in independent if user == n or user.startswith(f"{n}.")), None)
+            if site is not None:
+                _refuse(site, independent[site].target, "train" if train else "eval", "calls batch_norm with batch statistics")
+    shapes = {s.name: s.input_shape for s in sites}
+    for name, entry in independent.items():
+        if entry.kind == "functional":
+            continue
+        module = model.get_submodule(name)
+        if isinstance(module, _BatchNorm):  # a subclass whose normalization was taken over
+            behaviour = probe(module, shapes.get(name))
+            if behaviour.batch_dependent_train or behaviour.batch_dependent_eval:
+                mode = "train" if behaviour.batch_dependent_train else "eval"
+                _refuse(name, entry.target, mode, "computes batch statistics without a batch_norm call normswap can take over")
+    return notes
+
+
+def _refuse(site: str, target: str, mode: str, how: str) -> None:
+    raise PlanError(
+        f"Layer '{site}' still normalizes with batch statistics in {mode} mode after the rewrite to {target} (it {how}); "
+        "keep it (target 'keep' in a plan) or replace the class in your code."
+    )
+
+
+__all__ = ["batch_statistics_users", "check_no_batch_statistics", "norms_in_train_mode"]

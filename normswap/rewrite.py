@@ -1,0 +1,160 @@
+"""rewrite() and apply_plan(): plan a model's BatchNorm sites and rewrite them, then check that
+no converted site still normalizes with batch statistics."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from .analysis import Analysis, analyze
+from .capture.tracer import trace
+from .context import Context
+from .errors import CaptureError, PlanError
+from .passes import PassManager, RewriteFunctionalBatchNorm, SwapBatchNormModules
+from .plan import Plan
+from .policy import make_plan
+from .postcondition import check_no_batch_statistics
+from .rules import Finding
+from .sites import Site
+from .targets import PlanOptions
+from .torchutil import as_input_tuple, require_module
+
+
+@dataclass
+class Conversion:
+    """The result of `convert`: the converted model, the plan it followed and what was found."""
+
+    model: nn.Module
+    plan: Plan
+    sites: list[Site]
+    findings: list[Finding]
+    analysis: Analysis
+    changes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the post-condition could not check
+    calibration: list[Any] = field(default_factory=list)  # normswap.calibration.SiteFit per site
+    drift: dict[str, Any] = field(default_factory=dict)  # "swap" / "calibrated" / "healed" -> Drift
+
+    @property
+    def capture_method(self) -> str:
+        return self.analysis.capture.method
+
+
+def rewrite(
+    model: nn.Module,
+    example_inputs: Any,
+    to: str = "auto",
+    context: Context | None = None,
+    inplace: bool = False,
+    *,
+    options: PlanOptions | None = None,
+    plan: Plan | None = None,
+) -> Conversion:
+    """Analyse `model`, plan (or take `plan`), rewrite, and check the post-condition.
+
+    See `normswap.convert` for the arguments; this is convert without calibration.
+    """
+    require_module(model, "convert")
+    timings: dict[str, float] = {}
+    inputs = as_input_tuple(example_inputs)
+    start = time.perf_counter()
+    working = _working_copy(model, inputs, inplace)
+    timings["copy"] = time.perf_counter() - start
+    context = context or Context()
+    analysis = analyze(working, inputs, context)
+    timings.update(analysis.timings)
+    start = time.perf_counter()
+    if plan is None:
+        plan = make_plan(analysis.sites, analysis.findings, context, to, options)
+    else:
+        plan.check(analysis.sites)
+    graph_module = analysis.capture.graph_module
+    if graph_module is None:
+        _require_graph_for_functional(plan, analysis)
+    timings["plan"] = time.perf_counter() - start
+    start = time.perf_counter()
+    target: nn.Module = working
+    if graph_module is not None and any(e.kind == "functional" and e.converts for e in plan):
+        graph_module.train(working.training)
+        for node in graph_module.graph.nodes:
+            node.meta.pop("val", None)  # shapes from capture: already in the sites
+        target = graph_module
+    result = PassManager([SwapBatchNormModules(plan), RewriteFunctionalBatchNorm(plan)])(target)
+    timings["rewrite"] = time.perf_counter() - start
+    start = time.perf_counter()
+    notes = check_no_batch_statistics(result.model, plan, analysis.sites, inputs)
+    timings["postcondition"] = time.perf_counter() - start
+    return Conversion(result.model, plan, analysis.sites, analysis.findings, analysis, result.changes, timings, notes)
+
+
+def apply_plan(model: nn.Module, plan: Plan, example_inputs: Any = None, inplace: bool = False) -> nn.Module:
+    """Apply a saved plan to a fresh instance of the model class it was made for.
+
+    The result has the converted architecture and state_dict keys; load the converted weights
+    into it. `example_inputs` are needed only for lazy modules that were never run.
+
+    Raises:
+        TypeError: `model` is not a module or `plan` not a Plan.
+        PlanError: an entry's parameters are wrong, or the plan does not fit the model.
+    """
+    require_module(model, "apply_plan")
+    if not isinstance(plan, Plan):
+        raise TypeError(f"apply_plan() needs a normswap.Plan, got {type(plan).__name__}; use Plan.from_json().")
+    plan.check()
+    working = _working_copy(model, None if example_inputs is None else as_input_tuple(example_inputs), inplace)
+    target: nn.Module = working
+    if any(e.kind == "functional" and e.converts for e in plan):
+        was_training = working.training
+        working.train()  # functional `training=self.training` is traced as in convert()
+        try:
+            target = trace(working).train(was_training)
+        except Exception as exc:  # noqa: BLE001 - the user's forward cannot be traced: one sentence, with the cause
+            raise PlanError(f"The plan rewrites functional batch_norm calls, but {type(model).__name__} cannot be traced: {exc}.") from exc
+        working.train(was_training)
+    return PassManager([SwapBatchNormModules(plan), RewriteFunctionalBatchNorm(plan)])(target).model
+
+
+def _working_copy(model: nn.Module, inputs: tuple | None, inplace: bool) -> nn.Module:
+    """The model to rewrite: itself, or a deep copy. Lazy modules cannot be copied before they
+    are initialized, so they are initialized first by one eval forward on `inputs`."""
+    if inputs is not None:
+        materialize_lazy(model, inputs)
+    elif _has_uninitialized(model):
+        raise PlanError(f"{type(model).__name__} has lazy modules that were never run; pass example_inputs to initialize them.")
+    return model if inplace else copy.deepcopy(model)
+
+
+def _has_uninitialized(model: nn.Module) -> bool:
+    return any(isinstance(m, LazyModuleMixin) and m.has_uninitialized_params() for m in model.modules())
+
+
+def materialize_lazy(model: nn.Module, inputs: tuple) -> None:
+    """Run one eval forward so lazy modules get their real shapes (training flags restored)."""
+    if not _has_uninitialized(model):
+        return
+    flags = {m: m.training for m in model.modules()}
+    try:
+        with torch.no_grad():
+            model.eval()(*inputs)
+    except Exception as exc:  # noqa: BLE001 - the user's model failed: one sentence, with the cause
+        raise CaptureError(f"{type(model).__name__} cannot run on the example inputs to initialize its lazy modules: {exc}.") from exc
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
+
+
+def _require_graph_for_functional(plan: Plan, analysis: Analysis) -> None:
+    """Functional calls are rewritten in the FX graph; without one, a planned one is refused."""
+    for entry in plan:
+        if entry.kind == "functional" and entry.converts:
+            why = "; ".join(analysis.capture.fallback_reasons) or "torch.fx could not trace it"
+            raise PlanError(
+                f"Functional batch_norm call '{entry.name}' cannot be rewritten: it is rewritten in a torch.fx graph and "
+                f"the model was captured with {analysis.capture.method} ({why}); make forward traceable, or keep it "
+                "with a plan entry {\"target\": \"keep\"}."
+            )

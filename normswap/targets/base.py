@@ -1,0 +1,186 @@
+"""What a target is: its plan parameters and their checks, the module it builds, its functional
+form (used for functional sites and inside BatchNorm subclasses), its calibration hook, and
+whether it keeps the original function or batch statistics."""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..capture.tracer import BatchNormArgs
+from ..errors import PlanError
+from ..sites import Site
+
+DEFAULT_MAX_GROUPS = 32
+DEFAULT_CHANNELS_PER_GROUP = 1
+
+
+class Refusal(PlanError):
+    """A target cannot replace one site; the message says why and what to do instead."""
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Choices that shape a target's parameters (e.g. GroupNorm's group count)."""
+
+    max_groups: int = DEFAULT_MAX_GROUPS
+    channels_per_group: int = DEFAULT_CHANNELS_PER_GROUP
+
+    def __post_init__(self) -> None:
+        for name in ("max_groups", "channels_per_group"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One plan parameter: its type and whether a plan entry must give it."""
+
+    kind: str  # "int", "float", "bool", "str" or "float?" (a float or null)
+    required: bool = True
+    positive: bool = False
+    choices: tuple[str, ...] = ()
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is not acceptable, or None."""
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else "must be true or false"
+        if self.kind == "str":
+            if not isinstance(value, str):
+                return "must be a string"
+            return None if not self.choices or value in self.choices else f"must be one of {', '.join(self.choices)}"
+        if self.kind == "float?" and value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return "must be a number"
+        if self.kind == "int" and not float(value).is_integer():
+            return "must be an integer"
+        if not math.isfinite(float(value)):
+            return "must be finite"
+        if self.positive and value <= 0:
+            return "must be positive"
+        if value < 0:
+            return "must not be negative"
+        return None
+
+
+COMMON_PARAMS: dict[str, Param] = {"eps": Param("float", positive=True), "affine": Param("bool")}
+
+
+class Target:
+    """Base class of a replacement for BatchNorm; one subclass per module of this package."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    keeps_function: ClassVar[bool] = False  # the eval-mode function is kept exactly (a safe fix)
+    batch_statistics: ClassVar[bool] = False  # the result still normalizes with batch statistics
+    keeps_batchnorm_op: ClassVar[bool] = False  # its ONNX export may hold BatchNormalization ops
+    fallback: ClassVar[str | None] = None  # used where this target refuses a site, when it does
+    calibrated: ClassVar[bool] = False  # `normalize` is defined: calibration fits its affine
+    parameters: ClassVar[Mapping[str, Param]] = {}
+
+    # --- planning -------------------------------------------------------------------------
+
+    def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
+        """Parameters for replacing `site`, and what chose them (appended to the plan reason).
+
+        Raises:
+            Refusal: this target cannot replace the site (the sentence says what to use instead).
+        """
+        raise NotImplementedError
+
+    def check(self, site_name: str, params: Mapping[str, Any], site: Site | None = None) -> None:
+        """Check a plan entry's parameters (types, ranges, and against the site when known).
+
+        Raises:
+            PlanError: naming the site and the field.
+        """
+        for field, spec in self.parameters.items():
+            if field not in params:
+                if spec.required:
+                    raise PlanError(f"Plan entry '{site_name}' ({self.name}) lacks the parameter '{field}'.")
+                continue
+            problem = spec.problem(params[field])
+            if problem:
+                raise PlanError(f"Plan entry '{site_name}' ({self.name}): '{field}' {problem}, got {params[field]!r}.")
+        if site is not None:
+            self.check_against_site(site_name, params, site)
+
+    def check_against_site(self, site_name: str, params: Mapping[str, Any], site: Site) -> None:
+        """Extra checks that need the site (channel count, divisibility)."""
+        channels = params.get("num_channels", params.get("num_features"))
+        if channels is not None and site.num_features is not None and int(channels) != site.num_features:
+            raise PlanError(
+                f"Plan entry '{site_name}' expects {int(channels)} channels but the model's layer has {site.num_features}; "
+                "the plan was made for another configuration of this model."
+            )
+
+    # --- rewriting ------------------------------------------------------------------------
+
+    def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
+        """The replacement for a torch BatchNorm module, with its weights carried over."""
+        raise PlanError(f"Target '{self.name}' does not build a module.")
+
+    def function(self, params: Mapping[str, Any], call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        """The functional form: (a module-level function, its arguments) computing this target
+        from the arguments of one `batch_norm` call. Values may be tensors or graph nodes."""
+        raise PlanError(f"Target '{self.name}' has no functional form.")
+
+    def prepare_subclass(self, bn: _BatchNorm, params: Mapping[str, Any]) -> None:
+        """Adjust a BatchNorm subclass instance whose normalization this target takes over.
+
+        Default (per-sample normalizations): drop the running statistics, which no longer mean
+        anything, so that they leave the state_dict as they do for swapped modules.
+        """
+        bn.track_running_stats = False
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            bn.register_buffer(name, None)
+
+    def absorb(self, model: nn.Module, site_name: str, bn: nn.Module, params: Mapping[str, Any]) -> None:
+        """Change other parts of `model` before the site is replaced (fold changes its producer)."""
+
+    # --- calibration ----------------------------------------------------------------------
+
+    def normalize(self, params: Mapping[str, Any], x: torch.Tensor) -> torch.Tensor | None:
+        """The replacement's output before its per-channel affine (calibration fits that affine);
+        None when the target is not calibrated (it keeps the function, or has no affine)."""
+        return None
+
+
+def copy_tensors(source: nn.Module, target: nn.Module, names: tuple[str, ...]) -> None:
+    """Copy same-named parameters / buffers from `source` into `target` (no autograd)."""
+    with torch.no_grad():
+        for name in names:
+            value, slot = getattr(source, name, None), getattr(target, name, None)
+            if isinstance(value, torch.Tensor) and isinstance(slot, torch.Tensor):
+                slot.copy_(value)
+
+
+def carry_affine(bn: _BatchNorm, new: nn.Module, trainable: bool = True) -> nn.Module:
+    """Copy BatchNorm's weight and bias into `new`, move it to bn's device and dtype, keep the
+    parameters' requires_grad (or freeze them), and match bn's training flag."""
+    copy_tensors(bn, new, ("weight", "bias"))
+    reference = bn.weight if bn.weight is not None else bn.running_mean
+    if reference is not None:
+        new.to(device=reference.device, dtype=reference.dtype)
+    for name in ("weight", "bias"):
+        source, slot = getattr(bn, name, None), getattr(new, name, None)
+        if isinstance(source, torch.Tensor) and isinstance(slot, torch.Tensor):
+            slot.requires_grad_(source.requires_grad and trainable)
+    return new.train(bn.training)
+
+
+def common_params(site: Site) -> dict[str, Any]:
+    return {"eps": site.eps, "affine": site.affine}
+
+
+def where(site: Site) -> str:
+    shape = "x".join(str(d) for d in site.input_shape) if site.input_shape else "unknown"
+    return f"Layer '{site.name}' ({site.flavour}, input {shape})"

@@ -1,0 +1,105 @@
+"""fold: BatchNorm folded into the convolution or linear layer that produces its input (inference).
+
+With s = w / sqrt(running_var + eps) per output channel:
+    W' = W * s,   b' = (b - running_mean) * s + beta
+the BatchNorm becomes the identity: the same eval-mode function at no run-time cost.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..capture.tracer import BatchNormArgs
+from ..errors import PlanError
+from ..sites import Site
+from .base import Param, PlanOptions, Refusal, Target, where
+
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_FOLDABLE_TYPE = re.compile(r"\((Lazy)?(Conv[123]d|ConvTranspose[123]d|Linear)\)$")
+
+
+def unchanged(x: torch.Tensor) -> torch.Tensor:
+    """The folded BatchNorm's function: its producer already computes it."""
+    return x
+
+
+class FoldTarget(Target):
+    name = "fold"
+    summary = "fold into the preceding conv / linear weights (inference only; same function, no cost)"
+    keeps_function = True
+    fallback = "frozen"
+    parameters = {"into": Param("str"), "num_features": Param("int", positive=True), "eps": Param("float", positive=True)}
+
+    def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
+        if site.kind not in ("module", "subclass"):
+            raise Refusal(f"{where(site)} is a functional call; fold rewrites BatchNorm modules")
+        if not site.track_running_stats or site.batch_dependent_eval:
+            raise Refusal(f"{where(site)} has no running statistics to fold")
+        if site.call_count != 1:
+            raise Refusal(f"{where(site)} runs {site.call_count} times per forward; one set of weights cannot absorb it")
+        if site.producer_module is None or not site.producers or not _FOLDABLE_TYPE.search(site.producers[0]):
+            producer = site.producers[0] if site.producers else "an unknown producer (no FX graph)"
+            raise Refusal(f"{where(site)} follows {producer}, not a convolution or linear layer")
+        if not site.producer_exclusive:
+            raise Refusal(f"{where(site)} follows {site.producers[0]}, whose output is also used elsewhere (or which runs more than once)")
+        if "(Linear)" in site.producers[0] and site.input_rank != 2:
+            raise Refusal(f"{where(site)} normalizes dim 1 of a rank-{site.input_rank} linear output, not its features")
+        return {"into": site.producer_module, "num_features": site.num_features, "eps": site.eps}, f"folded into {site.producers[0]}"
+
+    def absorb(self, model: nn.Module, site_name: str, bn: nn.Module, params: Mapping[str, Any]) -> None:
+        try:
+            producer = model.get_submodule(str(params["into"]))
+        except AttributeError:
+            raise PlanError(f"Plan entry '{site_name}' (fold) folds into '{params['into']}', which this model does not have.") from None
+        if not isinstance(producer, (*_CONVOLUTIONS, *_TRANSPOSED, nn.Linear)):
+            raise PlanError(f"Plan entry '{site_name}' (fold) folds into '{params['into']}', a {type(producer).__name__}, not a conv or linear layer.")
+        channels = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+        if channels != int(params["num_features"]):
+            raise PlanError(f"Plan entry '{site_name}' (fold): '{params['into']}' has {channels} outputs, the BatchNorm {params['num_features']}.")
+        fold_into(producer, bn, float(params["eps"]))
+
+    def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
+        return nn.Identity()
+
+    def function(self, params: Mapping[str, Any], call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return unchanged, (call.input,)
+
+    def prepare_subclass(self, bn: _BatchNorm, params: Mapping[str, Any]) -> None:
+        super().prepare_subclass(bn, params)
+        bn.affine = False
+        bn.register_parameter("weight", None)
+        bn.register_parameter("bias", None)
+
+
+def fold_into(producer: nn.Module, bn: nn.Module, eps: float) -> None:
+    """Scale the producer's output channels and shift its bias by BatchNorm's eval-mode affine."""
+    with torch.no_grad():
+        mean, var = bn.running_mean.double(), bn.running_var.double()
+        weight = bn.weight.double() if getattr(bn, "weight", None) is not None else torch.ones_like(mean)
+        beta = bn.bias.double() if getattr(bn, "bias", None) is not None else torch.zeros_like(mean)
+        scale = weight / torch.sqrt(var + eps)
+        w = producer.weight.double()
+        if isinstance(producer, _TRANSPOSED):
+            # weight (in, out / groups, *k): the output channel is spread over groups and dim 1
+            groups = producer.groups
+            w = w.reshape(groups, w.shape[0] // groups, w.shape[1], *w.shape[2:])
+            w = w * scale.reshape(groups, 1, -1, *([1] * (w.dim() - 3)))
+            w = w.reshape(producer.weight.shape)
+        else:  # Conv / Linear weight (out, ...)
+            w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+        old_bias = producer.bias.double() if producer.bias is not None else torch.zeros_like(mean)
+        new_bias = (old_bias - mean) * scale + beta
+        producer.weight.copy_(w.to(producer.weight.dtype))
+        if producer.bias is None:
+            producer.bias = nn.Parameter(new_bias.to(producer.weight.dtype), requires_grad=producer.weight.requires_grad)
+        else:
+            producer.bias.copy_(new_bias.to(producer.bias.dtype))
+
+
+TARGET = FoldTarget()

@@ -1,0 +1,91 @@
+"""frozen: BatchNorm's eval-mode function with fixed statistics and affine, in train mode too.
+
+    y = (x - running_mean) / sqrt(running_var + eps) * w + b
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..capture.tracer import BatchNormArgs
+from ..sites import Site
+from ..torchutil import Replacement
+from .base import COMMON_PARAMS, Param, PlanOptions, Refusal, Target, carry_affine, common_params, copy_tensors, where
+from .layernorm import register_affine
+
+
+def frozen_batch_norm(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """BatchNorm's eval-mode function, whatever the module's mode."""
+    return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+
+
+class FrozenBatchNorm(Replacement, nn.Module):
+    """BatchNorm fixed to its eval-mode function: running statistics and affine do not change.
+
+    `weight`/`bias` stay parameters (with requires_grad=False) so optimiser groups that name them
+    keep working; `running_mean`/`running_var` stay buffers, so state_dict keys carry over.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.affine = affine
+        register_affine(self, num_features, affine, trainable=False)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frozen_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+
+
+class FrozenTarget(Target):
+    name = "frozen"
+    summary = "BatchNorm's eval function with fixed statistics, in train mode too (keeps the function)"
+    keeps_function = True
+    keeps_batchnorm_op = True
+    parameters = {"num_features": Param("int", positive=True), **COMMON_PARAMS}
+
+    def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
+        if site.num_features is None or site.input_shape is None:
+            raise Refusal(f"{where(site)} was never called with a known input shape; pass example inputs that reach it.")
+        if not site.track_running_stats:
+            raise Refusal(
+                f"{where(site)} keeps no running statistics (track_running_stats=False), so there is nothing to freeze; use groupnorm or layernorm."
+            )
+        return {"num_features": site.num_features, **common_params(site)}, ""
+
+    def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
+        new = FrozenBatchNorm(int(params["num_features"]), eps=float(params["eps"]), affine=bool(params["affine"]))
+        copy_tensors(bn, new, ("running_mean", "running_var"))
+        return carry_affine(bn, new, trainable=False)
+
+    def function(self, params: Mapping[str, Any], call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        if call.running_mean is None or call.running_var is None:
+            raise Refusal("this batch_norm call has no running statistics to freeze; use groupnorm or layernorm")
+        return frozen_batch_norm, (call.input, call.running_mean, call.running_var, call.weight, call.bias, float(params["eps"]))
+
+    def prepare_subclass(self, bn: _BatchNorm, params: Mapping[str, Any]) -> None:
+        # statistics stay (they are the function); the step counter and the affine stop moving
+        bn.register_buffer("num_batches_tracked", None)
+        for parameter in (bn.weight, bn.bias):
+            if parameter is not None:
+                parameter.requires_grad_(False)
+
+
+TARGET = FrozenTarget()

@@ -1,0 +1,111 @@
+"""groupnorm: GroupNorm(G, C) per sample over groups of C/G channels and all positions, with
+BatchNorm's per-channel affine carried over; G chosen per layer (see `choose_num_groups`)."""
+from __future__ import annotations
+
+import contextvars
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..capture.tracer import BatchNormArgs
+from ..errors import PlanError
+from ..sites import Site
+from ..torchutil import Replacement
+from .base import COMMON_PARAMS, Param, PlanOptions, Refusal, Target, carry_affine, common_params, where
+
+# How group_norm exports: "layernorm-view" (fastest in onnxruntime, the default) or "native"
+# (the exporter's own form; at opset >= 21 that is the GroupNormalization op, opt-in).
+GROUP_NORM_EXPORT_FORM: contextvars.ContextVar[str] = contextvars.ContextVar("normswap_group_norm_export_form", default="layernorm-view")
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """F.group_norm, exported to ONNX as LayerNormalization over a (N, G, C/G * positions) view
+    followed by the per-channel affine: the fastest correct form in onnxruntime among those
+    measured in benchmarks/bench_formulations.py (the exporter's own is Reshape ->
+    InstanceNormalization -> Reshape -> Mul -> Add). Eager PyTorch keeps the fused kernel."""
+    native = GROUP_NORM_EXPORT_FORM.get() == "native"
+    static = all(isinstance(d, int) for d in x.shape[1:])  # a dynamic C/H/W axis keeps the native form
+    if native or not static or not torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or x.dim() < 2:
+        return F.group_norm(x, num_groups, weight, bias, eps)
+    per_group = math.prod(x.shape[1:]) // num_groups
+    y = F.layer_norm(x.reshape(x.shape[0], num_groups, per_group), (per_group,), None, None, eps).reshape(x.shape)
+    if weight is None or bias is None:
+        return y
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return y * weight.reshape(shape) + bias.reshape(shape)
+
+
+class GroupNorm(Replacement, nn.GroupNorm):
+    """nn.GroupNorm whose ONNX export uses the faster formulation of `group_norm` (same function)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def choose_num_groups(
+    num_channels: int, values_per_channel: int, max_groups: int = 32, channels_per_group: int = 1
+) -> tuple[int, str]:
+    """Largest divisor G of C with G <= max_groups, C/G >= channels_per_group, and groups that
+    hold more than one value (a group of one value always normalizes to zero).
+
+    Returns (G, reason).
+    """
+    rejected_degenerate = False
+    for groups in range(min(max_groups, num_channels), 0, -1):
+        if num_channels % groups or num_channels // groups < channels_per_group:
+            continue
+        if (num_channels // groups) * values_per_channel < 2:
+            rejected_degenerate = True
+            continue
+        why = f"GroupNorm({groups}, {num_channels}): {num_channels // groups} channel(s) per group"
+        if rejected_degenerate:
+            why += f", fewer groups than {min(max_groups, num_channels)} so that no group holds a single value"
+        elif groups != max_groups:
+            why += f", largest divisor of {num_channels} up to {max_groups}"
+        if groups == num_channels and groups > 1:
+            why += " (one channel per group is InstanceNorm; a lower --groups keeps per-sample channel intensities)"
+        return groups, why
+    raise PlanError(f"A GroupNorm over {num_channels} channel(s) of {values_per_channel} value(s) has no non-degenerate grouping.")
+
+
+class GroupNormTarget(Target):
+    name = "groupnorm"
+    summary = "GroupNorm(G, C): per sample over groups of channels (convolutional feature maps)"
+    calibrated = True
+    parameters = {"num_groups": Param("int", positive=True), "num_channels": Param("int", positive=True), **COMMON_PARAMS}
+
+    def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
+        if site.num_features is None or site.input_shape is None:
+            raise Refusal(f"{where(site)} was never called with a known input shape; pass example inputs that reach it.")
+        try:
+            groups, why = choose_num_groups(site.num_features, site.spatial_size or 1, options.max_groups, options.channels_per_group)
+        except PlanError:
+            raise Refusal(
+                f"{where(site)} normalizes a single value per sample, which GroupNorm would turn into zeros; use --to frozen or keep it."
+            ) from None
+        return {"num_groups": groups, "num_channels": site.num_features, **common_params(site)}, why
+
+    def check_against_site(self, site_name: str, params: Mapping[str, Any], site: Site) -> None:
+        super().check_against_site(site_name, params, site)
+        if int(params["num_channels"]) % int(params["num_groups"]):
+            raise PlanError(
+                f"Plan entry '{site_name}' (groupnorm): num_groups {params['num_groups']} does not divide num_channels {params['num_channels']}."
+            )
+
+    def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
+        new = GroupNorm(int(params["num_groups"]), int(params["num_channels"]), eps=float(params["eps"]), affine=bool(params["affine"]))
+        return carry_affine(bn, new)
+
+    def function(self, params: Mapping[str, Any], call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return group_norm, (call.input, int(params["num_groups"]), call.weight, call.bias, float(params["eps"]))
+
+    def normalize(self, params: Mapping[str, Any], x: torch.Tensor) -> torch.Tensor | None:
+        return F.group_norm(x, int(params["num_groups"]), None, None, float(params["eps"]))
+
+
+TARGET = GroupNormTarget()

@@ -1,0 +1,104 @@
+"""layernorm: LayerNorm over the channels of each sample at every position (N, C, *), or over the
+features of (N, C); BatchNorm's per-channel affine carried over.
+
+    y[n, :, p] = (x[n, :, p] - mean_c) / sqrt(var_c + eps) * w + b
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..capture.tracer import BatchNormArgs
+from ..sites import Site
+from ..torchutil import Replacement
+from .base import COMMON_PARAMS, Param, PlanOptions, Refusal, Target, carry_affine, common_params, where
+
+
+def channel_layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, num_channels: int | None = None
+) -> torch.Tensor:
+    """LayerNorm over dim 1 of (N, C, *) at every position; plain LayerNorm(C) on (N, C).
+
+    Pass `num_channels` when known: a Python int keeps the normalized shape static for tracers.
+    """
+    shape = (int(num_channels),) if num_channels is not None else (x.shape[1],)
+    if x.dim() == 2:
+        return F.layer_norm(x, shape, weight, bias, eps)
+    # (N, C, *) -> (N, *, C): LayerNormalization over the last axis exports as one fused op.
+    # Explicit non-negative permutations: the TorchScript exporter mis-exports movedim(-1, 1).
+    rank = x.dim()
+    to_last = (0, *range(2, rank), 1)
+    to_channels = (0, rank - 1, *range(1, rank - 1))
+    return F.layer_norm(x.permute(to_last), shape, weight, bias, eps).permute(to_channels)
+
+
+def register_affine(module: nn.Module, size: int, affine: bool, trainable: bool = True) -> None:
+    """`weight` (ones) and `bias` (zeros) parameters named like BatchNorm's, or None without affine."""
+    if affine:
+        module.weight = nn.Parameter(torch.ones(size), requires_grad=trainable)
+        module.bias = nn.Parameter(torch.zeros(size), requires_grad=trainable)
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+
+
+class ChannelLayerNorm(Replacement, nn.Module):
+    """LayerNorm over the channel dimension of (N, C, *) inputs, independently at every position.
+
+    Parameters are named `weight` and `bias` like BatchNorm's, so state_dict keys carry over.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        register_affine(self, num_channels, affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return channel_layer_norm(x, self.weight, self.bias, self.eps, self.num_channels)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
+
+
+class LayerNormTarget(Target):
+    name = "layernorm"
+    summary = "LayerNorm over channels, per sample and position (sequences, recurrence, (N, C) features)"
+    calibrated = True
+    parameters = {
+        "num_channels": Param("int", positive=True),
+        "layout": Param("str", required=False, choices=("features", "channels_first")),
+        **COMMON_PARAMS,
+    }
+
+    def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
+        if site.num_features is None or site.input_shape is None:
+            raise Refusal(f"{where(site)} was never called with a known input shape; pass example inputs that reach it.")
+        if site.num_features < 2:
+            raise Refusal(f"{where(site)} has one channel, which LayerNorm over channels would turn into zeros; use --to frozen or keep it.")
+        layout = "features" if site.input_rank == 2 else "channels_first"
+        return {"num_channels": site.num_features, "layout": layout, **common_params(site)}, ""
+
+    def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
+        channels, eps, affine = int(params["num_channels"]), float(params["eps"]), bool(params["affine"])
+        new: nn.Module
+        if params.get("layout") == "features":
+            new = nn.LayerNorm(channels, eps=eps, elementwise_affine=affine)
+        else:
+            new = ChannelLayerNorm(channels, eps=eps, affine=affine)
+        return carry_affine(bn, new)
+
+    def function(self, params: Mapping[str, Any], call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return channel_layer_norm, (call.input, call.weight, call.bias, float(params["eps"]), int(params["num_channels"]))
+
+    def normalize(self, params: Mapping[str, Any], x: torch.Tensor) -> torch.Tensor | None:
+        return channel_layer_norm(x, None, None, float(params["eps"]), int(params["num_channels"]))
+
+
+TARGET = LayerNormTarget()

@@ -1,0 +1,76 @@
+"""syncbn: SyncBatchNorm, BatchNorm whose batch statistics are reduced over every device of the
+process group in training (single-device and eval: plain BatchNorm)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..capture.tracer import BatchNormArgs
+from ..sites import Site
+from .base import COMMON_PARAMS, Param, PlanOptions, Refusal, Target, carry_affine, common_params, copy_tensors, where
+
+
+def sync_batch_norm(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """F.batch_norm, with batch statistics synchronised over the default process group when one
+    is running (what nn.SyncBatchNorm.forward does, for BatchNorm subclasses that call batch_norm
+    themselves). torch supports the synchronised path on accelerators only."""
+    if training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.nn.modules._functions import SyncBatchNorm as SyncFunction
+
+        return SyncFunction.apply(x, weight, bias, running_mean, running_var, eps, momentum, dist.group.WORLD, dist.get_world_size())
+    return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+class SyncBatchNormTarget(Target):
+    name = "syncbn"
+    summary = "SyncBatchNorm: batch statistics reduced across devices (keeps BatchNorm semantics)"
+    batch_statistics = True
+    keeps_batchnorm_op = True
+    parameters = {
+        "num_features": Param("int", positive=True),
+        "momentum": Param("float?"),
+        "track_running_stats": Param("bool", required=False),
+        **COMMON_PARAMS,
+    }
+
+    def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
+        if site.num_features is None or site.input_shape is None:
+            raise Refusal(f"{where(site)} was never called with a known input shape; pass example inputs that reach it.")
+        if site.kind not in ("module", "subclass"):
+            raise Refusal(f"{where(site)} is a {site.kind} site; SyncBatchNorm replaces only BatchNorm modules, use groupnorm or layernorm.")
+        params = {"num_features": site.num_features, "momentum": site.momentum, "track_running_stats": site.track_running_stats}
+        return {**params, **common_params(site)}, ""
+
+    def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
+        momentum = params.get("momentum")
+        new = nn.SyncBatchNorm(
+            int(params["num_features"]), eps=float(params["eps"]), momentum=None if momentum is None else float(momentum),
+            affine=bool(params["affine"]), track_running_stats=bool(params.get("track_running_stats", True)),
+        )
+        copy_tensors(bn, new, ("running_mean", "running_var", "num_batches_tracked"))
+        return carry_affine(bn, new)
+
+    def function(self, params: Mapping[str, Any], call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        args = (call.input, call.running_mean, call.running_var, call.weight, call.bias, call.training, call.momentum, call.eps)
+        return sync_batch_norm, args
+
+    def prepare_subclass(self, bn: _BatchNorm, params: Mapping[str, Any]) -> None:
+        """The subclass keeps its statistics and bookkeeping: only the reduction is synchronised."""
+
+
+TARGET = SyncBatchNormTarget()

@@ -1,0 +1,163 @@
+"""Small torch helpers every layer uses: model state kept intact, example inputs, scoped quiet."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Replacement:
+    """Marks a module normswap built in place of a BatchNorm (never reported as BatchNorm again)."""
+
+
+def is_replacement(module: nn.Module) -> bool:
+    return isinstance(module, Replacement)
+
+
+def as_input_tuple(example_inputs: Any) -> tuple:
+    """Normalize example inputs (a tensor or a tuple/list of tensors) to a tuple.
+
+    Raises:
+        TypeError: anything else (an API misuse, not a user-input problem).
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}.")
+
+
+def require_module(model: Any, function: str) -> nn.Module:
+    """`model` itself, or TypeError when an API function is called with something else."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{function}() needs a torch.nn.Module, got {type(model).__name__}.")
+    return model
+
+
+def batch_size_of(inputs: Sequence[Any], batch_inputs: Sequence[int] | None = None) -> int:
+    """The batch size: dim 0 of the first input that carries the batch (1 when none does)."""
+    indices = range(len(inputs)) if batch_inputs is None else batch_inputs
+    for index in indices:
+        x = inputs[index]
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return int(x.shape[0])
+    return 1
+
+
+def batch_of(inputs: Sequence[Any], size: int, batch_inputs: Sequence[int] | None = None) -> tuple:
+    """The inputs with batch size `size`: a slice, or the batch repeated along dim 0.
+
+    Only the inputs listed in `batch_inputs` (default: every tensor input) are resized.
+    """
+    indices = set(range(len(inputs)) if batch_inputs is None else batch_inputs)
+    resized = []
+    for index, x in enumerate(inputs):
+        if index not in indices or not isinstance(x, torch.Tensor) or x.dim() == 0:
+            resized.append(x)
+            continue
+        repeats = -(-size // x.shape[0])
+        resized.append(x.repeat(repeats, *([1] * (x.dim() - 1)))[:size] if repeats > 1 else x[:size])
+    return tuple(resized)
+
+
+def parent_and_attribute(root: nn.Module, qualified_name: str) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) of a submodule, for setattr-style replacement."""
+    parent_name, _, attribute = qualified_name.rpartition(".")
+    return (root.get_submodule(parent_name) if parent_name else root), attribute
+
+
+_STATE_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Restore the model's training flags, instance attributes, classes and buffers on exit."""
+    saved = []
+    for module in model.modules():
+        state = dict(module.__dict__)
+        for key in _STATE_DICTS:
+            state[key] = dict(module.__dict__[key])
+        buffers = {
+            name: b.detach().clone()
+            for name, b in module._buffers.items()
+            if isinstance(b, torch.Tensor) and not isinstance(b, nn.parameter.UninitializedBuffer)
+        }
+        saved.append((module, module.__class__, state, buffers))
+    try:
+        yield
+    finally:
+        for module, cls, state, buffers in saved:
+            module.__class__ = cls
+            for key in _STATE_DICTS:
+                module.__dict__[key].clear()
+                module.__dict__[key].update(state[key])
+            for key in list(module.__dict__):
+                if key not in state:
+                    del module.__dict__[key]
+            for key, value in state.items():
+                if key not in _STATE_DICTS:
+                    module.__dict__[key] = value
+            with torch.no_grad():
+                for name, value in buffers.items():
+                    module._buffers[name].copy_(value)
+
+
+# Loggers whose warnings are expected while normswap tries a capture or an export that may fail
+# (torch.export guard messages, the ONNX exporter's "torchvision is not installed").
+_NOISY_LOGGERS = (
+    "torch.export",
+    "torch._export",
+    "torch.fx.experimental.symbolic_shapes",
+    "torch._dynamo",
+    "torch.onnx",
+)
+
+
+class _DropTorchExportPrints(io.TextIOBase):
+    """stderr that drops only what torch.export's wrapper `print`s (the partial graph of a failed
+    export); every other write, from any thread or library, passes through unchanged."""
+
+    _SOURCE = os.path.join("torch", "export", "_trace.py")
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if sys._getframe(1).f_code.co_filename.endswith(self._SOURCE):
+            return len(text)
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def quiet_torch() -> Iterator[None]:
+    """Silence torch's expected noise around one call: raise the level of torch's own export and
+    ONNX loggers, filter warnings, and drop torch.export's partial-graph print. Nothing else the
+    process logs or prints is touched."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    stderr = sys.stderr
+    sys.stderr = _DropTorchExportPrints(stderr)  # type: ignore[assignment]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        sys.stderr = stderr
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
