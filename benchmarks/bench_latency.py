@@ -39,7 +39,7 @@ def main(repeats: int = 15) -> dict:
         for name, build in (("resnet50", ResNet50), ("mobilenet_v2", MobileNetV2)):
             model = trained_statistics(build(), (4, 3, 224, 224))
             variants = {"original (BatchNorm)": model}
-            for target in ("groupnorm", "layernorm"):
+            for target in ("groupnorm", "layernorm", "fold"):
                 variants[target] = normswap.convert(model, x, to=target).model
             paths = {label: normswap.export_onnx(m, x, Path(folder) / f"{name}-{i}.onnx") for i, (label, m) in enumerate(variants.items())}
             for batch in (1, 8):

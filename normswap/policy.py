@@ -78,10 +78,14 @@ def explicit_entry(site: Site, target: str, reason: str, options: PlanOptions) -
 
 def _auto_entry(site: Site, findings: list[Finding], context: Context, options: PlanOptions) -> PlanEntry:
     deciding = most_severe(findings)
-    if deciding is not None and deciding.fix is not None:
+    if context.inference_only and site.track_running_stats and not site.batch_dependent_eval:
+        # served only, with running statistics: a fixed affine; keep it exactly, fold it when possible
+        candidates = [
+            ("fold", "inference only: with running statistics BatchNorm is a fixed affine; fold keeps it at no cost"),
+            ("frozen", "inference only: with running statistics BatchNorm is a fixed affine; frozen keeps it exactly"),
+        ]
+    elif deciding is not None and deciding.fix is not None:
         candidates = [(deciding.fix.target, f"{deciding.code} {deciding.name}: {deciding.fix.description}")]
-    elif context.inference_only and site.track_running_stats and not site.batch_dependent_eval:
-        candidates = [("frozen", "inference only: with running statistics BatchNorm is a fixed affine; frozen keeps it exactly")]
     else:
         candidates = [targets.natural_target(site)]
     natural = targets.natural_target(site)

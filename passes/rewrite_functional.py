@@ -5,6 +5,8 @@ frozen_batch_norm, ...) on the same graph values, so parameter names are unchang
 """
 from __future__ import annotations
 
+from typing import Any
+
 from torch import fx
 
 from normswap import targets
@@ -45,8 +47,11 @@ class RewriteFunctionalBatchNorm(Pass):
             entry = self.entries.get(node.name) if is_batch_norm_call(node) else None
             if entry is None:
                 continue
+            call = BatchNormArgs.of_node(node)
+            target = targets.get(entry.target)
             try:
-                function, arguments = targets.get(entry.target).function(entry.params, BatchNormArgs.of_node(node))
+                target.absorb(model, entry.name, _Statistics(model, call), entry.params)
+                function, arguments = target.function(entry.params, call)
             except NormswapError as exc:
                 raise PlanError(f"Could not rewrite `{node.format_node()}` to {entry.target}: {exc}") from exc
             with graph.inserting_after(node):
@@ -72,3 +77,21 @@ class RewriteFunctionalBatchNorm(Pass):
         left = [n.name for n in model.graph.nodes if is_batch_norm_call(n) and n.name in self.entries]
         if left:
             raise PlanError(f"Functional batch_norm node(s) {', '.join(left)} survived the rewrite.")
+
+
+class _Statistics:
+    """The tensors a functional batch_norm node reads, by BatchNorm's attribute names."""
+
+    def __init__(self, model: fx.GraphModule, call: BatchNormArgs) -> None:
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            setattr(self, name, _value(model, getattr(call, name)))
+
+
+def _value(model: fx.GraphModule, value: Any) -> Any:
+    """A get_attr node's tensor; anything else as it is (None for an absent argument)."""
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        found: Any = model
+        for part in str(value.target).split("."):
+            found = getattr(found, part)
+        return found
+    return value

@@ -14,7 +14,6 @@ from normswap import Context
 from models import build, input_for
 
 GOLDEN = Path(__file__).parent / "golden"
-UPDATE = os.environ.get("NORMSWAP_UPDATE_GOLDEN") == "1"
 REPO = Path(__file__).resolve().parent.parent
 
 # model, context, name for the golden files
@@ -41,13 +40,14 @@ def _render(report, fmt: str) -> str:
 
 @pytest.mark.parametrize("fmt", ["text", "json", "markdown", "sarif"])
 @pytest.mark.parametrize("case", list(GOLDEN_CASES))
-def test_golden_reports(case: str, fmt: str) -> None:
+def test_golden_reports(case: str, fmt: str, request: pytest.FixtureRequest) -> None:
     rendered = _render(_report(case), fmt)
     assert rendered == _render(_report(case), fmt), "two runs must be byte-identical"
     assert str(REPO) not in rendered, "no absolute paths in reports"
     golden = GOLDEN / f"{case}.{ {'text': 'txt', 'json': 'json', 'markdown': 'md', 'sarif': 'sarif'}[fmt] }"
-    if UPDATE:
+    if request.config.getoption("--update-goldens") and (not golden.exists() or golden.read_text(encoding="utf-8") != rendered):
         golden.write_text(rendered, encoding="utf-8")
+        pytest.fail(f"{golden.name} rewritten by --update-goldens: review `git diff {golden}` and rerun without the option")
     assert rendered == golden.read_text(encoding="utf-8")
 
 

@@ -17,7 +17,7 @@ def site(**overrides) -> Site:
     base = Site(
         name="layer.bn", kind="module", flavour="BatchNorm2d", num_features=64, input_shape=(8, 64, 14, 14),
         affine=True, track_running_stats=True, eps=1e-5, momentum=0.1, call_count=1,
-        producers=("layer.conv (Conv2d)",), consumers=("relu",),
+        producers=("layer.conv (Conv2d)",), consumers=("relu",), producer_module="layer.conv", producer_exclusive=True,
     )
     return dataclasses.replace(base, **overrides)
 
@@ -65,7 +65,8 @@ CASES = [
     ("NS203", {"input_shape": (8, 64, 1, 1)}, Context(), False),  # 64 / 32 = 2 values per group
     ("NS301", {}, Context(inference_only=True), True),
     ("NS301", {}, Context(), False),
-    ("NS301", {"producers": ("add",)}, Context(inference_only=True), False),
+    ("NS301", {"producers": ("add",), "producer_module": None}, Context(inference_only=True), False),
+    ("NS301", {"producer_exclusive": False}, Context(inference_only=True), False),  # the conv output is also used elsewhere
     ("NS302", {}, Context(finetune=True, batch_size=4), True),
     ("NS302", {}, Context(finetune=True, batch_size=256), False),
     ("NS302", {"track_running_stats": False, "batch_dependent_eval": True}, Context(finetune=True, batch_size=4), False),

@@ -1,24 +1,22 @@
 """NS301 foldable-into-conv: inference only, BatchNorm right after conv/linear: fold, do not swap."""
 from __future__ import annotations
 
-import re
-
+from .. import targets
 from ..context import Context
 from ..sites import Site
+from ..targets import PlanOptions, Refusal
 from .base import Finding, Fix, Rule, Severity, Skip
-
-_FOLDABLE_PRODUCER = re.compile(r"\((Conv[123]d|ConvTranspose[123]d|Linear|LazyConv[123]d|LazyLinear)\)$")
 
 
 class FoldableIntoConv(Rule):
     """## What it does
     For inference-only models, reports BatchNorm with running statistics applied directly to the
-    output of a convolution or linear layer.
+    output of a convolution or linear layer that nothing else uses.
 
     ## Why is this bad?
-    It is not: in eval mode such a BatchNorm is a fixed per-channel affine that exporters and
-    runtimes fold into the preceding weights, for free. Swapping it for GroupNorm would *add* a
-    per-sample reduction at inference and change the function.
+    It is not: in eval mode such a BatchNorm is a fixed per-channel affine that can be folded
+    into the preceding weights, for free. Swapping it for GroupNorm would *add* a per-sample
+    reduction at inference and change the function.
 
     ## Example
     ```python
@@ -26,11 +24,12 @@ class FoldableIntoConv(Rule):
     ```
 
     ## Fix safety
-    Safe: `frozen` keeps the eval-mode function exactly, and onnxruntime folds the resulting
-    BatchNormalization into the Conv.
+    Safe: `fold` scales the convolution's weights and shifts its bias by BatchNorm's eval-mode
+    affine (computed in float64), so the function is kept and no normalization op is left.
 
     ## References
     - Jacob et al. Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference. CVPR 2018, section 3.2 (batch norm folding).
+    - torch.fx `experimental/optimization.py` (`fuse`), onnxscript's batchnorm fusion rewrite rule.
     """
 
     code = "NS301"
@@ -42,13 +41,13 @@ class FoldableIntoConv(Rule):
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if not context.inference_only:
             return self.skip("the model will be trained")
-        if not site.track_running_stats or site.batch_dependent_eval:
-            return self.skip("no running statistics to fold")
-        producer = next((p for p in site.producers if _FOLDABLE_PRODUCER.search(p)), None)
-        if producer is None:
-            return self.skip("not directly after a conv / linear layer")
+        try:
+            params, _ = targets.get("fold").plan(site, PlanOptions())
+        except Refusal as refusal:
+            return self.skip(f"cannot be folded: {refusal}")
+        producer = site.producers[0]
         return self.finding(
             site,
             f"'{site.name}' follows {producer} and is a fixed affine at inference: fold it, do not swap.",
-            Fix("frozen", True, "freeze (exact eval function); onnxruntime folds it into the conv"),
+            Fix("fold", True, f"fold into '{params['into']}': the same function with no normalization op left"),
         )

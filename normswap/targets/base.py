@@ -143,8 +143,12 @@ class Target:
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             bn.register_buffer(name, None)
 
-    def absorb(self, model: nn.Module, site_name: str, bn: nn.Module, params: Mapping[str, Any]) -> None:
-        """Change other parts of `model` before the site is replaced (fold changes its producer)."""
+    def absorb(self, model: nn.Module, site_name: str, statistics: Any, params: Mapping[str, Any]) -> None:
+        """Change other parts of `model` before the site is replaced (fold changes its producer).
+
+        `statistics` has the site's running_mean, running_var, weight and bias: the BatchNorm
+        module, or for a functional call the tensors it passes.
+        """
 
     # --- calibration ----------------------------------------------------------------------
 

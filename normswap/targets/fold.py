@@ -37,8 +37,8 @@ class FoldTarget(Target):
     parameters = {"into": Param("str"), "num_features": Param("int", positive=True), "eps": Param("float", positive=True)}
 
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
-        if site.kind not in ("module", "subclass"):
-            raise Refusal(f"{where(site)} is a functional call; fold rewrites BatchNorm modules")
+        if site.kind == "lookalike":
+            raise Refusal(f"{where(site)} is not a torch BatchNorm")
         if not site.track_running_stats or site.batch_dependent_eval:
             raise Refusal(f"{where(site)} has no running statistics to fold")
         if site.call_count != 1:
@@ -52,7 +52,7 @@ class FoldTarget(Target):
             raise Refusal(f"{where(site)} normalizes dim 1 of a rank-{site.input_rank} linear output, not its features")
         return {"into": site.producer_module, "num_features": site.num_features, "eps": site.eps}, f"folded into {site.producers[0]}"
 
-    def absorb(self, model: nn.Module, site_name: str, bn: nn.Module, params: Mapping[str, Any]) -> None:
+    def absorb(self, model: nn.Module, site_name: str, statistics: Any, params: Mapping[str, Any]) -> None:
         try:
             producer = model.get_submodule(str(params["into"]))
         except AttributeError:
@@ -62,7 +62,7 @@ class FoldTarget(Target):
         channels = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
         if channels != int(params["num_features"]):
             raise PlanError(f"Plan entry '{site_name}' (fold): '{params['into']}' has {channels} outputs, the BatchNorm {params['num_features']}.")
-        fold_into(producer, bn, float(params["eps"]))
+        fold_into(producer, statistics, float(params["eps"]))
 
     def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
         return nn.Identity()
@@ -77,8 +77,11 @@ class FoldTarget(Target):
         bn.register_parameter("bias", None)
 
 
-def fold_into(producer: nn.Module, bn: nn.Module, eps: float) -> None:
-    """Scale the producer's output channels and shift its bias by BatchNorm's eval-mode affine."""
+def fold_into(producer: nn.Module, bn: Any, eps: float) -> None:
+    """Scale the producer's output channels and shift its bias by BatchNorm's eval-mode affine
+    (`bn` has running_mean, running_var and optional weight / bias)."""
+    if not all(isinstance(getattr(bn, n, None), torch.Tensor) for n in ("running_mean", "running_var")):
+        raise PlanError("fold needs the running statistics as tensors (module buffers or attributes the graph reads directly)")
     with torch.no_grad():
         mean, var = bn.running_mean.double(), bn.running_var.double()
         weight = bn.weight.double() if getattr(bn, "weight", None) is not None else torch.ones_like(mean)
