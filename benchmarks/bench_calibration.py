@@ -1,5 +1,6 @@
 """Calibration and healing evidence: top-1 agreement with the original and accuracy on held-out
 generated data for the plain swap, calibrated and healed models."""
+
 from __future__ import annotations
 
 import sys
@@ -7,10 +8,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-import torch  # noqa: E402
+import torch
 
-import normswap  # noqa: E402
-from synthetic import SequenceRNN, ShapesNet, accuracy, agreement, sequence_dataset, shapes_dataset, train  # noqa: E402
+import normswap
+from synthetic import SequenceRNN, ShapesNet, accuracy, agreement, sequence_dataset, shapes_dataset, train
 
 CASES = [
     # name, model, dataset, training steps / lr, convert kwargs, heal lr

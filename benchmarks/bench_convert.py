@@ -1,4 +1,5 @@
 """Convert end to end vs a bare torch.onnx.export of the same converted model (memory: bench_memory.py)."""
+
 from __future__ import annotations
 
 import sys
@@ -9,9 +10,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import normswap  # noqa: E402
-from nets import ResNet50, trained_statistics  # noqa: E402
-from normswap.export.validate import _session  # noqa: E402
+import normswap
+from nets import ResNet50, trained_statistics
+from normswap.export.validate import _session
 
 
 def main() -> dict:
@@ -34,8 +35,14 @@ def main() -> dict:
         timings["validate (runs, checks, drift)"] = time.perf_counter() - step
         total = time.perf_counter() - start
         step = time.perf_counter()
-        torch.onnx.export(conversion.model.eval(), (x,), str(Path(folder) / "bare.onnx"), dynamo=True, verbose=False,
-                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.onnx.export(
+            conversion.model.eval(),
+            (x,),
+            str(Path(folder) / "bare.onnx"),
+            dynamo=True,
+            verbose=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        )
         bare = time.perf_counter() - step
     rest = total - timings["export (normswap.export_onnx)"] - timings["onnxruntime session"]
     print("convert end to end, ResNet-50 layout, input 2x3x224x224:")

@@ -7,6 +7,7 @@ Transpose -> LayerNormalization -> Transpose (default) vs ReduceMean over the ch
 Also counts the sites whose affine could fold into a following conv / linear (nothing non-linear
 in between). Every variant is checked against F.group_norm / the default before it is timed.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -24,15 +25,18 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-import normswap  # noqa: E402
-from normswap.targets import groupnorm as gn_target, layernorm as norms  # noqa: E402
-from nets import MobileNetV2, ResNet50, trained_statistics  # noqa: E402
+import normswap
+from nets import MobileNetV2, ResNet50, trained_statistics
+from normswap.targets import groupnorm as gn_target
+from normswap.targets import layernorm as norms
 
 NORMSWAP_GN = gn_target.GroupNorm.forward  # LayerNormalization over a (N, G, -1) view at export
 
 
 def exporter_default_gn(m, x):
     return F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)  # Reshape -> InstanceNormalization -> ...
+
+
 DEFAULT_LN = norms.channel_layer_norm
 
 

@@ -1,4 +1,5 @@
 """onnxruntime latency (CPU, 2 threads, median of repeated runs): BatchNorm original vs converted."""
+
 from __future__ import annotations
 
 import statistics
@@ -12,8 +13,8 @@ import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import normswap  # noqa: E402
-from nets import MobileNetV2, ResNet50, trained_statistics  # noqa: E402
+import normswap
+from nets import MobileNetV2, ResNet50, trained_statistics
 
 
 def latency(path: Path, batch: int, repeats: int = 15) -> float:

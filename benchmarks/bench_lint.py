@@ -1,4 +1,5 @@
 """Lint time on a ResNet-50-sized model, split into capture (trace + shapes), discovery, rules, rendering."""
+
 from __future__ import annotations
 
 import statistics
@@ -9,8 +10,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import normswap  # noqa: E402
-from nets import ResNet50  # noqa: E402
+import normswap
+from nets import ResNet50
 
 
 def main(repeats: int = 5) -> dict:
@@ -29,7 +30,9 @@ def main(repeats: int = 5) -> dict:
         report.to_text(), report.to_json(), report.to_sarif(), report.to_markdown()
         render = time.perf_counter() - start
         rows.append({**analysis.timings, "render(all 4)": render, "lint total": total})
-    print(f"lint, ResNet-50 layout ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, {len(report.sites)} BatchNorm sites, input 2x3x224x224), median of {repeats}:")
+    print(
+        f"lint, ResNet-50 layout ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, {len(report.sites)} BatchNorm sites, input 2x3x224x224), median of {repeats}:"
+    )
     medians = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     for key, value in medians.items():
         print(f"  {key:<16} {value * 1000:8.1f} ms")

@@ -3,6 +3,7 @@
 RSS is sampled every 2 ms from /proc/self/statm by a background thread (torch allocations are not
 visible to tracemalloc).
 """
+
 from __future__ import annotations
 
 import gc
@@ -16,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import normswap  # noqa: E402
-from nets import ResNet50, trained_statistics  # noqa: E402
-from normswap.export.validate import _session  # noqa: E402
+import normswap
+from nets import ResNet50, trained_statistics
+from normswap.export.validate import _session
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -39,7 +40,7 @@ class PeakSampler:
             self.peak = max(self.peak, rss_mib())
             time.sleep(0.002)
 
-    def __enter__(self) -> "PeakSampler":
+    def __enter__(self) -> PeakSampler:
         self._thread.start()
         return self
 
@@ -57,9 +58,8 @@ def main() -> dict:
         normswap.export_onnx(model, x, Path(folder) / "warm.onnx")  # imports and caches first
         gc.collect()
         base = rss_mib()
-        with PeakSampler() as forward:
-            with torch.no_grad():
-                model(x)
+        with PeakSampler() as forward, torch.no_grad():
+            model(x)
         activations = forward.peak - base
         gc.collect()
         steps = {}

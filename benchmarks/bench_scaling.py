@@ -1,6 +1,8 @@
 """Scaling: lint and rewrite time for 100, 1,000 and 10,000 BatchNorm sites; ratio time(10x)/time(1x)."""
+
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -8,8 +10,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import normswap  # noqa: E402
-from nets import DeepChain  # noqa: E402
+import normswap
+from nets import DeepChain
 
 
 def main(sizes: tuple[int, ...] = (100, 1000, 10000)) -> dict:
@@ -27,7 +29,7 @@ def main(sizes: tuple[int, ...] = (100, 1000, 10000)) -> dict:
     print(f"  {'sites':>6} {'lint s':>9} {'rewrite s':>10} {'plan s':>8}")
     for sites, (lint_time, rewrite, plan) in results.items():
         print(f"  {sites:>6} {lint_time:9.3f} {rewrite:10.4f} {plan:8.4f}")
-    for small, large in zip(sizes, sizes[1:]):
+    for small, large in itertools.pairwise(sizes):
         (l1, r1, _), (l2, r2, _) = results[small], results[large]
         print(f"  x{large // small} sites ({small} -> {large}): lint x{l2 / l1:.1f}, rewrite x{r2 / r1:.1f} (target <= x12)")
     return results

@@ -1,7 +1,8 @@
 """Run every benchmark, each in a fresh process (memory and first-call costs stay honest):
 
-    python benchmarks/run_all.py
+python benchmarks/run_all.py
 """
+
 import platform
 import subprocess
 import sys

@@ -6,6 +6,7 @@ Writes DIR/checkpoint.pt and DIR/calibration.pt, then runs
 `normswap convert DIR/checkpoint.pt --model examples/synthetic.py:ShapesNet ... --out DIR/converted`
 with calibration and healing, and prints the report. No network, about half a minute on 2 cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,23 @@ def main() -> int:
     from normswap.cli import main as normswap
 
     command = [
-        "convert", str(out / "checkpoint.pt"),
-        "--model", f"{HERE / 'synthetic.py'}:ShapesNet", "--input-shape", "8,3,16,16",
-        "--out", str(out / "converted"), "--force", "--groups", "4",
-        "--calibration-data", str(out / "calibration.pt"), "--heal-steps", "300", "--heal-lr", "3e-3",
+        "convert",
+        str(out / "checkpoint.pt"),
+        "--model",
+        f"{HERE / 'synthetic.py'}:ShapesNet",
+        "--input-shape",
+        "8,3,16,16",
+        "--out",
+        str(out / "converted"),
+        "--force",
+        "--groups",
+        "4",
+        "--calibration-data",
+        str(out / "calibration.pt"),
+        "--heal-steps",
+        "300",
+        "--heal-lr",
+        "3e-3",
     ]
     print("$ normswap " + " ".join(command))
     try:

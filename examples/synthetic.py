@@ -4,6 +4,7 @@
   centred blob) with random frequency, phase, colour, contrast and noise.
 - sequences: (N, T=12, F=6) sequences of 3 classes (rising, falling, oscillating trend) with noise.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,7 +81,9 @@ class SequenceRNN(nn.Module):
         return self.head(h)
 
 
-def train(model: nn.Module, data: torch.Tensor, labels: torch.Tensor, steps: int = 300, batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> nn.Module:
+def train(
+    model: nn.Module, data: torch.Tensor, labels: torch.Tensor, steps: int = 300, batch_size: int = 64, lr: float = 3e-3, seed: int = 0
+) -> nn.Module:
     """Plain supervised training with Adam; returns the model in eval mode."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)

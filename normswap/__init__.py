@@ -4,6 +4,7 @@ The pipeline, one package or module per stage:
 capture/ + sites -> rules/ + advise + policy -> targets/ + passes/ + rewrite -> calibration/
 -> export/ -> report + render/ -> cli/. This module re-exports the public API.
 """
+
 from __future__ import annotations
 
 from ._version import __version__

@@ -1,7 +1,8 @@
 """Advise: run the rule catalogue over the sites and the capture; select / ignore rule codes."""
+
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from .capture import Capture
 from .context import Context

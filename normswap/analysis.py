@@ -1,9 +1,11 @@
 """Analysis: capture -> discover -> advise, the part that lint and convert share."""
+
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from torch import nn
 

@@ -1,13 +1,15 @@
 """Checkpoints: safe loading (weights_only / safetensors), nested and prefixed layouts, fitting to a
 model with a readable mismatch list, atomic saving in the input's format."""
+
 from __future__ import annotations
 
 import pickle
 import re
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,8 +65,10 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     try:
         return load_file(str(path), device="cpu")
-    except Exception as exc:  # noqa: BLE001 - SafetensorError and friends
-        raise CheckpointError(f"Checkpoint '{path}' is not a readable safetensors file ({_first_line(exc)}); it may be truncated or corrupt.") from exc
+    except Exception as exc:
+        raise CheckpointError(
+            f"Checkpoint '{path}' is not a readable safetensors file ({_first_line(exc)}); it may be truncated or corrupt."
+        ) from exc
 
 
 def _load_torch(path: Path, trust: bool) -> Any:
@@ -85,7 +89,7 @@ def _load_torch(path: Path, trust: bool) -> Any:
         if "failed finding central directory" in text or isinstance(exc, EOFError) or "truncated" in text.lower():
             raise CheckpointError(f"Checkpoint '{path}' is truncated or corrupt ({text}); re-save or re-download it.") from exc
         raise CheckpointError(f"Checkpoint '{path}' could not be read as a PyTorch checkpoint ({text}).") from exc
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise CheckpointError(f"Checkpoint '{path}' could not be read as a PyTorch checkpoint ({_first_line(exc)}).") from exc
 
 
@@ -102,7 +106,7 @@ def _find_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str
     if isinstance(obj, Mapping):
         for key in NESTED_KEYS:
             inner = obj.get(key)
-            if _is_tensor_mapping(inner):
+            if isinstance(inner, Mapping) and _is_tensor_mapping(inner):
                 return {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}, key
         if _is_tensor_mapping(obj):
             return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, None
@@ -124,7 +128,7 @@ def fit_to_model(checkpoint: Checkpoint, model: nn.Module) -> dict[str, torch.Te
     best, best_prefix = state, None
     for prefix in PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
-            stripped = {k[len(prefix):]: v for k, v in state.items()}
+            stripped = {k[len(prefix) :]: v for k, v in state.items()}
             if len(set(stripped) & set(expected)) > len(set(best) & set(expected)):
                 best, best_prefix = stripped, prefix
     checkpoint.prefix = best_prefix
@@ -137,10 +141,13 @@ def fit_to_model(checkpoint: Checkpoint, model: nn.Module) -> dict[str, torch.Te
         if tuple(best[k].shape) != tuple(expected[k].shape)
     )
     if missing or unexpected or misshaped:
-        parts = [f"{label}: {_short(items)}" for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)) if items]
+        parts = [
+            f"{label}: {_short(items)}"
+            for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped))
+            if items
+        ]
         raise CheckpointError(
-            f"Checkpoint '{checkpoint.path}' does not fit {type(model).__name__} ({'; '.join(parts)}); "
-            "check --model and its -k arguments."
+            f"Checkpoint '{checkpoint.path}' does not fit {type(model).__name__} ({'; '.join(parts)}); check --model and its -k arguments."
         )
     return {k: v for k, v in best.items() if k in expected}
 

@@ -1,4 +1,5 @@
 """`[tool.normswap]` in the nearest pyproject.toml: context defaults, rule selection, models to lint."""
+
 from __future__ import annotations
 
 import tomllib
@@ -10,7 +11,17 @@ from .context import Context
 from .errors import ConfigError
 from .loader import InputSpec, parse_input_spec
 
-_CONTEXT_KEYS = {"batch_size", "world_size", "differential_privacy", "dp", "inference_only", "inference", "finetune", "sequence", "small_batch_threshold"}
+_CONTEXT_KEYS = {
+    "batch_size",
+    "world_size",
+    "differential_privacy",
+    "dp",
+    "inference_only",
+    "inference",
+    "finetune",
+    "sequence",
+    "small_batch_threshold",
+}
 _OTHER_KEYS = {"models", "input_shape", "select", "ignore", "fail_on", "format"}
 
 
@@ -88,7 +99,7 @@ def _model_entry(item: Any, where: str, default_shape: Any) -> ModelEntry:
         if default_shape is None:
             raise ConfigError(
                 f"Model '{item}' in {where} needs an input shape: set input_shape = \"2,3,224,224\" in [tool.normswap] "
-                f"or write {{ model = \"{item}\", input_shape = \"2,3,224,224\" }}."
+                f'or write {{ model = "{item}", input_shape = "2,3,224,224" }}.'
             )
         item = {"model": item, "input_shape": default_shape}
     if not isinstance(item, dict) or not isinstance(item.get("model"), str):

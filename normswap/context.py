@@ -1,4 +1,5 @@
 """How the model will be trained or served; rules judge BatchNorm against it."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,16 +39,14 @@ class Context:
         if not isinstance(self.world_size, int) or self.world_size < 1:
             raise ConfigError(f"world_size must be a positive integer, got {self.world_size!r}.")
         if not isinstance(self.small_batch_threshold, int) or self.small_batch_threshold < 2:
-            raise ConfigError(
-                f"small_batch_threshold must be an integer of at least 2, got {self.small_batch_threshold!r}."
-            )
+            raise ConfigError(f"small_batch_threshold must be an integer of at least 2, got {self.small_batch_threshold!r}.")
 
     @property
     def trains(self) -> bool:
         """True when the model will be trained (so training-time batch statistics matter)."""
         return not self.inference_only
 
-    def replace(self, **changes: Any) -> "Context":
+    def replace(self, **changes: Any) -> Context:
         """A copy with some fields changed (None values are ignored, so CLI flags can be passed as-is)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
@@ -55,7 +54,7 @@ class Context:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_mapping(cls, data: dict[str, Any], where: str = "context") -> "Context":
+    def from_mapping(cls, data: dict[str, Any], where: str = "context") -> Context:
         """Build from a mapping (e.g. `[tool.normswap]`), rejecting unknown keys by name."""
         names = {f.name for f in dataclasses.fields(cls)}
         aliases = {"dp": "differential_privacy", "inference": "inference_only"}
@@ -63,9 +62,7 @@ class Context:
         for key, value in data.items():
             name = aliases.get(key.replace("-", "_"), key.replace("-", "_"))
             if name not in names:
-                raise ConfigError(
-                    f"Unknown key '{key}' in {where}; known keys are: {', '.join(sorted(names))}."
-                )
+                raise ConfigError(f"Unknown key '{key}' in {where}; known keys are: {', '.join(sorted(names))}.")
             values[name] = value
         try:
             return cls(**values)

@@ -1,4 +1,5 @@
 """convert(): rewrite a model's BatchNorm sites and, given unlabeled data, calibrate and heal it."""
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """Exceptions normswap raises for input the user can fix; str() is one actionable sentence."""
+
 from __future__ import annotations
 
 

@@ -1,11 +1,12 @@
 """Atomic file writes: a temporary file in the same directory, then rename; never a partial file."""
+
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from .errors import OutputError
 

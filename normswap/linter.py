@@ -1,7 +1,9 @@
 """lint(): analyse a model and return a Report of findings (no rewriting)."""
+
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 

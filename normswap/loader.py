@@ -1,4 +1,5 @@
 """Load a model from a spec (`package.module:callable` or `path/to/file.py:callable`) and build inputs."""
+
 from __future__ import annotations
 
 import ast
@@ -6,9 +7,10 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +35,7 @@ def parse_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
 
 def parse_shape(text: str | Sequence[int]) -> tuple[int, ...]:
     """'2,3,224,224' (or a list of ints) to a shape tuple of positive ints."""
-    parts = text if not isinstance(text, str) else [p for p in text.replace("x", ",").split(",")]
+    parts = text if not isinstance(text, str) else text.replace("x", ",").split(",")
     try:
         shape = tuple(int(str(p).strip()) for p in parts)
     except ValueError:
@@ -47,9 +49,18 @@ def parse_shape(text: str | Sequence[int]) -> tuple[int, ...]:
 
 
 DTYPES = {
-    "float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64,
-    "float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-    "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32, "bool": torch.bool,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float64": torch.float64,
+    "double": torch.float64,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "long": torch.int64,
+    "int32": torch.int32,
+    "int": torch.int32,
+    "bool": torch.bool,
 }
 
 
@@ -68,9 +79,9 @@ def parse_input_spec(text: str | Sequence[int]) -> InputSpec:
     shape_text, sep, dtype_text = text.partition(":")
     dtype = torch.float32
     if sep:
-        dtype = DTYPES.get(dtype_text.strip().lower())
-        if dtype is None:
+        if dtype_text.strip().lower() not in DTYPES:
             raise ConfigError(f"Unknown input dtype '{dtype_text}' in '{text}'; use one of {', '.join(DTYPES)}.")
+        dtype = DTYPES[dtype_text.strip().lower()]
     return InputSpec(parse_shape(shape_text), dtype)
 
 
@@ -97,6 +108,8 @@ def _import_target(spec: str) -> tuple[Any, str]:
             raise ModelLoadError(f"Model file '{location}' does not exist; check the path in '{spec}'.")
         module_name = f"_normswap_user_{abs(hash(str(path.resolve())))}"
         import_spec = importlib.util.spec_from_file_location(module_name, path)
+        if import_spec is None or import_spec.loader is None:
+            raise ModelLoadError(f"Model file '{location}' cannot be imported as Python; check the path in '{spec}'.")
         module = importlib.util.module_from_spec(import_spec)
         sys.path.insert(0, str(path.resolve().parent))  # sibling imports of the user's file
         try:

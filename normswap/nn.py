@@ -2,6 +2,7 @@
 
 Modules name their parameters `weight` and `bias` like BatchNorm's, so state_dict keys carry over.
 """
+
 from __future__ import annotations
 
 from .targets.fold import unchanged
@@ -11,6 +12,12 @@ from .targets.layernorm import ChannelLayerNorm, channel_layer_norm
 from .targets.syncbn import sync_batch_norm
 
 __all__ = [
-    "ChannelLayerNorm", "FrozenBatchNorm", "GroupNorm", "channel_layer_norm", "frozen_batch_norm", "group_norm",
-    "sync_batch_norm", "unchanged",
+    "ChannelLayerNorm",
+    "FrozenBatchNorm",
+    "GroupNorm",
+    "channel_layer_norm",
+    "frozen_batch_norm",
+    "group_norm",
+    "sync_batch_norm",
+    "unchanged",
 ]

@@ -1,4 +1,5 @@
 """convert_checkpoint(): the whole `normswap convert` job, staged so that no partial output remains."""
+
 from __future__ import annotations
 
 import contextlib
@@ -6,9 +7,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -152,7 +154,9 @@ def convert_checkpoint(
             report.outputs["onnx"] = str(out_dir / "model.onnx")
             if options.validate:
                 with steps.step("validate with onnxruntime"):
-                    report.validation = validate_onnx(conversion.model, onnx_path, inputs, original=model, atol=options.atol, rtol=options.rtol, plan=conversion.plan)
+                    report.validation = validate_onnx(
+                        conversion.model, onnx_path, inputs, original=model, atol=options.atol, rtol=options.rtol, plan=conversion.plan
+                    )
                 if report.validation.drift is not None and "swap" not in report.drift:
                     report.drift = {"swap": report.validation.drift, **report.drift}
         report.outputs.update({"report": str(out_dir / "report.json"), "markdown": str(out_dir / "report.md")})
@@ -167,7 +171,7 @@ def _calibration_batches(model: torch.nn.Module, path: str, batch_size: int) -> 
     try:
         with preserved(model), torch.no_grad():
             model.eval()(batches[0])
-    except Exception as exc:  # noqa: BLE001 - the user's model rejects the data: one sentence, with the cause
+    except Exception as exc:
         raise CalibrationError(
             f"Calibration data '{path}' of shape {tuple(batches[0].shape)} (per batch) does not fit the model: {str(exc).splitlines()[0][:160]}."
         ) from exc

@@ -1,4 +1,5 @@
 """The Plan: per site, the target, its parameters and the reason; checked and JSON round-tripped."""
+
 from __future__ import annotations
 
 import json
@@ -112,8 +113,11 @@ class Plan:
                 raise PlanError(f"{where}: 'params' of site '{site['name']}' must be an object.")
             entries.append(
                 PlanEntry(
-                    name=site["name"], target=site["target"], params=dict(params),
-                    reason=str(site.get("reason", "")), kind=str(site.get("kind", "module")),
+                    name=site["name"],
+                    target=site["target"],
+                    params=dict(params),
+                    reason=str(site.get("reason", "")),
+                    kind=str(site.get("kind", "module")),
                 )
             )
         plan = cls(entries, version)

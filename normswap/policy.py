@@ -1,4 +1,5 @@
 """Policy: turn sites, findings and a requested target into a Plan, one reasoned entry per site."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -5,6 +5,7 @@ layers stay off and forwards that need labels in training still run) and once in
 while every batch_norm call is watched and attributed to the innermost module running it. Each
 converted BatchNorm subclass is also probed alone, which catches statistics computed by hand.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,7 +36,7 @@ class _BatchStatisticsWatch(TorchFunctionMode):
         self.stack = stack
         self.owners: list[str] = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in BATCH_NORM_FUNCTIONS:
             call = BatchNormArgs.of(func, args, kwargs)
             if call.training or call.running_mean is None or call.running_var is None:
@@ -103,7 +104,7 @@ def check_no_batch_statistics(model: nn.Module, plan: Plan, sites: Sequence[Site
     for train in (True, False):
         try:
             users = batch_statistics_users(model, inputs, train, owners)
-        except Exception as exc:  # noqa: BLE001 - the user's forward failed in this mode: say so, check per layer
+        except Exception as exc:
             log.debug("post-condition run failed", exc_info=True)
             notes.append(f"whole-model {'train' if train else 'eval'}-mode check skipped: {type(exc).__name__}: {str(exc).strip()[:160]}")
             continue

@@ -1,14 +1,17 @@
 """The Report: one object for everything a run found; renderers turn it into text/json/markdown/sarif."""
+
 from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from .context import Context
 from .errors import ConfigError
 from .plan import Plan
+from .render import render_json, render_markdown, render_sarif, render_text
 from .rules import Finding, Severity
 from .sites import Site
 from .source import SourceLocation, relative_path
@@ -50,23 +53,15 @@ class Report:
         return 1 if any(f.severity.rank >= threshold for f in self.findings) else 0
 
     def to_text(self, color: bool = False, width: int = 120) -> str:
-        from .render.text import render_text
-
         return render_text([self], color=color, width=width)
 
     def to_json(self) -> str:
-        from .render.json import render_json
-
         return render_json([self])
 
     def to_markdown(self) -> str:
-        from .render.markdown import render_markdown
-
         return render_markdown([self])
 
     def to_sarif(self) -> str:
-        from .render.sarif import render_sarif
-
         return render_sarif([self])
 
 

@@ -1,5 +1,6 @@
 """rewrite() and apply_plan(): plan a model's BatchNorm sites and rewrite them, then check that
 no converted site still normalizes with batch statistics."""
+
 from __future__ import annotations
 
 import copy
@@ -113,7 +114,7 @@ def apply_plan(model: nn.Module, plan: Plan, example_inputs: Any = None, inplace
         working.train()  # functional `training=self.training` is traced as in convert()
         try:
             target = trace(working).train(was_training)
-        except Exception as exc:  # noqa: BLE001 - the user's forward cannot be traced: one sentence, with the cause
+        except Exception as exc:
             raise PlanError(f"The plan rewrites functional batch_norm calls, but {type(model).__name__} cannot be traced: {exc}.") from exc
         working.train(was_training)
     return PassManager([SwapBatchNormModules(plan), RewriteFunctionalBatchNorm(plan)])(target).model
@@ -141,7 +142,7 @@ def materialize_lazy(model: nn.Module, inputs: tuple) -> None:
     try:
         with torch.no_grad():
             model.eval()(*inputs)
-    except Exception as exc:  # noqa: BLE001 - the user's model failed: one sentence, with the cause
+    except Exception as exc:
         raise CaptureError(f"{type(model).__name__} cannot run on the example inputs to initialize its lazy modules: {exc}.") from exc
     finally:
         for module, flag in flags.items():
@@ -156,5 +157,5 @@ def _require_graph_for_functional(plan: Plan, analysis: Analysis) -> None:
             raise PlanError(
                 f"Functional batch_norm call '{entry.name}' cannot be rewritten: it is rewritten in a torch.fx graph and "
                 f"the model was captured with {analysis.capture.method} ({why}); make forward traceable, or keep it "
-                "with a plan entry {\"target\": \"keep\"}."
+                'with a plan entry {"target": "keep"}.'
             )

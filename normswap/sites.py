@@ -1,4 +1,5 @@
 """Discovery: turn captured BatchNorm calls into Sites, one per module or functional call."""
+
 from __future__ import annotations
 
 import copy
@@ -7,8 +8,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
+from torch.overrides import TorchFunctionMode
 
 from .capture import BatchNormCall, Capture
 from .capture.tracer import BATCH_NORM_FUNCTIONS
@@ -124,8 +125,11 @@ def _unused_sites(model: nn.Module, modules: dict[str, nn.Module], called: set[s
             continue  # part of a called BatchNorm-like module
         unused.append(
             Site(
-                **_module_fields(model, module, name, None), input_shape=None, call_count=0,
-                batch_dependent_train=False, batch_dependent_eval=False,
+                **_module_fields(model, module, name, None),
+                input_shape=None,
+                call_count=0,
+                batch_dependent_train=False,
+                batch_dependent_eval=False,
                 notes=["never called by forward on the example inputs"],
             )
         )
@@ -228,7 +232,7 @@ class _BatchNormCallCounter(TorchFunctionMode):
         super().__init__()
         self.count = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         self.count += func in BATCH_NORM_FUNCTIONS
         return func(*args, **(kwargs or {}))
 

@@ -1,4 +1,5 @@
 """Source locations: where a BatchNorm is constructed and where forward calls it, repo-relative."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,17 +9,18 @@ import linecache
 import os
 import re
 import sys
+import types
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent) + os.sep
 _NORMSWAP_DIR = str(Path(__file__).resolve().parent) + os.sep
-_PASSES_DIR = str((Path(__file__).resolve().parent.parent / "passes")) + os.sep
+_PASSES_DIR = str(Path(__file__).resolve().parent.parent / "passes") + os.sep
 _INTERNAL_PREFIXES = (_TORCH_DIR, _NORMSWAP_DIR, _PASSES_DIR)
 _FRAME_RE = re.compile(r'File "(?P<path>[^"]+)", line (?P<line>\d+)')
 
@@ -38,7 +40,7 @@ class SourceLocation:
         return {"path": self.path, "line": self.line, "code": self.code}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SourceLocation":
+    def from_dict(cls, data: dict) -> SourceLocation:
         return cls(path=data["path"], line=int(data["line"]), code=data.get("code", ""))
 
 
@@ -84,7 +86,7 @@ def _location(filename: str, line: int) -> SourceLocation:
 
 def user_frame_location(skip: int = 1) -> SourceLocation | None:
     """The innermost frame on the current stack that belongs to user code (not torch, not normswap)."""
-    frame = sys._getframe(skip)
+    frame: types.FrameType | None = sys._getframe(skip)
     while frame is not None:
         filename = os.path.abspath(frame.f_code.co_filename)
         if not _is_internal(filename):
@@ -106,7 +108,7 @@ def location_from_stack_trace(stack_trace: str | None) -> SourceLocation | None:
 
 
 # Construction sites recorded while a model is built (exact, covers helpers and loops).
-_CONSTRUCTED: "weakref.WeakKeyDictionary[nn.Module, SourceLocation]" = weakref.WeakKeyDictionary()
+_CONSTRUCTED: weakref.WeakKeyDictionary[nn.Module, SourceLocation] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -158,7 +160,7 @@ def construction_site(model: nn.Module, qualified_name: str) -> SourceLocation |
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _assignments(cls: type) -> dict[str, tuple[str, int]]:
     """attribute name -> (file, line) of the first `self.<name> = ...` in the class's source (MRO)."""
     found: dict[str, tuple[str, int]] = {}
@@ -172,9 +174,7 @@ def _assignments(cls: type) -> dict[str, tuple[str, int]]:
             continue
         own: dict[str, tuple[str, int]] = {}
         for offset, text in enumerate(lines):
-            match = re.match(r"\s*self\.(\w+)\s*(?::[^=]*)?=(?!=)", text) or re.match(
-                r"\s*self\.add_module\(\s*['\"](\w+)['\"]", text
-            )
+            match = re.match(r"\s*self\.(\w+)\s*(?::[^=]*)?=(?!=)", text) or re.match(r"\s*self\.add_module\(\s*['\"](\w+)['\"]", text)
             if match:
                 own.setdefault(match.group(1), (filename, start + offset))
         found.update(own)  # a subclass's assignment wins over its base's

@@ -1,4 +1,5 @@
 """Small torch helpers every layer uses: model state kept intact, example inputs, scoped quiet."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,6 +21,12 @@ class Replacement:
 
 def is_replacement(module: nn.Module) -> bool:
     return isinstance(module, Replacement)
+
+
+def tensor_attribute(module: Any, name: str) -> torch.Tensor | None:
+    """`module.<name>` when it is a tensor (a parameter or buffer), else None."""
+    value = getattr(module, name, None)
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def as_input_tuple(example_inputs: Any) -> tuple:
@@ -107,7 +114,9 @@ def preserved(model: nn.Module) -> Iterator[None]:
                     module.__dict__[key] = value
             with torch.no_grad():
                 for name, value in buffers.items():
-                    module._buffers[name].copy_(value)
+                    slot = module._buffers[name]
+                    if slot is not None:
+                        slot.copy_(value)
 
 
 # Loggers whose warnings are expected while normswap tries a capture or an export that may fail
@@ -152,12 +161,12 @@ def quiet_torch() -> Iterator[None]:
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
     stderr = sys.stderr
-    sys.stderr = _DropTorchExportPrints(stderr)  # type: ignore[assignment]
+    sys.stderr = _DropTorchExportPrints(stderr)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         sys.stderr = stderr
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)

@@ -1,4 +1,5 @@
 """Graph and module-tree passes that apply a normswap Plan (installed as `normswap.passes`)."""
+
 from .base import Pass, PassManager, PassResult
 from .rewrite_functional import RewriteFunctionalBatchNorm
 from .swap_modules import SwapBatchNormModules

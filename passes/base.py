@@ -1,8 +1,9 @@
 """Pass infrastructure: requires -> call -> ensures, composed by a PassManager (after onnx-ir / torch.fx)."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from torch import nn
 

@@ -8,11 +8,11 @@ call made inside it with the plan's target instead: whether Cls.forward calls F.
 momentum bookkeeping, dropout, activation), the submodules, parameter names and
 `isinstance(m, nn.BatchNorm2d)` stay as they were.
 """
+
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ class _TakeOver(TorchFunctionMode):
         super().__init__()
         self.module = module
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         if func not in BATCH_NORM_FUNCTIONS:
             return func(*args, **(kwargs or {}))
         module = self.module
@@ -56,8 +56,8 @@ class TakenOver(Replacement):
     normswap_observer: Callable[[torch.Tensor], None] | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with _TakeOver(self):  # type: ignore[arg-type]
-            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        with _TakeOver(self):
+            return super().forward(*args, **kwargs)  # type: ignore[misc]  # the subclass's own forward, next in the MRO
 
 
 def torch_base(cls: type) -> type:
@@ -65,12 +65,16 @@ def torch_base(cls: type) -> type:
     return next(k for k in cls.__mro__ if issubclass(k, _BatchNorm) and k.__module__.startswith("torch.nn"))
 
 
-@functools.lru_cache(maxsize=None)
+_REBASED: dict[type, type] = {}
+
+
 def taken_over_class(cls: type) -> type:
     """`cls` rebased as described in the module docstring (one class per subclass, cached)."""
-    base = torch_base(cls)
-    plain = type(base.__name__, (base,), {"forward": _BatchNorm.forward, "__module__": base.__module__})
-    return type(cls.__name__, (TakenOver, cls, plain), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    if cls not in _REBASED:
+        base = torch_base(cls)
+        plain = type(base.__name__, (base,), {"forward": _BatchNorm.forward, "__module__": base.__module__})
+        _REBASED[cls] = type(cls.__name__, (TakenOver, cls, plain), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return _REBASED[cls]
 
 
 def is_subclass_instance(module: nn.Module) -> bool:
@@ -89,6 +93,7 @@ def take_over(bn: _BatchNorm, entry: PlanEntry) -> _BatchNorm:
     target = targets.get(entry.target)
     target.prepare_subclass(bn, entry.params)
     bn.__class__ = taken_over_class(type(bn))
-    bn.normswap_target = entry.target  # type: ignore[attr-defined]
-    bn.normswap_params = dict(entry.params)  # type: ignore[attr-defined]
+    taken = cast(TakenOver, bn)
+    taken.normswap_target = entry.target
+    taken.normswap_params = dict(entry.params)
     return bn

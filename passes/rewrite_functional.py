@@ -3,6 +3,7 @@
 Each node becomes a call of the function the target names (group_norm, channel_layer_norm,
 frozen_batch_norm, ...) on the same graph values, so parameter names are unchanged.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -25,7 +26,7 @@ class RewriteFunctionalBatchNorm(Pass):
     def __init__(self, plan: Plan) -> None:
         self.entries = {e.name: e for e in plan if e.kind == "functional" and e.converts}
 
-    def requires(self, model) -> None:  # type: ignore[no-untyped-def]
+    def requires(self, model) -> None:
         if not self.entries:
             return
         if not isinstance(model, fx.GraphModule):
@@ -71,7 +72,7 @@ class RewriteFunctionalBatchNorm(Pass):
         model.recompile()
         return PassResult(model, True, changes)
 
-    def ensures(self, model) -> None:  # type: ignore[no-untyped-def]
+    def ensures(self, model) -> None:
         if not self.entries:
             return
         left = [n.name for n in model.graph.nodes if is_batch_norm_call(n) and n.name in self.entries]

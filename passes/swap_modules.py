@@ -1,5 +1,6 @@
 """Replace planned BatchNorm modules in the module tree (names unchanged): torch's own classes by
 the target's module, subclasses by taking over their normalization (see rebase.py)."""
+
 from __future__ import annotations
 
 from torch import nn

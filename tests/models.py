@@ -1,4 +1,5 @@
 """Tiny purpose-built models: each exercises one way BatchNorm appears in real code."""
+
 from __future__ import annotations
 
 import torch
@@ -226,23 +227,50 @@ class LookalikeBN(nn.Module):
 def input_for(name: str, batch: int = 4) -> torch.Tensor:
     """A deterministic example input for the model called `name`."""
     shapes = {
-        "resnet": (3, 12, 12), "mobilenet": (3, 16, 16), "mlp": (10,), "tcn": (4, 20), "rnn": (4, 6),
-        "functional": (3, 8, 8), "subclass": (3, 8, 8), "bn3d": (2, 4, 6, 6), "no_affine": (3, 8, 8),
-        "no_running_stats": (3, 8, 8), "lazy": (3, 8, 8), "untraceable": (3, 8, 8), "no_bn": (3, 8, 8),
+        "resnet": (3, 12, 12),
+        "mobilenet": (3, 16, 16),
+        "mlp": (10,),
+        "tcn": (4, 20),
+        "rnn": (4, 6),
+        "functional": (3, 8, 8),
+        "subclass": (3, 8, 8),
+        "bn3d": (2, 4, 6, 6),
+        "no_affine": (3, 8, 8),
+        "no_running_stats": (3, 8, 8),
+        "lazy": (3, 8, 8),
+        "untraceable": (3, 8, 8),
+        "no_bn": (3, 8, 8),
         "lookalike": (3, 8, 8),
         # real-world patterns (REAL_PATTERNS below); the first input only, see inputs_for()
-        "timm_norm_act": (3, 8, 8), "timm_norm_act_no_stats": (3, 8, 8), "naive_sync_bn": (3, 8, 8),
-        "sync_bn_act": (3, 8, 8), "pyg_graph": (6,), "detector": (3, 16, 16), "speech_conformer": (12, 8),
-        "stochastic_depth": (3, 8, 8), "tabnet_gbn": (6,), "tf_ported": (3, 16, 16),
+        "timm_norm_act": (3, 8, 8),
+        "timm_norm_act_no_stats": (3, 8, 8),
+        "naive_sync_bn": (3, 8, 8),
+        "sync_bn_act": (3, 8, 8),
+        "pyg_graph": (6,),
+        "detector": (3, 16, 16),
+        "speech_conformer": (12, 8),
+        "stochastic_depth": (3, 8, 8),
+        "tabnet_gbn": (6,),
+        "tf_ported": (3, 16, 16),
     }
     generator = torch.Generator().manual_seed(1234)
     return torch.randn((batch, *shapes[name]), generator=generator)
 
 
 MODELS = {
-    "resnet": ResNetStyle, "mobilenet": MobileNetStyle, "mlp": MLP, "tcn": TemporalConvNet, "rnn": RecurrentBN,
-    "functional": FunctionalBN, "subclass": SubclassBN, "bn3d": Conv3dBN, "no_affine": NoAffineBN,
-    "no_running_stats": NoRunningStatsBN, "lazy": LazyBN, "untraceable": Untraceable, "no_bn": NoBN,
+    "resnet": ResNetStyle,
+    "mobilenet": MobileNetStyle,
+    "mlp": MLP,
+    "tcn": TemporalConvNet,
+    "rnn": RecurrentBN,
+    "functional": FunctionalBN,
+    "subclass": SubclassBN,
+    "bn3d": Conv3dBN,
+    "no_affine": NoAffineBN,
+    "no_running_stats": NoRunningStatsBN,
+    "lazy": LazyBN,
+    "untraceable": Untraceable,
+    "no_bn": NoBN,
     "lookalike": LookalikeBN,
 }
 
@@ -281,8 +309,8 @@ import math  # noqa: E402
 
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
-
 # --- 1, 2. timm/layers/norm_act.py: BatchNormAct2d ----------------------------------------------------
+
 
 def _timm_create_act(act_layer, act_kwargs=None, inplace=False, apply_act=True):
     """timm/layers/norm_act.py `_create_act` (without the string -> class lookup)."""
@@ -305,11 +333,23 @@ class TimmBatchNormAct2d(nn.BatchNorm2d):
     `self.act(x)`. `apply_act=False` (or act_layer=None) makes `act` an nn.Identity.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, apply_act=True,
-                 act_layer=nn.ReLU, act_kwargs=None, inplace=True, drop_layer=None, device=None, dtype=None):
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        apply_act=True,
+        act_layer=nn.ReLU,
+        act_kwargs=None,
+        inplace=True,
+        drop_layer=None,
+        device=None,
+        dtype=None,
+    ):
         factory_kwargs = {"device": device, "dtype": dtype}
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats,
-                         **factory_kwargs)
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats, **factory_kwargs)
         self.drop = drop_layer() if drop_layer is not None else nn.Identity()
         self.act = _timm_create_act(act_layer, act_kwargs=act_kwargs, inplace=inplace, apply_act=apply_act)
 
@@ -322,7 +362,7 @@ class TimmBatchNormAct2d(nn.BatchNorm2d):
         else:
             exponential_average_factor = self.momentum
 
-        if self.training and self.track_running_stats:
+        if self.training and self.track_running_stats:  # noqa: SIM102 - as timm writes it
             if self.num_batches_tracked is not None:
                 self.num_batches_tracked.add_(1)
                 if self.momentum is None:  # use cumulative moving average
@@ -360,15 +400,15 @@ class TimmNormActNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         trs = self.track_running_stats
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False),
-                                  TimmBatchNormAct2d(8, act_layer=nn.ReLU, track_running_stats=trs))
-        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
-                                TimmBatchNormAct2d(8, act_layer=nn.SiLU, track_running_stats=trs))
-        self.pw = nn.Sequential(nn.Conv2d(8, 12, 1, bias=False),
-                                TimmBatchNormAct2d(12, act_layer=nn.Hardswish, track_running_stats=trs,
-                                                   drop_layer=functools.partial(nn.Dropout, p=0.1)))
-        self.proj = nn.Sequential(nn.Conv2d(12, 8, 1, bias=False),
-                                  TimmBatchNormAct2d(8, apply_act=False, track_running_stats=trs))
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), TimmBatchNormAct2d(8, act_layer=nn.ReLU, track_running_stats=trs))
+        self.dw = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), TimmBatchNormAct2d(8, act_layer=nn.SiLU, track_running_stats=trs)
+        )
+        self.pw = nn.Sequential(
+            nn.Conv2d(8, 12, 1, bias=False),
+            TimmBatchNormAct2d(12, act_layer=nn.Hardswish, track_running_stats=trs, drop_layer=functools.partial(nn.Dropout, p=0.1)),
+        )
+        self.proj = nn.Sequential(nn.Conv2d(12, 8, 1, bias=False), TimmBatchNormAct2d(8, apply_act=False, track_running_stats=trs))
         self.head = nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -385,6 +425,7 @@ class TimmNormActNoStatsNet(TimmNormActNet):
 
 
 # --- 3. detectron2/layers/batch_norm.py: NaiveSyncBatchNorm ------------------------------------------
+
 
 def _differentiable_all_reduce(vec: torch.Tensor) -> torch.Tensor:
     """fvcore.nn.distributed.differentiable_all_reduce on a single process: the identity."""
@@ -472,6 +513,7 @@ class NaiveSyncBNNet(nn.Module):
 
 # --- 4. timm/layers/norm_act.py: SyncBatchNormAct + convert_sync_batchnorm ----------------------------
 
+
 class SyncBatchNormAct(nn.SyncBatchNorm):
     """timm `timm/layers/norm_act.py: SyncBatchNormAct(nn.SyncBatchNorm)`: `super().forward(x)` then the
     `drop` and `act` attributes that `convert_sync_batchnorm` copies over from a BatchNormAct2d.
@@ -493,13 +535,15 @@ def timm_convert_sync_batchnorm(module, process_group=None):
     module_output = module
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
         if isinstance(module, TimmBatchNormAct2d):
-            module_output = SyncBatchNormAct(module.num_features, module.eps, module.momentum, module.affine,
-                                             module.track_running_stats, process_group=process_group)
+            module_output = SyncBatchNormAct(
+                module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, process_group=process_group
+            )
             module_output.act = module.act
             module_output.drop = module.drop
         else:
-            module_output = torch.nn.SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                                   module.track_running_stats, process_group)
+            module_output = torch.nn.SyncBatchNorm(
+                module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, process_group
+            )
         if module.affine:
             with torch.no_grad():
                 module_output.weight = module.weight
@@ -522,9 +566,12 @@ class SyncBatchNormActNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1, bias=False), TimmBatchNormAct2d(8, act_layer=nn.SiLU),
-            nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), TimmBatchNormAct2d(8, act_layer=nn.ReLU),
-            nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8),
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            TimmBatchNormAct2d(8, act_layer=nn.SiLU),
+            nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+            TimmBatchNormAct2d(8, act_layer=nn.ReLU),
+            nn.Conv2d(8, 8, 1, bias=False),
+            nn.BatchNorm2d(8),
         )
         self.features = timm_convert_sync_batchnorm(features)
         self.head = nn.Linear(8, 4)
@@ -535,14 +582,22 @@ class SyncBatchNormActNet(nn.Module):
 
 # --- 5. torch_geometric/nn/norm/batch_norm.py: BatchNorm wrapper ---------------------------------------
 
+
 class BatchNorm(nn.Module):
     """PyG `torch_geometric/nn/norm/batch_norm.py: BatchNorm(torch.nn.Module)`: a plain Module holding
     `self.module = torch.nn.BatchNorm1d(...)` over node features (num_nodes, C). With
     `allow_single_element=True` a batch of <= 1 node calls `F.batch_norm(..., False, 0.0, eps)` with the
     running statistics instead."""
 
-    def __init__(self, in_channels: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, allow_single_element: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        allow_single_element: bool = False,
+    ):
         super().__init__()
 
         if allow_single_element and not track_running_stats:
@@ -605,6 +660,7 @@ class PygGraphNet(nn.Module):
 
 # --- 6. torchvision/models/detection: forward(images, targets=None) -----------------------------------
 
+
 class TinyDetector(nn.Module):
     """A conv-BN single-shot detector following torchvision `models/detection/ssd.py` / `retinanet.py` /
     `generalized_rcnn.py`: in training, `forward(images, targets=None)` does
@@ -622,15 +678,26 @@ class TinyDetector(nn.Module):
         norm_layer = functools.partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
         self.num_classes = num_classes
         self.backbone = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), norm_layer(8), nn.ReLU6(inplace=True),
-            nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), norm_layer(8), nn.ReLU6(inplace=True),
-            nn.Conv2d(8, 16, 1, bias=False), norm_layer(16), nn.ReLU6(inplace=True),
+            nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False),
+            norm_layer(8),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+            norm_layer(8),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(8, 16, 1, bias=False),
+            norm_layer(16),
+            nn.ReLU6(inplace=True),
         )
         # ssdlite.py _prediction_block: depthwise ConvBNActivation, then a 1x1 projection
-        self.cls_head = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), norm_layer(16), nn.ReLU6(inplace=True),
-                                      nn.Conv2d(16, num_classes * num_anchors, 1))
-        self.bbox_head = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), norm_layer(16), nn.ReLU6(inplace=True),
-                                       nn.Conv2d(16, 4 * num_anchors, 1))
+        self.cls_head = nn.Sequential(
+            nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False),
+            norm_layer(16),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(16, num_classes * num_anchors, 1),
+        )
+        self.bbox_head = nn.Sequential(
+            nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), norm_layer(16), nn.ReLU6(inplace=True), nn.Conv2d(16, 4 * num_anchors, 1)
+        )
 
     @staticmethod
     def _flatten(results: torch.Tensor, k: int) -> torch.Tensor:
@@ -648,8 +715,10 @@ class TinyDetector(nn.Module):
                 for target in targets:
                     boxes = target["boxes"]
                     if isinstance(boxes, torch.Tensor):
-                        torch._assert(len(boxes.shape) == 2 and boxes.shape[-1] == 4,
-                                      f"Expected target boxes to be a tensor of shape [N, 4], got {boxes.shape}.")
+                        torch._assert(
+                            len(boxes.shape) == 2 and boxes.shape[-1] == 4,
+                            f"Expected target boxes to be a tensor of shape [N, 4], got {boxes.shape}.",
+                        )
                     else:
                         torch._assert(False, f"Expected target boxes to be of type Tensor, got {type(boxes)}.")
 
@@ -669,6 +738,7 @@ class TinyDetector(nn.Module):
 
 
 # --- 7. transformers speech: wav2vec2-conformer conv module, SpecAugment, FastSpeech2 label check ------
+
 
 def _compute_mask_indices(shape, mask_prob: float, mask_length: int, min_masks: int = 0):
     """transformers `models/wav2vec2/modeling_wav2vec2.py: _compute_mask_indices`, simplified: per row,
@@ -697,8 +767,15 @@ class ConformerConvolutionModule(nn.Module):
         self.layer_norm = nn.LayerNorm(hidden_size)
         self.pointwise_conv1 = nn.Conv1d(hidden_size, 2 * hidden_size, kernel_size=1, stride=1, padding=0, bias=False)
         self.glu = nn.GLU(dim=1)
-        self.depthwise_conv = nn.Conv1d(hidden_size, hidden_size, conv_depthwise_kernel_size, stride=1,
-                                        padding=(conv_depthwise_kernel_size - 1) // 2, groups=hidden_size, bias=False)
+        self.depthwise_conv = nn.Conv1d(
+            hidden_size,
+            hidden_size,
+            conv_depthwise_kernel_size,
+            stride=1,
+            padding=(conv_depthwise_kernel_size - 1) // 2,
+            groups=hidden_size,
+            bias=False,
+        )
         self.batch_norm = nn.BatchNorm1d(hidden_size)
         self.activation = nn.SiLU()
         self.pointwise_conv2 = nn.Conv1d(hidden_size, hidden_size, kernel_size=1, stride=1, padding=0, bias=False)
@@ -736,8 +813,15 @@ class SpeechConformer(nn.Module):
     with labels -> (loss, logits).
     """
 
-    def __init__(self, input_dim: int = 8, hidden_size: int = 16, vocab_size: int = 5, mask_time_prob: float = 0.3,
-                 mask_time_length: int = 2, mask_time_min_masks: int = 2) -> None:
+    def __init__(
+        self,
+        input_dim: int = 8,
+        hidden_size: int = 16,
+        vocab_size: int = 5,
+        mask_time_prob: float = 0.3,
+        mask_time_length: int = 2,
+        mask_time_min_masks: int = 2,
+    ) -> None:
         super().__init__()
         self.mask_time_prob = mask_time_prob
         self.mask_time_length = mask_time_length
@@ -750,10 +834,11 @@ class SpeechConformer(nn.Module):
 
     def _mask_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # generate indices & apply SpecAugment along time axis
-        batch_size, sequence_length, hidden_size = hidden_states.size()
+        batch_size, sequence_length, _ = hidden_states.size()
         if self.mask_time_prob > 0 and self.training:
-            mask_time_indices = _compute_mask_indices((batch_size, sequence_length), mask_prob=self.mask_time_prob,
-                                                      mask_length=self.mask_time_length, min_masks=self.mask_time_min_masks)
+            mask_time_indices = _compute_mask_indices(
+                (batch_size, sequence_length), mask_prob=self.mask_time_prob, mask_length=self.mask_time_length, min_masks=self.mask_time_min_masks
+            )
             mask_time_indices = torch.tensor(mask_time_indices, device=hidden_states.device, dtype=torch.bool)
             hidden_states[mask_time_indices] = self.masked_spec_embed.to(hidden_states.dtype)
         return hidden_states
@@ -773,6 +858,7 @@ class SpeechConformer(nn.Module):
 
 
 # --- 8. torchvision/ops/stochastic_depth.py, timm/layers/drop.py ---------------------------------------
+
 
 def stochastic_depth(input: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:
     """torchvision `torchvision/ops/stochastic_depth.py: stochastic_depth` (minus API-usage logging)."""
@@ -831,13 +917,19 @@ class StochasticDepthNet(nn.Module):
     functional timm `drop_path(x, rate, self.training)` call (timm/layers/drop.py), and a final
     `F.dropout(x, p, training=self.training)` before the classifier."""
 
-    def __init__(self, width: int = 8, classes: int = 4, stochastic_depth_prob: float = 0.2,
-                 drop_path_rate: float = 0.1, dropout: float = 0.2) -> None:
+    def __init__(
+        self, width: int = 8, classes: int = 4, stochastic_depth_prob: float = 0.2, drop_path_rate: float = 0.1, dropout: float = 0.2
+    ) -> None:
         super().__init__()
 
         def block() -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                                 nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+            return nn.Sequential(
+                nn.Conv2d(width, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.Conv2d(width, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+            )
 
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         self.block1 = block()
@@ -860,6 +952,7 @@ class StochasticDepthNet(nn.Module):
 
 # --- 9. pytorch_tabnet/tab_network.py: ghost batch norm -----------------------------------------------
 
+
 class GBN(nn.Module):
     """pytorch-tabnet `pytorch_tabnet/tab_network.py: GBN` (Ghost Batch Normalization): the batch is cut
     into `ceil(N / virtual_batch_size)` chunks, one BatchNorm1d normalizes each chunk, results are
@@ -872,7 +965,7 @@ class GBN(nn.Module):
         self.bn = nn.BatchNorm1d(self.input_dim, momentum=momentum)
 
     def forward(self, x):
-        chunks = x.chunk(int(math.ceil(x.shape[0] / self.virtual_batch_size)), 0)
+        chunks = x.chunk(math.ceil(x.shape[0] / self.virtual_batch_size), 0)
         res = [self.bn(x_) for x_ in chunks]
         return torch.cat(res, dim=0)
 
@@ -913,8 +1006,16 @@ class TabNetGBN(nn.Module):
     BatchNorm1d(input_dim, momentum=0.01)` and ghost batch norm everywhere else, virtual_batch_size=2
     (a batch of 4 is normalized as 2 chunks of 2). Returns the logits only (TabNet also returns M_loss)."""
 
-    def __init__(self, input_dim: int = 6, output_dim: int = 3, n_d: int = 8, n_steps: int = 2, gamma: float = 1.3,
-                 virtual_batch_size: int = 2, momentum: float = 0.02) -> None:
+    def __init__(
+        self,
+        input_dim: int = 6,
+        output_dim: int = 3,
+        n_d: int = 8,
+        n_steps: int = 2,
+        gamma: float = 1.3,
+        virtual_batch_size: int = 2,
+        momentum: float = 0.02,
+    ) -> None:
         super().__init__()
         self.n_steps = n_steps
         self.gamma = gamma
@@ -944,6 +1045,7 @@ class TabNetGBN(nn.Module):
 
 
 # --- 10. transformers TF-ported convnets: mobilenet_v2 / efficientnet ---------------------------------
+
 
 def apply_tf_padding(features: torch.Tensor, conv_layer: nn.Conv2d) -> torch.Tensor:
     """transformers `models/mobilenet_v2/modeling_mobilenet_v2.py: apply_tf_padding` (TensorFlow "SAME")."""
@@ -978,13 +1080,21 @@ class MobileNetV2ConvLayer(nn.Module):
     momentum=0.997 is TensorFlow's decay copied unconverted: in PyTorch terms each training batch
     replaces 99.7% of the running statistics."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
-                 use_activation: bool = True, layer_norm_eps: float = 0.001) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        use_activation: bool = True,
+        layer_norm_eps: float = 0.001,
+    ) -> None:
         super().__init__()
-        self.convolution = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=0, groups=groups,
-                                     bias=False, padding_mode="zeros")
-        self.normalization = nn.BatchNorm2d(num_features=out_channels, eps=layer_norm_eps, momentum=0.997, affine=True,
-                                            track_running_stats=True)
+        self.convolution = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=0, groups=groups, bias=False, padding_mode="zeros"
+        )
+        self.normalization = nn.BatchNorm2d(num_features=out_channels, eps=layer_norm_eps, momentum=0.997, affine=True, track_running_stats=True)
         self.activation = nn.ReLU6() if use_activation else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -1062,10 +1172,11 @@ def labels_for(name: str, batch: int = 4) -> dict:
     "speech_conformer", {} otherwise."""
     generator = torch.Generator().manual_seed(4321)
     if name == "detector":
-        return {"targets": [
-            {"boxes": torch.rand((2, 4), generator=generator), "labels": torch.randint(0, 3, (2,), generator=generator)}
-            for _ in range(batch)
-        ]}
+        return {
+            "targets": [
+                {"boxes": torch.rand((2, 4), generator=generator), "labels": torch.randint(0, 3, (2,), generator=generator)} for _ in range(batch)
+            ]
+        }
     if name == "speech_conformer":
         return {"labels": torch.randint(0, 5, (batch, 12), generator=generator)}
     return {}

@@ -1,4 +1,5 @@
 """Calibrate and heal on models trained inside the test on generated data with real structure."""
+
 from __future__ import annotations
 
 import os
@@ -15,9 +16,11 @@ import normswap
 from normswap.errors import CalibrationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from synthetic import SequenceRNN, ShapesNet, accuracy, agreement, sequence_dataset, shapes_dataset, train  # noqa: E402
+from synthetic import SequenceRNN, ShapesNet, accuracy, agreement, sequence_dataset, shapes_dataset, train
 
 HERE = Path(__file__).parent
+
+pytestmark = pytest.mark.slow  # models are trained inside the tests
 
 
 @pytest.fixture(scope="module")
@@ -132,11 +135,28 @@ def test_cli_calibration_data_files(shapes, tmp_path: Path, suffix: str) -> None
 
         save_file({"inputs": data.contiguous()}, str(tmp_path / "calib.safetensors"))
     examples = Path(__file__).resolve().parent.parent / "examples" / "synthetic.py"
-    result = CliRunner().invoke(main, [
-        "convert", str(tmp_path / "ckpt.pt"), "--model", f"{examples}:ShapesNet", "--input-shape", "2,3,16,16",
-        "--out", str(tmp_path / "out"), "--no-onnx", "--groups", "4", "--calibration-data", str(tmp_path / f"calib{suffix}"),
-        "--calibration-batch-size", "64", "--heal-steps", "20",
-    ])
+    result = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            str(tmp_path / "ckpt.pt"),
+            "--model",
+            f"{examples}:ShapesNet",
+            "--input-shape",
+            "2,3,16,16",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-onnx",
+            "--groups",
+            "4",
+            "--calibration-data",
+            str(tmp_path / f"calib{suffix}"),
+            "--calibration-batch-size",
+            "64",
+            "--heal-steps",
+            "20",
+        ],
+    )
     assert result.exit_code == 0, result.output
     import json
 
@@ -155,10 +175,22 @@ def test_cli_bad_calibration_file(shapes, tmp_path: Path) -> None:
     torch.save(model.state_dict(), tmp_path / "ckpt.pt")
     torch.save(torch.randn(10, 3, 9), tmp_path / "calib.pt")
     examples = Path(__file__).resolve().parent.parent / "examples" / "synthetic.py"
-    result = CliRunner().invoke(main, [
-        "convert", str(tmp_path / "ckpt.pt"), "--model", f"{examples}:ShapesNet", "--input-shape", "2,3,16,16",
-        "--out", str(tmp_path / "out"), "--no-onnx", "--calibration-data", str(tmp_path / "calib.pt"),
-    ])
+    result = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            str(tmp_path / "ckpt.pt"),
+            "--model",
+            f"{examples}:ShapesNet",
+            "--input-shape",
+            "2,3,16,16",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-onnx",
+            "--calibration-data",
+            str(tmp_path / "calib.pt"),
+        ],
+    )
     assert result.exit_code == 2 and "does not fit the model" in result.output
     assert not (tmp_path / "out").exists()
 
@@ -171,8 +203,18 @@ def _free_port() -> int:
 
 def test_heal_data_parallel_with_two_cpu_processes(tmp_path: Path) -> None:
     env = {**os.environ, "NORMSWAP_TEST_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(HERE / "distributed_heal.py")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(HERE / "distributed_heal.py"),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))

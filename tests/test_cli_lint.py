@@ -1,4 +1,5 @@
 """`normswap lint`, `rules`, `explain` through click's CliRunner, and once as real processes."""
+
 from __future__ import annotations
 
 import json
@@ -143,10 +144,13 @@ def test_rules_and_explain() -> None:
     assert "Examples:" in run("lint", "--help").output
 
 
+@pytest.mark.slow
 def test_console_script_and_python_m(project: Path) -> None:
     script = Path(sys.executable).parent / "normswap"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "normswap"]
-    result = subprocess.run([*command, "lint", "nets.py:build", "--input-shape", "2,3,8,8", "--dp", "--format", "sarif"], capture_output=True, text=True, cwd=project)
+    result = subprocess.run(
+        [*command, "lint", "nets.py:build", "--input-shape", "2,3,8,8", "--dp", "--format", "sarif"], capture_output=True, text=True, cwd=project
+    )
     assert result.returncode == 1, result.stderr
     assert json.loads(result.stdout)["runs"][0]["results"][0]["ruleId"] == "NS106"
     module = subprocess.run([sys.executable, "-m", "normswap", "rules"], capture_output=True, text=True, cwd=project)

@@ -1,4 +1,5 @@
 """`normswap convert` on checkpoints: formats, outputs, round trip, safety, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -100,6 +101,7 @@ def test_torch_checkpoint_layouts(work: Path, filename: str, wrap) -> None:
     assert "bn.running_mean" not in converted  # groupnorm keeps no statistics
 
 
+@pytest.mark.slow
 def test_safetensors_in_safetensors_out_and_full_outputs(work: Path) -> None:
     save_file(state(work), str(work / "w.safetensors"))
     result = convert("w.safetensors", "--model", "nets.py:build", *SHAPE, "--out", "out")
@@ -161,6 +163,7 @@ def test_input_is_never_overwritten(work: Path) -> None:
     assert (work / "out" / "model.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_validation_failure_exits_1_and_keeps_outputs(work: Path) -> None:
     result = convert("plain.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--atol", "1e-30", "--rtol", "0")
     assert result.exit_code == 1, result.output
@@ -207,8 +210,23 @@ def test_pickled_module_needs_trust(work: Path) -> None:
         (None, ["plain.pt", "--model", "nets:build", "--out", "no/such/dir"], "does not exist"),
         (None, ["plain.pt", "--model", "nets:build", "--input-shape", "2,5,8,8"], "cannot run on example inputs of shape (2, 5, 8, 8)"),
     ],
-    ids=["missing", "empty", "truncated", "not-a-checkpoint", "list", "bad-safetensors", "module", "attribute", "not-module",
-         "shape-mismatch", "unexpected-key", "missing-key", "out-is-file", "out-parent-missing", "input-shape"],
+    ids=[
+        "missing",
+        "empty",
+        "truncated",
+        "not-a-checkpoint",
+        "list",
+        "bad-safetensors",
+        "module",
+        "attribute",
+        "not-module",
+        "shape-mismatch",
+        "unexpected-key",
+        "missing-key",
+        "out-is-file",
+        "out-parent-missing",
+        "input-shape",
+    ],
 )
 def test_bad_input(work: Path, setup: str | None, args: list[str], message: str) -> None:
     if setup == "empty":
@@ -237,7 +255,9 @@ def test_bad_input(work: Path, setup: str | None, args: list[str], message: str)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
-    assert sorted(p.name for p in work.iterdir() if not p.name.startswith(".")) == sorted(n for n in before if not n.startswith(".")), "no partial output"
+    assert sorted(p.name for p in work.iterdir() if not p.name.startswith(".")) == sorted(n for n in before if not n.startswith(".")), (
+        "no partial output"
+    )
     assert not [p for p in work.iterdir() if p.name.startswith(".out.normswap-")]
 
 

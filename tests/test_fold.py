@@ -1,4 +1,5 @@
 """The fold target: BatchNorm folded into its producer's weights (inference only, same function)."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ from click.testing import CliRunner
 from torch import nn
 
 import normswap
-from normswap.errors import PlanError
 from models import MODELS, build, input_for
+from normswap.errors import PlanError
 
 NORMALIZATION_OPS = {"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"}
 
@@ -21,6 +22,7 @@ def _ops(path: Path) -> set[str]:
     return {node.op_type for node in onnx.load(str(path)).graph.node}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet", "mlp", "tcn", "bn3d", "no_affine", "subclass", "functional"])
 def test_fold_keeps_the_eval_function_and_leaves_no_normalization(tmp_path: Path, name: str) -> None:
     original = build(name)
@@ -111,7 +113,7 @@ def test_sites_that_cannot_fold_fall_back_to_frozen_with_the_reason(make, x, sit
 
 
 def test_fold_refuses_without_statistics() -> None:
-    with pytest.raises(PlanError, match="no running statistics to fold.*its fallback frozen cannot either"):
+    with pytest.raises(PlanError, match=r"no running statistics to fold.*its fallback frozen cannot either"):
         normswap.convert(build("no_running_stats"), input_for("no_running_stats"), to="fold")
 
 
@@ -139,6 +141,7 @@ def test_auto_folds_for_inference_and_lint_proposes_it() -> None:
     assert conv.plan.get("input_bn").target == "frozen"  # nothing to fold into: the same function, kept exactly
 
 
+@pytest.mark.slow
 def test_cli_convert_to_fold(tmp_path: Path, monkeypatch) -> None:
     from normswap.cli import main
 

@@ -1,4 +1,5 @@
 """ONNX export and onnxruntime validation (exports are shared through session fixtures)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,12 +11,28 @@ import torch
 from torch import nn
 
 import normswap
+from models import build, input_for
 from normswap.errors import ExportError, OutputError, ValidationError
 from normswap.export.onnx import export_info
 from normswap.export.validate import compare, count_onnx_batchnorm
-from models import build, input_for
 
-EXPORTED = ["resnet", "mobilenet", "mlp", "tcn", "rnn", "functional", "subclass", "bn3d", "no_affine", "no_running_stats", "lazy", "untraceable", "lookalike"]
+pytestmark = pytest.mark.slow  # every test here exports at least one ONNX file
+
+EXPORTED = [
+    "resnet",
+    "mobilenet",
+    "mlp",
+    "tcn",
+    "rnn",
+    "functional",
+    "subclass",
+    "bn3d",
+    "no_affine",
+    "no_running_stats",
+    "lazy",
+    "untraceable",
+    "lookalike",
+]
 CASES = [(m, t) for m in EXPORTED for t in ("groupnorm", "layernorm")]
 
 

@@ -1,4 +1,5 @@
 """The passes on their own: positive, negative (nothing modified) and edge cases."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,18 +7,19 @@ import torch
 from torch import nn
 
 import normswap
+from models import build, input_for
 from normswap.capture.tracer import trace
 from normswap.errors import PlanError
 from normswap.nn import ChannelLayerNorm
 from normswap.passes import PassManager, RewriteFunctionalBatchNorm, SwapBatchNormModules
 from normswap.plan import Plan, PlanEntry
-from models import build, input_for
 
 
 def test_swap_modules_replaces_planned_layers_only() -> None:
     model = build("resnet")
-    plan = Plan([PlanEntry("bn1", "layernorm", {"num_channels": 16, "eps": 1e-5, "affine": True, "layout": "channels_first"}),
-                 PlanEntry("bn2", "keep")])
+    plan = Plan(
+        [PlanEntry("bn1", "layernorm", {"num_channels": 16, "eps": 1e-5, "affine": True, "layout": "channels_first"}), PlanEntry("bn2", "keep")]
+    )
     result = SwapBatchNormModules(plan)(model)
     assert result.modified and result.changes == ["bn1: BatchNorm2d -> layernorm"]
     assert isinstance(model.bn1, ChannelLayerNorm) and isinstance(model.bn2, nn.BatchNorm2d)

@@ -1,4 +1,5 @@
 """Every rule: a case that fires, a case that does not, an edge case."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,18 +16,30 @@ RULES = {rule.code: rule for rule in CATALOGUE}
 
 def site(**overrides) -> Site:
     base = Site(
-        name="layer.bn", kind="module", flavour="BatchNorm2d", num_features=64, input_shape=(8, 64, 14, 14),
-        affine=True, track_running_stats=True, eps=1e-5, momentum=0.1, call_count=1,
-        producers=("layer.conv (Conv2d)",), consumers=("relu",), producer_module="layer.conv", producer_exclusive=True,
+        name="layer.bn",
+        kind="module",
+        flavour="BatchNorm2d",
+        num_features=64,
+        input_shape=(8, 64, 14, 14),
+        affine=True,
+        track_running_stats=True,
+        eps=1e-5,
+        momentum=0.1,
+        call_count=1,
+        producers=("layer.conv (Conv2d)",),
+        consumers=("relu",),
+        producer_module="layer.conv",
+        producer_exclusive=True,
     )
     return dataclasses.replace(base, **overrides)
 
 
-def fires(code: str, s: Site, ctx: Context = Context()) -> bool:
+def fires(code: str, s: Site, ctx: Context | None = None) -> bool:
+    ctx = ctx or Context()
     result = RULES[code].check(s, ctx)
     assert isinstance(result, (Finding, Skip))
     if isinstance(result, Finding):
-        assert result.code == code and result.severity is RULES[code].severity and s.name in result.message or code in ("NS201",)
+        assert (result.code == code and result.severity is RULES[code].severity and s.name in result.message) or code in ("NS201",)
     return isinstance(result, Finding)
 
 

@@ -1,5 +1,6 @@
 """Calibration and healing of a converted trained model, without labels: closed-form affine fits
 (fit.py), distillation (heal.py), and the drift measured after each stage (drift.py)."""
+
 from __future__ import annotations
 
 import time
@@ -32,6 +33,16 @@ def calibrate_and_heal(conversion: Conversion, original: nn.Module, data: Iterab
 
 
 __all__ = [
-    "FORMATS", "Drift", "HealOptions", "HealResult", "SiteFit", "batches_from_tensor", "calibrate",
-    "calibrate_and_heal", "check_batches", "heal", "load_calibration_tensor", "measure_drift",
+    "FORMATS",
+    "Drift",
+    "HealOptions",
+    "HealResult",
+    "SiteFit",
+    "batches_from_tensor",
+    "calibrate",
+    "calibrate_and_heal",
+    "check_batches",
+    "heal",
+    "load_calibration_tensor",
+    "measure_drift",
 ]

@@ -1,4 +1,5 @@
 """Calibration data: checked batches in memory, or one tensor of inputs read from a file."""
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,12 @@ def load_calibration_tensor(path: str) -> torch.Tensor:
             tensors = list(load_file(path).values())
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-            tensors = [obj] if isinstance(obj, torch.Tensor) else [v for v in (obj.values() if isinstance(obj, dict) else obj) if isinstance(v, torch.Tensor)]
-    except Exception as exc:  # noqa: BLE001 - any reader failure is the file's problem: one sentence
+            tensors = (
+                [obj]
+                if isinstance(obj, torch.Tensor)
+                else [v for v in (obj.values() if isinstance(obj, dict) else obj) if isinstance(v, torch.Tensor)]
+            )
+    except Exception as exc:
         raise CalibrationError(f"Calibration data '{path}' could not be read ({str(exc).splitlines()[0][:160]}).") from exc
     if len(tensors) != 1:
         raise CalibrationError(f"Calibration data '{path}' must hold exactly one tensor of inputs, found {len(tensors)}.")

@@ -1,8 +1,10 @@
 """Drift between the original and the converted model's outputs (information, not a verdict)."""
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,8 +23,11 @@ class Drift:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "max_abs": self.max_abs, "mean_abs": self.mean_abs, "cosine": self.cosine,
-            "top1_agreement": self.top1_agreement, "samples": self.samples,
+            "max_abs": self.max_abs,
+            "mean_abs": self.mean_abs,
+            "cosine": self.cosine,
+            "top1_agreement": self.top1_agreement,
+            "samples": self.samples,
         }
 
     def summary(self) -> str:
@@ -55,7 +60,7 @@ class DriftAccumulator:
         self.agree, self.top1_total, self.samples = 0, 0, 0
 
     def add(self, reference: list[torch.Tensor], candidate: list[torch.Tensor], samples: int) -> None:
-        for a, b in zip(reference, candidate):
+        for a, b in zip(reference, candidate, strict=True):
             diff = (a - b).abs()
             self.max_abs = max(self.max_abs, float(diff.max()) if diff.numel() else 0.0)
             self.abs_sum += float(diff.sum())

@@ -6,8 +6,10 @@ eval-mode output on the original model's activations. Per channel, in closed for
     scale = cov(z, y) / var(z),   shift = mean(y) - scale * mean(z)
 Statistics are streamed batch by batch: per site only per-channel sums are kept.
 """
+
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +27,7 @@ from ..passes.rebase import TakenOver
 from ..passes.rewrite_functional import SITE_META
 from ..plan import Plan, PlanEntry
 from ..targets.layernorm import ChannelLayerNorm
-from ..torchutil import preserved
+from ..torchutil import preserved, tensor_attribute
 from .data import check_batches
 
 
@@ -53,7 +55,7 @@ class _BatchNormInputs(TorchFunctionMode):
         super().__init__()
         self.inside, self.seen, self.calls = inside, seen, calls
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in BATCH_NORM_FUNCTIONS and self.inside[0]:
             self.seen.append(BatchNormArgs.of(func, args, kwargs).input.detach())
             if len(self.seen) >= self.calls:
@@ -62,10 +64,8 @@ class _BatchNormInputs(TorchFunctionMode):
 
 
 def _run_until_stop(model: nn.Module, inputs: tuple) -> None:
-    try:
+    with contextlib.suppress(_Stop):
         model(*inputs)
-    except _Stop:
-        pass
 
 
 def _concatenated(seen: list[torch.Tensor], name: str) -> torch.Tensor:
@@ -78,7 +78,8 @@ def original_inputs(model: nn.Module, name: str, inputs: tuple, calls: int) -> t
     """What the original BatchNorm `name` normalized in its first `calls` batch_norm calls: the
     input of the batch_norm call inside its forward (a subclass may transform x first)."""
     module = model.get_submodule(name)
-    inside, seen = [False], []
+    inside: list[bool] = [False]
+    seen: list[torch.Tensor] = []
     handles = [
         module.register_forward_pre_hook(lambda m, a: inside.__setitem__(0, True)),
         module.register_forward_hook(lambda m, a, o: inside.__setitem__(0, False)),
@@ -118,16 +119,24 @@ def converted_inputs(model: nn.Module, name: str, inputs: tuple, calls: int) -> 
     return _concatenated(seen, name)
 
 
-def original_batchnorm_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def original_batchnorm_output(module: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """The original BatchNorm's eval-mode normalization (with affine, without any subclass extras)."""
-    use_batch = module.running_mean is None
-    return F.batch_norm(x, module.running_mean, module.running_var, module.weight, module.bias, use_batch, 0.0, module.eps)
+    mean, var = tensor_attribute(module, "running_mean"), tensor_attribute(module, "running_var")
+    weight, bias = tensor_attribute(module, "weight"), tensor_attribute(module, "bias")
+    return F.batch_norm(x, mean, var, weight, bias, mean is None, 0.0, module.eps)
 
 
 def _channel_sums(z: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     dims = [d for d in range(z.dim()) if d != 1]
     z, y = z.double(), y.double()
-    return {"z": z.sum(dims), "y": y.sum(dims), "zz": (z * z).sum(dims), "yy": (y * y).sum(dims), "zy": (z * y).sum(dims), "n": torch.tensor(float(z.numel() // z.shape[1]))}
+    return {
+        "z": z.sum(dims),
+        "y": y.sum(dims),
+        "zz": (z * z).sum(dims),
+        "yy": (y * y).sum(dims),
+        "zy": (z * y).sum(dims),
+        "n": torch.tensor(float(z.numel() // z.shape[1])),
+    }
 
 
 def _call_counts(model: nn.Module, names: list[str], inputs: tuple) -> dict[str, int]:
@@ -146,9 +155,13 @@ class _ModuleSite:
 
     def __init__(self, entry: PlanEntry, converted: nn.Module, original: nn.Module, calls: int) -> None:
         self.entry, self.converted, self.original, self.calls = entry, converted, original, calls
-        self.new, self.old = converted.get_submodule(entry.name), original.get_submodule(entry.name)
-        if getattr(self.new, "weight", None) is None or getattr(self.new, "bias", None) is None:
+        old, new = original.get_submodule(entry.name), converted.get_submodule(entry.name)
+        weight, bias = tensor_attribute(new, "weight"), tensor_attribute(new, "bias")
+        if not isinstance(old, _BatchNorm):
+            raise CalibrationError(f"Layer '{entry.name}' of the original model is a {type(old).__name__}, not a BatchNorm.")
+        if weight is None or bias is None:
             raise CalibrationError(f"Layer '{entry.name}' has no affine parameters (affine=False) to calibrate.")
+        self.old, self.weight, self.bias = old, weight, bias
 
     def pair(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         z = _normalized(self.entry, converted_inputs(self.converted, self.entry.name, batch, self.calls))
@@ -156,8 +169,8 @@ class _ModuleSite:
         return z, y
 
     def set_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
-        self.new.weight.copy_(scale.to(self.new.weight.dtype))
-        self.new.bias.copy_(shift.to(self.new.bias.dtype))
+        self.weight.copy_(scale.to(self.weight.dtype))
+        self.bias.copy_(shift.to(self.bias.dtype))
 
 
 class _FunctionalSite:
@@ -167,11 +180,12 @@ class _FunctionalSite:
 
     def __init__(self, entry: PlanEntry, converted: fx.GraphModule, original_graph: fx.GraphModule) -> None:
         self.entry, self.converted, self.original_graph = entry, converted, original_graph
-        self.new = next((n for n in converted.graph.nodes if n.meta.get(SITE_META) == entry.name), None)
-        self.old = next((n for n in original_graph.graph.nodes if n.name == entry.name), None)
-        if self.new is None or self.old is None:
+        new = next((n for n in converted.graph.nodes if n.meta.get(SITE_META) == entry.name), None)
+        old = next((n for n in original_graph.graph.nodes if n.name == entry.name), None)
+        if new is None or old is None:
             raise CalibrationError(f"Functional site '{entry.name}' is not in the converted graph; calibrate the model convert() returned.")
-        call = BatchNormArgs.of_node(self.old)
+        self.new, self.old = new, old
+        call = BatchNormArgs.of_node(old)
         if not all(isinstance(v, fx.Node) and v.op == "get_attr" for v in (call.weight, call.bias)):
             raise CalibrationError(f"Functional site '{entry.name}' has no weight/bias attributes to calibrate.")
         self.weight = _attribute(converted, call.weight.target)
@@ -181,7 +195,8 @@ class _FunctionalSite:
         args, _ = _node_arguments(self.converted, self.new, batch)
         z = _normalized(self.entry, args[0])
         old_args, old_kwargs = _node_arguments(self.original_graph, self.old, batch)
-        return z, self.old.target(*old_args, **old_kwargs)  # traced in eval mode: running statistics
+        original_call: Any = self.old.target
+        return z, original_call(*old_args, **old_kwargs)  # traced in eval mode: running statistics
 
     def set_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
         self.weight.copy_(scale.to(self.weight.dtype))
@@ -300,4 +315,3 @@ def _fit(s: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float,
     total = float(var_y.sum())
     r2 = 1.0 - float(residual.sum()) / total if total > 0 else 1.0
     return scale, shift, r2, int(n)
-

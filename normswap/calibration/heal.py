@@ -4,11 +4,13 @@ Loss: KL(softmax(original) || softmax(converted)) for (N, K) class scores, MSE o
 stopping on a held-out part of the data. Under torchrun (WORLD_SIZE > 1) it runs data-parallel
 with DistributedDataParallel (gloo on CPU, nccl on GPU).
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +42,7 @@ class HealResult:
 
 def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
     total = student[0].new_zeros(())
-    for s, t in zip(student, teacher):
+    for s, t in zip(student, teacher, strict=True):
         if s.dim() == 2 and s.shape[1] > 1:  # class scores
             total = total + F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
         else:
@@ -123,8 +125,15 @@ def heal(
         best_state = {k: v.detach().clone() for k, v in converted.state_dict().items()}
         bad, stopped, step = 0, False, 0
         show = progress if progress is not None else (os.isatty(2) and world == 1)
-        with Progress(TextColumn("heal"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[drift]}"),
-                      TimeRemainingColumn(), disable=not show, transient=True) as bar:
+        with Progress(
+            TextColumn("heal"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[drift]}"),
+            TimeRemainingColumn(),
+            disable=not show,
+            transient=True,
+        ) as bar:
             task = bar.add_task("heal", total=steps, drift=f"held-out loss {initial:.4g}")
             for step in range(1, steps + 1):
                 batch = train[int(torch.randint(len(train), (1,), generator=generator))]

@@ -1,4 +1,5 @@
 """HealOptions: every setting of healing, one object passed from the CLI to the engine."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -4,13 +4,13 @@ tracing, then torch.export, then forward hooks (see `STRATEGIES`).
 Capture never mutates the user's model: training flags, attributes set in forward and buffers
 (running statistics) are restored afterwards.
 """
+
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import CaptureError
@@ -44,7 +44,7 @@ def capture(model: nn.Module, example_inputs: Any, *, methods: Sequence[str] = M
                 result = strategies[method](model, inputs)
         except CaptureError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the model's own failure: recorded, reported as NS901
+        except Exception as exc:
             log.debug("capture with %s failed", method, exc_info=True)
             reasons.append(f"{method}: {one_line(exc)}")
             continue

@@ -1,4 +1,5 @@
 """What capture records: one BatchNormCall per place forward uses BatchNorm semantics."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ def run_eagerly(model: nn.Module, inputs: tuple) -> Any:
         model.eval()
         try:
             return model(*inputs)
-        except Exception as exc:  # noqa: BLE001 - the user's model failed: one sentence, with the cause
+        except Exception as exc:
             shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
             raise CaptureError(
                 f"{type(model).__name__} cannot run on example inputs of shape {shapes}: {one_line(exc)}; "

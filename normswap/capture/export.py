@@ -1,4 +1,5 @@
 """Capture strategy 2: torch.export (non-strict); its graph carries shapes and nn_module_stack."""
+
 from __future__ import annotations
 
 import torch
@@ -35,7 +36,5 @@ def capture_export(model: nn.Module, inputs: tuple) -> Capture:
             name = "batch_norm" if functional_index == 0 else f"batch_norm_{functional_index}"
             functional_index += 1
             training = "no_training" not in str(node.target) and bool(node.args[5] if len(node.args) > 5 else False)
-            calls.append(
-                BatchNormCall(name=name, module=None, owner=owner, input_shape=shape, called_at=location, training=training)
-            )
+            calls.append(BatchNormCall(name=name, module=None, owner=owner, input_shape=shape, called_at=location, training=training))
     return Capture("export", calls, None)

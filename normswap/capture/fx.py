@@ -1,4 +1,5 @@
 """Capture strategy 1: torch.fx symbolic tracing (a graph: producers, consumers, functional calls)."""
+
 from __future__ import annotations
 
 import re
@@ -51,7 +52,7 @@ def capture_fx(model: nn.Module, inputs: tuple) -> Capture:
     module_calls: dict[str, int] = {}
     for node in graph_module.graph.nodes:
         if node.op == "call_module":
-            module_calls[node.target] = module_calls.get(node.target, 0) + 1
+            module_calls[str(node.target)] = module_calls.get(str(node.target), 0) + 1
     calls = []
     for node in graph_module.graph.nodes:
         if node.op == "call_module" and is_batchnorm_like(modules[node.target]):
@@ -77,7 +78,7 @@ def _fx_call(node: fx.Node, modules: dict[str, nn.Module], module_calls: dict[st
     if isinstance(source, fx.Node) and source.op == "call_module":
         call.producer_module = str(source.target)
         # folding rewrites the producer's weights: nothing else may see its output or call it
-        call.producer_exclusive = len(source.users) == 1 and module_calls.get(source.target, 0) == 1
+        call.producer_exclusive = len(source.users) == 1 and module_calls.get(str(source.target), 0) == 1
     if module is None:
         args = BatchNormArgs.of_node(node)
         call.training = bool(args.training)

@@ -1,5 +1,6 @@
 """Capture strategy 3: forward hooks on the module tree plus a TorchFunctionMode that sees
 functional batch_norm calls made outside BatchNorm modules (works on any model that runs)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,7 +21,7 @@ class _FunctionalBatchNormSpy(TorchFunctionMode):
         self.module_stack = module_stack
         self.calls = calls
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         inside_norm = any(is_batchnorm_like(module) for _, module in self.module_stack)
         if func in BATCH_NORM_FUNCTIONS and not inside_norm:
@@ -45,14 +46,12 @@ def capture_hooks(model: nn.Module, inputs: tuple) -> Capture:
     stack: list[tuple[str, nn.Module]] = []
     handles = []
 
-    def pre_hook(name: str):  # type: ignore[no-untyped-def]
+    def pre_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             stack.append((name, module))
             if is_batchnorm_like(module) and not any(is_batchnorm_like(m) for _, m in stack[:-1]):
                 x = args[0] if args else None
-                calls.append(
-                    BatchNormCall(name=name, module=name, owner=name, input_shape=shape_of(x), called_at=user_frame_location(skip=2))
-                )
+                calls.append(BatchNormCall(name=name, module=name, owner=name, input_shape=shape_of(x), called_at=user_frame_location(skip=2)))
 
         return hook
 

@@ -1,5 +1,6 @@
 """torch.fx pieces shared by capture, the targets and the graph passes: the tracer, and matching
 and reading `batch_norm` calls."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,15 +42,15 @@ class BatchNormArgs:
     eps: Any
 
     @classmethod
-    def of(cls, func: Any, args: tuple, kwargs: dict[str, Any] | None = None) -> "BatchNormArgs":
+    def of(cls, func: Any, args: tuple, kwargs: dict[str, Any] | None = None) -> BatchNormArgs:
         names = _F_NAMES if func is F.batch_norm else _TORCH_NAMES
         values: dict[str, Any] = dict(_F_DEFAULTS)
-        values.update(zip(names, args))
+        values.update(zip(names, args, strict=False))  # positional arguments cover a prefix of the names
         values.update(kwargs or {})
         return cls(**{name: values.get(name) for name in _F_NAMES})
 
     @classmethod
-    def of_node(cls, node: fx.Node) -> "BatchNormArgs":
+    def of_node(cls, node: fx.Node) -> BatchNormArgs:
         return cls.of(node.target, node.args, dict(node.kwargs))
 
 
@@ -59,7 +60,7 @@ class BatchNormTracer(fx.Tracer):
     line of each BatchNorm call in node.meta["normswap_call_site"] (only those: torch's
     `record_stack_traces` formats a whole stack for every node, which dominated lint time)."""
 
-    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:  # type: ignore[no-untyped-def]
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if (kind == "call_function" and target in BATCH_NORM_FUNCTIONS) or (
             kind == "call_module" and is_batchnorm_like(self.root.get_submodule(target))

@@ -1,4 +1,5 @@
 """The `normswap` command line: lint, convert, rules, explain (option parsing; the work is in commands.py)."""
+
 from __future__ import annotations
 
 import functools
@@ -30,7 +31,7 @@ def handle_errors(command: Callable[..., int]) -> Callable[..., None]:
             context.exit(exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
             raise
-        except Exception as exc:  # noqa: BLE001 - the CLI boundary: any bug becomes exit 3 with one line
+        except Exception as exc:
             if debug:
                 raise
             click.echo(f"normswap: error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
@@ -47,7 +48,13 @@ def model_options(command: Callable) -> Callable:
     for decorator in reversed(
         [
             click.option("-k", "kwargs", multiple=True, metavar="KEY=VALUE", help="Keyword argument for the model callable (Python literal)."),
-            click.option("--input-shape", "input_shapes", multiple=True, metavar="N,C,...", help="Shape of one example input, batch first, optionally with a dtype (8,128:int64); repeat for several inputs."),
+            click.option(
+                "--input-shape",
+                "input_shapes",
+                multiple=True,
+                metavar="N,C,...",
+                help="Shape of one example input, batch first, optionally with a dtype (8,128:int64); repeat for several inputs.",
+            ),
         ]
     ):
         command = decorator(command)
@@ -91,14 +98,30 @@ def main() -> None:
 @click.argument("models", nargs=-1, metavar="[MODEL]...")
 @model_options
 @context_options
-@click.option("--format", "output_format", type=click.Choice(["text", "json", "markdown", "sarif"]), default=None, help="Report format (default: text).")
+@click.option(
+    "--format", "output_format", type=click.Choice(["text", "json", "markdown", "sarif"]), default=None, help="Report format (default: text)."
+)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write the report to FILE (atomically) instead of stdout.")
-@click.option("--fail-on", type=click.Choice(["error", "warning", "info", "never"]), default=None, help="Exit 1 when findings reach this severity (default: error).")
+@click.option(
+    "--fail-on",
+    type=click.Choice(["error", "warning", "info", "never"]),
+    default=None,
+    help="Exit 1 when findings reach this severity (default: error).",
+)
 @click.option("--select", multiple=True, metavar="CODE", help="Only these rule codes or prefixes (repeatable, or comma-separated).")
 @click.option("--ignore", multiple=True, metavar="CODE", help="Skip these rule codes or prefixes.")
 @handle_errors
-def lint(models: tuple[str, ...], kwargs: tuple[str, ...], input_shapes: tuple[str, ...], output_format: str | None,
-         output: str | None, fail_on: str | None, select: tuple[str, ...], ignore: tuple[str, ...], **options: Any) -> int:
+def lint(
+    models: tuple[str, ...],
+    kwargs: tuple[str, ...],
+    input_shapes: tuple[str, ...],
+    output_format: str | None,
+    output: str | None,
+    fail_on: str | None,
+    select: tuple[str, ...],
+    ignore: tuple[str, ...],
+    **options: Any,
+) -> int:
     """Report where BatchNorm will hurt the way MODEL is trained or served.
 
     MODEL is `package.module:callable` or `path/to/file.py:callable`. Without MODEL, lints the
@@ -118,28 +141,49 @@ def lint(models: tuple[str, ...], kwargs: tuple[str, ...], input_shapes: tuple[s
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=True))
-@click.option("--model", "model_spec", required=True, metavar="MODEL", help="`package.module:callable` or `path/to/file.py:callable` that builds the model.")
+@click.option(
+    "--model", "model_spec", required=True, metavar="MODEL", help="`package.module:callable` or `path/to/file.py:callable` that builds the model."
+)
 @model_options
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory (weights, plan.json, model.onnx, report.json, report.md).")
-@click.option("--to", type=click.Choice(targets.CHOICES), default="auto", show_default=True, help="Replacement target: auto (per site, from the findings), " + "; ".join(f"{t.name}: {t.summary}" for t in targets.REGISTRY if t.name != "keep") + ".")
+@click.option(
+    "--to",
+    type=click.Choice(targets.CHOICES),
+    default="auto",
+    show_default=True,
+    help="Replacement target: auto (per site, from the findings), "
+    + "; ".join(f"{t.name}: {t.summary}" for t in targets.REGISTRY if t.name != "keep")
+    + ".",
+)
 @click.option("--groups", "max_groups", type=click.IntRange(min=1), default=32, show_default=True, help="Largest GroupNorm group count.")
-@click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Re-apply this saved plan.json instead of planning.")
+@click.option(
+    "--plan", "plan_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Re-apply this saved plan.json instead of planning."
+)
 @context_options
 @click.option("--no-onnx", is_flag=True, help="Skip the ONNX export (and its validation).")
 @click.option("--no-validate", is_flag=True, help="Export but do not validate with onnxruntime.")
 @click.option("--atol", type=float, default=None, help="Absolute tolerance (default: 1e-4 x each output's magnitude).")
 @click.option("--rtol", type=float, default=1e-4, show_default=True, help="Relative tolerance.")
 @click.option("--opset", type=click.IntRange(min=14), default=None, help="ONNX opset (default 18).")
-@click.option("--calibration-data", type=click.Path(), default=None, help="Unlabeled inputs (.pt/.npz/.safetensors, first axis = samples) to calibrate the new layers.")
+@click.option(
+    "--calibration-data",
+    type=click.Path(),
+    default=None,
+    help="Unlabeled inputs (.pt/.npz/.safetensors, first axis = samples) to calibrate the new layers.",
+)
 @click.option("--calibration-batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size for calibration and healing.")
-@click.option("--heal-steps", type=click.IntRange(min=0), default=0, show_default=True, help="Distillation steps toward the original model after calibration.")
+@click.option(
+    "--heal-steps", type=click.IntRange(min=0), default=0, show_default=True, help="Distillation steps toward the original model after calibration."
+)
 @click.option("--heal-lr", type=float, default=1e-3, show_default=True, help="Learning rate for healing.")
 @click.option("--heal-params", type=click.Choice(["norm", "all"]), default="norm", show_default=True, help="Parameters healing trains.")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow a checkpoint that runs code when loaded (a pickled module). Only for files you trust.")
 @click.option("--force", is_flag=True, help="Replace normswap's outputs in an existing, non-empty --out.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary, only errors.")
 @handle_errors
-def convert(checkpoint: str, model_spec: str, kwargs: tuple[str, ...], input_shapes: tuple[str, ...], out_dir: str, quiet: bool, **options: Any) -> int:
+def convert(
+    checkpoint: str, model_spec: str, kwargs: tuple[str, ...], input_shapes: tuple[str, ...], out_dir: str, quiet: bool, **options: Any
+) -> int:
     """Rewrite the BatchNorm of a trained CHECKPOINT and write weights, plan, ONNX and report.
 
     Loads CHECKPOINT (state_dict .pt/.pth/.ckpt, nested or prefixed, or .safetensors; never

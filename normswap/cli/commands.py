@@ -1,4 +1,5 @@
 """What the CLI commands do, separated from option parsing."""
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,7 @@ def model_entries(models: Sequence[str], kwargs: Sequence[str], input_shapes: Se
     return config.models
 
 
-def run_lint(models, kwargs, input_shapes, output_format, output, fail_on, select, ignore, flags: dict[str, Any]) -> int:  # type: ignore[no-untyped-def]
+def run_lint(models, kwargs, input_shapes, output_format, output, fail_on, select, ignore, flags: dict[str, Any]) -> int:
     """`normswap lint`; returns the exit code."""
     config = load_config()
     context = config.make_context(**flags)
@@ -80,7 +81,9 @@ def heal_options(options: dict[str, Any]) -> HealOptions:
         raise ConfigError(f"Invalid healing option: {exc}") from None
 
 
-def run_convert(checkpoint: str, model_spec: str, kwargs, input_shapes, out_dir: str, quiet: bool, flags: dict[str, Any], options: dict[str, Any]) -> int:  # type: ignore[no-untyped-def]
+def run_convert(
+    checkpoint: str, model_spec: str, kwargs, input_shapes, out_dir: str, quiet: bool, flags: dict[str, Any], options: dict[str, Any]
+) -> int:
     """`normswap convert`; returns the exit code."""
     from ..pipeline import ConvertOptions, convert_checkpoint
 
@@ -89,15 +92,30 @@ def run_convert(checkpoint: str, model_spec: str, kwargs, input_shapes, out_dir:
     config = load_config()
     context = config.make_context(**flags)
     convert_options = ConvertOptions(
-        to=options["to"], max_groups=options["max_groups"], plan_path=options["plan_path"],
-        onnx=not options["no_onnx"], validate=not options["no_validate"], atol=options["atol"], rtol=options["rtol"],
-        opset=options["opset"], trust_checkpoint=options["trust_checkpoint"], force=options["force"],
-        calibration_data=options["calibration_data"], calibration_batch_size=options["calibration_batch_size"],
+        to=options["to"],
+        max_groups=options["max_groups"],
+        plan_path=options["plan_path"],
+        onnx=not options["no_onnx"],
+        validate=not options["no_validate"],
+        atol=options["atol"],
+        rtol=options["rtol"],
+        opset=options["opset"],
+        trust_checkpoint=options["trust_checkpoint"],
+        force=options["force"],
+        calibration_data=options["calibration_data"],
+        calibration_batch_size=options["calibration_batch_size"],
         heal=heal_options(options),
     )
     result = convert_checkpoint(
-        checkpoint, model_spec, parse_kwargs(kwargs), [parse_input_spec(s) for s in input_shapes], out_dir,
-        context, convert_options, quiet=quiet, model_name=display_spec(model_spec),
+        checkpoint,
+        model_spec,
+        parse_kwargs(kwargs),
+        [parse_input_spec(s) for s in input_shapes],
+        out_dir,
+        context,
+        convert_options,
+        quiet=quiet,
+        model_name=display_spec(model_spec),
     )
     if not quiet:
         click.echo(RENDERERS["text"]([result.report], color=sys.stdout.isatty()), nl=False)

@@ -1,5 +1,6 @@
 """Export to ONNX (onnx.py) and check the file with onnxruntime against PyTorch (validate.py),
 including what BatchNorm is left (residual.py)."""
+
 from __future__ import annotations
 
 from .onnx import ExportInfo, export_info, export_onnx, export_onnx_with_info

@@ -1,4 +1,5 @@
 """export_onnx(): torch.onnx (dynamo exporter) with a dynamic batch axis, checked, written atomically."""
+
 from __future__ import annotations
 
 import contextlib
@@ -37,7 +38,13 @@ class ExportInfo:
     external_data: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path.name, "exporter": self.exporter, "opset": self.opset, "dynamic_batch": self.dynamic_batch, "external_data": self.external_data}
+        return {
+            "path": self.path.name,
+            "exporter": self.exporter,
+            "opset": self.opset,
+            "dynamic_batch": self.dynamic_batch,
+            "external_data": self.external_data,
+        }
 
 
 def export_onnx(
@@ -67,7 +74,9 @@ def export_onnx(
     return export_onnx_with_info(model, example_inputs, path, opset=opset, dynamic_batch=dynamic_batch).path
 
 
-def export_onnx_with_info(model: nn.Module, example_inputs: Any, path: str | Path, *, opset: int | None = None, dynamic_batch: bool = True) -> ExportInfo:
+def export_onnx_with_info(
+    model: nn.Module, example_inputs: Any, path: str | Path, *, opset: int | None = None, dynamic_batch: bool = True
+) -> ExportInfo:
 
     inputs = as_input_tuple(example_inputs)
     opset = opset or DEFAULT_OPSET
@@ -149,14 +158,13 @@ def _run_exporter(model: nn.Module, inputs: tuple, dynamic_shapes: Any, opset: i
     try:
         with quiet_torch():
             return torch.onnx.export(model, inputs, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False)
-    except Exception as exc:  # noqa: BLE001 - the exporter failed on the user's model: one sentence, operator when known
+    except Exception as exc:
         text = re.sub(r"\x1b\[[0-9;]*m", "", f"{exc.__cause__ or exc}")
         operator = re.search(r"(aten::\w+(?:\.\w+)?|aten\.\w+(?:\.\w+)?|torch\.ops\.[\w.]+)", text)
         where = f" at operator {operator.group(1)}" if operator else ""
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         raise ExportError(
-            f"torch.onnx could not export {type(model).__name__}{where}: {first[:300]}; "
-            "try another --opset, or --no-onnx to skip the export."
+            f"torch.onnx could not export {type(model).__name__}{where}: {first[:300]}; try another --opset, or --no-onnx to skip the export."
         ) from exc
 
 

@@ -1,4 +1,5 @@
 """Residual BatchNorm: what is left in a converted model that the plan did not keep on purpose."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,10 +17,7 @@ from ..torchutil import as_input_tuple, is_replacement, preserved
 def residual_batchnorm(model: nn.Module, plan: Plan | None = None) -> list[str]:
     """Names of BatchNorm modules (and functional graph nodes) in `model` the plan did not keep."""
     kept = {e.name for e in (plan or []) if e.keeps_batchnorm_op}
-    left = [
-        name for name, m in model.named_modules()
-        if isinstance(m, _BatchNorm) and not is_replacement(m) and name not in kept
-    ]
+    left = [name for name, m in model.named_modules() if isinstance(m, _BatchNorm) and not is_replacement(m) and name not in kept]
     if isinstance(model, fx.GraphModule):
         left += [n.name for n in model.graph.nodes if is_batch_norm_call(n) and n.name not in kept]
     return left

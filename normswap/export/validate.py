@@ -4,6 +4,7 @@ An element fails when |ort - torch| > atol + rtol * |torch|. By default atol sca
 output's magnitude (1e-4 * max|torch|): real models reach 1e2-1e4 and correct fp32 exports still
 differ by ~1e-6 relative.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -86,8 +87,13 @@ class Validation:
         worst = max(self.outputs, key=lambda c: c.max_abs, default=None)
         detail = f"max abs error {worst.max_abs:.3g} at batch {worst.batch_size}" if worst else "no outputs"
         verdict = "passed" if self.passed else "FAILED"
-        independence = "batch-independent" if self.batch_independent_eval and self.batch_independent_train else (
-            "batch-dependent in " + " and ".join(m for m, ok in (("eval", self.batch_independent_eval), ("train", self.batch_independent_train)) if not ok)
+        independence = (
+            "batch-independent"
+            if self.batch_independent_eval and self.batch_independent_train
+            else (
+                "batch-dependent in "
+                + " and ".join(m for m, ok in (("eval", self.batch_independent_eval), ("train", self.batch_independent_train)) if not ok)
+            )
         )
         return f"validation {verdict}: onnxruntime vs PyTorch {detail}; {independence}; {self.residual_onnx_ops} BatchNormalization op(s) in ONNX"
 
@@ -99,10 +105,14 @@ class Validation:
             "opset": self.opset,
             "fidelity": {"passed": self.fidelity_passed, "outputs": [c.to_dict() for c in self.outputs]},
             "batch_independence": {
-                "eval": self.batch_independent_eval, "train": self.batch_independent_train, "required": self.batch_independence_required,
+                "eval": self.batch_independent_eval,
+                "train": self.batch_independent_train,
+                "required": self.batch_independence_required,
             },
             "residual_batchnorm": {
-                "passed": self.residual_passed, "onnx_ops": self.residual_onnx_ops, "onnx_ops_allowed": self.residual_onnx_allowed,
+                "passed": self.residual_passed,
+                "onnx_ops": self.residual_onnx_ops,
+                "onnx_ops_allowed": self.residual_onnx_allowed,
                 "modules": list(self.residual_modules),
             },
             "drift": self.drift.to_dict() if self.drift else None,
@@ -112,7 +122,9 @@ class Validation:
     def to_markdown(self) -> str:
         lines = [f"**{self.summary()}**", "", "| Batch | Output | Max abs | Max rel | Mean abs | atol | Result |", "|---|---|---|---|---|---|---|"]
         for c in self.outputs:
-            lines.append(f"| {c.batch_size} | {c.output} | {c.max_abs:.3g} | {c.max_rel:.3g} | {c.mean_abs:.3g} | {c.atol:.3g} | {'ok' if c.passed else 'FAILED'} |")
+            lines.append(
+                f"| {c.batch_size} | {c.output} | {c.max_abs:.3g} | {c.max_rel:.3g} | {c.mean_abs:.3g} | {c.atol:.3g} | {'ok' if c.passed else 'FAILED'} |"
+            )
         lines += [""] + [f"- {m}" for m in self.messages]
         return "\n".join(lines).rstrip()
 
@@ -124,18 +136,20 @@ def _session(path: Path):
     options.log_severity_level = 3
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValidationError(f"onnxruntime cannot load '{path}': {first}.") from exc
 
 
 def run_onnx(session, inputs: tuple) -> list[np.ndarray]:
-    feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), [x for x in inputs if isinstance(x, torch.Tensor)])}
+    feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), [x for x in inputs if isinstance(x, torch.Tensor)], strict=False)}
     try:
         return session.run(None, feeds)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         shapes = ", ".join(str(tuple(v.shape)) for v in feeds.values())
-        raise ValidationError(f"onnxruntime failed to run the exported model on inputs of shape {shapes}: {str(exc).strip().splitlines()[0]}.") from exc
+        raise ValidationError(
+            f"onnxruntime failed to run the exported model on inputs of shape {shapes}: {str(exc).strip().splitlines()[0]}."
+        ) from exc
 
 
 def compare(expected: np.ndarray, actual: np.ndarray, atol: float | None, rtol: float, batch: int, index: int) -> OutputCheck:
@@ -170,10 +184,7 @@ def batch_independent(model: nn.Module, inputs: tuple, train: bool, samples: int
             model.eval()
         try:
             together = known.get(size) or flat_outputs(model(*batch))
-            alone = [
-                known.get(1) if i == 0 and 1 in known else flat_outputs(model(*tuple(x[i : i + 1] for x in batch)))
-                for i in range(size)
-            ]
+            alone = [(known.get(1) if i == 0 else None) or flat_outputs(model(*tuple(x[i : i + 1] for x in batch))) for i in range(size)]
         except ValueError:  # BatchNorm refusing a batch of one in train mode
             return False
     for index, output in enumerate(together):
@@ -240,7 +251,7 @@ def validate_onnx(
         actual = run_onnx(session, batch)
         if len(actual) != len(expected):
             messages.append(f"the ONNX model has {len(actual)} output(s), PyTorch {len(expected)}")
-        for index, (e, a) in enumerate(zip(expected, actual)):
+        for index, (e, a) in enumerate(zip(expected, actual, strict=False)):  # a count mismatch is reported above
             check = compare(e.numpy(), a, atol, rtol, size, index)
             checks.append(check)
             if not check.passed:
@@ -265,4 +276,17 @@ def validate_onnx(
         accumulator = DriftAccumulator()
         accumulator.add(eval_outputs(original, inputs), known.get(example_batch) or eval_outputs(model, inputs), batch_samples(inputs))
         drift = accumulator.result()
-    return Validation(str(path.name), info["exporter"], info["opset"], checks, independent_eval, independent_train, required, ops, allowed, residual, drift, messages)
+    return Validation(
+        str(path.name),
+        info["exporter"],
+        info["opset"],
+        checks,
+        independent_eval,
+        independent_train,
+        required,
+        ops,
+        allowed,
+        residual,
+        drift,
+        messages,
+    )

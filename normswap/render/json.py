@@ -1,8 +1,10 @@
 """JSON report, schema version 1 (normswap/schemas/report.schema.json); keys and lists in stable order."""
+
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .._version import __version__
 from ..rules import Finding

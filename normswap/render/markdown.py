@@ -1,7 +1,8 @@
 """Markdown report for pull-request comments: summary line, table, collapsible details per finding."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .text import summary_line
 

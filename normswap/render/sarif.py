@@ -1,9 +1,11 @@
 """SARIF 2.1.0 for code scanning: rules from the catalogue, results with relative locations."""
+
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .._version import __version__
 from ..rules import CATALOGUE

@@ -1,8 +1,9 @@
 """Text report: a rich table per model (colour on a terminal, plain when piped)."""
+
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -28,10 +29,19 @@ def render_text(reports: Sequence, color: bool = False, width: int = 120) -> str
                 table.add_column(column, overflow="fold")
             for f in report.findings:
                 location = f.site.location if f.site is not None else report.model_location
-                table.add_row(f.code, f.severity.value, f.site_name, str(location) if location else "-", f.message, style=_STYLE[f.severity.value] if color else None)
+                table.add_row(
+                    f.code,
+                    f.severity.value,
+                    f.site_name,
+                    str(location) if location else "-",
+                    f.message,
+                    style=_STYLE[f.severity.value] if color else None,
+                )
             console.print(table)
         if report.plan is not None:
-            console.print("plan: " + ", ".join(f"{n} {t}" for t, n in report.plan.counts().items()) if len(report.plan) else "plan: nothing to convert")
+            console.print(
+                "plan: " + ", ".join(f"{n} {t}" for t, n in report.plan.counts().items()) if len(report.plan) else "plan: nothing to convert"
+            )
         if report.validation is not None:
             console.print(report.validation.summary(), soft_wrap=True)
         if report.calibration:

@@ -1,4 +1,5 @@
 """The rule catalogue: one explicit tuple, in code order."""
+
 from __future__ import annotations
 
 from .base import Finding, Fix, Rule, Severity, Skip

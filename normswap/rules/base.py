@@ -1,4 +1,5 @@
 """Rule, Finding, Fix and Severity: the vocabulary every rule module shares."""
+
 from __future__ import annotations
 
 import enum
@@ -6,12 +7,12 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from .. import targets
 from ..context import Context
 from ..sites import Site
-from .. import targets
 
 
-class Severity(str, enum.Enum):
+class Severity(enum.StrEnum):
     ERROR = "error"
     WARNING = "warning"
     INFO = "info"

@@ -1,4 +1,5 @@
 """NS101 batchnorm-in-recurrence: one BatchNorm applied several times in one forward pass."""
+
 from __future__ import annotations
 
 from ..context import Context

@@ -1,4 +1,5 @@
 """NS102 batchnorm-over-sequence: BatchNorm1d normalizing an (N, C, L) sequence."""
+
 from __future__ import annotations
 
 from ..context import Context

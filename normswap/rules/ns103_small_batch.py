@@ -1,4 +1,5 @@
 """NS103 small-batch: per-device training batch below the threshold."""
+
 from __future__ import annotations
 
 from ..context import Context

@@ -1,4 +1,5 @@
 """NS104 batch-of-one: training with one sample where BatchNorm needs more than one value per channel."""
+
 from __future__ import annotations
 
 from ..context import Context

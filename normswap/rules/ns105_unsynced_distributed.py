@@ -1,4 +1,5 @@
 """NS105 unsynced-distributed: several devices and BatchNorm is not synchronised."""
+
 from __future__ import annotations
 
 from ..context import Context

@@ -1,4 +1,5 @@
 """NS106 privacy-incompatible: BatchNorm under differentially private training."""
+
 from __future__ import annotations
 
 from ..context import Context

@@ -1,4 +1,5 @@
 """NS107 batch-dependent-inference: BatchNorm that uses batch statistics even in eval mode."""
+
 from __future__ import annotations
 
 from ..context import Context

@@ -1,4 +1,5 @@
 """NS201 functional-batchnorm: a functional batch_norm call inside forward."""
+
 from __future__ import annotations
 
 from ..context import Context

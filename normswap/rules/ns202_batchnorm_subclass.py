@@ -1,4 +1,5 @@
 """NS202 batchnorm-subclass: a BatchNorm subclass that adds behaviour a swap must keep."""
+
 from __future__ import annotations
 
 from ..context import Context

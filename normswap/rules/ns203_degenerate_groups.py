@@ -1,4 +1,5 @@
 """NS203 degenerate-groups: the natural GroupNorm would normalize single values."""
+
 from __future__ import annotations
 
 from ..context import Context

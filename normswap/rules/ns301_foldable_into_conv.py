@@ -1,4 +1,5 @@
 """NS301 foldable-into-conv: inference only, BatchNorm right after conv/linear: fold, do not swap."""
+
 from __future__ import annotations
 
 from .. import targets

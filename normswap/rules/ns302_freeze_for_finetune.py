@@ -1,4 +1,5 @@
 """NS302 freeze-for-finetune: small-batch fine-tuning of a pretrained model: freeze BatchNorm."""
+
 from __future__ import annotations
 
 from ..context import Context

@@ -1,4 +1,5 @@
 """NS901 not-traceable: symbolic tracing failed; a fallback capture was used."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,5 +1,6 @@
 """The target registry: one module per replacement, one explicit tuple, and the natural choice
 for a site. Everything else asks this registry; a target's name elsewhere is data only."""
+
 from __future__ import annotations
 
 from ..errors import PlanError
@@ -41,6 +42,15 @@ def natural_target(site: Site) -> tuple[str, str]:
 
 
 __all__ = [
-    "CHOICES", "DEFAULT_CHANNELS_PER_GROUP", "DEFAULT_MAX_GROUPS", "NAMES", "REGISTRY",
-    "Param", "PlanOptions", "Refusal", "Target", "get", "natural_target",
+    "CHOICES",
+    "DEFAULT_CHANNELS_PER_GROUP",
+    "DEFAULT_MAX_GROUPS",
+    "NAMES",
+    "REGISTRY",
+    "Param",
+    "PlanOptions",
+    "Refusal",
+    "Target",
+    "get",
+    "natural_target",
 ]

@@ -1,6 +1,7 @@
 """What a target is: its plan parameters and their checks, the module it builds, its functional
 form (used for functional sites and inside BatchNorm subclasses), its calibration hook, and
 whether it keeps the original function or batch statistics."""
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ With s = w / sqrt(running_var + eps) per output channel:
     W' = W * s,   b' = (b - running_mean) * s + beta
 the BatchNorm becomes the identity: the same eval-mode function at no run-time cost.
 """
+
 from __future__ import annotations
 
 import re
@@ -13,10 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 
 from ..capture.tracer import BatchNormArgs
 from ..errors import PlanError
 from ..sites import Site
+from ..torchutil import tensor_attribute
 from .base import Param, PlanOptions, Refusal, Target, where
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -57,8 +60,10 @@ class FoldTarget(Target):
             producer = model.get_submodule(str(params["into"]))
         except AttributeError:
             raise PlanError(f"Plan entry '{site_name}' (fold) folds into '{params['into']}', which this model does not have.") from None
-        if not isinstance(producer, (*_CONVOLUTIONS, *_TRANSPOSED, nn.Linear)):
-            raise PlanError(f"Plan entry '{site_name}' (fold) folds into '{params['into']}', a {type(producer).__name__}, not a conv or linear layer.")
+        if not isinstance(producer, (_ConvNd, nn.Linear)):
+            raise PlanError(
+                f"Plan entry '{site_name}' (fold) folds into '{params['into']}', a {type(producer).__name__}, not a conv or linear layer."
+            )
         channels = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
         if channels != int(params["num_features"]):
             raise PlanError(f"Plan entry '{site_name}' (fold): '{params['into']}' has {channels} outputs, the BatchNorm {params['num_features']}.")
@@ -77,15 +82,17 @@ class FoldTarget(Target):
         bn.register_parameter("bias", None)
 
 
-def fold_into(producer: nn.Module, bn: Any, eps: float) -> None:
+def fold_into(producer: _ConvNd | nn.Linear, bn: Any, eps: float) -> None:
     """Scale the producer's output channels and shift its bias by BatchNorm's eval-mode affine
     (`bn` has running_mean, running_var and optional weight / bias)."""
-    if not all(isinstance(getattr(bn, n, None), torch.Tensor) for n in ("running_mean", "running_var")):
+    running_mean, running_var = tensor_attribute(bn, "running_mean"), tensor_attribute(bn, "running_var")
+    if running_mean is None or running_var is None:
         raise PlanError("fold needs the running statistics as tensors (module buffers or attributes the graph reads directly)")
+    gamma, beta_ = tensor_attribute(bn, "weight"), tensor_attribute(bn, "bias")
     with torch.no_grad():
-        mean, var = bn.running_mean.double(), bn.running_var.double()
-        weight = bn.weight.double() if getattr(bn, "weight", None) is not None else torch.ones_like(mean)
-        beta = bn.bias.double() if getattr(bn, "bias", None) is not None else torch.zeros_like(mean)
+        mean, var = running_mean.double(), running_var.double()
+        weight = gamma.double() if gamma is not None else torch.ones_like(mean)
+        beta = beta_.double() if beta_ is not None else torch.zeros_like(mean)
         scale = weight / torch.sqrt(var + eps)
         w = producer.weight.double()
         if isinstance(producer, _TRANSPOSED):

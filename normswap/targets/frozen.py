@@ -1,7 +1,8 @@
 """frozen: BatchNorm's eval-mode function with fixed statistics and affine, in train mode too.
 
-    y = (x - running_mean) / sqrt(running_var + eps) * w + b
+y = (x - running_mean) / sqrt(running_var + eps) * w + b
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -37,6 +38,11 @@ class FrozenBatchNorm(Replacement, nn.Module):
     `weight`/`bias` stay parameters (with requires_grad=False) so optimiser groups that name them
     keep working; `running_mean`/`running_var` stay buffers, so state_dict keys carry over.
     """
+
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
         super().__init__()

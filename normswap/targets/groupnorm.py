@@ -1,5 +1,6 @@
 """groupnorm: GroupNorm(G, C) per sample over groups of C/G channels and all positions, with
 BatchNorm's per-channel affine carried over; G chosen per layer (see `choose_num_groups`)."""
+
 from __future__ import annotations
 
 import contextvars
@@ -47,9 +48,7 @@ class GroupNorm(Replacement, nn.GroupNorm):
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
-def choose_num_groups(
-    num_channels: int, values_per_channel: int, max_groups: int = 32, channels_per_group: int = 1
-) -> tuple[int, str]:
+def choose_num_groups(num_channels: int, values_per_channel: int, max_groups: int = 32, channels_per_group: int = 1) -> tuple[int, str]:
     """Largest divisor G of C with G <= max_groups, C/G >= channels_per_group, and groups that
     hold more than one value (a group of one value always normalizes to zero).
 

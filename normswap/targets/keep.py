@@ -1,4 +1,5 @@
 """keep: leave the site as it is (batch-independent already, never called, or chosen by the plan)."""
+
 from __future__ import annotations
 
 from typing import Any

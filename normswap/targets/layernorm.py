@@ -3,6 +3,7 @@ features of (N, C); BatchNorm's per-channel affine carried over.
 
     y[n, :, p] = (x[n, :, p] - mean_c) / sqrt(var_c + eps) * w + b
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -52,6 +53,9 @@ class ChannelLayerNorm(Replacement, nn.Module):
 
     Parameters are named `weight` and `bias` like BatchNorm's, so state_dict keys carry over.
     """
+
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
 
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True) -> None:
         super().__init__()

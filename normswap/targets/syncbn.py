@@ -1,5 +1,6 @@
 """syncbn: SyncBatchNorm, BatchNorm whose batch statistics are reduced over every device of the
 process group in training (single-device and eval: plain BatchNorm)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -59,8 +60,11 @@ class SyncBatchNormTarget(Target):
     def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
         momentum = params.get("momentum")
         new = nn.SyncBatchNorm(
-            int(params["num_features"]), eps=float(params["eps"]), momentum=None if momentum is None else float(momentum),
-            affine=bool(params["affine"]), track_running_stats=bool(params.get("track_running_stats", True)),
+            int(params["num_features"]),
+            eps=float(params["eps"]),
+            momentum=None if momentum is None else float(momentum),
+            affine=bool(params["affine"]),
+            track_running_stats=bool(params.get("track_running_stats", True)),
         )
         copy_tensors(bn, new, ("running_mean", "running_var", "num_batches_tracked"))
         return carry_affine(bn, new)
