@@ -14,6 +14,7 @@ from .capture import Capture, capture
 from .context import Context
 from .rules import CATALOGUE, Finding, Rule, Skip
 from .sites import Site, discover
+from .torchutil import gc_paused
 
 
 @dataclass
@@ -29,6 +30,11 @@ class Analysis:
 def analyze(model: nn.Module, example_inputs: Any, context: Context | None = None, rules: Sequence[Rule] = CATALOGUE) -> Analysis:
     """Capture the model, discover its BatchNorm sites and judge them against the context."""
     context = context or Context()
+    with gc_paused():
+        return _analyze(model, example_inputs, context, rules)
+
+
+def _analyze(model: nn.Module, example_inputs: Any, context: Context, rules: Sequence[Rule]) -> Analysis:
     timings = {}
     start = time.perf_counter()
     captured = capture(model, example_inputs)

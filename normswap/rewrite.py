@@ -23,7 +23,7 @@ from .postcondition import check_no_batch_statistics
 from .rules import Finding
 from .sites import Site
 from .targets import PlanOptions
-from .torchutil import as_input_tuple, require_module
+from .torchutil import as_input_tuple, gc_paused, require_module
 
 
 @dataclass
@@ -61,6 +61,13 @@ def rewrite(
     See `normswap.convert` for the arguments; this is convert without calibration.
     """
     require_module(model, "convert")
+    with gc_paused():
+        return _rewrite(model, example_inputs, to, context, inplace, options, plan)
+
+
+def _rewrite(
+    model: nn.Module, example_inputs: Any, to: str, context: Context | None, inplace: bool, options: PlanOptions | None, plan: Plan | None
+) -> Conversion:
     timings: dict[str, float] = {}
     inputs = as_input_tuple(example_inputs)
     start = time.perf_counter()
