@@ -3,6 +3,7 @@ model with a readable mismatch list, atomic saving in the input's format."""
 
 from __future__ import annotations
 
+import logging
 import pickle
 import re
 import zipfile
@@ -16,6 +17,8 @@ from torch import nn
 
 from .errors import CheckpointError
 from .files import write_with
+
+log = logging.getLogger(__name__)
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
@@ -65,7 +68,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     try:
         return load_file(str(path), device="cpu")
-    except Exception as exc:
+    except Exception as exc:  # any reader failure is the file's problem: one sentence, with the cause
         raise CheckpointError(
             f"Checkpoint '{path}' is not a readable safetensors file ({_first_line(exc)}); it may be truncated or corrupt."
         ) from exc
@@ -89,7 +92,7 @@ def _load_torch(path: Path, trust: bool) -> Any:
         if "failed finding central directory" in text or isinstance(exc, EOFError) or "truncated" in text.lower():
             raise CheckpointError(f"Checkpoint '{path}' is truncated or corrupt ({text}); re-save or re-download it.") from exc
         raise CheckpointError(f"Checkpoint '{path}' could not be read as a PyTorch checkpoint ({text}).") from exc
-    except Exception as exc:
+    except Exception as exc:  # any reader failure is the file's problem: one sentence, with the cause
         raise CheckpointError(f"Checkpoint '{path}' could not be read as a PyTorch checkpoint ({_first_line(exc)}).") from exc
 
 
@@ -132,6 +135,8 @@ def fit_to_model(checkpoint: Checkpoint, model: nn.Module) -> dict[str, torch.Te
             if len(set(stripped) & set(expected)) > len(set(best) & set(expected)):
                 best, best_prefix = stripped, prefix
     checkpoint.prefix = best_prefix
+    if best_prefix:
+        log.info("stripped the prefix %r from the keys of %s", best_prefix, checkpoint.path)
     optional = {k for k in expected if k.endswith("num_batches_tracked")}  # absent from older checkpoints
     missing = sorted(set(expected) - set(best) - optional)
     unexpected = sorted(set(best) - set(expected))

@@ -115,7 +115,7 @@ def _import_target(spec: str) -> tuple[Any, str]:
         try:
             sys.modules[module_name] = module
             import_spec.loader.exec_module(module)
-        except Exception as exc:
+        except Exception as exc:  # the user's file failed to import: one sentence, with the cause
             sys.modules.pop(module_name, None)
             raise ModelLoadError(f"Importing '{location}' failed: {type(exc).__name__}: {exc}.") from exc
         finally:
@@ -127,7 +127,7 @@ def _import_target(spec: str) -> tuple[Any, str]:
             module = importlib.import_module(location)
         except ModuleNotFoundError as exc:
             raise ModelLoadError(f"Module '{location}' not found ({exc}); check '{spec}' and that the package is importable from here.") from exc
-        except Exception as exc:
+        except Exception as exc:  # the user's module failed to import: one sentence, with the cause
             raise ModelLoadError(f"Importing module '{location}' failed: {type(exc).__name__}: {exc}.") from exc
     target: Any = module
     for part in attribute.split("."):
@@ -151,7 +151,7 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None) -> tuple[nn.Modu
     try:
         with recording_construction():
             model = target(**(kwargs or {}))
-    except Exception as exc:
+    except Exception as exc:  # the user's factory failed: one sentence, with the cause
         raise ModelLoadError(f"Calling '{spec}' with {kwargs or {}} failed: {type(exc).__name__}: {exc}.") from exc
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"'{spec}' returned a {type(model).__name__}, not a torch.nn.Module.")

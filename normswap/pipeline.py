@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -56,6 +57,9 @@ class ConvertResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+log = logging.getLogger(__name__)
+
+
 class Steps:
     """Progress for the steps of a job: a spinner on a terminal, nothing when quiet."""
 
@@ -74,6 +78,7 @@ class Steps:
                 yield
             self.console.print(f"[green]✓[/green] {name} ({time.perf_counter() - start:.2f} s)")
         self.timings[name] = time.perf_counter() - start
+        log.debug("%s took %.3f s", name, self.timings[name])
 
 
 def check_output_dir(out_dir: Path, checkpoint_path: Path, force: bool) -> None:
@@ -171,7 +176,7 @@ def _calibration_batches(model: torch.nn.Module, path: str, batch_size: int) -> 
     try:
         with preserved(model), torch.no_grad():
             model.eval()(batches[0])
-    except Exception as exc:
+    except Exception as exc:  # the user's model rejects the data: one sentence, with the cause
         raise CalibrationError(
             f"Calibration data '{path}' of shape {tuple(batches[0].shape)} (per batch) does not fit the model: {str(exc).splitlines()[0][:160]}."
         ) from exc

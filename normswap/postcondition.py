@@ -104,7 +104,7 @@ def check_no_batch_statistics(model: nn.Module, plan: Plan, sites: Sequence[Site
     for train in (True, False):
         try:
             users = batch_statistics_users(model, inputs, train, owners)
-        except Exception as exc:
+        except Exception as exc:  # the user's forward failed in this mode: recorded, checked per layer
             log.debug("post-condition run failed", exc_info=True)
             notes.append(f"whole-model {'train' if train else 'eval'}-mode check skipped: {type(exc).__name__}: {str(exc).strip()[:160]}")
             continue

@@ -121,7 +121,7 @@ def apply_plan(model: nn.Module, plan: Plan, example_inputs: Any = None, inplace
         working.train()  # functional `training=self.training` is traced as in convert()
         try:
             target = trace(working).train(was_training)
-        except Exception as exc:
+        except Exception as exc:  # the user's forward cannot be traced: one sentence, with the cause
             raise PlanError(f"The plan rewrites functional batch_norm calls, but {type(model).__name__} cannot be traced: {exc}.") from exc
         working.train(was_training)
     return PassManager([SwapBatchNormModules(plan), RewriteFunctionalBatchNorm(plan)])(target).model
@@ -149,7 +149,7 @@ def materialize_lazy(model: nn.Module, inputs: tuple) -> None:
     try:
         with torch.no_grad():
             model.eval()(*inputs)
-    except Exception as exc:
+    except Exception as exc:  # the user's model failed: one sentence, with the cause
         raise CaptureError(f"{type(model).__name__} cannot run on the example inputs to initialize its lazy modules: {exc}.") from exc
     finally:
         for module, flag in flags.items():

@@ -51,7 +51,7 @@ def load_calibration_tensor(path: str) -> torch.Tensor:
                 if isinstance(obj, torch.Tensor)
                 else [v for v in (obj.values() if isinstance(obj, dict) else obj) if isinstance(v, torch.Tensor)]
             )
-    except Exception as exc:
+    except Exception as exc:  # any reader failure is the file's problem: one sentence, with the cause
         raise CalibrationError(f"Calibration data '{path}' could not be read ({str(exc).splitlines()[0][:160]}).") from exc
     if len(tensors) != 1:
         raise CalibrationError(f"Calibration data '{path}' must hold exactly one tensor of inputs, found {len(tensors)}.")

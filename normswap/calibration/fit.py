@@ -10,6 +10,7 @@ Statistics are streamed batch by batch: per site only per-channel sums are kept.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,8 @@ from ..plan import Plan, PlanEntry
 from ..targets.layernorm import ChannelLayerNorm
 from ..torchutil import preserved, tensor_attribute
 from .data import check_batches
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -298,6 +301,7 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable[Any],
             scale, shift, r2, n = _fit(sums)
             site.set_affine(scale, shift)
             fits.append(SiteFit(entry.name, entry.target, r2, n))
+            log.debug("calibrated %s (%s): R^2 %.3f over %d values per channel", entry.name, entry.target, r2, n)
     return fits
 
 

@@ -7,6 +7,7 @@ with DistributedDataParallel (gloo on CPU, nccl on GPU).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from ..torchutil import preserved
 from .data import check_batches
 from .drift import flat_outputs
 from .options import HealOptions
+
+log = logging.getLogger(__name__)
 
 _NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, ChannelLayerNorm)
 
@@ -153,6 +156,7 @@ def heal(
                             stopped = True
                             break
                 bar.update(task, advance=1)
+    log.info("healed %d step(s): held-out loss %.4g -> %.4g%s", step, initial, best, " (stopped early)" if stopped else "")
     converted.load_state_dict(best_state)
     for p, flag in flags.items():
         p.requires_grad_(flag)

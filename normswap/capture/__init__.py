@@ -44,7 +44,7 @@ def capture(model: nn.Module, example_inputs: Any, *, methods: Sequence[str] = M
                 result = strategies[method](model, inputs)
         except CaptureError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # the strategy failed on the user's model: recorded, reported as NS901
             log.debug("capture with %s failed", method, exc_info=True)
             reasons.append(f"{method}: {one_line(exc)}")
             continue

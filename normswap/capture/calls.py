@@ -67,7 +67,7 @@ def run_eagerly(model: nn.Module, inputs: tuple) -> Any:
         model.eval()
         try:
             return model(*inputs)
-        except Exception as exc:
+        except Exception as exc:  # the user's model failed: one sentence, with the cause
             shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
             raise CaptureError(
                 f"{type(model).__name__} cannot run on example inputs of shape {shapes}: {one_line(exc)}; "

@@ -45,7 +45,7 @@ def capture_fx(model: nn.Module, inputs: tuple) -> Capture:
     graph_module = trace(model)
     try:
         propagate_shapes(graph_module, inputs)
-    except Exception:
+    except Exception:  # tell a model that cannot run (CaptureError) from one fx cannot trace (re-raised)
         run_eagerly(model, inputs)  # raises CaptureError if the model itself cannot run
         raise
     modules = dict(graph_module.named_modules())

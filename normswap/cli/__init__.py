@@ -31,7 +31,7 @@ def handle_errors(command: Callable[..., int]) -> Callable[..., None]:
             context.exit(exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
             raise
-        except Exception as exc:
+        except Exception as exc:  # the CLI boundary: any bug becomes exit 3 with one line
             if debug:
                 raise
             click.echo(f"normswap: error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from ..errors import ExportError
 from ..files import atomic_path
 from ..targets.groupnorm import GROUP_NORM_EXPORT_FORM
 from ..torchutil import as_input_tuple, batch_of, preserved, quiet_torch
+
+log = logging.getLogger(__name__)
 
 # At opset 18 GroupNorm exports as LayerNormalization over a (N, G, -1) view + Mul + Add and
 # channel LayerNorm as Transpose -> LayerNormalization -> Transpose: the fastest correct forms
@@ -106,8 +109,10 @@ def export_onnx_with_info(
             with atomic_path(target) as temporary:
                 try:
                     _run_torchscript_exporter(model, inputs, temporary, opset, dynamic_batch)
-                except Exception:  # noqa: BLE001 - report the primary exporter's failure
+                except Exception:  # the fallback failed too: report the primary exporter's failure
+                    log.debug("the TorchScript exporter failed as well", exc_info=True)
                     raise dynamo_error from None
+                log.info("torch.export could not capture %s (%s); exported with the TorchScript exporter", type(model).__name__, dynamo_error)
                 _finish(temporary, target, exporter, opset, external=False)
     if program is not None:
         program.model.metadata_props[METADATA_EXPORTER] = exporter
@@ -158,7 +163,7 @@ def _run_exporter(model: nn.Module, inputs: tuple, dynamic_shapes: Any, opset: i
     try:
         with quiet_torch():
             return torch.onnx.export(model, inputs, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False)
-    except Exception as exc:
+    except Exception as exc:  # the exporter failed on the user's model: one sentence, operator when known
         text = re.sub(r"\x1b\[[0-9;]*m", "", f"{exc.__cause__ or exc}")
         operator = re.search(r"(aten::\w+(?:\.\w+)?|aten\.\w+(?:\.\w+)?|torch\.ops\.[\w.]+)", text)
         where = f" at operator {operator.group(1)}" if operator else ""

@@ -136,7 +136,7 @@ def _session(path: Path):
     options.log_severity_level = 3
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
+    except Exception as exc:  # onnxruntime refused the file: one sentence, with the cause
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValidationError(f"onnxruntime cannot load '{path}': {first}.") from exc
 
@@ -145,7 +145,7 @@ def run_onnx(session, inputs: tuple) -> list[np.ndarray]:
     feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), [x for x in inputs if isinstance(x, torch.Tensor)], strict=False)}
     try:
         return session.run(None, feeds)
-    except Exception as exc:
+    except Exception as exc:  # onnxruntime failed on the inputs: one sentence, with the cause
         shapes = ", ".join(str(tuple(v.shape)) for v in feeds.values())
         raise ValidationError(
             f"onnxruntime failed to run the exported model on inputs of shape {shapes}: {str(exc).strip().splitlines()[0]}."
