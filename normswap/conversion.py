@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from torch import nn
@@ -26,6 +26,7 @@ def convert(
     max_groups: int = DEFAULT_MAX_GROUPS,
     channels_per_group: int = DEFAULT_CHANNELS_PER_GROUP,
     plan: Plan | None = None,
+    keep: Collection[str] = (),
     calibration_data: Iterable[Any] | None = None,
     heal: HealOptions | None = None,
 ) -> Conversion:
@@ -40,6 +41,7 @@ def convert(
         max_groups: largest GroupNorm group count.
         channels_per_group: smallest number of channels in a GroupNorm group.
         plan: apply this plan instead of planning (checked against the model first).
+        keep: names of BatchNorm sites to leave as they are (they keep their batch statistics).
         calibration_data: unlabeled input batches; when given, each new GroupNorm / LayerNorm
             affine is fitted to the original BatchNorm output (see `normswap.calibrate`).
         heal: healing after calibration (`HealOptions(steps=...)`; default: none).
@@ -56,7 +58,7 @@ def convert(
     options = PlanOptions(max_groups=max_groups, channels_per_group=channels_per_group)
     materialize_lazy(model, as_input_tuple(example_inputs))  # lazy modules cannot be copied before
     original = copy.deepcopy(model) if inplace and calibration_data is not None else model
-    conversion = rewrite(model, example_inputs, to, context, inplace, options=options, plan=plan)
+    conversion = rewrite(model, example_inputs, to, context, inplace, options=options, plan=plan, keep=keep)
     if calibration_data is not None:
         calibrate_and_heal(conversion, original, calibration_data, heal)
     return conversion

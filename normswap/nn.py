@@ -8,13 +8,14 @@ from __future__ import annotations
 from .targets.fold import unchanged
 from .targets.frozen import FrozenBatchNorm, frozen_batch_norm
 from .targets.groupnorm import GroupNorm, group_norm
-from .targets.layernorm import ChannelLayerNorm, channel_layer_norm
+from .targets.layernorm import ChannelLayerNorm, LayerNorm, channel_layer_norm
 from .targets.syncbn import sync_batch_norm
 
 __all__ = [
     "ChannelLayerNorm",
     "FrozenBatchNorm",
     "GroupNorm",
+    "LayerNorm",
     "channel_layer_norm",
     "frozen_batch_norm",
     "group_norm",

@@ -39,10 +39,12 @@ class ConvertOptions:
     onnx: bool = True
     validate: bool = True
     atol: float | None = None
-    rtol: float = 1e-4
+    rtol: float | None = None
     opset: int | None = None
     trust_checkpoint: bool = False
     force: bool = False
+    keep: tuple[str, ...] = ()
+    batch_inputs: tuple[int, ...] | None = None  # None: detected
     calibration_data: str | None = None
     calibration_batch_size: int = 32
     heal: HealOptions = field(default_factory=HealOptions)
@@ -129,7 +131,7 @@ def convert_checkpoint(
         inputs = example_inputs(input_shapes, seed=options.seed)
         plan = Plan.from_json(_read_text(options.plan_path), where=options.plan_path) if options.plan_path else None
     with steps.step("trace, plan and rewrite"):
-        conversion = convert(model, inputs, to=options.to, context=context, max_groups=options.max_groups, plan=plan)
+        conversion = convert(model, inputs, to=options.to, context=context, max_groups=options.max_groups, plan=plan, keep=options.keep)
     report = Report(
         model=model_name or model_spec,
         capture_method=conversion.capture_method,
@@ -155,12 +157,19 @@ def convert_checkpoint(
         report.outputs = {"weights": str(out_dir / weights_name), "plan": str(out_dir / "plan.json")}
         if options.onnx:
             with steps.step("export ONNX"):
-                onnx_path = export_onnx(conversion.model, inputs, staging / "model.onnx", opset=options.opset)
+                onnx_path = export_onnx(conversion.model, inputs, staging / "model.onnx", opset=options.opset, batch_inputs=options.batch_inputs)
             report.outputs["onnx"] = str(out_dir / "model.onnx")
             if options.validate:
                 with steps.step("validate with onnxruntime"):
                     report.validation = validate_onnx(
-                        conversion.model, onnx_path, inputs, original=model, atol=options.atol, rtol=options.rtol, plan=conversion.plan
+                        conversion.model,
+                        onnx_path,
+                        inputs,
+                        original=model,
+                        atol=options.atol,
+                        rtol=options.rtol,
+                        plan=conversion.plan,
+                        batch_inputs=options.batch_inputs,
                     )
                 if report.validation.drift is not None and "swap" not in report.drift:
                     report.drift = {"swap": report.validation.drift, **report.drift}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from . import targets
 from .advise import most_severe
@@ -20,15 +20,27 @@ def make_plan(
     context: Context,
     to: str = "auto",
     options: PlanOptions | None = None,
+    *,
+    keep_sites: Collection[str] = (),
+    strict: bool = True,
 ) -> Plan:
     """One PlanEntry per site.
 
-    `to="auto"` follows the most severe finding's fix (so lint and convert agree about every
-    site), else the site's natural target. An explicit target applies to every batch-dependent
-    site and raises PlanError for a site it cannot replace (after its declared fallback).
+    `to="auto"` decides per site from the context and the findings (so lint and convert agree);
+    an explicit target applies to every batch-dependent site. `keep_sites` are kept as they are.
+
+    Raises:
+        PlanError: a batch-dependent site that no target can replace (a subclass computing its
+            statistics by hand, a custom look-alike, a site the explicit target and its fallback
+            refuse). With `strict=False` such a site is kept instead, with the reason.
     """
     if to not in targets.CHOICES:
         raise PlanError(f"Unknown target '{to}'; use one of {', '.join(targets.CHOICES)}.")
+    unknown = sorted(set(keep_sites) - {site.name for site in sites})
+    if unknown:
+        raise PlanError(
+            f"--keep names {', '.join(repr(n) for n in unknown)}, which is not a BatchNorm site of this model; sites are: {', '.join(s.name for s in sites)}."
+        )
     options = options or PlanOptions()
     by_site: dict[str, list[Finding]] = {}
     for finding in findings:
@@ -40,13 +52,33 @@ def make_plan(
             entries.append(keep(site, "never called by forward on the example inputs: it does not affect the output", unused=True))
         elif not site.batch_dependent:
             entries.append(keep(site, "batch-independent: each sample's output does not depend on the batch", batch_independent=True))
-        elif site.kind == "lookalike":
-            entries.append(keep(site, f"custom {site.flavour} implementation: normswap rewrites torch BatchNorm only"))
-        elif to == "auto":
-            entries.append(_auto_entry(site, by_site.get(site.name, []), context, options))
+        elif site.name in keep_sites:
+            entries.append(keep(site, "kept on request (--keep): it still normalizes with batch statistics"))
         else:
-            entries.append(explicit_entry(site, to, f"--to {to}", options))
+            try:
+                entries.append(_replacement(site, by_site.get(site.name, []), context, to, options))
+            except Refusal as refusal:
+                if strict:
+                    raise PlanError(f"{refusal} To convert the rest, keep this layer: --keep {site.name} (keep_sites=[...] in the API).") from None
+                entries.append(keep(site, f"cannot be replaced: {refusal}"))
     return Plan(entries)
+
+
+def _replacement(site: Site, findings: list[Finding], context: Context, to: str, options: PlanOptions) -> PlanEntry:
+    """The entry that replaces a batch-dependent site, or Refusal saying why none can."""
+    if site.normalizes_by_hand:
+        raise Refusal(
+            f"Layer '{site.name}' ({site.flavour}) computes its batch statistics by hand instead of calling batch_norm, "
+            "so normswap cannot take its normalization over; replace the class in your code (e.g. by the torch BatchNorm it extends)."
+        )
+    if site.kind == "lookalike":
+        raise Refusal(
+            f"Layer '{site.name}' ({site.flavour}) is a custom BatchNorm implementation that depends on the batch; "
+            "normswap rewrites torch BatchNorm classes and their subclasses, so replace it in your code with one of those."
+        )
+    if to == "auto":
+        return _auto_entry(site, findings, context, options)
+    return explicit_entry(site, to, f"--to {to}", options)
 
 
 def keep(site: Site, reason: str, **flags: bool) -> PlanEntry:
@@ -97,4 +129,4 @@ def _auto_entry(site: Site, findings: list[Finding], context: Context, options: 
             return entry_for(site, target, reason, options)
         except Refusal as exc:
             problems.append(str(exc))
-    return keep(site, f"no replacement fits: {problems[0]}")
+    raise Refusal(f"No replacement fits layer '{site.name}': {problems[0]}")

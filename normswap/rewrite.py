@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,7 @@ def rewrite(
     *,
     options: PlanOptions | None = None,
     plan: Plan | None = None,
+    keep: Collection[str] = (),
 ) -> Conversion:
     """Analyse `model`, plan (or take `plan`), rewrite, and check the post-condition.
 
@@ -62,11 +64,18 @@ def rewrite(
     """
     require_module(model, "convert")
     with gc_paused():
-        return _rewrite(model, example_inputs, to, context, inplace, options, plan)
+        return _rewrite(model, example_inputs, to, context, inplace, options, plan, keep)
 
 
 def _rewrite(
-    model: nn.Module, example_inputs: Any, to: str, context: Context | None, inplace: bool, options: PlanOptions | None, plan: Plan | None
+    model: nn.Module,
+    example_inputs: Any,
+    to: str,
+    context: Context | None,
+    inplace: bool,
+    options: PlanOptions | None,
+    plan: Plan | None,
+    keep: Collection[str],
 ) -> Conversion:
     timings: dict[str, float] = {}
     inputs = as_input_tuple(example_inputs)
@@ -78,7 +87,7 @@ def _rewrite(
     timings.update(analysis.timings)
     start = time.perf_counter()
     if plan is None:
-        plan = make_plan(analysis.sites, analysis.findings, context, to, options)
+        plan = make_plan(analysis.sites, analysis.findings, context, to, options, keep_sites=keep)
     else:
         plan.check(analysis.sites)
     graph_module = analysis.capture.graph_module

@@ -46,6 +46,7 @@ class Site:
     batch_dependent_train: bool = True
     batch_dependent_eval: bool = False
     overrides_forward: bool = False
+    submodules: tuple[str, ...] = ()  # "act (ReLU)": what a subclass's forward adds, kept by a swap
     feeds_from_input: bool = False
     producer_module: str | None = None  # the module whose output this site normalizes (FX graph only)
     producer_exclusive: bool = False  # that output feeds nothing else and the module runs once
@@ -166,6 +167,7 @@ def _module_fields(model: nn.Module, module: nn.Module, name: str, input_shape: 
         "owner": name,
         "defined_at": construction_site(model, name),
         "overrides_forward": is_bn and not is_torch_class and type(module).forward is not _BatchNorm.forward,
+        "submodules": tuple(f"{child} ({type(m).__name__})" for child, m in module.named_children()) if not is_torch_class else (),
     }
 
 
@@ -180,7 +182,7 @@ def _module_site(model: nn.Module, module: nn.Module, name: str, calls: list[Bat
     else:
         behaviour = probe(module, site.input_shape)
         site.batch_dependent_train, site.batch_dependent_eval = behaviour.batch_dependent_train, behaviour.batch_dependent_eval
-        site.normalizes_by_hand = site.batch_dependent and not behaviour.calls_batch_norm
+        site.normalizes_by_hand = behaviour.normalizes_by_hand
         if not site.batch_dependent:
             site.notes.append("output of each sample does not depend on the rest of the batch (a fixed affine)")
     return site
@@ -219,12 +221,18 @@ def _functional_site(name: str, calls: list[BatchNormCall]) -> Site:
 
 @dataclass(frozen=True)
 class Probe:
-    """How one module behaves on its own: is sample 0's output different inside a batch of 3
-    than alone, in train and in eval mode; and does its forward call batch_norm at all."""
+    """How one module behaves on its own, in train and in eval mode: is sample 0's output
+    different inside a batch of 3 than alone, and does its forward call batch_norm at all."""
 
     batch_dependent_train: bool
     batch_dependent_eval: bool
-    calls_batch_norm: bool
+    calls_batch_norm_train: bool = True
+    calls_batch_norm_eval: bool = True
+
+    @property
+    def normalizes_by_hand(self) -> bool:
+        """Batch-dependent in a mode where it makes no batch_norm call: statistics computed by hand."""
+        return (self.batch_dependent_train and not self.calls_batch_norm_train) or (self.batch_dependent_eval and not self.calls_batch_norm_eval)
 
 
 class _BatchNormCallCounter(TorchFunctionMode):
@@ -242,24 +250,26 @@ def probe(module: nn.Module, input_shape: tuple[int, ...] | None) -> Probe:
     submodules stay in eval mode) on random inputs of `input_shape`. Unknown shape: assume the
     worst."""
     if input_shape is None or len(input_shape) < 2:
-        return Probe(True, True, True)
+        return Probe(True, True)
     copy_ = copy.deepcopy(module).eval()
     reference = next(iter(copy_.parameters()), None)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((3, *input_shape[1:]), generator=generator) * 2 + 1
     if reference is not None:
         x = x.to(device=reference.device, dtype=reference.dtype)
-    verdicts = []
-    counter = _BatchNormCallCounter()
+    dependent, calls = [], []
     for training in (True, False):
         copy_.training = training
+        counter = _BatchNormCallCounter()
         with torch.no_grad(), counter:
             try:
                 together = copy_(x)[:1]
                 alone = copy_(x[:1])
             except (RuntimeError, ValueError):  # a module that rejects a batch of one depends on the batch
-                verdicts.append(True)
+                dependent.append(True)
+                calls.append(counter.count > 0)
                 continue
         # 1e-4 relative: far above fp32 reduction-order noise, far below any batch statistic effect.
-        verdicts.append(not torch.allclose(together.float(), alone.float(), rtol=1e-4, atol=1e-5))
-    return Probe(verdicts[0], verdicts[1], counter.count > 0)
+        dependent.append(not torch.allclose(together.float(), alone.float(), rtol=1e-4, atol=1e-5))
+        calls.append(counter.count > 0)
+    return Probe(dependent[0], dependent[1], calls[0], calls[1])

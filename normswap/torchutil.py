@@ -50,6 +50,28 @@ def require_module(model: Any, function: str) -> nn.Module:
     return model
 
 
+def resolve_batch_inputs(inputs: Sequence[Any], batch_inputs: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Indices of the inputs whose dim 0 is the batch.
+
+    Given explicitly, they are checked; by default they are the tensor inputs whose dim 0 equals
+    the first tensor input's (a graph's `edge_index` of shape (2, E) beside node features of
+    shape (N, F) is not a batch input).
+
+    Raises:
+        ValueError: an index that names no tensor input with a dim 0.
+    """
+    tensors = {i: x for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.dim() > 0}
+    if batch_inputs is not None:
+        wrong = [i for i in batch_inputs if i not in tensors]
+        if wrong:
+            raise ValueError(f"batch_inputs {wrong} name no tensor input with a batch axis; the model has {len(inputs)} input(s).")
+        return tuple(sorted(set(batch_inputs)))
+    if not tensors:
+        return ()
+    first = next(iter(tensors.values())).shape[0]
+    return tuple(i for i, x in tensors.items() if x.shape[0] == first)
+
+
 def batch_size_of(inputs: Sequence[Any], batch_inputs: Sequence[int] | None = None) -> int:
     """The batch size: dim 0 of the first input that carries the batch (1 when none does)."""
     indices = range(len(inputs)) if batch_inputs is None else batch_inputs

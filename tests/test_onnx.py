@@ -153,12 +153,103 @@ def test_several_inputs_and_nested_outputs(tmp_path: Path) -> None:
 
 
 def test_default_tolerance_scales_with_output_magnitude() -> None:
-    expected = np.array([1e4, -2e3, 5.0], dtype=np.float32)
-    close = expected * (1 + 1e-6)
-    assert compare(expected, close, None, 1e-4, 1, 0).passed  # ~1e-6 relative at 1e4 magnitude
-    assert not compare(expected, expected + np.array([0, 0, 2.0]), None, 1e-4, 1, 0).passed
-    explicit = compare(expected, close, 1e-9, 0.0, 1, 0)
-    assert not explicit.passed and explicit.needed_atol == pytest.approx(np.abs(close - expected).max(), rel=1e-3)
+    expected = torch.tensor([1e4, -2e3, 5.0])
+    close = expected.numpy() * (1 + 1e-6)
+    assert compare(expected, close, 1, 0).passed  # ~8 fp32 ulps at the output's scale
+    assert not compare(expected, expected.numpy() + np.array([0, 0, 2.0], dtype=np.float32), 1, 0).passed
+    explicit = compare(expected, close, 1, 0, atol=1e-9, rtol=0.0)
+    assert not explicit.passed and explicit.needed_atol == pytest.approx(np.abs(close - expected.numpy()).max(), rel=1e-3)
+
+
+def test_tiny_outputs_get_tiny_tolerances() -> None:
+    expected = torch.randn(16) * 1e-30
+    assert compare(expected, expected.numpy() * (1 + 1e-6), 1, 0).passed
+    other = (torch.randn(16) * 1e-30).numpy()  # what other weights compute: same scale, other values
+    check = compare(expected, other, 1, 0)
+    assert not check.passed and check.atol < 1e-34  # no floor above the outputs themselves
+
+
+def test_tolerance_follows_the_dtype() -> None:
+    half = torch.linspace(-4, 4, 64).half()
+    ulp = float(torch.finfo(torch.float16).eps) * 4  # one unit in the last place at |x| = 4
+    assert compare(half, half.double().numpy() + ulp, 1, 0).passed  # one fp16 ulp: rounding, not an export bug
+    assert not compare(half, half.double().numpy() + 64 * ulp, 1, 0).passed
+    single = torch.linspace(-4, 4, 64)
+    assert not compare(single, single.double().numpy() + ulp, 1, 0).passed  # the same error is far too big for fp32
+
+
+def test_the_models_own_rounding_widens_the_tolerance() -> None:
+    expected = torch.ones(8)
+    error = 40 * float(torch.finfo(torch.float32).eps)  # 40 ulps: more than the 16-ulp floor
+    assert not compare(expected, expected.numpy() + error, 1, 0).passed
+    assert compare(expected, expected.numpy() + error, 1, 0, rounding=error / 4).passed  # 4x the model's own rounding
+    assert not compare(expected, expected.numpy() + error, 1, 0, rounding=error / 32).passed
+
+
+class Scaled(nn.Module):
+    """Outputs of about 1e-30: the case where an absolute tolerance floor passes anything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))) * 1e-30
+
+
+def test_an_export_of_other_weights_fails_on_tiny_outputs(tmp_path: Path) -> None:
+    x = torch.randn(4, 3, 8, 8)
+    torch.manual_seed(0)
+    exported = normswap.convert(Scaled().eval(), x, to="groupnorm").model
+    torch.manual_seed(1)
+    other = normswap.convert(Scaled().eval(), x, to="groupnorm").model
+    path = normswap.export_onnx(exported, x, tmp_path / "scaled.onnx")
+    assert normswap.validate_onnx(exported, path, x).passed
+    validation = normswap.validate_onnx(other, path, x)
+    assert not validation.passed and not validation.fidelity_passed
+
+
+class DeepConvNet(nn.Module):
+    """32 conv-BN-ReLU blocks: rounding errors accumulate with depth."""
+
+    def __init__(self, blocks: int = 32, width: int = 16) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1)]
+        for _ in range(blocks):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+
+def test_a_deep_network_is_judged_against_its_own_rounding(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = DeepConvNet()
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        model.train()(x)
+    conv = normswap.convert(model.eval(), x, to="groupnorm")
+    path = normswap.export_onnx(conv.model, x, tmp_path / "deep.onnx")
+    validation = normswap.validate_onnx(conv.model, path, x, plan=conv.plan)
+    assert validation.passed, validation.messages
+    for check in validation.outputs:  # both numbers are reported
+        assert check.rounding is not None and check.rounding > 0
+        assert check.max_abs <= check.atol + check.rtol * check.scale
+
+
+def test_fp16_export_is_judged_at_fp16_precision(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        model.train()(torch.randn(64, 10) * 3)
+    conv = normswap.convert(model.eval().half(), torch.randn(8, 10).half(), to="layernorm")
+    path = normswap.export_onnx(conv.model, torch.randn(8, 10).half(), tmp_path / "half.onnx")
+    validation = normswap.validate_onnx(conv.model, path, torch.randn(8, 10).half(), plan=conv.plan)
+    assert validation.passed, validation.messages
+    assert {check.dtype for check in validation.outputs} == {"float16"}
 
 
 def test_unwritable_output_leaves_nothing(tmp_path: Path) -> None:

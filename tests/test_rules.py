@@ -73,9 +73,15 @@ CASES = [
     ("NS202", {"kind": "subclass", "flavour": "BatchNormAct2d", "overrides_forward": True}, Context(), True),
     ("NS202", {}, Context(), False),
     ("NS202", {"kind": "subclass", "flavour": "MyBN", "overrides_forward": False}, Context(), False),  # adds nothing
+    ("NS202", {"kind": "subclass", "flavour": "NaiveSyncBatchNorm", "overrides_forward": True, "normalizes_by_hand": True}, Context(), True),
     ("NS203", {"input_shape": (8, 16), "num_features": 16}, Context(), True),
     ("NS203", {}, Context(), False),
     ("NS203", {"input_shape": (8, 64, 1, 1)}, Context(), False),  # 64 / 32 = 2 values per group
+    ("NS204", {"momentum": 0.997}, Context(), True),  # a TensorFlow decay
+    ("NS204", {}, Context(), False),  # torch's default 0.1
+    ("NS204", {"momentum": 0.5}, Context(), False),  # the threshold itself does not fire
+    ("NS204", {"momentum": 0.99}, Context(inference_only=True), False),  # statistics are not updated
+    ("NS204", {"momentum": None}, Context(), False),  # cumulative average
     ("NS301", {}, Context(inference_only=True), True),
     ("NS301", {}, Context(), False),
     ("NS301", {"producers": ("add",), "producer_module": None}, Context(inference_only=True), False),
@@ -102,7 +108,7 @@ def test_not_traceable_fires_only_for_fallback_captures() -> None:
 
 def test_catalogue_is_complete_and_documented() -> None:
     codes = [r.code for r in CATALOGUE]
-    assert codes == sorted(codes) and len(set(codes)) == len(codes) == 13
+    assert codes == sorted(codes) and len(set(codes)) == len(codes) == 14
     for rule in CATALOGUE:
         doc = rule.documentation()
         for heading in ("## What it does", "## Why is this bad?", "## Example", "## Fix safety", "## References"):

@@ -156,14 +156,28 @@ def lint(
     + ".",
 )
 @click.option("--groups", "max_groups", type=click.IntRange(min=1), default=32, show_default=True, help="Largest GroupNorm group count.")
+@click.option("--keep", multiple=True, metavar="LAYER", help="Leave this BatchNorm site as it is (repeatable); it keeps its batch statistics.")
 @click.option(
     "--plan", "plan_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Re-apply this saved plan.json instead of planning."
 )
 @context_options
 @click.option("--no-onnx", is_flag=True, help="Skip the ONNX export (and its validation).")
 @click.option("--no-validate", is_flag=True, help="Export but do not validate with onnxruntime.")
-@click.option("--atol", type=float, default=None, help="Absolute tolerance (default: 1e-4 x each output's magnitude).")
-@click.option("--rtol", type=float, default=1e-4, show_default=True, help="Relative tolerance.")
+@click.option(
+    "--atol",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Absolute tolerance of the ONNX check (default: per output, 16x the model's own float64 rounding error, at least 16 ulps of its dtype at its scale).",
+)
+@click.option(
+    "--rtol", type=click.FloatRange(min=0), default=None, help="Relative tolerance of the ONNX check (default: 16 ulps of each output's dtype)."
+)
+@click.option(
+    "--batch-inputs",
+    default=None,
+    metavar="I,J|none",
+    help="Which inputs (0-based, in --input-shape order) have the batch in dimension 0; 'none' when no input does (default: those whose dimension 0 matches the first input's).",
+)
 @click.option("--opset", type=click.IntRange(min=14), default=None, help="ONNX opset (default 18).")
 @click.option(
     "--calibration-data",

@@ -81,6 +81,22 @@ def heal_options(options: dict[str, Any]) -> HealOptions:
         raise ConfigError(f"Invalid healing option: {exc}") from None
 
 
+def parse_batch_inputs(spec: str | None, count: int) -> tuple[int, ...] | None:
+    """`--batch-inputs`: "0,2" or "none" (None when not given: detected)."""
+    if spec is None:
+        return None
+    if spec.strip().lower() == "none":
+        return ()
+    try:
+        indices = tuple(int(part) for part in spec.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"--batch-inputs expects comma-separated input indices or 'none', got '{spec}'.") from None
+    wrong = [i for i in indices if not 0 <= i < count]
+    if wrong or not indices:
+        raise ConfigError(f"--batch-inputs {spec} names no input: there are {count} --input-shape input(s), numbered from 0.")
+    return indices
+
+
 def run_convert(
     checkpoint: str, model_spec: str, kwargs, input_shapes, out_dir: str, quiet: bool, flags: dict[str, Any], options: dict[str, Any]
 ) -> int:
@@ -105,6 +121,8 @@ def run_convert(
         calibration_data=options["calibration_data"],
         calibration_batch_size=options["calibration_batch_size"],
         heal=heal_options(options),
+        keep=tuple(options["keep"]),
+        batch_inputs=parse_batch_inputs(options["batch_inputs"], len(input_shapes)),
     )
     result = convert_checkpoint(
         checkpoint,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from torch import nn
 from ..errors import ExportError
 from ..files import atomic_path
 from ..targets.groupnorm import GROUP_NORM_EXPORT_FORM
-from ..torchutil import as_input_tuple, batch_of, preserved, quiet_torch
+from ..torchutil import as_input_tuple, batch_of, preserved, quiet_torch, resolve_batch_inputs
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,9 @@ METADATA_EXPORTER = "normswap.exporter"
 METADATA_OPSET = "normswap.opset"
 # Counted on the in-memory graph at export, so validation need not re-read a large file.
 METADATA_BATCHNORM_OPS = "normswap.batchnorm_ops"
+# The inputs whose dimension 0 is a dynamic batch axis ("none" when the file has a fixed batch).
+METADATA_BATCH_INPUTS = "normswap.batch_inputs"
+METADATA_BATCH_NOTE = "normswap.batch_note"
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class ExportInfo:
     opset: int
     dynamic_batch: bool
     external_data: bool
+    batch_inputs: tuple[int, ...] = ()
+    note: str = ""  # why the batch axis is fixed, when it is
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,7 +52,9 @@ class ExportInfo:
             "exporter": self.exporter,
             "opset": self.opset,
             "dynamic_batch": self.dynamic_batch,
+            "batch_inputs": list(self.batch_inputs),
             "external_data": self.external_data,
+            "note": self.note,
         }
 
 
@@ -57,42 +65,55 @@ def export_onnx(
     *,
     opset: int | None = None,
     dynamic_batch: bool = True,
+    batch_inputs: Sequence[int] | None = None,
 ) -> Path:
     """Export `model` (eval mode) to ONNX at `path` and check it with onnx.checker.
 
     Args:
         model: the model to export (its mode is restored afterwards).
-        example_inputs: tensor or tuple of tensors, batch first.
+        example_inputs: tensor or tuple of tensors.
         path: the .onnx file to write (atomically; weights beside it as external data when large).
         opset: ONNX opset (default DEFAULT_OPSET = 18).
-        dynamic_batch: make dimension 0 of every input dynamic.
+        dynamic_batch: make dimension 0 of the batch inputs dynamic.
+        batch_inputs: indices of the inputs whose dimension 0 is the batch (default: the tensor
+            inputs whose dimension 0 equals the first one's); `()` for none.
 
     Returns:
-        The path written. `export_info(path)` tells which exporter and opset produced it.
+        The path written. `export_info(path)` tells which exporter and opset produced it, and
+        whether the batch axis stayed dynamic (a graph that depends on the batch size, e.g. one
+        that splits the batch into chunks, is exported at the example's batch size).
 
     Raises:
         ExportError: the exporter failed (the message names the operator when it can) or the
         file cannot be written.
     """
-    return export_onnx_with_info(model, example_inputs, path, opset=opset, dynamic_batch=dynamic_batch).path
+    return export_onnx_with_info(model, example_inputs, path, opset=opset, dynamic_batch=dynamic_batch, batch_inputs=batch_inputs).path
 
 
 def export_onnx_with_info(
-    model: nn.Module, example_inputs: Any, path: str | Path, *, opset: int | None = None, dynamic_batch: bool = True
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | Path,
+    *,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+    batch_inputs: Sequence[int] | None = None,
 ) -> ExportInfo:
-
+    """`export_onnx`, returning what was exported (see there)."""
     inputs = as_input_tuple(example_inputs)
     opset = opset or DEFAULT_OPSET
     target = Path(path)
-    if dynamic_batch and all(isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1 for x in inputs):
+    batched = resolve_batch_inputs(inputs, batch_inputs) if dynamic_batch else ()
+    if batched and all(inputs[i].shape[0] == 1 for i in batched):
         # torch.export specializes a dimension of size 1; export at batch 2 to keep it symbolic
-        inputs = batch_of(inputs, 2)
+        inputs = batch_of(inputs, 2, batched)
     dynamic_shapes = None
-    if dynamic_batch:
+    if batched:
         batch = torch.export.Dim("batch", min=1)
-        dynamic_shapes = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+        dynamic_shapes = tuple({0: batch} if i in batched else None for i in range(len(inputs)))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
     external = weight_bytes > EXTERNAL_DATA_BYTES
+    note = ""
     # opset 21 asks for the GroupNormalization op: export group norms in their native form
     form = GROUP_NORM_EXPORT_FORM.set("native" if opset >= 21 else "layernorm-view")
     with preserved(model), contextlib.ExitStack() as restore:
@@ -108,33 +129,49 @@ def export_onnx_with_info(
             exporter = f"torch.onnx TorchScript exporter (torch {torch.__version__})"
             with atomic_path(target) as temporary:
                 try:
-                    _run_torchscript_exporter(model, inputs, temporary, opset, dynamic_batch)
+                    _run_torchscript_exporter(model, inputs, temporary, opset, batched)
                 except Exception:  # the fallback failed too: report the primary exporter's failure
                     log.debug("the TorchScript exporter failed as well", exc_info=True)
                     raise dynamo_error from None
                 log.info("torch.export could not capture %s (%s); exported with the TorchScript exporter", type(model).__name__, dynamo_error)
-                _finish(temporary, target, exporter, opset, external=False)
+                _finish(temporary, target, {**_batch_props(batched, ""), METADATA_EXPORTER: exporter, METADATA_OPSET: str(opset)}, external=False)
     if program is not None:
-        program.model.metadata_props[METADATA_EXPORTER] = exporter
-        program.model.metadata_props[METADATA_OPSET] = str(opset)
-        program.model.metadata_props[METADATA_BATCHNORM_OPS] = str(_count_batchnorm_ir(program.model))
+        fixed = [i for i in batched if not _is_symbolic(program.model.graph.inputs[i].shape[0])]
+        if fixed:
+            # the exporter retried without the dynamic batch axis: the graph depends on the batch size
+            note = (
+                f"the exported graph has a fixed batch size of {inputs[fixed[0]].shape[0]}: the model's graph depends on the "
+                "batch size (e.g. it splits the batch into chunks), so it runs at that batch size only"
+            )
+            batched = ()
+        props = {**_batch_props(batched, note), METADATA_EXPORTER: exporter, METADATA_OPSET: str(opset)}
+        props[METADATA_BATCHNORM_OPS] = str(_count_batchnorm_ir(program.model))
+        program.model.metadata_props.update(props)
         with atomic_path(target) as temporary:
             try:
                 program.save(str(temporary), external_data=external)
             except OSError as exc:
                 raise ExportError(f"Cannot write '{target}': {exc.strerror or exc}.") from exc
-            _finish(temporary, target, None, opset, external)
-    return ExportInfo(target, exporter, opset, dynamic_batch, external)
+            _finish(temporary, target, None, external)
+    return ExportInfo(target, exporter, opset, bool(batched), external, batched, note)
 
 
-def _finish(temporary: Path, target: Path, exporter: str | None, opset: int, external: bool) -> None:
-    """Record the exporter (when not yet recorded), check the file, place external data."""
+def _is_symbolic(dim: Any) -> bool:
+    return not isinstance(dim, int)
+
+
+def _batch_props(batched: tuple[int, ...], note: str) -> dict[str, str]:
+    return {METADATA_BATCH_INPUTS: ",".join(map(str, batched)) if batched else "none", METADATA_BATCH_NOTE: note}
+
+
+def _finish(temporary: Path, target: Path, props: dict[str, str] | None, external: bool) -> None:
+    """Record `props` in the file's metadata (when not yet recorded, with the BatchNormalization
+    op count), check the file, place external data."""
     import onnx
 
-    if exporter is not None:
+    if props is not None:
         model = onnx.load(str(temporary))
-        props = {METADATA_EXPORTER: exporter, METADATA_OPSET: str(opset), METADATA_BATCHNORM_OPS: str(_count_batchnorm_proto(model))}
-        onnx.helper.set_model_props(model, props)
+        onnx.helper.set_model_props(model, {**props, METADATA_BATCHNORM_OPS: str(_count_batchnorm_proto(model))})
         onnx.save(model, str(temporary))
     try:
         onnx.checker.check_model(str(temporary), full_check=False)
@@ -152,9 +189,9 @@ def _count_batchnorm_ir(model) -> int:
     return sum(1 for graph in graphs for node in traversal.RecursiveGraphIterator(graph) if node.op_type == "BatchNormalization")
 
 
-def _run_torchscript_exporter(model: nn.Module, inputs: tuple, path: Path, opset: int, dynamic_batch: bool) -> None:
+def _run_torchscript_exporter(model: nn.Module, inputs: tuple, path: Path, opset: int, batched: tuple[int, ...]) -> None:
     names = [f"input_{i}" for i in range(len(inputs))]
-    axes = {name: {0: "batch"} for name in names} if dynamic_batch else None
+    axes = {names[i]: {0: "batch"} for i in batched} or None
     with quiet_torch():
         torch.onnx.export(model, inputs, str(path), dynamo=False, opset_version=opset, input_names=names, dynamic_axes=axes)
 
@@ -193,8 +230,13 @@ def _count_batchnorm_proto(model) -> int:
 
 
 def facts_from_metadata(props: dict[str, str], default_opset: str = "unknown") -> dict[str, str]:
-    """Exporter and opset from the metadata export_onnx records."""
-    return {"exporter": props.get(METADATA_EXPORTER, "unknown"), "opset": props.get(METADATA_OPSET, default_opset)}
+    """Exporter, opset, batch inputs and the batch note from the metadata export_onnx records."""
+    return {
+        "exporter": props.get(METADATA_EXPORTER, "unknown"),
+        "opset": props.get(METADATA_OPSET, default_opset),
+        "batch_inputs": props.get(METADATA_BATCH_INPUTS, ""),
+        "batch_note": props.get(METADATA_BATCH_NOTE, ""),
+    }
 
 
 def onnx_file_facts(path: str | Path) -> tuple[int, dict[str, str]]:

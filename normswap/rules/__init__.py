@@ -13,6 +13,7 @@ from .ns107_batch_dependent_inference import BatchDependentInference
 from .ns201_functional_batchnorm import FunctionalBatchNorm
 from .ns202_batchnorm_subclass import BatchNormSubclass
 from .ns203_degenerate_groups import DegenerateGroups
+from .ns204_momentum_as_decay import MomentumAsDecay
 from .ns301_foldable_into_conv import FoldableIntoConv
 from .ns302_freeze_for_finetune import FreezeForFinetune
 from .ns901_not_traceable import NotTraceable
@@ -28,6 +29,7 @@ CATALOGUE: tuple[Rule, ...] = (
     FunctionalBatchNorm(),
     BatchNormSubclass(),
     DegenerateGroups(),
+    MomentumAsDecay(),
     FoldableIntoConv(),
     FreezeForFinetune(),
     NotTraceable(),

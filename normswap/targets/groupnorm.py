@@ -42,7 +42,15 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
 
 
 class GroupNorm(Replacement, nn.GroupNorm):
-    """nn.GroupNorm whose ONNX export uses the faster formulation of `group_norm` (same function)."""
+    """nn.GroupNorm whose ONNX export uses the faster formulation of `group_norm` (same function).
+
+    Like every replacement it answers `num_features`, which code around a BatchNorm reads (e.g. a
+    wrapper's repr).
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine)
+        self.num_features = num_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)

@@ -59,7 +59,7 @@ class ChannelLayerNorm(Replacement, nn.Module):
 
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True) -> None:
         super().__init__()
-        self.num_channels = num_channels
+        self.num_channels = self.num_features = num_channels
         self.eps = eps
         self.affine = affine
         register_affine(self, num_channels, affine)
@@ -69,6 +69,14 @@ class ChannelLayerNorm(Replacement, nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
+
+
+class LayerNorm(Replacement, nn.LayerNorm):
+    """nn.LayerNorm over the features of (N, C) inputs that also answers `num_features`."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__(num_features, eps=eps, elementwise_affine=affine)
+        self.num_features = num_features
 
 
 class LayerNormTarget(Target):
@@ -93,7 +101,7 @@ class LayerNormTarget(Target):
         channels, eps, affine = int(params["num_channels"]), float(params["eps"]), bool(params["affine"])
         new: nn.Module
         if params.get("layout") == "features":
-            new = nn.LayerNorm(channels, eps=eps, elementwise_affine=affine)
+            new = LayerNorm(channels, eps=eps, affine=affine)
         else:
             new = ChannelLayerNorm(channels, eps=eps, affine=affine)
         return carry_affine(bn, new)

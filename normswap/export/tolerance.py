@@ -1,0 +1,141 @@
+"""How close an export must be to PyTorch: relative to each output's own scale, its dtype, and
+the model's own rounding error.
+
+An element passes when |ort - torch| <= atol + rtol * |torch|, per output with
+    atol = max(ROUNDING_MULTIPLE * rounding, ULPS * eps(dtype) * scale),  rtol = ULPS * eps(dtype)
+where scale = max |torch| and rounding = max |model in float64 - model| on the same batch-1
+inputs: what the model's own arithmetic at its precision already costs (a deep network
+accumulates more than a shallow one, so a correct export of it differs more). Every term scales
+with the output, so tiny outputs get tiny tolerances, and an fp16 model is judged at fp16
+precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..calibration.drift import flat_outputs
+from ..torchutil import preserved
+
+log = logging.getLogger(__name__)
+
+ROUNDING_MULTIPLE = 16  # an export's error may be this many times the model's own rounding error
+ULPS = 16  # and always this many units in the last place of the output's dtype, at its scale
+MAX_ROUNDING_BYTES = 1 << 30  # above this, no float64 copy of the model is made (memory)
+
+
+def epsilon(dtype: torch.dtype) -> float:
+    """Machine epsilon of a floating dtype; 0 for integer and bool outputs (compared exactly)."""
+    return float(torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
+
+
+@dataclass
+class OutputCheck:
+    """One output at one batch size."""
+
+    batch_size: int
+    output: int
+    dtype: str
+    scale: float  # max |torch|
+    rounding: float | None  # max |model in float64 - model|, measured at batch 1
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    atol: float
+    rtol: float
+    needed_atol: float  # smallest atol that would pass at this rtol
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def describe(self) -> str:
+        verdict = "ok" if self.passed else "FAILED"
+        rounding = f"; the model's own float64 rounding {self.rounding:.3g}" if self.rounding is not None else ""
+        return (
+            f"output {self.output} at batch {self.batch_size}: {verdict} (max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}, "
+            f"mean abs {self.mean_abs:.3g} on a scale of {self.scale:.3g}; atol {self.atol:.3g}, rtol {self.rtol:.3g}{rounding}; "
+            f"would pass with atol >= {self.needed_atol:.3g})"
+        )
+
+
+class Rounding:
+    """Measures the model's own rounding error: a float64 copy of it (made once) against the model
+    on the same inputs, per output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.double: nn.Module | None = None
+        self.problem = ""
+        size = sum(t.numel() * 8 for t in [*model.parameters(), *model.buffers()])
+        if size > MAX_ROUNDING_BYTES:
+            self.problem = f"the model's rounding error was not measured: a float64 copy would need {size / 2**30:.1f} GiB"
+
+    def errors(self, inputs: tuple, outputs: list[torch.Tensor]) -> list[float] | None:
+        """Per output, max |float64 model - model| on `inputs`, where `outputs` are the model's
+        own outputs on them; None when it cannot be measured (`problem` says why)."""
+        if self.problem:
+            return None
+        default = torch.get_default_dtype()
+        try:
+            if self.double is None:
+                self.double = copy.deepcopy(self.model).double().eval()
+            torch.set_default_dtype(torch.float64)  # tensors forward creates itself follow the model
+            with torch.no_grad():
+                exact = flat_outputs(self.double(*tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)))
+        except (RuntimeError, TypeError, NotImplementedError) as exc:  # an op without a float64 kernel, say
+            log.debug("float64 run failed", exc_info=True)
+            self.problem = f"the model's rounding error was not measured: it does not run in float64 ({type(exc).__name__}: {str(exc)[:120]})"
+            return None
+        finally:
+            torch.set_default_dtype(default)
+        if len(exact) != len(outputs):
+            self.problem = "the model's rounding error was not measured: its float64 copy returns other outputs"
+            return None
+        return [float((e - o.double()).abs().max()) if o.numel() and o.is_floating_point() else 0.0 for e, o in zip(exact, outputs, strict=True)]
+
+
+def compare(
+    expected: torch.Tensor,
+    actual: np.ndarray,
+    batch: int,
+    index: int,
+    rounding: float | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> OutputCheck:
+    """Compare one ONNX output with PyTorch's (see the module docstring for the tolerances;
+    `atol` / `rtol` given explicitly replace the defaults)."""
+    eps = epsilon(expected.dtype)
+    e = expected.detach().cpu().double().numpy()
+    a = np.asarray(actual, dtype=np.float64)
+    scale = float(np.abs(e).max()) if e.size else 0.0
+    default_atol = max(ROUNDING_MULTIPLE * (rounding or 0.0), ULPS * eps * scale)
+    tolerance = default_atol if atol is None else atol
+    relative = ULPS * eps if rtol is None else rtol
+    dtype = str(expected.dtype).removeprefix("torch.")
+    if e.shape != a.shape:
+        return OutputCheck(batch, index, dtype, scale, rounding, float("inf"), float("inf"), float("inf"), tolerance, relative, float("inf"), False)
+    error = np.abs(a - e)
+    finite = bool(np.isfinite(a).all())
+    max_abs = float(error.max()) if error.size else 0.0
+    max_rel = float((error / np.maximum(np.abs(e), np.finfo(np.float64).tiny)).max()) if error.size else 0.0
+    needed = float(np.maximum(error - relative * np.abs(e), 0).max()) if error.size else 0.0
+    passed = finite and bool((error <= tolerance + relative * np.abs(e)).all())
+    return OutputCheck(
+        batch, index, dtype, scale, rounding, max_abs, max_rel, float(error.mean()) if error.size else 0.0, tolerance, relative, needed, passed
+    )
+
+
+def eval_outputs_exact(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
+    """The model's eval-mode outputs in their own dtype (not cast)."""
+    with preserved(model), torch.no_grad():
+        model.eval()
+        return [t.detach() for t in flat_outputs(model(*inputs))]
