@@ -47,14 +47,9 @@ def main() -> int:
         "--out",
         str(out / "converted"),
         "--force",
-        "--groups",
-        "4",
         "--calibration-data",
         str(out / "calibration.pt"),
-        "--heal-steps",
-        "300",
-        "--heal-lr",
-        "3e-3",
+        "--heal",
     ]
     print("$ normswap " + " ".join(command))
     try:

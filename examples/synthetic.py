@@ -3,6 +3,8 @@
 - shapes: 16x16 RGB images of 4 classes (horizontal stripes, vertical stripes, checkerboard,
   centred blob) with random frequency, phase, colour, contrast and noise.
 - sequences: (N, T=12, F=6) sequences of 3 classes (rising, falling, oscillating trend) with noise.
+- tabular: (N, 8) raw features of very different scales (an income around 5e4, an age, a ratio
+  around 0.01, counts...) and 3 classes from a nonlinear rule on the standardized features.
 """
 
 from __future__ import annotations
@@ -42,6 +44,36 @@ def sequence_dataset(n: int, seed: int = 0, steps: int = 12, features: int = 6) 
     mixing = torch.rand(n, 1, features, generator=g) + 0.5  # positive: rising stays rising
     data = trend * mixing + 0.3 * torch.randn(n, steps, features, generator=g) + torch.randn(n, 1, features, generator=g) * 0.5
     return data, labels
+
+
+TABULAR_SCALES = torch.tensor([5e4, 40.0, 0.01, 3.0, 1e3, 0.5, 200.0, 7.0])
+TABULAR_OFFSETS = torch.tensor([6e4, 45.0, 0.02, 10.0, -2e3, 1.0, 500.0, 0.0])
+
+
+def tabular_dataset(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 8, generator=g)  # the standardized features the rule is written in
+    score = torch.stack([z[:, 0] + 0.8 * z[:, 1] * z[:, 2], z[:, 3] - z[:, 4].abs() + 0.5 * z[:, 5], torch.sin(2 * z[:, 6]) + z[:, 7] * z[:, 0]], 1)
+    labels = (score + 0.3 * torch.randn(n, 3, generator=g)).argmax(1)
+    return z * TABULAR_SCALES + TABULAR_OFFSETS, labels  # what a tabular model receives: raw units
+
+
+class TabularMLP(nn.Module):
+    """A tabular classifier whose first BatchNorm1d standardizes the raw features, as tabular
+    models are written (the only normalization of inputs of very different scales)."""
+
+    def __init__(self, features: int = 8, hidden: int = 64, classes: int = 3, hidden_norm: bool = True) -> None:
+        super().__init__()
+        self.input_bn = nn.BatchNorm1d(features)
+        self.fc1 = nn.Linear(features, hidden)
+        self.bn1 = nn.BatchNorm1d(hidden) if hidden_norm else nn.Identity()
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.bn2 = nn.BatchNorm1d(hidden) if hidden_norm else nn.Identity()
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.fc1(self.input_bn(x))))
+        return self.head(F.relu(self.bn2(self.fc2(x))))
 
 
 class ShapesNet(nn.Module):

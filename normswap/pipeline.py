@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 
 from .calibration import HealOptions, batches_from_tensor, calibrate_and_heal, load_calibration_tensor
+from .calibration.attribution import DEFAULT_SAMPLES
 from .checkpoint import Checkpoint, fit_to_model, load_checkpoint, save_weights
 from .context import Context
 from .conversion import convert
@@ -25,9 +26,10 @@ from .export import export_onnx, validate_onnx
 from .files import write_text_atomic
 from .loader import example_inputs, load_model
 from .plan import Plan
+from .render.plot import plot_attribution, plot_available
 from .report import Report, model_definition
 from .rewrite import Conversion, apply_plan
-from .targets import DEFAULT_MAX_GROUPS
+from .targets import DEFAULT_CHANNELS_PER_GROUP, DEFAULT_MAX_GROUPS
 from .torchutil import preserved
 
 
@@ -35,6 +37,7 @@ from .torchutil import preserved
 class ConvertOptions:
     to: str = "auto"
     max_groups: int = DEFAULT_MAX_GROUPS
+    channels_per_group: int = DEFAULT_CHANNELS_PER_GROUP
     plan_path: str | None = None
     onnx: bool = True
     validate: bool = True
@@ -47,7 +50,10 @@ class ConvertOptions:
     batch_inputs: tuple[int, ...] | None = None  # None: detected
     calibration_data: str | None = None
     calibration_batch_size: int = 32
-    heal: HealOptions = field(default_factory=HealOptions)
+    heal: HealOptions | None = None  # None: calibrate only
+    device: str = "auto"
+    freeze_costly: float | None = None  # a fraction of top-1 agreement
+    attribution_samples: int = DEFAULT_SAMPLES
     seed: int = 0
 
 
@@ -99,7 +105,7 @@ def check_output_dir(out_dir: Path, checkpoint_path: Path, force: bool) -> None:
         raise OutputError(f"Output directory '{out_dir}' is not writable; choose another --out.")
 
 
-OUTPUT_NAMES = ("model.safetensors", "model.pt", "plan.json", "model.onnx", "model.onnx.data", "report.json", "report.md")
+OUTPUT_NAMES = ("model.safetensors", "model.pt", "plan.json", "model.onnx", "model.onnx.data", "report.json", "report.md", "attribution.png")
 
 
 def convert_checkpoint(
@@ -131,7 +137,16 @@ def convert_checkpoint(
         inputs = example_inputs(input_shapes, seed=options.seed)
         plan = Plan.from_json(_read_text(options.plan_path), where=options.plan_path) if options.plan_path else None
     with steps.step("trace, plan and rewrite"):
-        conversion = convert(model, inputs, to=options.to, context=context, max_groups=options.max_groups, plan=plan, keep=options.keep)
+        conversion = convert(
+            model,
+            inputs,
+            to=options.to,
+            context=context,
+            max_groups=options.max_groups,
+            channels_per_group=options.channels_per_group,
+            plan=plan,
+            keep=options.keep,
+        )
     report = Report(
         model=model_name or model_spec,
         capture_method=conversion.capture_method,
@@ -146,8 +161,25 @@ def convert_checkpoint(
     if options.calibration_data:
         with steps.step("calibrate and heal"):
             batches = _calibration_batches(model, options.calibration_data, options.calibration_batch_size)
-            calibrate_and_heal(conversion, model, batches, options.heal)
+            if options.freeze_costly is not None and options.to == "auto" and plan is None:
+                conversion = convert(
+                    model,
+                    inputs,
+                    context=context,
+                    max_groups=options.max_groups,
+                    channels_per_group=options.channels_per_group,
+                    keep=options.keep,
+                    calibration_data=batches,
+                    heal=options.heal,
+                    device=options.device,
+                    freeze_costly=options.freeze_costly,
+                    attribution_samples=options.attribution_samples,
+                )
+                report.plan = conversion.plan
+            else:
+                calibrate_and_heal(conversion, model, batches, options.heal, options.device, options.attribution_samples)
             report.calibration = [fit.to_dict() for fit in conversion.calibration]
+            report.attribution = [cost.to_dict() for cost in conversion.attribution]
             report.drift.update(conversion.drift)
     with _staging(out_dir) as staging:
         weights_name = checkpoint.weights_name
@@ -155,6 +187,12 @@ def convert_checkpoint(
             save_weights(conversion.model.state_dict(), staging / weights_name)
             write_text_atomic(staging / "plan.json", conversion.plan.to_json())
         report.outputs = {"weights": str(out_dir / weights_name), "plan": str(out_dir / "plan.json")}
+        if report.attribution:
+            if plot_available():
+                plot_attribution(report.attribution, staging / "attribution.png", f"{report.model}: what each site costs on its own")
+                report.outputs["plot"] = str(out_dir / "attribution.png")
+            else:
+                report.notes.append("no chart of the per-site cost: install the plot extra (pip install 'normswap[plot]') for attribution.png")
         if options.onnx:
             with steps.step("export ONNX"):
                 onnx_path = export_onnx(conversion.model, inputs, staging / "model.onnx", opset=options.opset, batch_inputs=options.batch_inputs)
@@ -170,6 +208,7 @@ def convert_checkpoint(
                         rtol=options.rtol,
                         plan=conversion.plan,
                         batch_inputs=options.batch_inputs,
+                        device=options.device,
                     )
                 if report.validation.drift is not None and "swap" not in report.drift:
                     report.drift = {"swap": report.validation.drift, **report.drift}

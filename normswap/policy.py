@@ -110,23 +110,17 @@ def explicit_entry(site: Site, target: str, reason: str, options: PlanOptions) -
 
 
 def _auto_entry(site: Site, findings: list[Finding], context: Context, options: PlanOptions) -> PlanEntry:
+    """The site's natural target in this context (what every finding's fix proposes, so lint and
+    convert agree), the reason led by the most severe finding; then LayerNorm and frozen."""
+    target, why = targets.natural_target(site, context)
     deciding = most_severe(findings)
-    if context.inference_only and site.track_running_stats and not site.batch_dependent_eval:
-        # served only, with running statistics: a fixed affine; keep it exactly, fold it when possible
-        candidates = [
-            ("fold", "inference only: with running statistics BatchNorm is a fixed affine; fold keeps it at no cost"),
-            ("frozen", "inference only: with running statistics BatchNorm is a fixed affine; frozen keeps it exactly"),
-        ]
-    elif deciding is not None and deciding.fix is not None:
-        candidates = [(deciding.fix.target, f"{deciding.code} {deciding.name}: {deciding.fix.description}")]
-    else:
-        candidates = [targets.natural_target(site)]
-    natural = targets.natural_target(site)
-    candidates += [natural, ("layernorm", "fallback: LayerNorm over channels"), ("frozen", "fallback: frozen statistics")]
+    if deciding is not None:
+        why = f"{deciding.code} {deciding.name}: {why}"
+    candidates = [(target, why), ("layernorm", "fallback: LayerNorm over channels"), ("frozen", "fallback: frozen statistics")]
     problems = []
-    for target, reason in candidates:
+    for candidate, reason in candidates:
         try:
-            return entry_for(site, target, reason, options)
+            return entry_for(site, candidate, reason, options)
         except Refusal as exc:
             problems.append(str(exc))
     raise Refusal(f"No replacement fits layer '{site.name}': {problems[0]}")

@@ -34,6 +34,8 @@ class Report:
     validation: Any = None  # normswap.validate.Validation
     drift: dict[str, Any] = field(default_factory=dict)  # stage -> normswap.drift.Drift
     calibration: list[dict[str, Any]] = field(default_factory=list)
+    attribution: list[dict[str, Any]] = field(default_factory=list)  # SiteCost.to_dict(), worst first
+    notes: list[str] = field(default_factory=list)  # what was not done or checked, and why
     outputs: dict[str, str] = field(default_factory=dict)
     not_fired: dict[str, list[Any]] = field(default_factory=dict)  # site -> rules.Skip (why a rule stayed quiet)
 

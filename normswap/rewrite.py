@@ -40,6 +40,8 @@ class Conversion:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what the post-condition could not check
     calibration: list[Any] = field(default_factory=list)  # normswap.calibration.SiteFit per site
+    healing: Any = None  # normswap.calibration.HealResult when healed
+    attribution: list[Any] = field(default_factory=list)  # normswap.calibration.SiteCost, worst first
     drift: dict[str, Any] = field(default_factory=dict)  # "swap" / "calibrated" / "healed" -> Drift
 
     @property

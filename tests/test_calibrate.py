@@ -16,7 +16,7 @@ import normswap
 from normswap.errors import CalibrationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from synthetic import SequenceRNN, ShapesNet, accuracy, agreement, sequence_dataset, shapes_dataset, train
+from synthetic import SequenceRNN, ShapesNet, TabularMLP, accuracy, agreement, sequence_dataset, shapes_dataset, tabular_dataset, train
 
 HERE = Path(__file__).parent
 
@@ -49,13 +49,15 @@ def test_shapes_classifier_calibrate_then_heal(shapes) -> None:
     model, x, xt, yt = shapes
     original_accuracy = accuracy(model, xt, yt)
     assert original_accuracy > 0.95  # the task is learnable: the evidence below means something
-    plain = normswap.convert(model, x[:8], to="groupnorm", max_groups=4).model
-    calibrated = normswap.convert(model, x[:8], to="groupnorm", max_groups=4, calibration_data=_batches(x))
-    healed = normswap.convert(model, x[:8], to="groupnorm", max_groups=4, calibration_data=_batches(x), heal=normswap.HealOptions(steps=300, lr=3e-3))
-    # held-out generated data (seed 1), never seen by training, calibration or healing
-    assert agreement(calibrated.model, model, xt) > agreement(plain, model, xt) + 0.03
-    assert calibrated.drift["calibrated"].cosine > calibrated.drift["swap"].cosine + 0.05
-    assert accuracy(healed.model, xt, yt) >= original_accuracy - 0.03
+    plain = normswap.convert(model, x[:8], to="groupnorm").model
+    calibrated = normswap.convert(model, x[:8], to="groupnorm", calibration_data=_batches(x))
+    healed = normswap.convert(model, x[:8], to="groupnorm", calibration_data=_batches(x), heal=normswap.HealOptions())
+    # held-out generated data (seed 1), never seen by training, calibration or healing;
+    # measured (README): swap 52% agreement, calibrated 91%, healed within a point of the original
+    assert agreement(calibrated.model, model, xt) > agreement(plain, model, xt) + 0.2
+    assert calibrated.drift["calibrated"].cosine > calibrated.drift["swap"].cosine + 0.1
+    assert accuracy(healed.model, xt, yt) >= original_accuracy - 0.01  # the default settings reach the original
+    assert healed.healing.steps > 0 and healed.healing.model is healed.model
     assert [f.name for f in calibrated.calibration] == ["bn1", "bn2", "bn3"]
     assert all(0.3 < f.r2 <= 1.0 for f in calibrated.calibration)
 
@@ -66,11 +68,57 @@ def test_recurrent_model_calibrate_then_heal(sequences) -> None:
     assert original_accuracy > 0.95
     plain = normswap.convert(model, x[:8]).model  # auto: LayerNorm for the reused BN
     calibrated = normswap.convert(model, x[:8], calibration_data=_batches(x))
-    healed = normswap.convert(model, x[:8], calibration_data=_batches(x), heal=normswap.HealOptions(steps=300, lr=1e-2))
+    healed = normswap.convert(model, x[:8], calibration_data=_batches(x), heal=normswap.HealOptions())
     assert calibrated.plan.get("bn").target == "layernorm"
     assert agreement(calibrated.model, model, xt) > agreement(plain, model, xt)
     assert calibrated.drift["calibrated"].mean_abs < calibrated.drift["swap"].mean_abs
-    assert accuracy(healed.model, xt, yt) >= original_accuracy - 0.03
+    assert accuracy(healed.model, xt, yt) >= original_accuracy - 0.01
+
+
+@pytest.fixture(scope="module")
+def tabular():
+    x, y = tabular_dataset(3000, seed=0)
+    xt, yt = tabular_dataset(3000, seed=1)
+    torch.manual_seed(0)
+    model = train(TabularMLP(), x, y, steps=1500)
+    torch.manual_seed(0)
+    input_only = train(TabularMLP(hidden_norm=False), x, y, steps=1500)
+    return model, input_only, x, xt, yt
+
+
+def test_auto_keeps_input_standardization(tabular) -> None:
+    _, model, x, xt, yt = tabular
+    for context in (normswap.Context(), normswap.Context(differential_privacy=True), normswap.Context(batch_size=2, world_size=8)):
+        conversion = normswap.convert(model, x[:8], context=context)
+        assert conversion.plan.get("input_bn").target == "frozen", context
+        assert "raw inputs" in conversion.plan.get("input_bn").reason
+        # no calibration: within 2 points of the original (measured: the same function, 0 points)
+        assert accuracy(conversion.model, xt, yt) >= accuracy(model, xt, yt) - 0.02
+    layernorm = normswap.convert(model, x[:8], to="layernorm").model  # what auto used to do: per-sample LayerNorm of raw units
+    assert accuracy(layernorm, xt, yt) < accuracy(model, xt, yt) - 0.2
+
+
+def test_tabular_mlp_heals_to_the_original(tabular) -> None:
+    model, _, x, xt, yt = tabular
+    healed = normswap.convert(model, x[:8], calibration_data=_batches(x), heal=normswap.HealOptions())
+    assert [e.target for e in healed.plan] == ["frozen", "layernorm", "layernorm"]
+    assert accuracy(healed.model, xt, yt) >= accuracy(model, xt, yt) - 0.01
+
+
+def test_per_site_cost_is_measured_and_can_freeze_costly_sites(tabular) -> None:
+    model, _, x, xt, yt = tabular
+    conversion = normswap.convert(model, x[:8], calibration_data=_batches(x))
+    costs = conversion.attribution
+    assert [c.site for c in costs] and {c.site for c in costs} == {"bn1", "bn2"}  # frozen input_bn costs nothing
+    assert costs == sorted(costs, key=lambda c: c.worst, reverse=True)  # worst first
+    for cost in costs:
+        assert cost.swap.top1_agreement is not None and cost.calibrated is not None
+        assert cost.calibrated.top1_agreement >= cost.swap.top1_agreement  # calibrating one site helps it
+    threshold = costs[-1].worst / 2  # every site costs more than this
+    frozen = normswap.convert(model, x[:8], calibration_data=_batches(x), freeze_costly=threshold)
+    assert [e.target for e in frozen.plan] == ["frozen", "frozen", "frozen"]
+    assert all("--freeze-costly" in e.reason for e in frozen.plan if e.name != "input_bn")
+    assert accuracy(frozen.model, xt, yt) == pytest.approx(accuracy(model, xt, yt), abs=1e-6)
 
 
 def test_calibrate_and_heal_on_their_own_are_deterministic(shapes) -> None:
@@ -89,11 +137,15 @@ def test_calibrate_and_heal_on_their_own_are_deterministic(shapes) -> None:
 
 def test_heal_all_parameters_moves_conv_weights(shapes) -> None:
     model, x, _, _ = shapes
-    converted = normswap.convert(model, x[:8], to="groupnorm", max_groups=4).model
+    converted = normswap.convert(model, x[:8], to="groupnorm").model
     before = converted.conv1.weight.detach().clone()
     result = normswap.heal(converted, model, _batches(x, 512), steps=30, params="all", progress=False)
-    assert result.best_heldout_loss <= result.initial_heldout_loss
+    assert result.model is converted  # what heal returns is the healed model, ready to use
+    assert result.best_heldout_loss < result.initial_heldout_loss  # it improved on the held-out part
     assert not torch.equal(before, converted.conv1.weight)
+    norm_only = normswap.convert(model, x[:8], to="groupnorm").model
+    normswap.heal(norm_only, model, _batches(x, 512), steps=30, params="norm", progress=False)
+    assert torch.equal(norm_only.conv1.weight, before)  # "norm" trains the new normalization layers only
 
 
 @pytest.mark.parametrize(
@@ -113,8 +165,11 @@ def test_bad_calibration_data(shapes, make_data, message: str) -> None:
 
 def test_nothing_to_calibrate(shapes) -> None:
     model, x, _, _ = shapes
+    frozen = normswap.convert(model, x[:8], to="frozen", calibration_data=_batches(x, 128))
+    assert frozen.calibration == [] and "calibrated" not in frozen.drift  # the function is kept: nothing to fit
+    assert frozen.drift["swap"].cosine == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(CalibrationError, match="no GroupNorm / LayerNorm sites"):
-        normswap.convert(model, x[:8], to="frozen", calibration_data=_batches(x, 128))
+        normswap.calibrate(frozen.model, model, _batches(x, 128))
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".npz", ".safetensors"])
@@ -164,6 +219,13 @@ def test_cli_calibration_data_files(shapes, tmp_path: Path, suffix: str) -> None
     assert set(report["drift"]) == {"swap", "calibrated", "healed"}
     assert [c["site"] for c in report["calibration"]] == ["bn1", "bn2", "bn3"]
     assert report["drift"]["calibrated"]["cosine"] > report["drift"]["swap"]["cosine"]
+    # what each site costs alone: worst first, in json, markdown (with the chart) and text
+    costs = [1 - c["calibrated"]["top1_agreement"] for c in report["attribution"]]
+    assert sorted(c["site"] for c in report["attribution"]) == ["bn1", "bn2", "bn3"] and costs == sorted(costs, reverse=True)
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "#### What each site costs alone" in markdown and "![What each site costs alone](attribution.png)" in markdown
+    assert (tmp_path / "out" / "attribution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "what each site costs alone" in result.output
 
 
 def test_cli_bad_calibration_file(shapes, tmp_path: Path) -> None:

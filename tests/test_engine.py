@@ -159,7 +159,7 @@ def test_lookalike_frozen_bn_is_left_alone() -> None:
 def test_replacement_modules_carry_weights_and_names() -> None:
     model = build("resnet")
     gn = normswap.convert(model, input_for("resnet"), to="groupnorm").model
-    assert isinstance(gn.bn1, nn.GroupNorm) and gn.bn1.num_groups == 16
+    assert isinstance(gn.bn1, nn.GroupNorm) and gn.bn1.num_groups == 1  # 16 channels: one group of 16
     torch.testing.assert_close(gn.bn1.weight, model.bn1.weight, rtol=0, atol=0)
     ln = normswap.convert(model, input_for("resnet"), to="layernorm").model
     assert isinstance(ln.bn1, ChannelLayerNorm)
@@ -170,16 +170,26 @@ def test_replacement_modules_carry_weights_and_names() -> None:
 
 
 @pytest.mark.parametrize(
-    "channels,values,expected",
-    [(64, 49, 32), (24, 4, 24), (72, 1, 24), (3, 64, 3), (16, 1, 8), (7, 1, 1)],
-    ids=["64ch", "24ch", "72ch-pooled", "3ch", "16-features", "prime-features"],
+    "channels,values,max_groups,per_group,expected",
+    [
+        (64, 49, 32, 16, 4),  # 16 channels per group
+        (512, 49, 32, 16, 32),  # at most 32 groups
+        (2048, 49, 32, 16, 32),  # 64 channels per group at the cap
+        (72, 1, 32, 16, 4),  # largest divisor with >= 16 channels per group: 18 per group
+        (24, 4, 32, 16, 1),  # narrower than 32 channels: one group
+        (256, 49, 8, 16, 8),  # --groups 8 caps it
+        (64, 49, 32, 4, 16),  # --channels-per-group 4
+        (16, 1, 32, 1, 8),  # one channel per group asked for, but not of single values: 2 per group
+        (72, 1, 32, 1, 24),  # asked for: one channel per group where each holds several values... of 1: 3 per group
+    ],
+    ids=["64ch", "512ch", "2048ch", "72ch-pooled", "24ch", "cap-8", "per-group-4", "16-features-k1", "72-pooled-k1"],
 )
-def test_group_choice_never_degenerate(channels: int, values: int, expected: int) -> None:
+def test_group_choice(channels: int, values: int, max_groups: int, per_group: int, expected: int) -> None:
     from normswap.targets.groupnorm import choose_num_groups
 
-    groups, reason = choose_num_groups(channels, values)
+    groups, reason = choose_num_groups(channels, values, max_groups, per_group)
     assert groups == expected
-    assert (channels // groups) * values >= 2
+    assert channels % groups == 0 and (channels // groups) * values >= 2  # never a group of one value
     assert f"GroupNorm({groups}, {channels})" in reason
 
 
@@ -187,7 +197,9 @@ def test_mobilenet_groups_divide_channels() -> None:
     conv = normswap.convert(build("mobilenet"), input_for("mobilenet"), to="groupnorm")
     for entry in conv.plan:
         assert entry.params["num_channels"] % entry.params["num_groups"] == 0
-    assert conv.plan.get("expand.1").params["num_groups"] == 24  # largest divisor of 72 up to 32
+    assert conv.plan.get("expand.1").params["num_groups"] == 4  # 72 channels: 18 per group
+    narrow = normswap.convert(build("mobilenet"), input_for("mobilenet"), to="groupnorm", channels_per_group=1)
+    assert narrow.plan.get("expand.1").params["num_groups"] == 24  # the largest divisor of 72 up to 32, when asked
 
 
 def test_not_a_module_is_refused() -> None:

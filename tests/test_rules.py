@@ -74,9 +74,11 @@ CASES = [
     ("NS202", {}, Context(), False),
     ("NS202", {"kind": "subclass", "flavour": "MyBN", "overrides_forward": False}, Context(), False),  # adds nothing
     ("NS202", {"kind": "subclass", "flavour": "NaiveSyncBatchNorm", "overrides_forward": True, "normalizes_by_hand": True}, Context(), True),
-    ("NS203", {"input_shape": (8, 16), "num_features": 16}, Context(), True),
+    ("NS203", {"input_shape": (8, 16, 1, 1), "num_features": 16}, Context(), True),  # GroupNorm(16, 16) on one value per channel
+    ("NS203", {"input_shape": (8, 16), "num_features": 16}, Context(), False),  # (N, C) features: LayerNorm, no groups
     ("NS203", {}, Context(), False),
     ("NS203", {"input_shape": (8, 64, 1, 1)}, Context(), False),  # 64 / 32 = 2 values per group
+    ("NS203", {"input_shape": (8, 16, 1, 1), "num_features": 16}, Context(inference_only=True), False),  # folded, no groups
     ("NS204", {"momentum": 0.997}, Context(), True),  # a TensorFlow decay
     ("NS204", {}, Context(), False),  # torch's default 0.1
     ("NS204", {"momentum": 0.5}, Context(), False),  # the threshold itself does not fire
@@ -128,3 +130,57 @@ def test_fix_safety_is_stated() -> None:
     assert frozen.fix.target == "frozen" and frozen.fix.safe
     swap = RULES["NS106"].check(site(), Context(differential_privacy=True))
     assert swap.fix.target == "groupnorm" and not swap.fix.safe
+
+
+def test_sequence_context_reads_rank3_inputs_as_time_steps() -> None:
+    from normswap import targets
+
+    sync = site(flavour="SyncBatchNorm", input_shape=(8, 64, 100))
+    assert targets.natural_target(sync, Context())[0] == "groupnorm"  # a 1-D feature map, as far as anyone knows
+    assert targets.natural_target(sync, Context(sequence=True))[0] == "layernorm"  # --sequence: per time step
+    assert not fires("NS102", sync)
+    finding = RULES["NS102"].check(sync, Context(sequence=True))
+    assert isinstance(finding, Finding) and "padded steps" in finding.message and finding.fix.target == "layernorm"
+
+
+@pytest.mark.parametrize(
+    "overrides,ctx,expected",
+    [
+        ({"feeds_from_input": True}, Context(differential_privacy=True), "frozen"),  # input standardization, DP included
+        ({"feeds_from_input": True}, Context(batch_size=2, world_size=8), "frozen"),
+        ({"feeds_from_input": True, "track_running_stats": False, "batch_dependent_eval": True}, Context(), "groupnorm"),
+        ({}, Context(inference_only=True), "fold"),
+        ({"producer_module": None}, Context(inference_only=True), "frozen"),
+        ({}, Context(finetune=True, batch_size=2), "frozen"),
+        ({}, Context(finetune=True, batch_size=64), "groupnorm"),
+        ({"input_shape": (8, 64)}, Context(), "layernorm"),
+        ({"call_count": 4, "input_shape": (8, 64)}, Context(), "layernorm"),
+    ],
+    ids=[
+        "input-dp",
+        "input-small-batch",
+        "input-no-stats",
+        "inference-fold",
+        "inference-frozen",
+        "finetune-small",
+        "finetune-large",
+        "features",
+        "recurrence",
+    ],
+)
+def test_natural_target_in_context(overrides: dict, ctx: Context, expected: str) -> None:
+    from normswap import targets
+
+    assert targets.natural_target(site(**overrides), ctx)[0] == expected
+
+
+def test_every_fix_is_the_natural_target() -> None:
+    # a finding never replaces the site's natural target with a worse one: they are the same
+    from normswap import targets
+
+    s = site(feeds_from_input=True)
+    for ctx in (Context(batch_size=2), Context(differential_privacy=True), Context(world_size=4)):
+        for rule in CATALOGUE:
+            result = rule.check(s, ctx)
+            if isinstance(result, Finding) and result.fix is not None:
+                assert result.fix.target == targets.natural_target(s, ctx)[0] == "frozen", (rule.code, ctx)

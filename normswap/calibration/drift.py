@@ -84,7 +84,8 @@ def batch_samples(inputs: tuple) -> int:
 
 
 def measure_drift(original: nn.Module, converted: nn.Module, batches: Iterable[Any]) -> Drift:
-    """Compare eval-mode outputs over `batches` (each a tensor or tuple of tensors)."""
+    """Compare eval-mode outputs over `batches` (each a tensor or tuple of tensors, on the
+    models' device)."""
     accumulator = DriftAccumulator()
     for batch in batches:
         inputs = as_input_tuple(batch)

@@ -30,6 +30,7 @@ from ..plan import Plan, PlanEntry
 from ..targets.layernorm import ChannelLayerNorm
 from ..torchutil import preserved, tensor_attribute
 from .data import check_batches
+from .device import placed, resolve_device, to_device
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,9 @@ def _entries_from_modules(converted: nn.Module, original: nn.Module) -> list[Pla
     return entries
 
 
-def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable[Any], plan: Plan | None = None) -> list[SiteFit]:
+def calibrate(
+    converted: nn.Module, original: nn.Module, batches: Iterable[Any], plan: Plan | None = None, *, device: str | torch.device | None = "auto"
+) -> list[SiteFit]:
     """Fit the affine of every converted site whose target is calibrated (groupnorm, layernorm)
     to the original BatchNorm output.
 
@@ -268,17 +271,20 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable[Any],
         original: the model before conversion.
         batches: a re-iterable collection of input batches (tensors or tuples of tensors).
         plan: the conversion plan (default: every GroupNorm / LayerNorm at a BatchNorm's name).
+        device: where to run ("auto": this process's GPU when there is one, else the CPU); both
+            models return to their own devices afterwards.
 
     Returns:
         Per site, the fit quality (R^2 of the per-channel affine regression).
     """
-    batches = check_batches(batches)
+    where = resolve_device(device)
+    batches = [to_device(b, where) for b in check_batches(batches)]
     entries = list(plan) if plan is not None else _entries_from_modules(converted, original)
     entries = [e for e in entries if e.converts and targets.get(e.target).calibrated]
     if not entries:
         raise CalibrationError("The converted model has no GroupNorm / LayerNorm sites to calibrate (frozen sites keep the function already).")
     fits = []
-    with preserved(original), preserved(converted), torch.no_grad():
+    with placed(where, converted, original), preserved(original), preserved(converted), torch.no_grad():
         original.eval()
         converted.eval()
         module_names = [e.name for e in entries if e.kind != "functional"]

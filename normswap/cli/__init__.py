@@ -156,6 +156,13 @@ def lint(
     + ".",
 )
 @click.option("--groups", "max_groups", type=click.IntRange(min=1), default=32, show_default=True, help="Largest GroupNorm group count.")
+@click.option(
+    "--channels-per-group",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Fewest channels in a GroupNorm group (1 allows InstanceNorm, which loses each sample's channel intensities).",
+)
 @click.option("--keep", multiple=True, metavar="LAYER", help="Leave this BatchNorm site as it is (repeatable); it keeps its batch statistics.")
 @click.option(
     "--plan", "plan_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Re-apply this saved plan.json instead of planning."
@@ -186,11 +193,33 @@ def lint(
     help="Unlabeled inputs (.pt/.npz/.safetensors, first axis = samples) to calibrate the new layers.",
 )
 @click.option("--calibration-batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size for calibration and healing.")
+@click.option("--heal", is_flag=True, help="After calibration, distil the converted model toward the original (the measured defaults).")
 @click.option(
-    "--heal-steps", type=click.IntRange(min=0), default=0, show_default=True, help="Distillation steps toward the original model after calibration."
+    "--heal-steps", type=click.IntRange(min=0), default=None, help="Healing steps (implies --heal; default: 20 passes over the data, 200 to 2000)."
 )
-@click.option("--heal-lr", type=float, default=1e-3, show_default=True, help="Learning rate for healing.")
-@click.option("--heal-params", type=click.Choice(["norm", "all"]), default="norm", show_default=True, help="Parameters healing trains.")
+@click.option("--heal-lr", type=float, default=None, help="Healing learning rate (implies --heal; default 1e-3, cosine decay).")
+@click.option("--heal-params", type=click.Choice(["all", "norm"]), default=None, help="Parameters healing trains (implies --heal; default: all).")
+@click.option(
+    "--freeze-costly",
+    type=click.FloatRange(min=0, max=100, max_open=True),
+    default=None,
+    metavar="PCT",
+    help="With --to auto and --calibration-data: freeze each site whose conversion alone, calibrated, loses more than PCT %% top-1 agreement.",
+)
+@click.option(
+    "--attribution-samples",
+    type=click.IntRange(min=0),
+    default=256,
+    show_default=True,
+    help="Calibration inputs used to measure what each site costs alone (0: not measured).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where calibration, healing and validation run (auto: this process's GPU when there is one, under torchrun its local GPU).",
+)
 @click.option("--trust-checkpoint", is_flag=True, help="Allow a checkpoint that runs code when loaded (a pickled module). Only for files you trust.")
 @click.option("--force", is_flag=True, help="Replace normswap's outputs in an existing, non-empty --out.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary, only errors.")

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from ..calibration import HealOptions
+from ..calibration import HealOptions, resolve_device
 from ..config import Config, ModelEntry, load_config
 from ..errors import ConfigError
 from ..files import write_text_atomic
@@ -73,12 +73,27 @@ def run_lint(models, kwargs, input_shapes, output_format, output, fail_on, selec
     return code
 
 
-def heal_options(options: dict[str, Any]) -> HealOptions:
-    """HealOptions from the command line; a value it refuses is a usage error (exit 2)."""
+def heal_options(options: dict[str, Any]) -> HealOptions | None:
+    """HealOptions from the command line (None without --heal or a --heal-* value); a value it
+    refuses is a usage error (exit 2)."""
+    given = {field: options[f"heal_{field}"] for field in ("steps", "lr", "params") if options[f"heal_{field}"] is not None}
+    if not options["heal"] and not given:
+        return None
+    if not options["calibration_data"]:
+        raise ConfigError("Healing needs unlabeled inputs: pass --calibration-data FILE with --heal.")
     try:
-        return HealOptions(steps=options["heal_steps"], lr=options["heal_lr"], params=options["heal_params"])
+        return HealOptions(**given)
     except ValueError as exc:
         raise ConfigError(f"Invalid healing option: {exc}") from None
+
+
+def device_option(name: str) -> str:
+    """--device checked against this machine (a GPU asked for where there is none: exit 2)."""
+    try:
+        resolve_device(name)
+    except ValueError as exc:
+        raise ConfigError(f"--device {name}: {exc}") from None
+    return name
 
 
 def parse_batch_inputs(spec: str | None, count: int) -> tuple[int, ...] | None:
@@ -110,6 +125,7 @@ def run_convert(
     convert_options = ConvertOptions(
         to=options["to"],
         max_groups=options["max_groups"],
+        channels_per_group=options["channels_per_group"],
         plan_path=options["plan_path"],
         onnx=not options["no_onnx"],
         validate=not options["no_validate"],
@@ -121,6 +137,9 @@ def run_convert(
         calibration_data=options["calibration_data"],
         calibration_batch_size=options["calibration_batch_size"],
         heal=heal_options(options),
+        device=device_option(options["device"]),
+        freeze_costly=None if options["freeze_costly"] is None else options["freeze_costly"] / 100,
+        attribution_samples=options["attribution_samples"],
         keep=tuple(options["keep"]),
         batch_inputs=parse_batch_inputs(options["batch_inputs"], len(input_shapes)),
     )

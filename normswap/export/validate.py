@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import targets
+from ..calibration.device import placed, resolve_device, to_device
 from ..calibration.drift import Drift, DriftAccumulator, eval_outputs, flat_outputs
 from ..errors import ValidationError
 from ..plan import Plan
@@ -223,6 +224,7 @@ def validate_onnx(
     plan: Plan | None = None,
     session: Any = None,
     batch_inputs: Sequence[int] | None = None,
+    device: str | torch.device | None = "cpu",
 ) -> Validation:
     """Check an exported file against the PyTorch model it came from.
 
@@ -237,6 +239,8 @@ def validate_onnx(
         session: an existing onnxruntime session for `onnx_path` (created once otherwise).
         batch_inputs: indices of the inputs whose dimension 0 is the batch (default: detected,
             see `normswap.torchutil.resolve_batch_inputs`); `()` when none is.
+        device: where the PyTorch side runs ("auto": this process's GPU when there is one);
+            onnxruntime runs on the CPU. The models return to their own devices afterwards.
 
     Returns:
         Validation; `.passed` is the verdict: fidelity, no unplanned BatchNorm, and batch
@@ -245,8 +249,25 @@ def validate_onnx(
     path = Path(onnx_path)
     if not path.is_file():
         raise ValidationError(f"ONNX file '{path}' does not exist.")
-    inputs = as_input_tuple(example_inputs)
+    where = resolve_device(device)
+    inputs = to_device(as_input_tuple(example_inputs), where)
     session = session or _session(path)
+    models = (model,) if original is None else (model, original)
+    with placed(where, *models):
+        return _validate(model, path, inputs, session, original, atol, rtol, plan, batch_inputs)
+
+
+def _validate(
+    model: nn.Module,
+    path: Path,
+    inputs: tuple,
+    session: Any,
+    original: nn.Module | None,
+    atol: float | None,
+    rtol: float | None,
+    plan: Plan | None,
+    batch_inputs: Sequence[int] | None,
+) -> Validation:
     ops, info = _facts_from_session(session, path)
     indices = resolve_batch_inputs(inputs, batch_inputs)
     skipped: list[str] = []

@@ -40,6 +40,8 @@ def report_to_dict(report) -> dict[str, Any]:
         "validation": report.validation.to_dict() if report.validation is not None else None,
         "drift": {stage: d.to_dict() for stage, d in report.drift.items()},
         "calibration": list(report.calibration),
+        "attribution": list(report.attribution),
+        "notes": list(report.notes),
         "outputs": dict(sorted(report.outputs.items())),
     }
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
-from .text import summary_line
+from .text import cost_text, summary_line
 
 _ICON = {"error": ":x:", "warning": ":warning:", "info": ":information_source:"}
 
@@ -48,6 +49,20 @@ def render_markdown(reports: Sequence) -> str:
             lines.append("")
         if report.validation is not None:
             lines += ["#### Validation", "", report.validation.to_markdown(), ""]
+        if report.attribution:
+            lines += [
+                "#### What each site costs alone",
+                "",
+                "Each site converted on its own, compared with the original on the calibration data, worst first.",
+                "",
+            ]
+            if report.outputs.get("plot"):
+                lines += [f"![What each site costs alone]({Path(report.outputs['plot']).name})", ""]
+            lines += ["| Layer | Target | Cost |", "|---|---|---|"]
+            lines += [f"| `{c['site']}` | {c['target']} | {cost_text(c)} |" for c in report.attribution]
+            lines.append("")
+        if report.notes:
+            lines += ["#### Notes", ""] + [f"- {_cell(n)}" for n in report.notes] + [""]
         if report.calibration:
             lines += ["#### Calibration", "", "| Layer | Target | R² | Values fitted per channel |", "|---|---|---|---|"]
             lines += [f"| `{c['site']}` | {c['target']} | {c['r2']:.3f} | {c['samples']} |" for c in report.calibration]

@@ -18,6 +18,20 @@ def summary_line(report) -> str:
     return f"{report.model}: {len(report.sites)} BatchNorm site(s), {found} (captured with {report.capture_method})"
 
 
+def cost_text(cost: dict) -> str:
+    """'agreement 72.3% (92.6% calibrated), cosine 0.877 (0.961)': one site's cost, for text and markdown."""
+    swap, calibrated = cost["swap"], cost.get("calibrated")
+    parts = []
+    for key, label, fmt in (("top1_agreement", "agreement", "{:.1%}"), ("cosine", "cosine", "{:.3f}")):
+        if swap.get(key) is None:
+            continue
+        text = f"{label} {fmt.format(swap[key])}"
+        if calibrated and calibrated.get(key) is not None:
+            text += f" ({fmt.format(calibrated[key])} calibrated)"
+        parts.append(text)
+    return ", ".join(parts)
+
+
 def render_text(reports: Sequence, color: bool = False, width: int = 120) -> str:
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, color_system="standard" if color else None, force_terminal=color, highlight=False)
@@ -47,6 +61,14 @@ def render_text(reports: Sequence, color: bool = False, width: int = 120) -> str
         if report.calibration:
             fits = ", ".join(f"{c['site']} R² {c['r2']:.3f}" for c in report.calibration)
             console.print(f"calibration: {fits}", soft_wrap=True)
+        if report.attribution:
+            console.print("what each site costs alone (converted one at a time, worst first):")
+            for cost in report.attribution[:10]:
+                console.print(f"  {cost['site']:<24} {cost['target']:<10} {cost_text(cost)}", soft_wrap=True)
+            if len(report.attribution) > 10:
+                console.print(f"  ... {len(report.attribution) - 10} more in report.json")
+        for note in report.notes:
+            console.print(f"note: {note}", soft_wrap=True)
         for stage, drift in report.drift.items():
             console.print(f"drift ({stage}): {drift.summary()}", soft_wrap=True)
         for name, path in sorted(report.outputs.items()):

@@ -83,8 +83,8 @@ class Rule:
     def skip(self, reason: str) -> Skip:
         return Skip(self.code, reason)
 
-    def natural_fix(self, site: Site) -> Fix:
-        target, why = targets.natural_target(site)
+    def natural_fix(self, site: Site, context: Context) -> Fix:
+        target, why = targets.natural_target(site, context)
         return Fix(target, targets.get(target).keeps_function, f"replace with {target}: {why}")
 
 

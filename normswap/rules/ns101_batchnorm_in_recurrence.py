@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..context import Context
 from ..sites import Site
-from .base import Finding, Fix, Rule, Severity, Skip
+from .base import Finding, Rule, Severity, Skip
 
 
 class BatchNormInRecurrence(Rule):
@@ -53,13 +53,10 @@ class BatchNormInRecurrence(Rule):
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if site.call_count < 2:
             return self.skip("called once per forward")
-        if site.input_rank is not None and site.input_rank >= 4:
-            # one BN shared by several branches over feature maps (siamese, multi-scale): GroupNorm
-            fix = Fix("groupnorm", False, "replace with GroupNorm, which normalizes each call's feature map on its own")
-        else:
-            fix = Fix("layernorm", False, "replace with LayerNorm over channels, applied per step")
+        # per-step reuse gets LayerNorm; one BN shared by branches over feature maps (siamese,
+        # multi-scale) GroupNorm, which normalizes each call's map on its own
         return self.finding(
             site,
             f"'{site.name}' is applied {site.call_count} times per forward pass: its statistics pool every call.",
-            fix,
+            self.natural_fix(site, context),
         )

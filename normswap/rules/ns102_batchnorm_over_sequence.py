@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from .. import targets
 from ..context import Context
 from ..sites import Site
-from .base import Finding, Fix, Rule, Severity, Skip, shape_text
+from .base import Finding, Rule, Severity, Skip, shape_text
 
 
 class BatchNormOverSequence(Rule):
     """## What it does
-    Flags BatchNorm1d (or a functional batch_norm) whose input is a rank-3 (N, C, L) tensor, i.e.
-    a sequence whose statistics are pooled over the batch *and* every time step.
+    Flags BatchNorm1d whose input is a rank-3 (N, C, L) tensor, i.e. a sequence whose statistics
+    are pooled over the batch *and* every time step. With `--sequence` (`sequence = true` in
+    `[tool.normswap]`) every BatchNorm on a rank-3 input is read as over time steps.
 
     ## Why is this bad?
     Statistics are shared by all positions and all samples: padding tokens and variable lengths
@@ -40,10 +42,13 @@ class BatchNormOverSequence(Rule):
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if site.input_rank != 3:
             return self.skip(f"input {shape_text(site)} is not an (N, C, L) sequence")
+        if not targets.over_sequence(site, context):
+            return self.skip(f"a {site.flavour} on a rank-3 input, not known to be a sequence (pass --sequence)")
         if site.call_count > 1:
             return self.skip("reported as batchnorm-in-recurrence (NS101)")
+        padding = "; padded steps of shorter sequences change the statistics" if context.sequence else ""
         return self.finding(
             site,
-            f"'{site.name}' normalizes the sequence {shape_text(site)} with statistics pooled over batch and time steps.",
-            Fix("layernorm", False, "replace with a channel LayerNorm applied at every time step"),
+            f"'{site.name}' normalizes the sequence {shape_text(site)} with statistics pooled over batch and time steps{padding}.",
+            self.natural_fix(site, context),
         )

@@ -52,5 +52,5 @@ class SmallBatch(Rule):
             site,
             f"'{site.name}' estimates its statistics from {context.batch_size} sample(s) per device "
             f"(threshold {context.small_batch_threshold}); they will be noisy.",
-            self.natural_fix(site),
+            self.natural_fix(site, context),
         )

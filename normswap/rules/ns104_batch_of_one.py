@@ -46,5 +46,5 @@ class BatchOfOne(Rule):
         return self.finding(
             site,
             f"'{site.name}' sees one value per channel at batch size 1 (input {shape_text(site)}): training raises ValueError.",
-            self.natural_fix(site),
+            self.natural_fix(site, context),
         )

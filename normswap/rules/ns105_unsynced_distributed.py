@@ -48,5 +48,5 @@ class UnsyncedDistributed(Rule):
         return self.finding(
             site,
             f"'{site.name}' normalizes each of {context.world_size} devices with its own shard's statistics.",
-            self.natural_fix(site),
+            self.natural_fix(site, context),
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..context import Context
 from ..sites import Site
-from .base import Finding, Fix, Rule, Severity, Skip
+from .base import Finding, Rule, Severity, Skip
 
 
 class PrivacyIncompatible(Rule):
@@ -42,9 +42,8 @@ class PrivacyIncompatible(Rule):
             return self.skip("not trained with differential privacy")
         if not site.batch_dependent_train:
             return self.skip("does not use batch statistics in training")
-        target = "layernorm" if site.input_rank == 2 else "groupnorm"
         return self.finding(
             site,
             f"'{site.name}' mixes the samples of a batch, so per-sample gradients for DP-SGD are undefined.",
-            Fix(target, False, f"replace with {target} (per-sample normalization)"),
+            self.natural_fix(site, context),
         )

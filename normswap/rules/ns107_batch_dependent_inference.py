@@ -42,5 +42,5 @@ class BatchDependentInference(Rule):
         return self.finding(
             site,
             f"'{site.name}' {why}: in eval mode each sample's output depends on the rest of the batch.",
-            self.natural_fix(site),
+            self.natural_fix(site, context),
         )

@@ -43,5 +43,5 @@ class FunctionalBatchNorm(Rule):
         return self.finding(
             site,
             f"functional batch_norm '{site.name}'{where}: module-based tools (Opacus, convert_sync_batchnorm) do not see it.",
-            self.natural_fix(site),
+            self.natural_fix(site, context),
         )

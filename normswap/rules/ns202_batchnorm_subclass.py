@@ -54,7 +54,7 @@ class BatchNormSubclass(Rule):
                 "normswap cannot take its normalization over; replace the class in your code.",
             )
         extras = f" and its submodules {', '.join(site.submodules)}" if site.submodules else ""
-        fix = self.natural_fix(site)
+        fix = self.natural_fix(site, context)
         return self.finding(
             site,
             f"'{site.name}' is a {site.flavour}, a BatchNorm subclass with its own forward: a swap keeps its class, forward{extras}, "

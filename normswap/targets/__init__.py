@@ -3,6 +3,7 @@ for a site. Everything else asks this registry; a target's name elsewhere is dat
 
 from __future__ import annotations
 
+from ..context import Context
 from ..errors import PlanError
 from ..sites import Site
 from . import fold, frozen, groupnorm, keep, layernorm, syncbn
@@ -27,14 +28,35 @@ def get(name: str) -> Target:
         raise PlanError(f"Unknown target '{name}'; use one of {', '.join(NAMES)}.") from None
 
 
-def natural_target(site: Site) -> tuple[str, str]:
-    """The batch-independent replacement that suits the site's data, with the reason."""
+def over_sequence(site: Site, context: Context) -> bool:
+    """The site normalizes (N, C, L) steps of a sequence: a BatchNorm1d on a rank-3 input, or any
+    rank-3 input when the context says the inputs are sequences."""
+    return site.input_rank == 3 and (context.sequence or site.flavour.endswith("1d"))
+
+
+def natural_target(site: Site, context: Context | None = None) -> tuple[str, str]:
+    """The replacement that suits the site in this context, with the reason: the best choice for
+    the site, which a finding's fix never replaces with a worse one.
+
+    Keeping the function wins wherever it is batch-independent: BatchNorm on the model's raw
+    inputs (data standardization) stays frozen in every context; inference only folds or
+    freezes; small-batch fine-tuning freezes. Otherwise the data decides: recurrence, sequences
+    and (N, C) features get LayerNorm, feature maps GroupNorm.
+    """
+    context = context or Context()
     rank = site.input_rank
-    if site.feeds_from_input and site.track_running_stats:
+    statistics = site.track_running_stats and not site.batch_dependent_eval
+    if site.feeds_from_input and statistics:
         return "frozen", "normalizes the model's raw inputs (data standardization): frozen keeps the learned statistics"
+    if context.inference_only and statistics:
+        if fold.TARGET.can_fold(site):
+            return "fold", "inference only: with running statistics BatchNorm is a fixed affine; fold keeps it at no cost"
+        return "frozen", "inference only: with running statistics BatchNorm is a fixed affine; frozen keeps it exactly"
+    if context.finetune and statistics and (context.batch_size is None or context.batch_size < context.small_batch_threshold):
+        return "frozen", "fine-tuning a pretrained model with small batches: frozen keeps the pretrained statistics"
     if site.call_count > 1 and (rank is None or rank <= 3):
         return "layernorm", f"applied {site.call_count} times per forward (recurrence): LayerNorm normalizes each step on its own"
-    if rank == 3 and site.flavour.endswith("1d"):
+    if over_sequence(site, context):
         return "layernorm", "normalizes a (N, C, L) sequence: channel LayerNorm per time step"
     if rank == 2:
         return "layernorm", "(N, C) features: LayerNorm over the features of each sample"
@@ -53,4 +75,5 @@ __all__ = [
     "Target",
     "get",
     "natural_target",
+    "over_sequence",
 ]

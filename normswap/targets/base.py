@@ -19,7 +19,7 @@ from ..errors import PlanError
 from ..sites import Site
 
 DEFAULT_MAX_GROUPS = 32
-DEFAULT_CHANNELS_PER_GROUP = 1
+DEFAULT_CHANNELS_PER_GROUP = 16  # Wu & He: a fixed number of channels per group trains as well as G = 32
 
 
 class Refusal(PlanError):

@@ -39,6 +39,13 @@ class FoldTarget(Target):
     fallback = "frozen"
     parameters = {"into": Param("str"), "num_features": Param("int", positive=True), "eps": Param("float", positive=True)}
 
+    def can_fold(self, site: Site) -> bool:
+        try:
+            self.plan(site, PlanOptions())
+        except Refusal:
+            return False
+        return True
+
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
         if site.kind == "lookalike":
             raise Refusal(f"{where(site)} is not a torch BatchNorm")

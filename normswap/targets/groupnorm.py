@@ -17,7 +17,18 @@ from ..capture.tracer import BatchNormArgs
 from ..errors import PlanError
 from ..sites import Site
 from ..torchutil import Replacement
-from .base import COMMON_PARAMS, Param, PlanOptions, Refusal, Target, carry_affine, common_params, where
+from .base import (
+    COMMON_PARAMS,
+    DEFAULT_CHANNELS_PER_GROUP,
+    DEFAULT_MAX_GROUPS,
+    Param,
+    PlanOptions,
+    Refusal,
+    Target,
+    carry_affine,
+    common_params,
+    where,
+)
 
 # How group_norm exports: "layernorm-view" (fastest in onnxruntime, the default) or "native"
 # (the exporter's own form; at opset >= 21 that is the GroupNormalization op, opt-in).
@@ -56,26 +67,38 @@ class GroupNorm(Replacement, nn.GroupNorm):
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
-def choose_num_groups(num_channels: int, values_per_channel: int, max_groups: int = 32, channels_per_group: int = 1) -> tuple[int, str]:
-    """Largest divisor G of C with G <= max_groups, C/G >= channels_per_group, and groups that
-    hold more than one value (a group of one value always normalizes to zero).
+def choose_num_groups(
+    num_channels: int, values_per_channel: int, max_groups: int = DEFAULT_MAX_GROUPS, channels_per_group: int = DEFAULT_CHANNELS_PER_GROUP
+) -> tuple[int, str]:
+    """The largest divisor G of C with G <= max_groups and C/G >= channels_per_group (one group
+    when C is narrower than that), whose groups hold more than one value (a group of one value
+    always normalizes to zero).
 
-    Returns (G, reason).
+    More channels per group keep more of a trained model's function: one channel per group is
+    InstanceNorm, which erases each sample's per-channel intensity (measured in the README).
+
+    Returns:
+        (G, the rule that chose it, for the plan reason).
     """
-    rejected_degenerate = False
+    skipped_degenerate = False
     for groups in range(min(max_groups, num_channels), 0, -1):
-        if num_channels % groups or num_channels // groups < channels_per_group:
+        per_group = num_channels // groups
+        if num_channels % groups or (groups > 1 and per_group < channels_per_group):
             continue
-        if (num_channels // groups) * values_per_channel < 2:
-            rejected_degenerate = True
+        if per_group * values_per_channel < 2:
+            skipped_degenerate = True
             continue
-        why = f"GroupNorm({groups}, {num_channels}): {num_channels // groups} channel(s) per group"
-        if rejected_degenerate:
-            why += f", fewer groups than {min(max_groups, num_channels)} so that no group holds a single value"
-        elif groups != max_groups:
-            why += f", largest divisor of {num_channels} up to {max_groups}"
+        if per_group < channels_per_group:  # groups == 1
+            why = f"GroupNorm(1, {num_channels}): one group, as {num_channels} channel(s) are fewer than {channels_per_group} per group"
+        else:
+            why = (
+                f"GroupNorm({groups}, {num_channels}): {per_group} channel(s) per group, the largest divisor of {num_channels} "
+                f"with at most {max_groups} groups and at least {channels_per_group} channel(s) per group"
+            )
+        if skipped_degenerate:
+            why += " that leaves more than one value per group"
         if groups == num_channels and groups > 1:
-            why += " (one channel per group is InstanceNorm; a lower --groups keeps per-sample channel intensities)"
+            why += " (one channel per group is InstanceNorm, as --channels-per-group 1 asked)"
         return groups, why
     raise PlanError(f"A GroupNorm over {num_channels} channel(s) of {values_per_channel} value(s) has no non-degenerate grouping.")
 
