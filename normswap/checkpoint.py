@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
 from .files import write_with
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,21 @@ def fit_to_model(checkpoint: Checkpoint, model: nn.Module) -> dict[str, torch.Te
     if best_prefix:
         log.info("stripped the prefix %r from the keys of %s", best_prefix, checkpoint.path)
     optional = {k for k in expected if k.endswith("num_batches_tracked")}  # absent from older checkpoints
+    mistyped = sorted(
+        f"{k} ({best[k].dtype} for a {expected[k].dtype} parameter)"
+        for k in set(best) & set(expected)
+        if expected[k].is_floating_point() and not (best[k].is_floating_point() or best[k].is_complex())
+    )
+    if mistyped:
+        raise CheckpointError(
+            f"Checkpoint '{checkpoint.path}' holds integer values where {type(model).__name__} has floating-point tensors: {_short(mistyped)}; "
+            "it is not a checkpoint of this model (or was saved quantized)."
+        )
+    nonfinite = sorted(k for k, v in best.items() if k in expected and v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if nonfinite:
+        raise CheckpointError(
+            f"Checkpoint '{checkpoint.path}' holds NaN or infinite values in {_short(nonfinite)}; the training that wrote it diverged, use an earlier checkpoint."
+        )
     missing = sorted(set(expected) - set(best) - optional)
     unexpected = sorted(set(best) - set(expected))
     misshaped = sorted(
@@ -160,6 +175,23 @@ def fit_to_model(checkpoint: Checkpoint, model: nn.Module) -> dict[str, torch.Te
 def _short(items: list[str], limit: int = 6) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def finite_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict, checked to hold only finite numbers before anything is written.
+
+    Raises:
+        OutputError: naming the layer and the key that holds NaN or infinite values.
+    """
+    state = model.state_dict()
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            layer = key.rpartition(".")[0] or key
+            raise OutputError(
+                f"The converted weights of layer '{layer}' ({key}) hold NaN or infinite values, so nothing was written; "
+                "check the calibration data's scale, or heal with a lower --heal-lr."
+            )
+    return state
 
 
 def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> Path:

@@ -11,6 +11,10 @@ from .errors import ConfigError
 DEFAULT_SMALL_BATCH = 16
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class Context:
     """Training / serving context.
@@ -34,11 +38,16 @@ class Context:
     small_batch_threshold: int = DEFAULT_SMALL_BATCH
 
     def __post_init__(self) -> None:
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+        # strict types: in a TOML file `dp = "false"` is a string (true in Python) and
+        # `batch_size = true` a bool (1 in Python); both are refused rather than read as something else
+        for name in ("differential_privacy", "inference_only", "finetune", "sequence"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}.")
+        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}.")
-        if not isinstance(self.world_size, int) or self.world_size < 1:
+        if not _is_int(self.world_size) or self.world_size < 1:
             raise ConfigError(f"world_size must be a positive integer, got {self.world_size!r}.")
-        if not isinstance(self.small_batch_threshold, int) or self.small_batch_threshold < 2:
+        if not _is_int(self.small_batch_threshold) or self.small_batch_threshold < 2:
             raise ConfigError(f"small_batch_threshold must be an integer of at least 2, got {self.small_batch_threshold!r}.")
 
     @property
@@ -63,8 +72,9 @@ class Context:
             name = aliases.get(key.replace("-", "_"), key.replace("-", "_"))
             if name not in names:
                 raise ConfigError(f"Unknown key '{key}' in {where}; known keys are: {', '.join(sorted(names))}.")
+            try:
+                cls(**{name: value})  # checked alone, so the message names this key
+            except ConfigError as exc:
+                raise ConfigError(f"'{key}' in {where}: {str(exc).rstrip('.')}.") from None
             values[name] = value
-        try:
-            return cls(**values)
-        except TypeError as exc:  # pragma: no cover - dataclass signature mismatch
-            raise ConfigError(f"Invalid {where}: {exc}.") from exc
+        return cls(**values)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -83,6 +84,41 @@ def parse_input_spec(text: str | Sequence[int]) -> InputSpec:
             raise ConfigError(f"Unknown input dtype '{dtype_text}' in '{text}'; use one of {', '.join(DTYPES)}.")
         dtype = DTYPES[dtype_text.strip().lower()]
     return InputSpec(parse_shape(shape_text), dtype)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable; else free pages), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_input_memory(specs: Sequence[InputSpec | Sequence[int]]) -> None:
+    """Refuse example inputs that alone take more than half the available memory (a forward
+    pass needs several times its input): one sentence instead of an allocation failure.
+
+    Raises:
+        ConfigError: naming the shapes, their size and the memory available.
+    """
+    total = 0
+    for spec in specs:
+        spec = spec if isinstance(spec, InputSpec) else InputSpec(tuple(spec))
+        total += math.prod(spec.shape) * torch.empty((), dtype=spec.dtype).element_size()
+    available = available_memory()
+    if available is not None and total > available // 2:
+        shapes = " and ".join(",".join(map(str, (s.shape if isinstance(s, InputSpec) else s))) for s in specs)
+        raise ConfigError(
+            f"The example inputs {shapes} need {total / 1e9:.1f} GB, more than half of the {available / 1e9:.1f} GB of memory available; "
+            "use a smaller batch (2 to 8 samples are enough to convert and validate)."
+        )
 
 
 def example_inputs(specs: Sequence[InputSpec | Sequence[int]], seed: int = 0) -> tuple[torch.Tensor, ...]:

@@ -36,6 +36,7 @@ class Report:
     calibration: list[dict[str, Any]] = field(default_factory=list)
     attribution: list[dict[str, Any]] = field(default_factory=list)  # SiteCost.to_dict(), worst first
     notes: list[str] = field(default_factory=list)  # what was not done or checked, and why
+    manifest: dict[str, str] = field(default_factory=dict)  # convert: output file -> sha256
     outputs: dict[str, str] = field(default_factory=dict)
     not_fired: dict[str, list[Any]] = field(default_factory=dict)  # site -> rules.Skip (why a rule stayed quiet)
 

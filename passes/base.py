@@ -38,16 +38,21 @@ class Pass:
 
 
 class PassManager:
-    """Runs passes in order, feeding each the previous result's model."""
+    """Runs passes in order, feeding each the previous result's model. Every pass's `requires`
+    runs first, on the model as given, so a plan that does not fit fails before anything changes
+    (the passes here check independent parts of the model)."""
 
     def __init__(self, passes: Sequence[Pass]) -> None:
         self.passes = list(passes)
 
     def __call__(self, model: nn.Module) -> PassResult:
+        for p in self.passes:
+            p.requires(model)
         changes: list[str] = []
         modified = False
         for p in self.passes:
-            result = p(model)
+            result = p.call(model)
+            p.ensures(result.model)
             model = result.model
             modified |= result.modified
             changes.extend(result.changes)

@@ -11,3 +11,6 @@ def pytest_addoption(parser) -> None:
         default=False,
         help="rewrite tests/golden/* from the current output, then fail each rewritten case (review `git diff` and rerun)",
     )
+
+
+from workspace import work  # noqa: E402, F401 - the `work` fixture: a project folder with a model file and a checkpoint

@@ -5,41 +5,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
+from workspace import SHAPE, convert, state
 
 import normswap
-from normswap.cli import main
-
-NETS = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-    import torch.nn.functional as F
-
-    class Net(nn.Module):
-        def __init__(self, width=8):
-            super().__init__()
-            self.conv = nn.Conv2d(3, width, 3, padding=1)
-            self.bn = nn.BatchNorm2d(width)
-            self.fc = nn.Linear(width, 4)
-
-        def forward(self, x):
-            return self.fc(F.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
-
-    def build(width=8):
-        return Net(width)
-
-    def returns_string():
-        return "net"
-    """
-)
-SHAPE = ["--input-shape", "2,3,8,8"]
 
 
 class Marker:
@@ -50,33 +23,6 @@ class Marker:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.path}",))
-
-
-@pytest.fixture()
-def work(tmp_path: Path, monkeypatch) -> Path:
-    (tmp_path / "nets.py").write_text(NETS)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import importlib
-    import sys
-
-    sys.modules.pop("nets", None)
-    nets = importlib.import_module("nets")
-    torch.manual_seed(0)
-    model = nets.Net()
-    with torch.no_grad():
-        model.train()(torch.randn(16, 3, 8, 8) * 2 + 1)  # non-trivial running statistics
-        model.bn.weight.uniform_(0.5, 1.5)
-    torch.save(model.eval().state_dict(), tmp_path / "plain.pt")
-    return tmp_path
-
-
-def convert(*args: str, catch: bool = True):
-    return CliRunner().invoke(main, ["convert", *args], catch_exceptions=catch)
-
-
-def state(work: Path) -> dict:
-    return torch.load(work / "plain.pt", weights_only=True)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +105,7 @@ def test_input_is_never_overwritten(work: Path) -> None:
     torch.save(state(work), work / "out" / "model.pt")
     before = (work / "out" / "model.pt").read_bytes()
     result = convert("out/model.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--force", "--no-onnx")
-    assert result.exit_code == 2 and "would overwrite the input checkpoint" in result.output
+    assert result.exit_code == 2 and "which is the input" in result.output
     assert (work / "out" / "model.pt").read_bytes() == before
 
 

@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("normswap.report",),
     ("normswap.linter",),
     ("normswap.loader",),
-    ("normswap.checkpoint", "normswap.config"),
+    ("normswap.checkpoint", "normswap.config", "normswap.outputs"),
     ("normswap.pipeline",),
     ("normswap.cli",),
 )

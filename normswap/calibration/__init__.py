@@ -45,6 +45,8 @@ def calibrate_and_heal(
             conversion.drift["calibrated"] = measure_drift(original, conversion.model, batches)
         if options is not None and options.steps != 0:
             conversion.healing = heal(conversion.model, original, batches, options, device=where)
+            if conversion.healing.best_heldout_loss >= conversion.healing.initial_heldout_loss:
+                conversion.notes.append("healing did not lower the held-out loss: the calibrated parameters were kept (try a lower --heal-lr)")
             conversion.drift["healed"] = measure_drift(original, conversion.model, batches)
     conversion.timings["calibrate"] = time.perf_counter() - start
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,8 +36,15 @@ def load_calibration_tensor(path: str) -> torch.Tensor:
     """Inputs from a .pt / .npz / .safetensors file holding one tensor (first axis = samples)."""
     if not os.path.isfile(path):
         raise CalibrationError(f"Calibration data '{path}' does not exist.")
+    if not path.endswith(FORMATS):
+        raise CalibrationError(
+            f"Calibration data '{path}' is not a tensor file normswap reads; save the inputs (first axis = samples) as "
+            ".pt / .pth (torch.save of one tensor), .npy, .npz or .safetensors."
+        )
     try:
-        if path.endswith(".npz"):
+        if path.endswith(".npy"):
+            tensors = [torch.from_numpy(np.load(path, allow_pickle=False))]
+        elif path.endswith(".npz"):
             with np.load(path) as archive:
                 arrays = [archive[k] for k in archive.files]
             tensors = [torch.from_numpy(a) for a in arrays]
@@ -52,7 +60,10 @@ def load_calibration_tensor(path: str) -> torch.Tensor:
                 else [v for v in (obj.values() if isinstance(obj, dict) else obj) if isinstance(v, torch.Tensor)]
             )
     except Exception as exc:  # any reader failure is the file's problem: one sentence, with the cause
-        raise CalibrationError(f"Calibration data '{path}' could not be read ({str(exc).splitlines()[0][:160]}).") from exc
+        raise CalibrationError(
+            f"Calibration data '{path}' could not be read as {Path(path).suffix} ({str(exc).splitlines()[0][:160]}); "
+            "check that it was written by the tool its name says."
+        ) from exc
     if len(tensors) != 1:
         raise CalibrationError(f"Calibration data '{path}' must hold exactly one tensor of inputs, found {len(tensors)}.")
     data = tensors[0].float()

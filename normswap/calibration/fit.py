@@ -305,6 +305,11 @@ def calibrate(
             if sums is None:
                 raise CalibrationError("Calibration data is empty; give at least one batch of inputs.")
             scale, shift, r2, n = _fit(sums)
+            if not (torch.isfinite(scale.float()).all() and torch.isfinite(shift.float()).all()):
+                raise CalibrationError(
+                    f"Calibrating layer '{entry.name}' gives non-finite affine parameters: the calibration data's scale is far from "
+                    "what the model was trained on; check that it is the model's input, preprocessed the same way."
+                )
             site.set_affine(scale, shift)
             fits.append(SiteFit(entry.name, entry.target, r2, n))
             log.debug("calibrated %s (%s): R^2 %.3f over %d values per channel", entry.name, entry.target, r2, n)

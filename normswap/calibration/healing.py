@@ -20,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from .. import targets
-from ..errors import CalibrationError
+from ..errors import CalibrationError, ConfigError
 from ..passes.rebase import TakenOver
 from ..targets.layernorm import ChannelLayerNorm
 from ..torchutil import preserved
@@ -121,7 +121,7 @@ def heal(
 def _heal(
     converted: nn.Module, original: nn.Module, train: list[tuple], heldout: list[tuple], options: HealOptions, steps: int, progress: bool | None
 ) -> HealResult:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     generator = torch.Generator().manual_seed(options.seed)
     chosen = trainable_parameters(converted, options.params)
     flags = {p: p.requires_grad for p in converted.parameters()}
@@ -195,6 +195,28 @@ def _heal(
     for p, flag in flags.items():
         p.requires_grad_(flag)
     return HealResult(converted, step, best, initial, stopped)
+
+
+def world_size() -> int:
+    """The data-parallel world healing runs in: WORLD_SIZE as torchrun sets it (1 without).
+
+    Raises:
+        ConfigError: WORLD_SIZE is not a positive integer, or is above 1 in a process no launcher
+            started (RANK, MASTER_ADDR or MASTER_PORT missing).
+    """
+    import torch.distributed as dist
+
+    raw = os.environ.get("WORLD_SIZE", "1")
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ConfigError(f"WORLD_SIZE={raw!r} in the environment is not a positive integer; unset it or run under torchrun.")
+    world = int(raw)
+    launched = all(os.environ.get(name) for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"))
+    if world > 1 and not launched and not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError(
+            f"WORLD_SIZE={world} is set but no launcher started this process (RANK, MASTER_ADDR or MASTER_PORT is missing); "
+            "run under torchrun, or unset WORLD_SIZE to heal on one device."
+        )
+    return world
 
 
 def _distributed(model: nn.Module) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ import click
 from .. import targets
 from .._version import __version__
 from ..errors import ConfigError, NormswapError
+from ..outputs import Interrupted
 
 EXIT_INTERNAL = 3
 
@@ -29,7 +31,11 @@ def handle_errors(command: Callable[..., int]) -> Callable[..., None]:
                 raise
             click.echo(f"normswap: error: {exc}", err=True)
             context.exit(exc.exit_code)
-        except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
+        except (KeyboardInterrupt, Interrupted) as exc:
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            click.echo(f"normswap: {signal.Signals(signum).name}: stopped; nothing was written", err=True)
+            context.exit(128 + signum)
+        except (click.exceptions.Exit, click.ClickException):
             raise
         except Exception as exc:  # the CLI boundary: any bug becomes exit 3 with one line
             if debug:

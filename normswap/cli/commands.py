@@ -122,6 +122,10 @@ def run_convert(
         raise ConfigError("--input-shape is required (e.g. --input-shape 1,3,224,224).")
     config = load_config()
     context = config.make_context(**flags)
+    if options["trust_checkpoint"]:
+        click.echo(
+            f"normswap: warning: --trust-checkpoint: '{checkpoint}' may run code while it is loaded; use it only for files you trust", err=True
+        )
     convert_options = ConvertOptions(
         to=options["to"],
         max_groups=options["max_groups"],

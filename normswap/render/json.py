@@ -43,6 +43,7 @@ def report_to_dict(report) -> dict[str, Any]:
         "attribution": list(report.attribution),
         "notes": list(report.notes),
         "outputs": dict(sorted(report.outputs.items())),
+        "manifest": dict(sorted(report.manifest.items())),
     }
 
 

@@ -120,8 +120,8 @@ class GroupNormTarget(Target):
             ) from None
         return {"num_groups": groups, "num_channels": site.num_features, **common_params(site)}, why
 
-    def check_against_site(self, site_name: str, params: Mapping[str, Any], site: Site) -> None:
-        super().check_against_site(site_name, params, site)
+    def check(self, site_name: str, params: Mapping[str, Any], site: Site | None = None) -> None:
+        super().check(site_name, params, site)
         if int(params["num_channels"]) % int(params["num_groups"]):
             raise PlanError(
                 f"Plan entry '{site_name}' (groupnorm): num_groups {params['num_groups']} does not divide num_channels {params['num_channels']}."
