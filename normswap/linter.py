@@ -10,6 +10,7 @@ from torch import nn
 from .advise import select_rules
 from .analysis import analyze
 from .context import Context
+from .policy import make_plan
 from .report import Report, model_definition
 from .torchutil import require_module
 
@@ -33,12 +34,14 @@ def lint(
         name: how the model is named in the report (default: its class name).
 
     Returns:
-        Report with `.findings`, `.sites`, renderers (`to_text`, `to_json`, `to_markdown`,
+        Report with `.findings`, `.sites`, `.auto_plan` (sites per target `convert(to="auto")`
+        would produce), renderers (`to_text`, `to_json`, `to_markdown`,
         `to_sarif`) and `exit_code(fail_on=...)`.
     """
     require_module(model, "lint")
     context = context or Context()
     analysis = analyze(model, example_inputs, context, select_rules(select, ignore))
+    auto = make_plan(analysis.sites, analysis.findings, context, "auto", strict=False)
     return Report(
         model=name or type(model).__name__,
         capture_method=analysis.capture.method,
@@ -48,4 +51,5 @@ def lint(
         fallback_reasons=analysis.capture.fallback_reasons,
         model_location=model_definition(model),
         not_fired=analysis.skipped,
+        auto_plan={target: n for target, n in auto.counts().items() if target != "keep"},
     )

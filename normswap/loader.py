@@ -72,6 +72,13 @@ class InputSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
 
+    def __str__(self) -> str:
+        """As --input-shape takes it: '2,3,224,224', or '8,128:int64' for another dtype."""
+        shape = ",".join(str(d) for d in self.shape)
+        if self.dtype == torch.float32:
+            return shape
+        return f"{shape}:{str(self.dtype).removeprefix('torch.')}"
+
 
 def parse_input_spec(text: str | Sequence[int]) -> InputSpec:
     """'2,3,224,224' or '8,128:int64' (token ids) to an InputSpec."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .targets.fold import unchanged
 from .targets.frozen import FrozenBatchNorm, frozen_batch_norm
-from .targets.groupnorm import GroupNorm, group_norm
+from .targets.groupnorm import GroupNorm, GroupNormBN, group_norm
 from .targets.layernorm import ChannelLayerNorm, LayerNorm, channel_layer_norm
 from .targets.syncbn import sync_batch_norm
 
@@ -15,6 +15,7 @@ __all__ = [
     "ChannelLayerNorm",
     "FrozenBatchNorm",
     "GroupNorm",
+    "GroupNormBN",
     "LayerNorm",
     "channel_layer_norm",
     "frozen_batch_norm",

@@ -39,6 +39,9 @@ class Report:
     manifest: dict[str, str] = field(default_factory=dict)  # convert: output file -> sha256
     outputs: dict[str, str] = field(default_factory=dict)
     not_fired: dict[str, list[Any]] = field(default_factory=dict)  # site -> rules.Skip (why a rule stayed quiet)
+    auto_plan: dict[str, int] = field(default_factory=dict)  # lint: sites per target `--to auto` would convert
+    commands: dict[str, str] = field(default_factory=dict)  # lint CLI: "convert" / "fix" commands that act on it
+    fixes: Any = None  # lint: normswap.fix.SourceFixes, the source edits proposed or applied
 
     def counts(self) -> dict[str, int]:
         """Number of findings per severity."""
@@ -53,7 +56,12 @@ class Report:
         if fail_on == "never":
             return 0
         threshold = Severity(fail_on).rank
-        return 1 if any(f.severity.rank >= threshold for f in self.findings) else 0
+        return 1 if any(f.severity.rank >= threshold for f in self.remaining_findings()) else 0
+
+    def remaining_findings(self) -> list[Finding]:
+        """The findings `lint --fix` did not fix (all of them when nothing was applied)."""
+        fixed = self.fixes.fixed_sites() if self.fixes is not None else set()
+        return [f for f in self.findings if f.site is None or f.site.name not in fixed]
 
     def to_text(self, color: bool = False, width: int = 120) -> str:
         return render_text([self], color=color, width=width)

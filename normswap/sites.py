@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from .capture import BatchNormCall, Capture
 from .capture.tracer import BATCH_NORM_FUNCTIONS
-from .source import SourceLocation, construction_site
+from .source import SourceLocation, built_from, construction_site
 from .torchutil import is_replacement
 
 KINDS = ("module", "subclass", "functional", "lookalike")
@@ -42,6 +42,7 @@ class Site:
     producers: tuple[str, ...] = ()
     consumers: tuple[str, ...] = ()
     defined_at: SourceLocation | None = None
+    built_from: SourceLocation | None = None  # the project's line that led to an external construction
     called_at: tuple[SourceLocation, ...] = ()
     batch_dependent_train: bool = True
     batch_dependent_eval: bool = False
@@ -93,6 +94,7 @@ class Site:
             "producers": list(self.producers),
             "consumers": list(self.consumers),
             "defined_at": self.defined_at.to_dict() if self.defined_at else None,
+            "built_from": self.built_from.to_dict() if self.built_from else None,
             "called_at": [loc.to_dict() for loc in self.called_at],
             "batch_dependent_train": self.batch_dependent_train,
             "batch_dependent_eval": self.batch_dependent_eval,
@@ -166,6 +168,7 @@ def _module_fields(model: nn.Module, module: nn.Module, name: str, input_shape: 
         "momentum": getattr(module, "momentum", None),
         "owner": name,
         "defined_at": construction_site(model, name),
+        "built_from": built_from(module),
         "overrides_forward": is_bn and not is_torch_class and type(module).forward is not _BatchNorm.forward,
         "submodules": tuple(f"{child} ({type(m).__name__})" for child, m in module.named_children()) if not is_torch_class else (),
     }

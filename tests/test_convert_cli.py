@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from workspace import SHAPE, convert, state
 
 import normswap
+from workspace import SHAPE, convert, state
 
 
 class Marker:

@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("normswap.export",),
     ("normswap.render",),
     ("normswap.report",),
-    ("normswap.linter",),
+    ("normswap.linter", "normswap.fix"),
     ("normswap.loader",),
     ("normswap.checkpoint", "normswap.config", "normswap.outputs"),
     ("normswap.pipeline",),

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from workspace import SHAPE, convert, state
 
 import normswap
 from normswap.errors import OutputError, PlanError
+from workspace import SHAPE, convert, state
 
 
 def _sentence(result) -> str:

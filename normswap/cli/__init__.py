@@ -15,6 +15,7 @@ from ..errors import ConfigError, NormswapError
 from ..outputs import Interrupted
 
 EXIT_INTERNAL = 3
+FORMATS = ["text", "grouped", "full", "concise", "json", "markdown", "sarif"]  # commands.FORMATS, without importing torch
 
 
 def handle_errors(command: Callable[..., int]) -> Callable[..., None]:
@@ -105,8 +106,15 @@ def main() -> None:
 @model_options
 @context_options
 @click.option(
-    "--format", "output_format", type=click.Choice(["text", "json", "markdown", "sarif"]), default=None, help="Report format (default: text)."
+    "--format",
+    "output_format",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="Report format (default: text, a table that groups per rule beyond 10 findings): "
+    "grouped (per rule: count, layers, worst example), full (each finding with its line and fix), concise (one line each), "
+    "json, markdown (with suggestion blocks), sarif (with fixes).",
 )
+@click.option("--statistics", is_flag=True, help="Print the number of findings per rule instead of the findings.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write the report to FILE (atomically) instead of stdout.")
 @click.option(
     "--fail-on",
@@ -116,33 +124,42 @@ def main() -> None:
 )
 @click.option("--select", multiple=True, metavar="CODE", help="Only these rule codes or prefixes (repeatable, or comma-separated).")
 @click.option("--ignore", multiple=True, metavar="CODE", help="Skip these rule codes or prefixes.")
+@click.option(
+    "--fix", is_flag=True, help="Rewrite the model's source to build what `convert --to auto` produces; safe fixes only (frozen keeps the function)."
+)
+@click.option(
+    "--unsafe-fixes", is_flag=True, help="Also apply (with --fix) or show (with --diff) the fixes that change the function: groupnorm, layernorm."
+)
+@click.option("--diff", is_flag=True, help="Print the fixes as a unified diff and write nothing; exit 1 when a fix is pending.")
+@click.option(
+    "--plan",
+    "plan_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Fix the source to this plan.json (e.g. convert's) instead of auto's.",
+)
+@click.option("--keep", multiple=True, metavar="LAYER", help="Leave this BatchNorm site as it is in the fixes and the recommendation (repeatable).")
 @handle_errors
-def lint(
-    models: tuple[str, ...],
-    kwargs: tuple[str, ...],
-    input_shapes: tuple[str, ...],
-    output_format: str | None,
-    output: str | None,
-    fail_on: str | None,
-    select: tuple[str, ...],
-    ignore: tuple[str, ...],
-    **options: Any,
-) -> int:
-    """Report where BatchNorm will hurt the way MODEL is trained or served.
+def lint(models: tuple[str, ...], **options: Any) -> int:
+    """Report where BatchNorm will hurt the way MODEL is trained or served, and fix the source.
 
     MODEL is `package.module:callable` or `path/to/file.py:callable`. Without MODEL, lints the
     models listed in [tool.normswap] of the nearest pyproject.toml. Exit codes: 0 clean,
-    1 findings at or above --fail-on, 2 usage or input error, 3 internal error.
+    1 findings at or above --fail-on (not counting those --fix fixed) or, with --diff, a fix
+    pending, 2 usage or input error, 3 internal error.
 
     \b
     Examples:
       normswap lint mypkg.nets:build --input-shape 2,3,224,224 --batch-size 2 --world-size 8
       normswap lint models.py:Net -k width=64 --input-shape 8,3,32,32 --format sarif -o normswap.sarif
+      normswap lint models.py:Net --input-shape 8,3,32,32 --batch-size 2 --diff --unsafe-fixes
+      normswap lint models.py:Net --input-shape 8,3,32,32 --batch-size 2 --fix --unsafe-fixes
       normswap lint            # the models in [tool.normswap]
     """
     from .commands import run_lint
 
-    return run_lint(models, kwargs, input_shapes, output_format, output, fail_on, select, ignore, context_flags(options))
+    flags = context_flags(options)
+    return run_lint(models, flags, options)
 
 
 @main.command()
@@ -253,17 +270,18 @@ def convert(
 
 @main.command()
 def rules() -> None:
-    """List the rule catalogue: code, name, default severity, fix safety.
+    """List the rule catalogue: code, name, default severity, fix safety and whether `lint --fix`
+    can write the fix into the source (sometimes / never).
 
     \b
     Examples:
       normswap rules
     """
+    from ..render.common import fix_availability
     from ..rules import CATALOGUE
 
     for rule in CATALOGUE:
-        fix = {True: "safe fix", False: "unsafe fix", None: "no fix"}[rule.fix_safe]
-        click.echo(f"{rule.code}  {rule.name:<28} {rule.severity.value:<8} {fix:<11} {rule.summary}")
+        click.echo(f"{rule.code}  {rule.name:<28} {rule.severity.value:<8} {fix_availability(rule):<32} {rule.summary}")
 
 
 @main.command()
@@ -281,7 +299,9 @@ def explain(code: str) -> int:
     rule = next((r for r in CATALOGUE if r.code == code.upper() or r.name == code.lower()), None)
     if rule is None:
         raise ConfigError(f"Unknown rule '{code}'; `normswap rules` lists the codes.")
-    click.echo(f"{rule.code} {rule.name} ({rule.severity.value})\n")
+    from ..render.common import fix_availability
+
+    click.echo(f"{rule.code} {rule.name} ({rule.severity.value}; {fix_availability(rule)})\n")
     click.echo(rule.documentation())
     return 0
 

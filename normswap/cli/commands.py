@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import click
 
 from ..calibration import HealOptions, resolve_device
 from ..config import Config, ModelEntry, load_config
-from ..errors import ConfigError
+from ..errors import ConfigError, PlanError
 from ..files import write_text_atomic
 from ..linter import lint
 from ..loader import example_inputs, load_model, parse_input_spec, parse_kwargs
-from ..render import RENDERERS
+from ..plan import Plan
+from ..policy import make_plan
+from ..render import RENDERERS, render_statistics
 from ..report import Report, model_definition, worst_exit_code
-from ..source import relative_path
+from ..source import relative_path, repo_root
 
 
 def _split_codes(values: Sequence[str]) -> list[str]:
@@ -44,33 +48,101 @@ def model_entries(models: Sequence[str], kwargs: Sequence[str], input_shapes: Se
     return config.models
 
 
-def run_lint(models, kwargs, input_shapes, output_format, output, fail_on, select, ignore, flags: dict[str, Any]) -> int:
-    """`normswap lint`; returns the exit code."""
+def run_lint(models: Sequence[str], flags: dict[str, Any], options: dict[str, Any]) -> int:
+    """`normswap lint` (and `--fix` / `--diff`); returns the exit code."""
+    from ..fix import FixJob, plan_fixes
+
     config = load_config()
     context = config.make_context(**flags)
-    output_format = output_format or config.format or "text"
-    if output_format not in RENDERERS:
-        raise ConfigError(f"Unknown format '{output_format}'; use one of {', '.join(RENDERERS)}.")
-    fail_on = fail_on or config.fail_on or "error"
-    select = _split_codes(select) or config.select
-    ignore = _split_codes(ignore) or config.ignore
+    output_format = options["output_format"] or config.format or "text"
+    if output_format not in FORMATS:
+        raise ConfigError(f"Unknown format '{output_format}'; use one of {', '.join(FORMATS)}.")
+    if options["diff"] and options["fix"]:
+        raise ConfigError("--diff shows the fixes without writing them; use it without --fix.")
+    if options["statistics"] and output_format in ("markdown", "sarif"):
+        raise ConfigError(f"--statistics prints counts as text or json, not {output_format}.")
+    fail_on = options["fail_on"] or config.fail_on or "error"
+    select = _split_codes(options["select"]) or config.select
+    ignore = _split_codes(options["ignore"]) or config.ignore
+    entries = model_entries(models, options["kwargs"], options["input_shapes"], config)
+    if options["plan_path"] and len(entries) != 1:
+        raise ConfigError(f"--plan fits one model; {len(entries)} are being linted (name one MODEL).")
     reports: list[Report] = []
-    for entry in model_entries(models, kwargs, input_shapes, config):
+    jobs: list[FixJob] = []
+    for entry in entries:
         model, factory = load_model(entry.spec, entry.kwargs)
-        report = lint(model, example_inputs(entry.input_shapes), context, select=select, ignore=ignore, name=display_spec(entry.spec))
+        name = display_spec(entry.spec)
+        report = lint(model, example_inputs(entry.input_shapes), context, select=select, ignore=ignore, name=name)
         report.model_location = model_definition(factory) or report.model_location
+        plan = _fix_plan(report, context, options)
+        report.auto_plan = {target: n for target, n in plan.counts().items() if target != "keep"}
+        report.commands = _commands(entry, models, flags, options)
+        only = {f.site.name for f in report.findings if f.site is not None} if (select or ignore) else None
+        jobs.append(FixJob(model, report.sites, plan, label=name, only=only))
         reports.append(report)
+    fixes = plan_fixes(jobs, repo_root(), unsafe=options["unsafe_fixes"])
+    if options["diff"]:
+        return _print_diff(fixes)
+    if options["fix"]:
+        fixes.apply()
+    for report in reports:
+        report.fixes = fixes.for_model(report.model)
     code = worst_exit_code(reports, fail_on)  # validates fail_on before anything is written
-    if output_format == "text":
-        color = output is None and sys.stdout.isatty()
-        rendered = RENDERERS["text"](reports, color=color)
+    if options["statistics"]:
+        rendered = render_statistics(reports, output_format)
+    elif output_format in TEXT_STYLES:
+        color = options["output"] is None and sys.stdout.isatty()
+        rendered = RENDERERS["text"](reports, color=color, style=TEXT_STYLES[output_format])
     else:
         rendered = RENDERERS[output_format](reports)
-    if output:
-        write_text_atomic(output, rendered)
+    if options["output"]:
+        write_text_atomic(options["output"], rendered)
     else:
         click.echo(rendered, nl=False)
     return code
+
+
+TEXT_STYLES = {"text": "auto", "grouped": "grouped", "full": "full", "concise": "concise"}
+FORMATS = (*TEXT_STYLES, "json", "markdown", "sarif")
+
+
+def _fix_plan(report: Report, context: Any, options: dict[str, Any]) -> Plan:
+    """The plan the source fixes follow: --plan, else what `convert --to auto` would do (with --keep)."""
+    if options["plan_path"]:
+        plan = Plan.from_json(Path(options["plan_path"]).read_text(encoding="utf-8"), where=options["plan_path"])
+        unknown = sorted({entry.name for entry in plan} - {site.name for site in report.sites})
+        if unknown:
+            raise PlanError(f"{options['plan_path']} names {', '.join(unknown)}, which is not a BatchNorm site of {report.model}.")
+        plan.check(report.sites)
+        return plan
+    return make_plan(report.sites, report.findings, context, "auto", keep_sites=tuple(options["keep"]), strict=False)
+
+
+def _commands(entry: ModelEntry, models: Sequence[str], flags: dict[str, Any], options: dict[str, Any]) -> dict[str, str]:
+    """The commands that act on what lint found: convert the checkpoint, fix the source."""
+    model = [f"-k {k}={v!r}" for k, v in entry.kwargs.items()] + [f"--input-shape {shape}" for shape in entry.input_shapes]
+    context = [f"--{name.replace('_', '-')} {value}" for name, value in flags.items() if name in ("batch_size", "world_size") and value]
+    context += [f"--{FLAG_NAMES[name]}" for name, value in flags.items() if name in FLAG_NAMES and value]
+    keep = [f"--keep {layer}" for layer in options["keep"]]
+    convert = " ".join(["normswap convert CHECKPOINT --model", shlex.quote(entry.spec), *model, *context, *keep, "--out converted/"])
+    lint_args = [shlex.quote(entry.spec), *model] if models else []
+    fix = " ".join(["normswap lint", *lint_args, *context, *keep, "--fix", "--unsafe-fixes"])
+    return {"convert": convert, "fix": fix}
+
+
+FLAG_NAMES = {"differential_privacy": "dp", "inference_only": "inference", "finetune": "finetune", "sequence": "sequence"}
+
+
+def _print_diff(fixes: Any) -> int:
+    """`--diff`: the pending edits as a unified diff on stdout, a summary on stderr; 1 when any."""
+    diff = fixes.diff()
+    click.echo(diff, nl=False)
+    held = len(fixes.held_back)
+    summary = f"normswap: {len(fixes.selected)} fix(es) pending" + (f", {held} unsafe held back (--unsafe-fixes)" if held else "")
+    if fixes.unfixable:
+        summary += f"; {len(fixes.unfixable)} site(s) not fixable in source (see `normswap lint`)"
+    click.echo(summary, err=True)
+    return 1 if diff else 0
 
 
 def heal_options(options: dict[str, Any]) -> HealOptions | None:

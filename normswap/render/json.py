@@ -8,6 +8,7 @@ from typing import Any
 
 from .._version import __version__
 from ..rules import Finding
+from .common import statistics
 
 JSON_SCHEMA_VERSION = 1
 
@@ -27,13 +28,14 @@ def finding_to_dict(finding: Finding) -> dict[str, Any]:
 
 
 def report_to_dict(report) -> dict[str, Any]:
+    remaining = {id(f) for f in report.remaining_findings()}
     return {
         "model": report.model,
         "capture": {"method": report.capture_method, "fallback_reasons": list(report.fallback_reasons)},
         "context": report.context.to_dict(),
         "summary": {"sites": len(report.sites), "findings": report.counts()},
         "sites": [site.to_dict() for site in report.sites],
-        "findings": [finding_to_dict(f) for f in report.findings],
+        "findings": [finding_to_dict(f) | {"fixed": id(f) not in remaining} for f in report.findings],
         # why each rule stayed quiet, per site ("why was this layer left alone?")
         "not_fired": {site: [{"code": skip.code, "reason": skip.reason} for skip in skips] for site, skips in report.not_fired.items()},
         "plan": report.plan.to_dict() if report.plan is not None else None,
@@ -44,6 +46,9 @@ def report_to_dict(report) -> dict[str, Any]:
         "notes": list(report.notes),
         "outputs": dict(sorted(report.outputs.items())),
         "manifest": dict(sorted(report.manifest.items())),
+        # lint: what `--to auto` would convert, the commands that do it, and the source edits
+        "recommended": {"auto": dict(report.auto_plan), "commands": dict(report.commands)} if report.plan is None else None,
+        "fixes": report.fixes.to_dict() if report.fixes is not None else None,
     }
 
 
@@ -62,3 +67,8 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def render_statistics_json(reports: Sequence) -> str:
+    """`--statistics --format json`: per model, findings per rule."""
+    return json.dumps([{"model": r.model, "statistics": statistics(r)} for r in reports], indent=2) + "\n"

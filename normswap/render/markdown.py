@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from .common import fix_counts, location_text, plural, recommended_action, unfixable_groups
 from .text import cost_text, summary_line
 
 _ICON = {"error": ":x:", "warning": ":warning:", "info": ":information_source:"}
@@ -21,28 +22,34 @@ def render_markdown(reports: Sequence) -> str:
         lines.append("")
         lines.append(f"**{summary_line(report)}**")
         lines.append("")
-        if report.findings:
+        if report.remaining_findings():
             lines += ["| | Code | Layer | Location | Message |", "|---|---|---|---|---|"]
-            for f in report.findings:
-                location = f.site.location if f.site is not None else report.model_location
+            for f in report.remaining_findings():
+                location = location_text(f, report)
                 lines.append(
                     f"| {_ICON[f.severity.value]} | `{f.code}` {f.name} | `{_cell(f.site_name)}` | "
-                    f"{f'`{location}`' if location else '-'} | {_cell(f.message)} |"
+                    f"{f'`{_cell(location)}`' if location != '-' else '-'} | {_cell(f.message)} |"
                 )
             lines.append("")
-            for f in report.findings:
+            for f in report.remaining_findings():
                 lines.append(f"<details><summary><code>{f.code}</code> {f.name} at <code>{f.site_name}</code></summary>")
                 lines.append("")
                 lines.append(f.message)
                 lines.append("")
                 if f.site is not None and f.site.defined_at:
-                    lines += [f"Constructed at `{f.site.defined_at}`:", "", "```python", f.site.defined_at.code, "```", ""]
+                    lines += [f"Constructed at `{f.site.defined_at.label}`:", "", "```python", f.site.defined_at.code, "```", ""]
+                if f.site is not None and f.site.built_from:
+                    lines += [f"Built from your code at `{f.site.built_from}`:", "", "```python", f.site.built_from.code, "```", ""]
                 if f.site is not None and f.site.called_at:
                     lines += [f"Called at `{f.site.called_at[0]}`:", "", "```python", f.site.called_at[0].code, "```", ""]
                 if f.fix is not None:
                     lines.append(f"**Fix** ({'safe: keeps the function' if f.fix.safe else 'unsafe: changes the function'}): {f.fix.description}")
                     lines.append("")
                 lines += [f"Run `normswap explain {f.code}` for the rule's documentation.", "", "</details>", ""]
+        lines += _fixes(report)
+        action = recommended_action(report)
+        if action:
+            lines += ["#### Recommended", "", "```", action.removeprefix("recommended: "), "```", ""]
         if report.plan is not None and len(report.plan):
             lines += ["#### Plan", "", "| Layer | Target | Reason |", "|---|---|---|"]
             lines += [f"| `{_cell(e.name)}` | {e.target} | {_cell(e.reason)} |" for e in report.plan]
@@ -73,3 +80,30 @@ def render_markdown(reports: Sequence) -> str:
                 lines.append(d.markdown_row(stage))
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _fixes(report) -> list[str]:
+    """Each source change as a GitHub suggestion block on the lines it replaces."""
+    fixes = report.fixes
+    if fixes is None or not (fixes.edits or fixes.unfixable):
+        return []
+    counts = fix_counts(fixes)
+    lines = ["#### Fixes", ""]
+    if fixes.applied:
+        lines += [f"Applied to {plural(counts['applied_sites'], 'site')} in {', '.join(f'`{p}`' for p in counts['applied_files'])}.", ""]
+    for suggestion in fixes.suggestions():
+        hunk = suggestion.hunk
+        span = f"line {hunk.start}" if hunk.start == hunk.end else f"lines {hunk.start}-{hunk.end}"
+        if suggestion.edits:
+            safety = "safe: keeps the function" if all(e.safe for e in suggestion.edits) else "unsafe: changes the function"
+            what = "; ".join(f"{e.target} for {', '.join(f'`{s}`' for s in e.sites)}" for e in suggestion.edits)
+            lines.append(f"`{suggestion.path}` {span} ({safety}): {what}")
+        else:
+            lines.append(f"`{suggestion.path}` {span}: imports")
+        body = [hunk.text.rstrip("\n")] if hunk.text else []  # an empty block deletes the lines
+        lines += ["", "```suggestion", *body, "```", ""]
+    for names, reason in unfixable_groups(fixes):
+        lines.append(f"- Not fixable in source: {_cell(names)}: {_cell(reason)}")
+    for note in fixes.notes:
+        lines.append(f"- {_cell(note)}")
+    return lines if lines[-1] == "" else [*lines, ""]

@@ -1,20 +1,37 @@
-"""Text report: a rich table per model (colour on a terminal, plain when piped)."""
+"""Text report for the terminal (colour on a terminal, plain when piped).
+
+Findings are listed in one of four styles, as `--format` chooses: `table` (one row each),
+`grouped` (one entry per rule: count, layers, the worst example), `full` (each finding with its
+source line and fix) and `concise` (one line each, `path:line: CODE message`). `text`, the
+default, is a table up to GROUP_ABOVE findings and grouped beyond.
+"""
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from .common import fix_counts, location_text, plural, recommended_action, statistics, unfixable_groups
+
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+GROUP_ABOVE = 10
+STYLES = ("auto", "table", "grouped", "full", "concise")
+_MAX_NAMES = 6
 
 
-def summary_line(report) -> str:
-    counts = report.counts()
+def summary_line(report: Any) -> str:
+    remaining = report.remaining_findings()
+    counts = {sev: sum(1 for f in remaining if f.severity.value == sev) for sev in ("error", "warning", "info")}
     parts = [f"{n} {sev}{'s' if n != 1 else ''}" for sev, n in counts.items() if n]
     found = ", ".join(parts) if parts else "no findings"
+    fixed = len(report.findings) - len(remaining)
+    if fixed:
+        found = f"{fixed} finding(s) fixed by --fix, {found if parts else 'none'} left"
     return f"{report.model}: {len(report.sites)} BatchNorm site(s), {found} (captured with {report.capture_method})"
 
 
@@ -32,45 +49,142 @@ def cost_text(cost: dict) -> str:
     return ", ".join(parts)
 
 
-def render_text(reports: Sequence, color: bool = False, width: int = 120) -> str:
+def render_text(reports: Sequence, color: bool = False, width: int = 120, style: str = "auto", statistics_only: bool = False) -> str:
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     buffer = io.StringIO()
-    console = Console(file=buffer, width=width, color_system="standard" if color else None, force_terminal=color, highlight=False)
+    # markup off: user text ("[tool.normswap]", "[warning]") is printed as it is
+    console = Console(file=buffer, width=width, color_system="standard" if color else None, force_terminal=color, highlight=False, markup=False)
     for report in reports:
         console.print(summary_line(report), style="bold" if color else None)
-        if report.findings:
-            table = Table(show_header=True, header_style="bold" if color else None, expand=False, pad_edge=False)
-            for column in ("code", "severity", "layer", "location", "message"):
-                table.add_column(column, overflow="fold")
-            for f in report.findings:
-                location = f.site.location if f.site is not None else report.model_location
-                table.add_row(
-                    f.code,
-                    f.severity.value,
-                    f.site_name,
-                    str(location) if location else "-",
-                    f.message,
-                    style=_STYLE[f.severity.value] if color else None,
-                )
-            console.print(table)
-        if report.plan is not None:
-            console.print(
-                "plan: " + ", ".join(f"{n} {t}" for t, n in report.plan.counts().items()) if len(report.plan) else "plan: nothing to convert"
-            )
-        if report.validation is not None:
-            console.print(report.validation.summary(), soft_wrap=True)
-        if report.calibration:
-            fits = ", ".join(f"{c['site']} R² {c['r2']:.3f}" for c in report.calibration)
-            console.print(f"calibration: {fits}", soft_wrap=True)
-        if report.attribution:
-            console.print("what each site costs alone (converted one at a time, worst first):")
-            for cost in report.attribution[:10]:
-                console.print(f"  {cost['site']:<24} {cost['target']:<10} {cost_text(cost)}", soft_wrap=True)
-            if len(report.attribution) > 10:
-                console.print(f"  ... {len(report.attribution) - 10} more in report.json")
-        for note in report.notes:
-            console.print(f"note: {note}", soft_wrap=True)
-        for stage, drift in report.drift.items():
-            console.print(f"drift ({stage}): {drift.summary()}", soft_wrap=True)
-        for name, path in sorted(report.outputs.items()):
-            console.print(f"wrote {name}: {path}")
+        if statistics_only:
+            _statistics(console, report)
+        elif report.remaining_findings():
+            chosen = style if style != "auto" else ("grouped" if len(report.remaining_findings()) > GROUP_ABOVE else "table")
+            {"table": _table, "grouped": _grouped, "full": _full, "concise": _concise}[chosen](console, report, color)
+        _conversion(console, report)
+        _fixes(console, report, detailed=style == "full")
+        action = recommended_action(report)
+        if action:
+            console.print(action, soft_wrap=True)
     return buffer.getvalue()
+
+
+def _table(console: Console, report: Any, color: bool) -> None:
+    table = Table(show_header=True, header_style="bold" if color else None, expand=False, pad_edge=False)
+    for column in ("code", "severity", "layer", "location", "message"):
+        table.add_column(column, overflow="fold")
+    for f in report.remaining_findings():
+        table.add_row(f.code, f.severity.value, f.site_name, location_text(f, report), f.message, style=_STYLE[f.severity.value] if color else None)
+    console.print(table)
+
+
+def _worst(findings: Sequence) -> Any:
+    """The example a group shows: the site with the fewest values per channel in a sample (the
+    noisiest batch statistics), ties in model order."""
+    return min(findings, key=lambda f: f.site.spatial_size if f.site is not None and f.site.spatial_size is not None else math.inf)
+
+
+def _names(findings: Sequence) -> str:
+    names = [f.site_name for f in findings]
+    shown = ", ".join(names[:_MAX_NAMES])
+    return f"{shown}, ... ({len(names)})" if len(names) > _MAX_NAMES else shown
+
+
+def _grouped(console: Console, report: Any, color: bool) -> None:
+    groups: dict[str, list] = {}
+    for f in report.remaining_findings():
+        groups.setdefault(f.code, []).append(f)
+    for code, findings in groups.items():
+        first = findings[0]
+        style = _STYLE[first.severity.value] if color else None
+        console.print(f"{code} {first.name}  {len(findings)} × {first.severity.value}", style=style)
+        if any(f.site is not None for f in findings):
+            console.print(f"  layers: {_names(findings)}", soft_wrap=True)
+        worst = _worst(findings)
+        prefix = "  worst: " if len(findings) > 1 else "  "
+        console.print(f"{prefix}{worst.site_name} at {location_text(worst, report)}", soft_wrap=True)
+        console.print(f"    {worst.message}", soft_wrap=True)
+
+
+def _full(console: Console, report: Any, color: bool) -> None:
+    for f in report.remaining_findings():
+        location = location_text(f, report)
+        console.print(f"{location}: {f.code} [{f.severity.value}] {f.site_name}", style=_STYLE[f.severity.value] if color else None, soft_wrap=True)
+        console.print(f"  {f.message}", soft_wrap=True)
+        site = f.site
+        where = site.location if site is not None else None
+        if where is not None and where.code:
+            console.print(f"  {where.line:>5} | {where.code}", soft_wrap=True)
+        if f.fix is not None:
+            console.print(f"  fix ({'safe' if f.fix.safe else 'unsafe'}): {f.fix.description}", soft_wrap=True)
+        console.print("")
+
+
+def _concise(console: Console, report: Any, color: bool) -> None:
+    for f in report.remaining_findings():
+        console.print(
+            f"{location_text(f, report)}: {f.code} [{f.severity.value}] {f.site_name}: {f.message}",
+            style=_STYLE[f.severity.value] if color else None,
+            soft_wrap=True,
+        )
+
+
+def _statistics(console: Console, report: Any) -> None:
+    for row in statistics(report):
+        console.print(f"{row['count']:>5}  {row['code']}  {row['name']:<28} {row['severity']:<8} {row['fix']}")
+
+
+def _conversion(console: Console, report: Any) -> None:
+    """What `convert` did: plan, validation, calibration, attribution, notes, drift, outputs."""
+    if report.plan is not None:
+        console.print("plan: " + ", ".join(f"{n} {t}" for t, n in report.plan.counts().items()) if len(report.plan) else "plan: nothing to convert")
+    if report.validation is not None:
+        console.print(report.validation.summary(), soft_wrap=True)
+    if report.calibration:
+        fits = ", ".join(f"{c['site']} R² {c['r2']:.3f}" for c in report.calibration)
+        console.print(f"calibration: {fits}", soft_wrap=True)
+    if report.attribution:
+        console.print("what each site costs alone (converted one at a time, worst first):")
+        for cost in report.attribution[:10]:
+            console.print(f"  {cost['site']:<24} {cost['target']:<10} {cost_text(cost)}", soft_wrap=True)
+        if len(report.attribution) > 10:
+            console.print(f"  ... {len(report.attribution) - 10} more in report.json")
+    for note in report.notes:
+        console.print(f"note: {note}", soft_wrap=True)
+    for stage, drift in report.drift.items():
+        console.print(f"drift ({stage}): {drift.summary()}", soft_wrap=True)
+    for name, path in sorted(report.outputs.items()):
+        console.print(f"wrote {name}: {path}")
+
+
+def _fixes(console: Console, report: Any, detailed: bool) -> None:
+    """Source fixes (lint): applied or proposed, held back, and the sites no edit can fix."""
+    fixes = report.fixes
+    if fixes is None:
+        return
+    counts = fix_counts(fixes)
+    if fixes.applied and counts["applied"]:
+        console.print(f"fixed: {plural(counts['applied_sites'], 'site')} in {', '.join(counts['applied_files'])}", soft_wrap=True)
+    elif counts["selected"]:
+        console.print(
+            f"fixes: {plural(counts['selected'], 'edit')} for {plural(counts['selected_sites'], 'site')} in "
+            f"{', '.join(counts['selected_files'])} (`--fix` writes them, `--diff` shows them)",
+            soft_wrap=True,
+        )
+    if counts["held_back"]:
+        console.print(
+            f"unsafe fixes held back: {plural(counts['held_back'], 'edit')} for {plural(counts['held_back_sites'], 'site')} (--unsafe-fixes)",
+            soft_wrap=True,
+        )
+    if detailed:
+        for edit in fixes.edits:
+            console.print(
+                f"  {edit.path}:{edit.line}  {edit.old.splitlines()[0]} -> {edit.new}  [{'safe' if edit.safe else 'unsafe'}: {', '.join(edit.sites)}]",
+                soft_wrap=True,
+            )
+    for names, reason in unfixable_groups(fixes):
+        console.print(f"not fixable in source: {names}: {reason}", soft_wrap=True)
+    if fixes.applied or detailed:
+        for note in fixes.notes:
+            console.print(f"fix note: {note}", soft_wrap=True)

@@ -66,6 +66,9 @@ class Rule:
     severity: ClassVar[Severity]
     summary: ClassVar[str]
     fix_safe: ClassVar[bool | None] = None  # None: the rule proposes no fix
+    # whether `normswap lint --fix` can write the fix into the model's source: "sometimes" (when
+    # the layer is built in the project by a torch BatchNorm class) or "never"
+    source_fix: ClassVar[str] = "sometimes"
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
         return Skip(self.code, "applies to the whole model, not to a site")

@@ -43,6 +43,7 @@ class BatchNormSubclass(Rule):
     severity = Severity.INFO
     summary = "A BatchNorm subclass adds behaviour that a swap must keep."
     fix_safe = False
+    source_fix = "never"  # its class, not the line that builds it, is the BatchNorm
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if site.kind != "subclass" or not site.overrides_forward:

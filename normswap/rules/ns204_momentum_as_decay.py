@@ -42,6 +42,7 @@ class MomentumAsDecay(Rule):
     severity = Severity.WARNING
     summary = "A BatchNorm momentum above 0.5 reads as a TensorFlow decay: torch's momentum is 1 - decay."
     fix_safe = None
+    source_fix = "never"  # no fix
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if not context.trains:

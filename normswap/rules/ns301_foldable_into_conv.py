@@ -38,6 +38,7 @@ class FoldableIntoConv(Rule):
     severity = Severity.INFO
     summary = "Inference only and BatchNorm directly after conv/linear: fold instead of swap."
     fix_safe = True
+    source_fix = "never"  # fold changes weights, not code
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if not context.inference_only:

@@ -36,6 +36,7 @@ class NotTraceable(Rule):
     name = "not-traceable"
     severity = Severity.INFO
     summary = "Symbolic tracing failed; a fallback capture was used."
+    source_fix = "never"  # no fix
 
     def check_model(self, capture: Any, context: Context) -> list[Finding]:
         if capture.method == "fx":

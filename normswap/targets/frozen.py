@@ -37,6 +37,9 @@ class FrozenBatchNorm(Replacement, nn.Module):
 
     `weight`/`bias` stay parameters (with requires_grad=False) so optimiser groups that name them
     keep working; `running_mean`/`running_var` stay buffers, so state_dict keys carry over.
+
+    A drop-in for BatchNorm: it takes BatchNorm's constructor arguments (`momentum` means nothing
+    here; `track_running_stats` must be true: the statistics are the function).
     """
 
     weight: nn.Parameter | None
@@ -44,14 +47,25 @@ class FrozenBatchNorm(Replacement, nn.Module):
     running_mean: torch.Tensor
     running_var: torch.Tensor
 
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = None,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
         super().__init__()
+        if not track_running_stats:
+            raise ValueError("FrozenBatchNorm keeps running statistics: track_running_stats=False has nothing to freeze.")
         self.num_features = num_features
         self.eps = eps
         self.affine = affine
-        register_affine(self, num_features, affine, trainable=False)
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
+        register_affine(self, num_features, affine, trainable=False, device=device, dtype=dtype)
+        self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
+        self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return frozen_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)

@@ -103,6 +103,44 @@ def choose_num_groups(
     raise PlanError(f"A GroupNorm over {num_channels} channel(s) of {values_per_channel} value(s) has no non-degenerate grouping.")
 
 
+class GroupNormBN(GroupNorm):
+    """GroupNorm as a drop-in for BatchNorm: BatchNorm's constructor arguments (`momentum` and
+    `track_running_stats` mean nothing here), the group count chosen from the channels by
+    normswap's rule (`choose_num_groups`), so `norm_layer=GroupNormBN` works wherever
+    `norm_layer=nn.BatchNorm2d` did.
+
+    Args:
+        groups: the group count, or a mapping from channel count to group count (what
+            `normswap lint --fix` writes when one line builds layers of several widths); None:
+            the rule, with `max_groups` and `channels_per_group`.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = None,
+        affine: bool = True,
+        track_running_stats: bool | None = None,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        groups: int | Mapping[int, int] | None = None,
+        max_groups: int = DEFAULT_MAX_GROUPS,
+        channels_per_group: int = DEFAULT_CHANNELS_PER_GROUP,
+    ) -> None:
+        if isinstance(groups, Mapping):
+            if num_features not in groups:
+                raise ValueError(f"GroupNormBN: no group count for {num_features} channels in {dict(groups)}.")
+            groups = groups[num_features]
+        if groups is None:
+            # two values per channel at least: whatever the map size, C/G channels per group
+            groups, _ = choose_num_groups(num_features, 2, max_groups, channels_per_group)
+        super().__init__(int(groups), num_features, eps=eps, affine=affine)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+
 class GroupNormTarget(Target):
     name = "groupnorm"
     summary = "GroupNorm(G, C): per sample over groups of channels (convolutional feature maps)"

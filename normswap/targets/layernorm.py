@@ -38,31 +38,44 @@ def channel_layer_norm(
     return F.layer_norm(x.permute(to_last), shape, weight, bias, eps).permute(to_channels)
 
 
-def register_affine(module: nn.Module, size: int, affine: bool, trainable: bool = True) -> None:
+def register_affine(module: nn.Module, size: int, affine: bool, trainable: bool = True, **factory: Any) -> None:
     """`weight` (ones) and `bias` (zeros) parameters named like BatchNorm's, or None without affine."""
     if affine:
-        module.weight = nn.Parameter(torch.ones(size), requires_grad=trainable)
-        module.bias = nn.Parameter(torch.zeros(size), requires_grad=trainable)
+        module.weight = nn.Parameter(torch.ones(size, **factory), requires_grad=trainable)
+        module.bias = nn.Parameter(torch.zeros(size, **factory), requires_grad=trainable)
     else:
         module.register_parameter("weight", None)
         module.register_parameter("bias", None)
 
 
 class ChannelLayerNorm(Replacement, nn.Module):
-    """LayerNorm over the channel dimension of (N, C, *) inputs, independently at every position.
+    """LayerNorm over the channel dimension of (N, C, *) inputs, independently at every position
+    (plain LayerNorm(C) on (N, C)).
 
-    Parameters are named `weight` and `bias` like BatchNorm's, so state_dict keys carry over.
+    A drop-in for BatchNorm: it takes BatchNorm's constructor arguments (`momentum` and
+    `track_running_stats` are accepted and mean nothing here), so `norm_layer=ChannelLayerNorm`
+    works wherever `norm_layer=nn.BatchNorm2d` did. Parameters are named `weight` and `bias` like
+    BatchNorm's, so state_dict keys carry over.
     """
 
     weight: nn.Parameter | None
     bias: nn.Parameter | None
 
-    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = None,
+        affine: bool = True,
+        track_running_stats: bool | None = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
         super().__init__()
-        self.num_channels = self.num_features = num_channels
+        self.num_channels = self.num_features = num_features
         self.eps = eps
         self.affine = affine
-        register_affine(self, num_channels, affine)
+        register_affine(self, num_features, affine, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return channel_layer_norm(x, self.weight, self.bias, self.eps, self.num_channels)
@@ -74,8 +87,8 @@ class ChannelLayerNorm(Replacement, nn.Module):
 class LayerNorm(Replacement, nn.LayerNorm):
     """nn.LayerNorm over the features of (N, C) inputs that also answers `num_features`."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
-        super().__init__(num_features, eps=eps, elementwise_affine=affine)
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, device: Any = None, dtype: Any = None) -> None:
+        super().__init__(num_features, eps=eps, elementwise_affine=affine, device=device, dtype=dtype)
         self.num_features = num_features
 
 

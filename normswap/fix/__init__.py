@@ -1,0 +1,83 @@
+"""`normswap lint --fix`: rewrite the model's own source so it builds what the plan converts it to.
+
+The stages: locate (where each site's BatchNorm comes from in the source), emit (the code that
+replaces it), apply (rewrite each file with libcst, byte for byte elsewhere, and write it
+atomically), fixer (from a plan to edits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..analysis import analyze
+from ..context import Context
+from ..errors import PlanError
+from ..plan import Plan
+from ..policy import make_plan
+from ..targets import DEFAULT_CHANNELS_PER_GROUP, DEFAULT_MAX_GROUPS, PlanOptions
+from ..torchutil import require_module
+from .fixer import Edit, FixJob, SourceFixes, plan_fixes
+from .locate import Unfixable
+from .source_file import FixError
+
+__all__ = ["Edit", "FixError", "FixJob", "SourceFixes", "Unfixable", "fix_source", "plan_fixes"]
+
+
+def fix_source(
+    model: nn.Module,
+    example_inputs: Any,
+    plan: Plan | None = None,
+    context: Context | None = None,
+    root: str | Path = ".",
+    apply: bool = False,
+    unsafe: bool = False,
+    *,
+    keep: Collection[str] = (),
+    max_groups: int = DEFAULT_MAX_GROUPS,
+    channels_per_group: int = DEFAULT_CHANNELS_PER_GROUP,
+) -> SourceFixes:
+    """The edits that make `model`'s own source build what `plan` converts it to.
+
+    Build the model under `normswap.recording_construction()` first: that is how normswap knows
+    which line built each BatchNorm.
+
+    Args:
+        model: the model, built under `recording_construction()` (never modified).
+        example_inputs: tensor or tuple of tensors, batch first.
+        plan: the plan to write into the source (default: what `convert(to="auto")` plans in
+            `context`, with `keep`, `max_groups` and `channels_per_group`; sites no target can
+            replace are kept).
+        context: training / serving context for the default plan.
+        root: the project; files outside it (installed packages too) are never edited.
+        apply: write the selected edits (each file atomically); else only compute them.
+        unsafe: also select the fixes that change the function (groupnorm, layernorm, syncbn);
+            by default only fixes that keep it (frozen) are selected.
+
+    Returns:
+        SourceFixes: `.edits` (file, span, old, new, sites, safety), `.unfixable` (site and
+        reason), `.diff()`, `.apply()`.
+
+    Raises:
+        FixError: with `apply=True`, a file to change is read-only or changed meanwhile
+            (nothing is written).
+        PlanError: `plan` does not fit the model.
+    """
+    require_module(model, "fix_source")
+    context = context or Context()
+    analysis = analyze(model, example_inputs, context)
+    if plan is None:
+        options = PlanOptions(max_groups=max_groups, channels_per_group=channels_per_group)
+        plan = make_plan(analysis.sites, analysis.findings, context, "auto", options, keep_sites=keep, strict=False)
+    else:
+        unknown = sorted({entry.name for entry in plan} - {site.name for site in analysis.sites})
+        if unknown:
+            raise PlanError(f"The plan names {', '.join(unknown)}, which is not a BatchNorm site of this model.")
+        plan.check(analysis.sites)
+    fixes = plan_fixes([FixJob(model, analysis.sites, plan)], Path(root), unsafe)
+    if apply:
+        fixes.apply()
+    return fixes

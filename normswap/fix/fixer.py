@@ -1,0 +1,279 @@
+"""From a plan to source edits: locate every site's spot, group the sites built at one spot,
+write one replacement per spot, rewrite each file once, and apply or diff the result."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..plan import Plan, PlanEntry
+from ..sites import Site
+from ..source import construction_of
+from .apply import FileFix, Hunk, check_writable, write
+from .emit import Code, is_safe, replacement
+from .locate import Files, Spot, Unfixable, locate
+from .source_file import FixError, physical_lines
+from .splice import rewrite
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FixJob:
+    """One model to fix: its sites, the plan to write into its source, and which sites to fix
+    (`only`; None: every site the plan converts). `label` names it in multi-model runs."""
+
+    model: nn.Module
+    sites: Sequence[Site]
+    plan: Plan
+    label: str = ""
+    only: Collection[str] | None = None
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One replacement in a file: the code at lines/columns (1-based, columns in characters)
+    `old` becomes `new`, for `sites`. `hunk`: the whole lines around it before and after (what
+    a review suggestion replaces)."""
+
+    path: str
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+    old: str
+    new: str
+    sites: tuple[str, ...]
+    target: str
+    safe: bool
+    imports: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    hunk: Hunk | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "start": {"line": self.line, "column": self.column},
+            "end": {"line": self.end_line, "column": self.end_column},
+            "old": self.old,
+            "new": self.new,
+            "sites": list(self.sites),
+            "target": self.target,
+            "safety": "safe" if self.safe else "unsafe",
+            "imports": list(self.imports),
+        }
+
+
+@dataclass
+class SourceFixes:
+    """What `lint --fix` does to a project's source.
+
+    `edits`: every fix found (safe and unsafe); `selected`: those this run applies (safe ones,
+    and unsafe ones with `unsafe=True`); `unfixable`: sites with the reason their source is not
+    edited; `files`: each touched file before and after the selected edits; `review`: after
+    every edit (for code-review suggestions); `notes`: what a reader should still look at.
+    """
+
+    edits: list[Edit] = field(default_factory=list)
+    unfixable: list[Unfixable] = field(default_factory=list)
+    files: list[FileFix] = field(default_factory=list)
+    review: list[FileFix] = field(default_factory=list)
+    unsafe: bool = False
+    applied: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def selected(self) -> list[Edit]:
+        return [edit for edit in self.edits if edit.safe or self.unsafe]
+
+    @property
+    def held_back(self) -> list[Edit]:
+        """Unsafe fixes this run does not apply (they need `--unsafe-fixes`)."""
+        return [edit for edit in self.edits if not (edit.safe or self.unsafe)]
+
+    @property
+    def pending(self) -> list[Edit]:
+        return [] if self.applied else self.selected
+
+    def fixed_sites(self) -> set[str]:
+        """Sites whose source the applied fixes changed."""
+        return {site for edit in self.selected for site in edit.sites} if self.applied else set()
+
+    def diff(self) -> str:
+        return "".join(f.diff() for f in self.files if f.changed)
+
+    def apply(self) -> list[Path]:
+        """Write every file the selected edits change, each atomically: read-only or changed
+        files are refused before anything is written.
+
+        Raises:
+            FixError: a file is read-only or changed since it was read (nothing written).
+        """
+        changed = [f for f in self.files if f.changed]
+        check_writable([f.path for f in changed])
+        for fix in changed:
+            if fix.path.read_bytes().decode("utf-8", errors="replace") != fix.before:
+                raise FixError(f"'{fix.relative}' changed while it was being fixed; nothing was written, run again.")
+        for fix in changed:
+            write(fix)
+        self.applied = True
+        return [f.path for f in changed]
+
+    def suggestions(self) -> list[Suggestion]:
+        """Every change as whole-line replacements of the original files (what a code-review
+        suggestion applies), each with the edits inside it (none for an import change)."""
+        found = []
+        for review in self.review:
+            edits = [e for e in self.edits if e.path == review.relative]
+            for hunk in review.hunks():
+                inside = tuple(e for e in edits if hunk.start <= e.line and e.end_line <= max(hunk.end, hunk.start))
+                found.append(Suggestion(review.relative, hunk.covering(review.before), inside, review.before))
+        return found
+
+    def for_model(self, label: str) -> SourceFixes:
+        """The part of the fixes that concerns one model of a multi-model run."""
+        return SourceFixes(
+            edits=[e for e in self.edits if label in e.models],
+            unfixable=[u for u in self.unfixable if u.model == label],
+            files=self.files,
+            review=self.review,
+            unsafe=self.unsafe,
+            applied=self.applied,
+            notes=self.notes,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "applied": self.applied,
+            "unsafe_fixes": self.unsafe,
+            "edits": [edit.to_dict() | {"applied": self.applied and (edit.safe or self.unsafe)} for edit in self.edits],
+            "unfixable": [u.to_dict() for u in self.unfixable],
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """Lines `hunk.start`..`hunk.end` of `path` replaced by `hunk.text`; `edits` inside it."""
+
+    path: str
+    hunk: Hunk
+    edits: tuple[Edit, ...]
+    before: str
+
+    def char_range(self) -> tuple[int, int]:
+        """(offset, length) of the replaced lines in the original text, in characters."""
+        lines = physical_lines(self.before)
+        offset = sum(len(line) for line in lines[: self.hunk.start - 1])
+        return offset, len("".join(lines[self.hunk.start - 1 : self.hunk.end]))
+
+
+@dataclass
+class _Member:
+    label: str
+    site: Site
+    entry: PlanEntry
+    wanted: bool
+
+
+def plan_fixes(jobs: Sequence[FixJob], root: Path, unsafe: bool = False) -> SourceFixes:
+    """The source edits that make each job's model build what its plan converts it to."""
+    files = Files(root)
+    spots: dict[tuple[str, int, int], Spot] = {}
+    members: dict[tuple[str, int, int], list[_Member]] = {}
+    result = SourceFixes(unsafe=unsafe)
+    for job in jobs:
+        modules = dict(job.model.named_modules())
+        by_name = {site.name: site for site in job.sites}
+        for entry in job.plan:
+            site = by_name.get(entry.name)
+            if site is None:
+                continue
+            wanted = entry.converts and (job.only is None or entry.name in job.only)
+            module = modules.get(site.owner if site.kind == "functional" else site.name)
+            construction = construction_of(module) if module is not None and site.kind != "functional" else None
+            found = locate(site, entry, module, construction, files)
+            if isinstance(found, Unfixable):
+                if wanted:
+                    result.unfixable.append(Unfixable(site.name, found.reason, found.location, job.label))
+                continue
+            spots.setdefault(found.key, found)
+            members.setdefault(found.key, []).append(_Member(job.label, site, entry, wanted))
+    chosen: list[tuple[Spot, Code, Edit]] = []
+    several = len(jobs) > 1
+    for key, group in members.items():
+        edit = _edit(spots[key], group, result, files, several)
+        if edit is not None:
+            chosen.append(edit)
+    _rewrite_files(chosen, result, files)
+    return result
+
+
+def _edit(spot: Spot, group: list[_Member], result: SourceFixes, files: Files, several: bool) -> tuple[Spot, Code, Edit] | None:
+    """One edit for every site built at `spot`, or each site's reason there is none."""
+    wanted = [m for m in group if m.wanted]
+    if not wanted:
+        return None
+    where = spot.file.span(spot.node)
+    location_text = f"{files.relative(spot.file.path)}:{where.start.line}"
+    others = [m for m in group if not m.wanted]
+    code: Code | str
+    if others:
+        names = ", ".join(f"{m.label}:{m.site.name}" if several else m.site.name for m in others[:4]) + (", ..." if len(others) > 4 else "")
+        code = f"{location_text} also builds {names}, which this run leaves as BatchNorm; build them on separate lines or give them the same plan"
+    else:
+        code = replacement(spot, [m.entry for m in wanted])
+    if isinstance(code, str):
+        for member in wanted:
+            result.unfixable.append(Unfixable(member.site.name, code, member.site.defined_at, member.label))
+        return None
+    target = wanted[0].entry.target
+    edit = Edit(
+        path=files.relative(spot.file.path),
+        line=where.start.line,
+        column=where.start.column + 1,
+        end_line=where.end.line,
+        end_column=where.end.column + 1,
+        old=spot.file.text_of(spot.node),
+        new=code.text,
+        sites=tuple(m.site.name for m in wanted),
+        target=target,
+        safe=is_safe(target),
+        imports=code.imports,
+        models=tuple(dict.fromkeys(m.label for m in wanted)),
+    )
+    return spot, code, edit
+
+
+def _rewrite_files(chosen: list[tuple[Spot, Code, Edit]], result: SourceFixes, files: Files) -> None:
+    """Each file rewritten once: with the selected edits (to apply) and with all (to review)."""
+    by_file: dict[Path, list[tuple[Spot, Code, Edit]]] = {}
+    for item in chosen:
+        by_file.setdefault(item[0].file.path, []).append(item)
+    for path, items in sorted(by_file.items()):
+        source = items[0][0].file
+        all_spots = [(spot, code) for spot, code, _ in items]
+        selected = [(spot, code) for spot, code, edit in items if edit.safe or result.unsafe]
+        name = files.relative(path)
+        review = FileFix(path, source.text, rewrite(source, all_spots), name)
+        result.review.append(review)
+        result.files.append(FileFix(path, source.text, rewrite(source, selected) if selected else source.text, name))
+        hunks = review.hunks()
+        for _, _, edit in items:
+            hunk = next((h for h in hunks if h.start <= edit.line <= max(h.end, h.start)), None)
+            result.edits.append(dataclasses.replace(edit, hunk=hunk))
+        replaced = {spot.node for spot, _ in all_spots}
+        for node in source.batchnorm_names():
+            if not any(node is r or source.contains(r, node) for r in replaced):
+                line = source.line_of(node)
+                result.notes.append(
+                    f"{name}:{line} still names {source.code(node)} (`{source.lines[line - 1].strip()}`): "
+                    "check whether it should name the new class too (an isinstance test in an init loop, say)"
+                )
+    result.edits.sort(key=lambda e: (e.path, e.line, e.column))

@@ -1,0 +1,412 @@
+"""Where in the user's source a site's BatchNorm comes from, and what kind of edit fixes it.
+
+- a call of a torch BatchNorm class (`nn.BatchNorm2d(64)`, `BN(64)`, `torch.nn.BatchNorm2d(c)`):
+  the call is rewritten;
+- a call of a value (`norm_layer(planes)`, `self._norm_layer(planes)`): the torch BatchNorm class
+  bound to that name is followed back along the calls that built the layer (an argument passed
+  by keyword or position, a parameter default, an assignment such as `if norm_layer is None:
+  norm_layer = nn.BatchNorm2d`, a `self.` attribute, a module-level alias), and that reference
+  is rewritten to a drop-in class;
+- a functional call (`F.batch_norm(...)`) at the site's call line: the call is rewritten.
+
+A site is not fixable, with the reason, when it is built outside the project (an installed model
+zoo), when where it was built was not recorded, when its file no longer compiles to the code
+that built it, or when it is a BatchNorm subclass (its class, not its construction, is the
+BatchNorm).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import libcst as cst
+from torch import nn
+
+from ..plan import PlanEntry
+from ..sites import Site
+from ..source import CodeSpan, Construction, SourceLocation, code_fingerprint, is_project_file, origin_of, relative_path
+from .source_file import COMPREHENSIONS, FUNCTIONAL_BATCHNORM, FixError, SourceFile
+
+CALL, VALUE, FUNCTIONAL = "call", "value", "functional"
+
+
+@dataclass(frozen=True)
+class Spot:
+    """The node a fix rewrites: a call (CALL, FUNCTIONAL) or a class reference (VALUE)."""
+
+    kind: str
+    file: SourceFile
+    node: cst.CSTNode
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        where = self.file.span(self.node)
+        return (str(self.file.path), where.start.line, where.start.column)
+
+
+@dataclass(frozen=True)
+class Unfixable:
+    """A site whose source normswap does not edit, and why (with the user's nearest line)."""
+
+    site: str
+    reason: str
+    location: SourceLocation | None = None
+    model: str = ""
+
+    def to_dict(self) -> dict:
+        return {"site": self.site, "reason": self.reason, "location": self.location.to_dict() if self.location else None}
+
+
+class Files:
+    """The project's files, parsed once each; normswap edits nothing outside `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self._parsed: dict[str, SourceFile | FixError] = {}
+
+    def inside(self, path: str) -> bool:
+        return is_project_file(path, self.root)
+
+    def relative(self, path: str | Path) -> str:
+        """`path` relative to the project root (POSIX separators)."""
+        return Path(path).resolve().relative_to(self.root).as_posix()
+
+    def get(self, path: str) -> SourceFile:
+        """The parsed file; FixError when it cannot be read or parsed."""
+        key = str(Path(path).resolve())
+        if key not in self._parsed:
+            try:
+                self._parsed[key] = SourceFile.read(Path(key))
+            except FixError as exc:
+                self._parsed[key] = exc
+        found = self._parsed[key]
+        if isinstance(found, FixError):
+            raise found
+        return found
+
+
+class _Refused(Exception):
+    """Internal: the reason a site cannot be located, raised from deep in the walk."""
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """One call on the stack that built a layer: the file and the call node executing."""
+
+    source: SourceFile
+    node: cst.Call
+    span: CodeSpan
+
+    @property
+    def function(self) -> cst.FunctionDef | None:
+        found = next(self.source.enclosing(self.node, cst.FunctionDef), None)
+        return found if isinstance(found, cst.FunctionDef) else None
+
+
+def locate(site: Site, entry: PlanEntry, module: nn.Module | None, construction: Construction | None, files: Files) -> Spot | Unfixable:
+    """The spot to rewrite for `site`, or why there is none."""
+    if site.kind == "subclass":
+        return Unfixable(
+            site.name,
+            f"a {site.flavour}, a BatchNorm subclass: its class, not the line that builds it, is the BatchNorm; "
+            "`normswap convert` keeps the class and takes over its normalization, or change the class itself",
+            site.defined_at,
+        )
+    if site.kind == "lookalike":
+        return Unfixable(
+            site.name, f"a {site.flavour} is not a torch BatchNorm: normswap does not know what its constructor arguments mean", site.defined_at
+        )
+    if entry.target == "fold":
+        return Unfixable(
+            site.name,
+            "fold changes the weights of the layer before it, not the code: convert the checkpoint (`normswap convert --to fold`)",
+            site.location,
+        )
+    if site.kind == "functional":
+        return _functional(site, module, files)
+    if construction is None or module is None:
+        return Unfixable(
+            site.name, "where it was built was not recorded: build the model under normswap.recording_construction() (the CLI does)", site.defined_at
+        )
+    try:
+        frames = _frames(site, construction, files)
+        first = frames[0]
+        if not _builds(first.source, first.node.func, module):
+            return _value_reference(site, frames, module)
+        return Spot(CALL, first.source, first.node)
+    except _Refused as refusal:
+        return Unfixable(site.name, str(refusal), site.built_from or site.defined_at)
+
+
+def _frames(site: Site, construction: Construction, files: Files) -> list[_Frame]:
+    """The project's calls that built the layer, innermost first, each checked against the file
+    as it is now; stops at the first call outside the project."""
+    first = construction.calls[0]
+    if not files.inside(first.path):
+        origin = "an installed package" if origin_of(first.path, files.root) == "installed" else "a file outside the project"
+        own = next((call for call in construction.calls if files.inside(call.path)), None)
+        pointer = f"; your code builds it at {relative_path(own.path)}:{own.line}" if own else ""
+        raise _Refused(f"built in {origin} ({relative_path(first.path)}), which normswap does not edit{pointer}")
+    frames: list[_Frame] = []
+    for span in construction.calls:
+        if not files.inside(span.path):
+            break
+        try:
+            source = files.get(span.path)
+        except FixError as exc:
+            raise _Refused(str(exc).rstrip(".")) from None
+        if source.fingerprint(span.function, span.first_line) != span.fingerprint:
+            raise _Refused(
+                f"{relative_path(span.path)} changed since the model was built (its code is not what ran); rebuild the model and fix again"
+            )
+        node = source.node_at(span)
+        if isinstance(node, COMPREHENSIONS) and frames:
+            continue  # the comprehension's own frame (already in) runs in this function's scope
+        if not isinstance(node, cst.Call):
+            raise _Refused(f"no call at {relative_path(span.path)}:{span.line} where the layer was built")
+        frames.append(_Frame(source, node, span))
+    return frames
+
+
+def _builds(source: SourceFile, reference: cst.CSTNode, module: nn.Module) -> bool:
+    """Whether `reference` names the torch class `module` is an instance of."""
+    cls = type(module)
+    return cls.__module__.startswith("torch.nn") and any(name.rsplit(".", 1)[-1] == cls.__name__ for name in source.batchnorm_classes(reference))
+
+
+# --- a class passed as a value ---------------------------------------------------------------
+
+
+def _value_reference(site: Site, frames: list[_Frame], module: nn.Module) -> Spot:
+    """The torch BatchNorm class reference a value-callee (`norm_layer(c)`) was bound to."""
+    callee = frames[0].node.func
+    found = _Resolver(frames, module).expression(callee, 0)
+    if found is None:
+        raise _Refused(
+            f"built by `{frames[0].source.code(callee)}(...)`, and the BatchNorm class bound to it was not found along the calls that built it"
+        )
+    return Spot(VALUE, *found)
+
+
+_UNKNOWN = object()
+
+
+class _Resolver:
+    """Follows a name back to the torch BatchNorm class reference it holds, frame by frame."""
+
+    def __init__(self, frames: list[_Frame], module: nn.Module) -> None:
+        self.frames = frames
+        self.module = module
+        self.seen: set[tuple[str, int]] = set()
+
+    def expression(self, node: cst.CSTNode, k: int) -> tuple[SourceFile, cst.CSTNode] | None:
+        """The reference `node`, evaluated in frame `k`, holds."""
+        source = self.frames[k].source
+        for reference in source.batchnorm_references(node):
+            if _builds(source, reference, self.module):
+                return source, reference
+        if isinstance(node, cst.Name):
+            return self.name(node.value, k)
+        if isinstance(node, cst.Attribute) and isinstance(node.value, cst.Name) and node.value.value == "self":
+            return self.attribute(node.attr.value, k)
+        return None
+
+    def name(self, name: str, k: int) -> tuple[SourceFile, cst.CSTNode] | None:
+        if (name, k) in self.seen:
+            return None
+        self.seen.add((name, k))
+        frame = self.frames[k]
+        function = frame.function
+        if function is None:
+            return self._module_level(name, k)
+        parameter = _parameter(function, name)
+        if parameter is not None and k + 1 < len(self.frames):
+            # an argument the caller passed wins over the default (None falls through to it)
+            passed = self._passed(function, frame.source, parameter, k + 1)
+            if passed is _UNKNOWN:
+                return None
+            if isinstance(passed, tuple) and not (isinstance(passed[0], cst.Name) and passed[0].value == "None"):
+                return self.expression(*passed)
+        for value in _assigned(function.body, name):  # `if norm_layer is None: norm_layer = nn.BatchNorm2d`
+            found = self.expression(value, k)
+            if found is not None:
+                return found
+        if parameter is not None and parameter.default is not None:
+            return self.expression(parameter.default, k)
+        return self._module_level(name, k)
+
+    def _passed(self, function: cst.FunctionDef, source: SourceFile, parameter: cst.Param, j: int) -> tuple[cst.BaseExpression, int] | object | None:
+        """What the call in frame `j` passes for `parameter`: the expression and the frame it is
+        evaluated in, following `**kwargs` forwarded from caller to caller (`resnet18(**kwargs)`
+        -> `_resnet(..., **kwargs)` -> `ResNet(..., **kwargs)`); None when nothing is passed,
+        _UNKNOWN when a mapping normswap cannot see may hold it."""
+        call = self.frames[j].node
+        argument = _argument(call, function, source, parameter)
+        if argument is not None:
+            return argument, j
+        name = parameter.name.value
+        while True:
+            spread = [a for a in call.args if a.star == "**"]
+            if not spread:
+                return None
+            caller = self.frames[j].function
+            forwarded = caller.params.star_kwarg if caller is not None else None
+            if len(spread) > 1 or not (
+                isinstance(spread[0].value, cst.Name) and isinstance(forwarded, cst.Param) and forwarded.name.value == spread[0].value.value
+            ):
+                return _UNKNOWN
+            if name not in self.frames[j].span.kwargs_keys:
+                return None  # the forwarded mapping did not hold it when the model was built
+            if j + 1 >= len(self.frames):
+                return _UNKNOWN
+            j += 1
+            call = self.frames[j].node
+            keyword = next((a.value for a in call.args if a.keyword is not None and a.keyword.value == name), None)
+            if keyword is not None:
+                return keyword, j
+
+    def attribute(self, attr: str, k: int) -> tuple[SourceFile, cst.CSTNode] | None:
+        """`self.<attr>`: its assignments in the class, each evaluated in the frame running the
+        method that holds it (ResNet.__init__ calling _make_layer), else as written."""
+        if (f"self.{attr}", k) in self.seen:
+            return None
+        self.seen.add((f"self.{attr}", k))
+        frame = self.frames[k]
+        klass = next(frame.source.enclosing(frame.node, cst.ClassDef), None)
+        for assign in _assignments(klass) if klass is not None else ():
+            target = assign.targets[0].target
+            if (
+                isinstance(target, cst.Attribute)
+                and isinstance(target.value, cst.Name)
+                and target.value.value == "self"
+                and target.attr.value == attr
+            ):
+                method = next(frame.source.enclosing(assign, cst.FunctionDef), None)
+                running = next((j for j in range(k, len(self.frames)) if self.frames[j].function is method), k)
+                found = self.expression(assign.value, running)
+                if found is not None:
+                    return found
+        return None
+
+    def _module_level(self, name: str, k: int) -> tuple[SourceFile, cst.CSTNode] | None:
+        """A module-level alias: `Norm = nn.BatchNorm2d`."""
+        source = self.frames[k].source
+        for statement in source.module.body:
+            for small in getattr(statement, "body", ()) if isinstance(statement, cst.SimpleStatementLine) else ():
+                if isinstance(small, cst.Assign) and len(small.targets) == 1:
+                    target = small.targets[0].target
+                    if isinstance(target, cst.Name) and target.value == name:
+                        for reference in source.batchnorm_references(small.value):
+                            if _builds(source, reference, self.module):
+                                return source, reference
+        return None
+
+
+def _parameter(function: cst.FunctionDef, name: str) -> cst.Param | None:
+    params = function.params
+    return next((p for p in [*params.posonly_params, *params.params, *params.kwonly_params] if p.name.value == name), None)
+
+
+def _argument(call: cst.Call, function: cst.FunctionDef, source: SourceFile, parameter: cst.Param) -> cst.BaseExpression | None:
+    """The expression `call` passes for `parameter` of `function`, by keyword or by position
+    (a method's or constructor's `self` is passed implicitly)."""
+    for arg in call.args:
+        if arg.keyword is not None and arg.keyword.value == parameter.name.value:
+            return arg.value
+    positional = [*function.params.posonly_params, *function.params.params]
+    if _is_method(function, source) and positional:
+        positional = positional[1:]
+    if parameter not in positional:
+        return None
+    index = positional.index(parameter)
+    passed = []
+    for arg in call.args:
+        if arg.keyword is not None:
+            break
+        if arg.star:
+            return None  # *args: positions unknown from here
+        passed.append(arg.value)
+    return passed[index] if index < len(passed) else None
+
+
+def _is_method(function: cst.FunctionDef, source: SourceFile) -> bool:
+    parent = source.parents.get(function)
+    while parent is not None and not isinstance(parent, (cst.ClassDef, cst.FunctionDef, cst.Module)):
+        parent = source.parents.get(parent)
+    static = any(isinstance(d.decorator, cst.Name) and d.decorator.value == "staticmethod" for d in function.decorators)
+    return isinstance(parent, cst.ClassDef) and not static
+
+
+def _assignments(node: cst.CSTNode) -> list[cst.Assign]:
+    found: list[cst.Assign] = []
+
+    class Collect(cst.CSTVisitor):
+        def visit_Assign(self, assign: cst.Assign) -> None:
+            if len(assign.targets) == 1:
+                found.append(assign)
+
+    node.visit(Collect())
+    return found
+
+
+def _assigned(body: cst.CSTNode, name: str) -> Iterator[cst.BaseExpression]:
+    """Values assigned to the plain name `name` in a function body, in source order."""
+    for assign in _assignments(body):
+        target = assign.targets[0].target
+        if isinstance(target, cst.Name) and target.value == name:
+            yield assign.value
+
+
+# --- functional calls ------------------------------------------------------------------------
+
+
+def _functional(site: Site, owner: nn.Module | None, files: Files) -> Spot | Unfixable:
+    """The F.batch_norm call at the site's call line, in a file that still compiles to the code
+    the model ran (`owner`: the module whose forward made the call)."""
+    where = site.called_at[0] if site.called_at else None
+    if where is None:
+        return Unfixable(site.name, "the line that calls it is not known (it was captured without source positions)", None)
+    absolute = where.absolute()
+    path = str(absolute) if absolute is not None else where.path
+    if absolute is None or not files.inside(path):
+        return Unfixable(site.name, f"called in {where.label}, which normswap does not edit", where)
+    try:
+        source = files.get(path)
+    except FixError as exc:
+        return Unfixable(site.name, str(exc).rstrip("."), where)
+    running = _running_code(owner, path, where.line) if owner is not None else None
+    if running is not None and source.fingerprint(running.co_qualname, running.co_firstlineno) != code_fingerprint(running):
+        return Unfixable(
+            site.name, f"{where.path} changed since the model was built (its code is not what ran); rebuild the model and fix again", where
+        )
+    calls = [c for c in source.calls_on_line(where.line) if source.qualified(c.func) & FUNCTIONAL_BATCHNORM]
+    if len(calls) != 1:
+        return Unfixable(site.name, f"{len(calls)} batch_norm calls on {where}; put each on its own line", where)
+    return Spot(FUNCTIONAL, source, calls[0])
+
+
+def _running_code(owner: nn.Module, path: str, line: int) -> types.CodeType | None:
+    """The code object, among the owner class's methods and its module's functions, that holds
+    `line` of `path` (innermost)."""
+    cls = type(owner)
+    candidates = [vars(klass).values() for klass in cls.__mro__ if not klass.__module__.startswith("torch.")]
+    module = sys.modules.get(cls.__module__)
+    if module is not None:
+        candidates.append(vars(module).values())
+    best: types.CodeType | None = None
+    for values in candidates:
+        for value in values:
+            code = getattr(getattr(value, "__func__", value), "__code__", None)
+            pending = [code] if isinstance(code, types.CodeType) else []
+            while pending:
+                current = pending.pop()
+                holds = os.path.abspath(current.co_filename) == os.path.abspath(path) and any(p[0] == line for p in current.co_positions())
+                if holds and (best is None or current.co_firstlineno >= best.co_firstlineno):
+                    best = current
+                pending.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
+    return best

@@ -1,0 +1,86 @@
+"""Rewrite a file's text by splicing: each replaced expression, each added or trimmed import is
+a character range of the original text; everything outside those ranges is the original, byte
+for byte. (libcst's codemod import visitors re-analyse the whole module per pass, seconds on a
+thousand-line file; the parse normswap already has answers the same questions.)"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import libcst as cst
+
+from .emit import Code
+from .locate import Spot
+from .source_file import BATCHNORM_CLASSES, FixError, SourceFile
+
+
+def rewrite(source: SourceFile, spots: Sequence[tuple[Spot, Code]]) -> str:
+    """`source`'s text with every spot replaced, the imports the new code needs added, and
+    `from torch.nn import BatchNorm2d [as BN]` imports nothing uses any more trimmed."""
+    replaced = [spot.node for spot, _ in spots]
+    edits = [(*source.char_range(spot.node), code.text) for spot, code in spots]
+    edits += _trimmed_imports(source, replaced)
+    edits += _added_imports(source, sorted({name for _, code in spots for name in code.imports}))
+    text = source.text
+    for start, end, new in sorted(edits, key=lambda edit: (edit[0], edit[1]), reverse=True):
+        text = text[:start] + new + text[end:]
+    try:
+        compile(text, str(source.path), "exec", dont_inherit=True)
+    except SyntaxError as exc:  # a bug in normswap's fix, never the user's code
+        raise FixError(
+            f"normswap's fix of '{source.path}' would not compile ({exc.msg}, line {exc.lineno}); nothing was written. Please report this."
+        ) from None
+    return text
+
+
+def _top_level_imports(source: SourceFile) -> list[tuple[cst.SimpleStatementLine, cst.Import | cst.ImportFrom]]:
+    found = []
+    for statement in source.module.body:
+        if isinstance(statement, cst.SimpleStatementLine):
+            found += [(statement, small) for small in statement.body if isinstance(small, (cst.Import, cst.ImportFrom))]
+    return found
+
+
+def _added_imports(source: SourceFile, modules: Sequence[str]) -> list[tuple[int, int, str]]:
+    """`import X` lines for the modules the new code names and the file does not bind yet,
+    after the last top-level import (else after the docstring, else at the top)."""
+    imports = _top_level_imports(source)
+    bound = {source.code(alias.name) for _, node in imports if isinstance(node, cst.Import) for alias in node.names if alias.asname is None}
+    bound_roots = {name.split(".")[0] for name in bound}
+    missing = [m for m in modules if not (m in bound or ("." not in m and m in bound_roots))]
+    if not missing:
+        return []
+    anchor: cst.CSTNode | None = imports[-1][0] if imports else _docstring(source)
+    offset = source.char_range(anchor, whole_lines=True)[1] if anchor is not None else 0
+    return [(offset, offset, "".join(f"import {m}\n" for m in missing))]
+
+
+def _docstring(source: SourceFile) -> cst.CSTNode | None:
+    first = source.module.body[0] if source.module.body else None
+    if isinstance(first, cst.SimpleStatementLine) and isinstance(first.body[0], cst.Expr) and isinstance(first.body[0].value, cst.SimpleString):
+        return first
+    return None
+
+
+def _trimmed_imports(source: SourceFile, replaced: Sequence[cst.CSTNode]) -> list[tuple[int, int, str]]:
+    """`from torch.nn import BatchNorm2d as BN`: the alias goes when every use of `BN` was
+    replaced; the statement goes with its last alias."""
+    edits = []
+    for statement, node in _top_level_imports(source):
+        if not isinstance(node, cst.ImportFrom) or isinstance(node.names, cst.ImportStar) or node.module is None:
+            continue
+        module_name = source.code(node.module)
+        unused = [
+            alias
+            for alias in node.names
+            if f"{module_name}.{source.code(alias.name)}" in BATCHNORM_CLASSES and source.only_used_inside(alias, replaced)
+        ]
+        if not unused:
+            continue
+        kept = [alias for alias in node.names if alias not in unused]
+        if not kept and len(statement.body) == 1:
+            edits.append((*source.char_range(statement, whole_lines=True), ""))
+        elif kept:
+            trimmed = node.with_changes(names=[*kept[:-1], kept[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)])
+            edits.append((*source.char_range(node), source.module.code_for_node(trimmed)))
+    return edits

@@ -1,0 +1,65 @@
+"""The source-fix test cases (tests/fix_cases/): a project folder to fix them in, and fresh imports."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from torch import nn
+
+import normswap
+
+CASES = Path(__file__).parent / "fix_cases"
+FIXED = ["direct", "aliases", "recurrent", "helpers", "torchvision_style", "norm_layer_values", "functional"]
+_modules = itertools.count()
+
+
+@pytest.fixture()
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty project (a pyproject.toml makes it the repository root) as the working directory."""
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "pyproject.toml").write_text("[project]\nname = 'demo'\n")
+    monkeypatch.chdir(root)
+    monkeypatch.syspath_prepend(str(root))
+    return root
+
+
+def load(path: Path) -> ModuleType:
+    """Import `path` as a new module every time (a fixed file must be read afresh)."""
+    spec = importlib.util.spec_from_file_location(f"fixcase_{next(_modules)}_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def context_for(case: str) -> normswap.Context:
+    return normswap.Context(batch_size=2, sequence=case == "recurrent")
+
+
+def built(path: Path) -> tuple[nn.Module, torch.Tensor, ModuleType]:
+    module = load(path)
+    torch.manual_seed(0)
+    with normswap.recording_construction():
+        model = module.build()
+    for layer in model.modules():  # statistics and affine away from their defaults
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.running_mean is not None:
+            layer.running_mean.uniform_(-1, 1)
+            layer.running_var.uniform_(0.5, 2)
+    for name, buffer in model.named_buffers():
+        if name.endswith("running_var") and buffer.dim() == 1:
+            buffer.uniform_(0.5, 2)
+    for name, parameter in model.named_parameters():
+        if name.endswith(("bn1.weight", "norm.weight", "weight")) and parameter.dim() == 1:
+            parameter.data.uniform_(0.5, 1.5)
+    return model, torch.randn(*module.INPUT_SHAPE), module
+
+
+def copy_case(project: Path, case: str) -> Path:
+    return Path(shutil.copy(CASES / f"{case}.py", project / f"{case}.py"))

@@ -1,0 +1,322 @@
+"""`normswap lint --fix` and `normswap.fix_source`: each pattern of tests/fix_cases/ is fixed in
+a project folder and compared with its reviewed result (tests/fix_cases/*.fixed.py); the fixed
+file, imported fresh, builds a model with convert's state-dict keys and, with convert's
+weights, convert's outputs; a second run changes nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import normswap
+from fixcases import CASES, FIXED, built, context_for, copy_case, load
+from normswap.fix import FixError, fix_source
+
+
+@pytest.mark.parametrize("case", FIXED)
+def test_fix_matches_the_reviewed_result_and_a_second_run_changes_nothing(project: Path, case: str, request: pytest.FixtureRequest) -> None:
+    path = copy_case(project, case)
+    model, x, _ = built(path)
+    fixes = fix_source(model, x, context=context_for(case), root=project, apply=True, unsafe=True)
+    assert fixes.applied and fixes.unfixable == []
+    fixed = path.read_text(encoding="utf-8")
+    golden = CASES / f"{case}.fixed.py"
+    if request.config.getoption("--update-goldens") and (not golden.exists() or golden.read_text(encoding="utf-8") != fixed):
+        golden.write_text(fixed, encoding="utf-8")
+        pytest.fail(f"{golden.name} rewritten by --update-goldens: review `git diff {golden}` and rerun without the option")
+    assert fixed == golden.read_text(encoding="utf-8")
+
+    again, x, _ = built(path)
+    second = fix_source(again, x, context=context_for(case), root=project, apply=True, unsafe=True)
+    assert second.edits == [] and second.unfixable == []
+    assert path.read_text(encoding="utf-8") == fixed
+
+
+@pytest.mark.parametrize("case", FIXED)
+def test_fixed_source_builds_what_convert_produces(project: Path, case: str) -> None:
+    path = copy_case(project, case)
+    model, x, _ = built(path)
+    context = context_for(case)
+    fix_source(model, x, context=context, root=project, apply=True, unsafe=True)
+    converted = normswap.convert(model, x, context=context).model
+    fresh = load(path).build()
+    assert sorted(fresh.state_dict()) == sorted(converted.state_dict())
+    fresh.load_state_dict(converted.state_dict())
+    for mode in ("eval", "train"):  # the new norms do not depend on the mode
+        fresh.train(mode == "train")
+        converted.train(mode == "train")
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x), converted(x), rtol=1e-6, atol=1e-6)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fresh.modules())
+
+
+def test_the_issue_example_line(project: Path) -> None:
+    path = copy_case(project, "direct")
+    model, x, _ = built(path)
+    fixes = fix_source(model, x, context=context_for("direct"), root=project, unsafe=True)
+    first = fixes.edits[0]
+    assert (first.old, first.new) == ("nn.BatchNorm2d(64, eps=1e-3, momentum=0.01)", "nn.GroupNorm(4, 64, eps=1e-3)")
+    assert (first.path, first.line, first.column, first.sites, first.safe) == ("direct.py", 11, 20, ("bn1",), False)
+    assert first.to_dict()["safety"] == "unsafe"
+    assert not fixes.applied and path.read_text() == (CASES / "direct.py").read_text()  # apply=False writes nothing
+
+
+def test_only_what_changes_differs_byte_for_byte(project: Path) -> None:
+    """CRLF line ends, a tab, a form feed and non-ASCII text survive; only the BatchNorm calls change."""
+    original = (CASES / "direct.py").read_text()
+    original = original.replace("class Net(nn.Module):", "# Größe \u00e9t\u00e9 \x0c\nclass Net(nn.Module):\t# tab")
+    path = project / "direct.py"
+    path.write_bytes(original.replace("\n", "\r\n").encode())
+    model, x, _ = built(path)
+    fix_source(model, x, context=context_for("direct"), root=project, apply=True, unsafe=True)
+    before, after = original.replace("\n", "\r\n").encode().split(b"\r\n"), path.read_bytes().split(b"\r\n")
+    changed = [(a, b) for a, b in zip(before, after, strict=False) if a != b]
+    assert b"\n" not in path.read_bytes().replace(b"\r\n", b"")  # every line still ends in CRLF
+    assert [b.decode().strip() for _, b in changed][:1] == ["self.bn1 = nn.GroupNorm(4, 64, eps=1e-3)  # a comment that must survive"]
+    assert "# Größe été \x0c" in path.read_text(encoding="utf-8") and "class Net(nn.Module):\t# tab" in path.read_text(encoding="utf-8")
+
+
+def test_safe_fixes_only_without_unsafe(project: Path) -> None:
+    """Fine-tuning with small batches: auto freezes (safe, applied); elsewhere groupnorm is held back."""
+    path = copy_case(project, "direct")
+    model, x, _ = built(path)
+    held = fix_source(model, x, context=normswap.Context(batch_size=2), root=project, apply=True)
+    assert held.selected == [] and len(held.held_back) == 2 and path.read_text() == (CASES / "direct.py").read_text()
+    frozen = fix_source(model, x, context=normswap.Context(batch_size=2, finetune=True), root=project, apply=True)
+    text = path.read_text()
+    assert [e.target for e in frozen.selected] == ["frozen", "frozen"] and all(e.safe for e in frozen.edits)
+    assert "self.bn1 = normswap.nn.FrozenBatchNorm(64, eps=1e-3)" in text and "import normswap.nn\n" in text
+    fresh = load(path).build()
+    converted = normswap.convert(model, x, context=normswap.Context(batch_size=2, finetune=True)).model
+    fresh.load_state_dict(converted.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.train()(x), model.eval()(x), rtol=1e-5, atol=1e-5)  # frozen keeps the function
+
+
+def test_several_widths_at_one_line_get_an_expression_of_the_channel_argument(project: Path) -> None:
+    path = copy_case(project, "helpers")
+    model, x, _ = built(path)
+    fixes = fix_source(model, x, context=context_for("helpers"), root=project, unsafe=True)
+    by_line = {e.line: e for e in fixes.edits}
+    assert by_line[9].new == "nn.GroupNorm({16: 1, 32: 2, 64: 4}[cout], cout)" and by_line[9].sites == (
+        "features.0.1",
+        "features.1.1",
+        "features.2.1",
+    )
+    assert by_line[13].new == "nn.GroupNorm(4, channels, eps=1e-3)"  # all the same width: a literal
+    assert by_line[28].new == "normswap.nn.GroupNormBN(cin * k, groups={64: 4, 128: 8})"  # not a name: the drop-in's mapping
+
+
+def test_norm_layer_values_follow_positional_and_forwarded_arguments(project: Path) -> None:
+    path = copy_case(project, "torchvision_style")
+    model, x, _ = built(path)
+    fixes = fix_source(model, x, context=context_for("torchvision_style"), root=project, unsafe=True)
+    (edit,) = fixes.edits
+    assert (edit.line, edit.old, edit.new) == (67, "nn.BatchNorm2d", "normswap.nn.GroupNormBN")
+    assert len(edit.sites) == 8  # the stem, both blocks' norms (positional and keyword) and the downsample
+    assert any("torchvision_style.py:83" in note and "isinstance" in note for note in fixes.notes)
+    coarse = fix_source(model, x, context=context_for("torchvision_style"), root=project, unsafe=True, channels_per_group=4)
+    assert coarse.edits[0].new == "functools.partial(normswap.nn.GroupNormBN, groups={16: 4, 32: 8})"
+    assert coarse.edits[0].imports == ("functools", "normswap.nn")
+
+
+def test_a_norm_class_passed_by_the_caller_is_fixed_at_the_caller(project: Path) -> None:
+    """`resnet_tiny(norm_layer=nn.BatchNorm2d)` reaches ResNet through **kwargs twice: the
+    caller's reference is the one rewritten, not ResNet's default."""
+    path = copy_case(project, "torchvision_style")
+    path.write_text(path.read_text().replace("return resnet_tiny(num_classes=5)", "return resnet_tiny(num_classes=5, norm_layer=nn.BatchNorm2d)"))
+    model, x, _ = built(path)
+    (edit,) = fix_source(model, x, context=context_for("torchvision_style"), root=project, unsafe=True).edits
+    assert (edit.line, edit.new) == (127, "normswap.nn.GroupNormBN")
+
+
+def test_functional_call_becomes_the_functional_norm(project: Path) -> None:
+    path = copy_case(project, "functional")
+    model, x, _ = built(path)
+    (edit,) = fix_source(model, x, context=context_for("functional"), root=project, unsafe=True).edits
+    assert edit.new == "F.group_norm(x, 2, self.weight, self.bias, 1e-3)"
+    frozen = fix_source(model, x, context=normswap.Context(batch_size=2, finetune=True), root=project).edits[0]
+    assert frozen.new == "F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, 1e-3)" and frozen.safe
+
+
+def test_unfixable_sites_say_why_and_nothing_is_edited(project: Path) -> None:
+    subclass = copy_case(project, "subclass")
+    model, x, _ = built(subclass)
+    fixes = fix_source(model, x, context=context_for("subclass"), root=project, apply=True, unsafe=True)
+    ((site, reason),) = [(u.site, u.reason) for u in fixes.unfixable]
+    assert site == "bn1" and "BatchNormAct2d, a BatchNorm subclass" in reason
+    assert [e.sites for e in fixes.edits] == [("bn2",)] and "self.bn1 = BatchNormAct2d(32)" in subclass.read_text()
+
+    tabular = copy_case(project, "tabular")
+    model, x, _ = built(tabular)
+    fixes = fix_source(model, x, context=normswap.Context(batch_size=2), root=project, apply=True, unsafe=True)
+    assert {u.site for u in fixes.unfixable} == {"body.0.0", "body.1.0"}
+    assert all("different plans (body.0.0: frozen, body.1.0: layernorm)" in u.reason for u in fixes.unfixable)
+    assert fixes.edits == [] and tabular.read_text() == (CASES / "tabular.py").read_text()
+
+
+def test_installed_packages_and_files_outside_the_project_are_never_edited(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    packages = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    (packages / "tinyzoo").mkdir(parents=True)
+    shutil.copy(CASES / "zoo_models.py", packages / "tinyzoo" / "__init__.py")
+    monkeypatch.syspath_prepend(str(packages))
+    monkeypatch.delitem(sys.modules, "tinyzoo", raising=False)
+    user = copy_case(project, "uses_zoo")
+    model, x, _ = built(user)
+    report = normswap.lint(model, x, normswap.Context(batch_size=2))
+    site = report.sites[0]
+    assert site.defined_at.origin == "installed" and site.defined_at.label == "tinyzoo/__init__.py:10 (installed package)"
+    assert (site.built_from.path, site.built_from.line, site.built_from.origin) == ("uses_zoo.py", 7, "project")
+    fixes = fix_source(model, x, context=normswap.Context(batch_size=2), root=project, apply=True, unsafe=True)
+    ((unfixable,),) = [fixes.unfixable]
+    assert (
+        unfixable.reason == "built in an installed package (tinyzoo/__init__.py), which normswap does not edit; your code builds it at uses_zoo.py:7"
+    )
+    assert fixes.edits == [] and (packages / "tinyzoo" / "__init__.py").read_text() == (CASES / "zoo_models.py").read_text()
+
+    elsewhere = tmp_path / "elsewhere"  # another checkout, not under the project root
+    elsewhere.mkdir()
+    outside = Path(shutil.copy(CASES / "direct.py", elsewhere / "direct_elsewhere.py"))
+    model, x, _ = built(outside)
+    fixes = fix_source(model, x, context=context_for("direct"), root=project, apply=True, unsafe=True)
+    assert fixes.edits == [] and all("a file outside the project" in u.reason for u in fixes.unfixable)
+    assert outside.read_text() == (CASES / "direct.py").read_text()
+
+
+def test_a_model_built_without_recording_is_not_guessed_at(project: Path) -> None:
+    path = copy_case(project, "direct")
+    module = load(path)
+    model = module.build()  # no recording_construction()
+    fixes = fix_source(model, torch.randn(*module.INPUT_SHAPE), context=context_for("direct"), root=project, unsafe=True)
+    assert fixes.edits == [] and {u.site for u in fixes.unfixable} == {"bn1", "bn2"}
+    assert all("recording_construction()" in u.reason for u in fixes.unfixable)
+
+
+def test_a_file_changed_since_the_model_was_built_is_refused(project: Path) -> None:
+    path = copy_case(project, "direct")
+    model, x, _ = built(path)
+    path.write_text(path.read_text().replace("    def forward", "    # a new comment shifts nothing above it\n    def forward"))
+    fixes = fix_source(model, x, context=context_for("direct"), root=project, apply=True, unsafe=True)
+    assert fixes.edits == [] and all("changed since the model was built" in u.reason for u in fixes.unfixable)
+    assert "# a new comment" in path.read_text() and "nn.BatchNorm2d(64" in path.read_text()
+
+
+def test_a_file_that_no_longer_parses_is_refused(project: Path) -> None:
+    path = copy_case(project, "direct")
+    model, x, _ = built(path)
+    path.write_text(path.read_text() + "\ndef broken(:\n")
+    fixes = fix_source(model, x, context=context_for("direct"), root=project, apply=True, unsafe=True)
+    assert fixes.edits == [] and all("does not parse" in u.reason and "nothing in it was changed" in u.reason for u in fixes.unfixable)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_read_only_files_are_refused_before_anything_is_written(project: Path) -> None:
+    direct, aliases = copy_case(project, "direct"), copy_case(project, "aliases")
+    first, x1, _ = built(direct)
+    second, x2, _ = built(aliases)
+    from normswap.fix import FixJob, plan_fixes
+    from normswap.policy import make_plan
+
+    jobs = []
+    for model, x in ((first, x1), (second, x2)):
+        report = normswap.lint(model, x, normswap.Context(batch_size=2))
+        jobs.append(FixJob(model, report.sites, make_plan(report.sites, report.findings, report.context, strict=False)))
+    fixes = plan_fixes(jobs, project, unsafe=True)
+    aliases.chmod(stat.S_IRUSR | stat.S_IRGRP)
+    try:
+        with pytest.raises(FixError, match=r"'aliases.py' is read-only, so nothing was fixed"):
+            fixes.apply()
+    finally:
+        aliases.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    assert direct.read_text() == (CASES / "direct.py").read_text()  # refused before the first write
+    assert not fixes.applied
+
+
+def test_a_crash_while_writing_leaves_the_file_whole(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = copy_case(project, "direct")
+    model, x, _ = built(path)
+    fixes = fix_source(model, x, context=context_for("direct"), root=project, unsafe=True)
+
+    def crash(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="No space left"):
+        fixes.apply()
+    assert path.read_text() == (CASES / "direct.py").read_text()
+    assert sorted(p.name for p in project.iterdir()) == ["direct.py", "pyproject.toml"]  # no temporary left behind
+
+
+def test_a_file_changed_between_fixing_and_writing_is_refused(project: Path) -> None:
+    path = copy_case(project, "direct")
+    model, x, _ = built(path)
+    fixes = fix_source(model, x, context=context_for("direct"), root=project, unsafe=True)
+    path.write_text(path.read_text() + "# edited meanwhile\n")
+    with pytest.raises(FixError, match="changed while it was being fixed; nothing was written"):
+        fixes.apply()
+    assert path.read_text().endswith("# edited meanwhile\n")
+
+
+def test_the_mode_of_a_fixed_file_is_kept(project: Path) -> None:
+    path = copy_case(project, "direct")
+    path.chmod(0o640)
+    model, x, _ = built(path)
+    fix_source(model, x, context=context_for("direct"), root=project, apply=True, unsafe=True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640 and "GroupNorm" in path.read_text()
+
+
+def test_suggestions_cover_whole_lines_and_import_insertions(project: Path) -> None:
+    path = copy_case(project, "helpers")
+    model, x, _ = built(path)
+    fixes = fix_source(model, x, context=context_for("helpers"), root=project, unsafe=True)
+    suggestions = fixes.suggestions()
+    imports = [s for s in suggestions if not s.edits]
+    assert [(s.hunk.start, s.hunk.end, s.hunk.old, s.hunk.text) for s in imports] == [
+        (5, 5, "import torch.nn as nn\n", "import torch.nn as nn\nimport normswap.nn\n")
+    ]
+    lines = (CASES / "helpers.py").read_text().splitlines(keepends=True)
+    applied = list(lines)
+    for suggestion in sorted(suggestions, key=lambda s: s.hunk.start, reverse=True):  # each suggestion replaces its lines
+        assert "".join(lines[suggestion.hunk.start - 1 : suggestion.hunk.end]) == suggestion.hunk.old
+        applied[suggestion.hunk.start - 1 : suggestion.hunk.end] = [suggestion.hunk.text]
+    assert "".join(applied) == fixes.review[0].after
+
+
+def test_drop_in_classes_take_batchnorm_arguments() -> None:
+    from normswap.nn import ChannelLayerNorm, FrozenBatchNorm, GroupNormBN
+
+    for cls in (GroupNormBN, ChannelLayerNorm, FrozenBatchNorm):
+        layer = cls(32, 1e-3, 0.01, False, True, None, torch.float64)  # BatchNorm2d's positional order
+        assert (layer.num_features, layer.eps, layer.weight) == (32, 1e-3, None)
+        keyword = cls(num_features=32, eps=1e-3, momentum=None, affine=True, track_running_stats=True, dtype=torch.float64)
+        assert keyword.weight.dtype == torch.float64 and keyword.weight.shape == (32,)
+    assert GroupNormBN(64).num_groups == 4 and GroupNormBN(64, groups=8).num_groups == 8
+    assert GroupNormBN(128, groups={64: 2, 128: 8}).num_groups == 8
+    with pytest.raises(ValueError, match=r"no group count for 32 channels"):
+        GroupNormBN(32, groups={64: 2})
+    with pytest.raises(ValueError, match="track_running_stats=False has nothing to freeze"):
+        FrozenBatchNorm(8, track_running_stats=False)
+    x = torch.randn(2, 32, 4, 4)
+    torch.testing.assert_close(GroupNormBN(32, groups=2, affine=False)(x), nn.functional.group_norm(x, 2), rtol=0, atol=0)
+    torch.testing.assert_close(ChannelLayerNorm(32, affine=False)(x), nn.functional.layer_norm(x.permute(0, 2, 3, 1), (32,)).permute(0, 3, 1, 2))
+
+
+def test_recording_construction_restores_batchnorm_and_nests() -> None:
+    original = nn.modules.batchnorm._NormBase.__init__
+    with normswap.recording_construction():
+        with normswap.recording_construction():
+            inner = nn.BatchNorm2d(4)
+        outer = nn.BatchNorm1d(4)
+    after = nn.BatchNorm2d(4)
+    assert nn.modules.batchnorm._NormBase.__init__ is original
+    from normswap.source import construction_of
+
+    assert construction_of(inner).calls[0].path == __file__ and construction_of(outer) is not None
+    assert construction_of(after) is None
