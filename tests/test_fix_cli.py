@@ -43,7 +43,7 @@ def test_diff_shows_pending_fixes_writes_nothing_and_exits_1(project: Path) -> N
 def test_fix_writes_the_source_and_counts_only_what_is_left(project: Path) -> None:
     path = copy_case(project, "direct")
     held = lint(*DIRECT, "--fix", "--fail-on", "warning")
-    assert held.exit_code == 1 and "unsafe fixes held back: 2 edits for 2 sites (--unsafe-fixes)" in held.stdout
+    assert held.exit_code == 1 and "not applied: 2 unsafe edits for 2 sites (add --unsafe-fixes)" in held.stdout
     assert path.read_text() == (CASES / "direct.py").read_text()
     fixed = lint(*DIRECT, "--fix", "--unsafe-fixes", "--fail-on", "warning")
     assert fixed.exit_code == 0, fixed.output
@@ -203,6 +203,9 @@ def test_the_report_ends_with_the_recommended_action(project: Path) -> None:
         in kept
     )
     assert not any(line.startswith("  the source:") for line in kept)  # the one reference also builds bn1: no edit
+    copy_case(project, "direct")
+    frozen = lint(*DIRECT, "--finetune").stdout.splitlines()[-1]  # safe fixes only: no --unsafe-fixes
+    assert frozen == "  the source:     normswap lint direct.py:build --input-shape 2,3,8,8 --batch-size 2 --finetune --fix   (2 edits in direct.py)"
 
 
 def test_keep_leaves_a_layer_and_refuses_a_shared_line(project: Path) -> None:
@@ -305,3 +308,29 @@ def test_sarif_with_fixes_passes_the_multitool(project: Path, tmp_path: Path) ->
     subprocess.run([_multitool(), "validate", str(sarif), "-o", str(out)], check=True, capture_output=True, env=env, timeout=300)
     problems = [r for r in json.loads(out.read_text())["runs"][0].get("results", []) if r.get("level") in ("error", "warning")]
     assert problems == []
+
+
+def test_fix_the_source_convert_the_checkpoint_and_train_on(project: Path) -> None:
+    """The README workflow: the fixed source loads `normswap convert`'s weights strictly and
+    computes what the converted model computes; training continues from there."""
+    import torch
+
+    import normswap
+    from fixcases import built, load
+
+    path = copy_case(project, "direct")
+    model, x, _ = built(path)
+    torch.save(model.state_dict(), project / "trained.pt")
+    converted = CliRunner().invoke(main, ["convert", "trained.pt", "--model", *DIRECT, "--out", "out", "--no-onnx", "-q"], catch_exceptions=False)
+    assert converted.exit_code == 0, converted.output
+    assert lint(*DIRECT, "--fix", "--unsafe-fixes").exit_code == 0
+    fixed = load(path).build()
+    fixed.load_state_dict(torch.load(project / "out" / "model.pt", weights_only=True))  # strict: same keys
+    reference = normswap.load_converted(load(CASES / "direct.py").build(), project / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(fixed.eval()(x), reference.eval()(x), rtol=1e-6, atol=1e-6)
+    optimizer = torch.optim.SGD(fixed.parameters(), lr=0.1)
+    loss = fixed.train()(x).square().mean()
+    loss.backward()
+    optimizer.step()
+    assert fixed.bn1.weight.grad is not None and torch.isfinite(fixed(x)).all()

@@ -95,5 +95,6 @@ def recommended_action(report: Any) -> str:
     fixes = report.fixes
     if fixes is not None and commands.get("fix") and not fixes.applied and fixes.edits:
         files = list(dict.fromkeys(edit.path for edit in fixes.edits))
-        lines.append(f"  the source:     {commands['fix']}   ({plural(len(fixes.edits), 'edit')} in {', '.join(files)})")
+        command = commands["fix"] if any(not edit.safe for edit in fixes.edits) else commands["fix"].removesuffix(" --unsafe-fixes")
+        lines.append(f"  the source:     {command}   ({plural(len(fixes.edits), 'edit')} in {', '.join(files)})")
     return "\n".join(lines)

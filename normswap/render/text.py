@@ -164,19 +164,14 @@ def _fixes(console: Console, report: Any, detailed: bool) -> None:
     if fixes is None:
         return
     counts = fix_counts(fixes)
-    if fixes.applied and counts["applied"]:
-        console.print(f"fixed: {plural(counts['applied_sites'], 'site')} in {', '.join(counts['applied_files'])}", soft_wrap=True)
-    elif counts["selected"]:
-        console.print(
-            f"fixes: {plural(counts['selected'], 'edit')} for {plural(counts['selected_sites'], 'site')} in "
-            f"{', '.join(counts['selected_files'])} (`--fix` writes them, `--diff` shows them)",
-            soft_wrap=True,
-        )
-    if counts["held_back"]:
-        console.print(
-            f"unsafe fixes held back: {plural(counts['held_back'], 'edit')} for {plural(counts['held_back_sites'], 'site')} (--unsafe-fixes)",
-            soft_wrap=True,
-        )
+    if fixes.applied:
+        if counts["applied"]:
+            console.print(f"fixed: {plural(counts['applied_sites'], 'site')} in {', '.join(counts['applied_files'])}", soft_wrap=True)
+        if counts["held_back"]:
+            console.print(
+                f"not applied: {plural(counts['held_back'], 'unsafe edit')} for {plural(counts['held_back_sites'], 'site')} (add --unsafe-fixes)",
+                soft_wrap=True,
+            )
     if detailed:
         for edit in fixes.edits:
             console.print(
