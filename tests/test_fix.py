@@ -190,6 +190,14 @@ def test_installed_packages_and_files_outside_the_project_are_never_edited(proje
     assert outside.read_text() == (CASES / "direct.py").read_text()
 
 
+def test_fold_is_a_checkpoint_change_not_a_source_one(project: Path) -> None:
+    path = copy_case(project, "direct")
+    model, x, _ = built(path)
+    fixes = fix_source(model, x, context=normswap.Context(inference_only=True), root=project, apply=True, unsafe=True)
+    assert fixes.edits == [] and {u.site for u in fixes.unfixable} == {"bn1", "bn2"}
+    assert all(u.reason.startswith("fold changes the weights of the layer before it, not the code") for u in fixes.unfixable)
+
+
 def test_a_model_built_without_recording_is_not_guessed_at(project: Path) -> None:
     path = copy_case(project, "direct")
     module = load(path)

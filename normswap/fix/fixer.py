@@ -15,8 +15,9 @@ from torch import nn
 from ..plan import Plan, PlanEntry
 from ..sites import Site
 from ..source import construction_of
+from ..targets.base import SourceCode
 from .apply import FileFix, Hunk, check_writable, write
-from .emit import Code, is_safe, replacement
+from .emit import is_safe, replacement
 from .locate import Files, Spot, Unfixable, locate
 from .source_file import FixError, physical_lines
 from .splice import rewrite
@@ -198,14 +199,14 @@ def plan_fixes(jobs: Sequence[FixJob], root: Path, unsafe: bool = False) -> Sour
             wanted = entry.converts and (job.only is None or entry.name in job.only)
             module = modules.get(site.owner if site.kind == "functional" else site.name)
             construction = construction_of(module) if module is not None and site.kind != "functional" else None
-            found = locate(site, entry, module, construction, files)
+            found = locate(site, module, construction, files)
             if isinstance(found, Unfixable):
                 if wanted:
                     result.unfixable.append(Unfixable(site.name, found.reason, found.location, job.label))
                 continue
             spots.setdefault(found.key, found)
             members.setdefault(found.key, []).append(_Member(job.label, site, entry, wanted))
-    chosen: list[tuple[Spot, Code, Edit]] = []
+    chosen: list[tuple[Spot, SourceCode, Edit]] = []
     several = len(jobs) > 1
     for key, group in members.items():
         edit = _edit(spots[key], group, result, files, several)
@@ -215,7 +216,7 @@ def plan_fixes(jobs: Sequence[FixJob], root: Path, unsafe: bool = False) -> Sour
     return result
 
 
-def _edit(spot: Spot, group: list[_Member], result: SourceFixes, files: Files, several: bool) -> tuple[Spot, Code, Edit] | None:
+def _edit(spot: Spot, group: list[_Member], result: SourceFixes, files: Files, several: bool) -> tuple[Spot, SourceCode, Edit] | None:
     """One edit for every site built at `spot`, or each site's reason there is none."""
     wanted = [m for m in group if m.wanted]
     if not wanted:
@@ -223,7 +224,7 @@ def _edit(spot: Spot, group: list[_Member], result: SourceFixes, files: Files, s
     where = spot.file.span(spot.node)
     location_text = f"{files.relative(spot.file.path)}:{where.start.line}"
     others = [m for m in group if not m.wanted]
-    code: Code | str
+    code: SourceCode | str
     if others:
         names = ", ".join(f"{m.label}:{m.site.name}" if several else m.site.name for m in others[:4]) + (", ..." if len(others) > 4 else "")
         code = f"{location_text} also builds {names}, which this run leaves as BatchNorm; build them on separate lines or give them the same plan"
@@ -251,9 +252,9 @@ def _edit(spot: Spot, group: list[_Member], result: SourceFixes, files: Files, s
     return spot, code, edit
 
 
-def _rewrite_files(chosen: list[tuple[Spot, Code, Edit]], result: SourceFixes, files: Files) -> None:
+def _rewrite_files(chosen: list[tuple[Spot, SourceCode, Edit]], result: SourceFixes, files: Files) -> None:
     """Each file rewritten once: with the selected edits (to apply) and with all (to review)."""
-    by_file: dict[Path, list[tuple[Spot, Code, Edit]]] = {}
+    by_file: dict[Path, list[tuple[Spot, SourceCode, Edit]]] = {}
     for item in chosen:
         by_file.setdefault(item[0].file.path, []).append(item)
     for path, items in sorted(by_file.items()):

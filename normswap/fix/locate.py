@@ -27,7 +27,6 @@ from pathlib import Path
 import libcst as cst
 from torch import nn
 
-from ..plan import PlanEntry
 from ..sites import Site
 from ..source import CodeSpan, Construction, SourceLocation, code_fingerprint, is_project_file, origin_of, relative_path
 from .source_file import COMPREHENSIONS, FUNCTIONAL_BATCHNORM, FixError, SourceFile
@@ -108,7 +107,7 @@ class _Frame:
         return found if isinstance(found, cst.FunctionDef) else None
 
 
-def locate(site: Site, entry: PlanEntry, module: nn.Module | None, construction: Construction | None, files: Files) -> Spot | Unfixable:
+def locate(site: Site, module: nn.Module | None, construction: Construction | None, files: Files) -> Spot | Unfixable:
     """The spot to rewrite for `site`, or why there is none."""
     if site.kind == "subclass":
         return Unfixable(
@@ -120,12 +119,6 @@ def locate(site: Site, entry: PlanEntry, module: nn.Module | None, construction:
     if site.kind == "lookalike":
         return Unfixable(
             site.name, f"a {site.flavour} is not a torch BatchNorm: normswap does not know what its constructor arguments mean", site.defined_at
-        )
-    if entry.target == "fold":
-        return Unfixable(
-            site.name,
-            "fold changes the weights of the layer before it, not the code: convert the checkpoint (`normswap convert --to fold`)",
-            site.location,
         )
     if site.kind == "functional":
         return _functional(site, module, files)

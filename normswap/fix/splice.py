@@ -9,12 +9,12 @@ from collections.abc import Sequence
 
 import libcst as cst
 
-from .emit import Code
+from ..targets.base import SourceCode
 from .locate import Spot
 from .source_file import BATCHNORM_CLASSES, FixError, SourceFile
 
 
-def rewrite(source: SourceFile, spots: Sequence[tuple[Spot, Code]]) -> str:
+def rewrite(source: SourceFile, spots: Sequence[tuple[Spot, SourceCode]]) -> str:
     """`source`'s text with every spot replaced, the imports the new code needs added, and
     `from torch.nn import BatchNorm2d [as BN]` imports nothing uses any more trimmed."""
     replaced = [spot.node for spot, _ in spots]

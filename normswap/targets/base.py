@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -73,6 +73,38 @@ class Param:
 
 
 COMMON_PARAMS: dict[str, Param] = {"eps": Param("float", positive=True), "affine": Param("bool")}
+
+
+@dataclass(frozen=True)
+class SourceCode:
+    """Code a source fix writes, and the modules it needs imported."""
+
+    text: str
+    imports: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SourceCall:
+    """How the user's source builds or calls BatchNorm, for a target to write its own form:
+    each argument's code by parameter name (a constructor's `num_features`, `eps`, `affine`...;
+    a functional call's `input`, `running_mean`...), how the file reaches the torch namespace
+    the call used (`nn.`, `F.`), and the whole call as written."""
+
+    arguments: Mapping[str, str]
+    namespace: str
+    imports: tuple[str, ...] = ()
+    written: str = ""
+    callee: str = ""
+
+    def keywords(self, renames: Mapping[str, str] | None = None) -> str:
+        """', eps=1e-3, affine=False': the arguments that keep their meaning, as written."""
+        renames = renames or {}
+        return "".join(
+            f", {renames.get(name, name)}={self.arguments[name]}" for name in ("eps", "affine", "device", "dtype") if name in self.arguments
+        )
+
+
+NORMSWAP_NN = "normswap.nn"  # where the drop-ins live, for fixed source code
 
 
 class Target:
@@ -150,6 +182,24 @@ class Target:
         `statistics` has the site's running_mean, running_var, weight and bias: the BatchNorm
         module, or for a functional call the tensors it passes.
         """
+
+    # --- source code (normswap lint --fix) ------------------------------------------------
+    # Each returns the code, or a sentence saying why this target has no such form. `params`:
+    # the plan parameters of every site built at that place in the source (one or several).
+
+    def source_call(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+        """What replaces a BatchNorm constructor call (`nn.BatchNorm2d(64, eps=1e-3)`)."""
+        return f"the {self.name} target has no form in source code"
+
+    def source_class(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+        """What replaces a BatchNorm class passed as a value (`norm_layer=nn.BatchNorm2d`): a
+        class or factory taking BatchNorm's constructor arguments."""
+        return f"the {self.name} target has no form in source code"
+
+    def source_function(self, call: SourceCall, params: Mapping[str, Any]) -> SourceCode | str:
+        """What replaces a functional `batch_norm(input, running_mean, running_var, weight, bias,
+        training, momentum, eps)` call (arguments by those names)."""
+        return f"the {self.name} target has no form in source code"
 
     # --- calibration ----------------------------------------------------------------------
 

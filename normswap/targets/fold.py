@@ -8,7 +8,7 @@ the BatchNorm becomes the identity: the same eval-mode function at no run-time c
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from ..capture.tracer import BatchNormArgs
 from ..errors import PlanError
 from ..sites import Site
 from ..torchutil import tensor_attribute
-from .base import Param, PlanOptions, Refusal, Target, where
+from .base import Param, PlanOptions, Refusal, SourceCall, SourceCode, Target, where
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -81,6 +81,14 @@ class FoldTarget(Target):
 
     def function(self, params: Mapping[str, Any], call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         return unchanged, (call.input,)
+
+    def source_call(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+        return "fold changes the weights of the layer before it, not the code: convert the checkpoint (`normswap convert --to fold`)"
+
+    source_class = source_call
+
+    def source_function(self, call: SourceCall, params: Mapping[str, Any]) -> SourceCode | str:
+        return self.source_call(call, [params])
 
     def prepare_subclass(self, bn: _BatchNorm, params: Mapping[str, Any]) -> None:
         super().prepare_subclass(bn, params)

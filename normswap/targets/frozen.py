@@ -5,7 +5,7 @@ y = (x - running_mean) / sqrt(running_var + eps) * w + b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,7 +16,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..capture.tracer import BatchNormArgs
 from ..sites import Site
 from ..torchutil import Replacement
-from .base import COMMON_PARAMS, Param, PlanOptions, Refusal, Target, carry_affine, common_params, copy_tensors, where
+from .base import (
+    COMMON_PARAMS,
+    NORMSWAP_NN,
+    Param,
+    PlanOptions,
+    Refusal,
+    SourceCall,
+    SourceCode,
+    Target,
+    carry_affine,
+    common_params,
+    copy_tensors,
+    where,
+)
 from .layernorm import register_affine
 
 
@@ -99,6 +112,22 @@ class FrozenTarget(Target):
         if call.running_mean is None or call.running_var is None:
             raise Refusal("this batch_norm call has no running statistics to freeze; use groupnorm or layernorm")
         return frozen_batch_norm, (call.input, call.running_mean, call.running_var, call.weight, call.bias, float(params["eps"]))
+
+    def source_call(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+        return SourceCode(f"{NORMSWAP_NN}.FrozenBatchNorm({call.arguments['num_features']}{call.keywords()})", (NORMSWAP_NN,))
+
+    def source_class(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+        return SourceCode(f"{NORMSWAP_NN}.FrozenBatchNorm", (NORMSWAP_NN,))
+
+    def source_function(self, call: SourceCall, params: Mapping[str, Any]) -> SourceCode | str:
+        """BatchNorm's eval function, plain torch: `batch_norm(..., training=False, momentum=0.0, eps)`."""
+        arguments = call.arguments
+        mean, var = arguments.get("running_mean"), arguments.get("running_var")
+        if mean is None or var is None or "None" in (mean, var):
+            return "the call passes no running statistics to freeze"
+        weight, bias = arguments.get("weight", "None"), arguments.get("bias", "None")
+        eps = arguments.get("eps", repr(float(params["eps"])))
+        return SourceCode(f"{call.namespace}batch_norm({arguments['input']}, {mean}, {var}, {weight}, {bias}, False, 0.0, {eps})", call.imports)
 
     def prepare_subclass(self, bn: _BatchNorm, params: Mapping[str, Any]) -> None:
         # statistics stay (they are the function); the step counter and the affine stop moving

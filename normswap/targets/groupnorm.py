@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextvars
 import math
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,9 +22,12 @@ from .base import (
     COMMON_PARAMS,
     DEFAULT_CHANNELS_PER_GROUP,
     DEFAULT_MAX_GROUPS,
+    NORMSWAP_NN,
     Param,
     PlanOptions,
     Refusal,
+    SourceCall,
+    SourceCode,
     Target,
     carry_affine,
     common_params,
@@ -174,6 +178,48 @@ class GroupNormTarget(Target):
 
     def normalize(self, params: Mapping[str, Any], x: torch.Tensor) -> torch.Tensor | None:
         return F.group_norm(x, int(params["num_groups"]), None, None, float(params["eps"]))
+
+    def source_call(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+        """`nn.GroupNorm(G, C, eps=...)`; layers of several widths built at one line: the group
+        count indexed by the channel argument, or the BatchNorm-signature drop-in with a mapping."""
+        mapping = _group_counts(params)
+        if isinstance(mapping, str):
+            return mapping
+        channels, keywords = call.arguments["num_features"], call.keywords()
+        if len(set(mapping.values())) == 1:
+            return SourceCode(f"{call.namespace}GroupNorm({next(iter(mapping.values()))}, {channels}{keywords})", call.imports)
+        if _is_plain(channels):
+            return SourceCode(f"{call.namespace}GroupNorm({mapping}[{channels}], {channels}{keywords})", call.imports)
+        return SourceCode(f"{NORMSWAP_NN}.GroupNormBN({channels}{keywords}, groups={mapping})", (NORMSWAP_NN,))
+
+    def source_class(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+        mapping = _group_counts(params)
+        if isinstance(mapping, str):
+            return mapping
+        if all(choose_num_groups(c, 2)[0] == g for c, g in mapping.items()):  # the drop-in's own rule gives them all
+            return SourceCode(f"{NORMSWAP_NN}.GroupNormBN", (NORMSWAP_NN,))
+        return SourceCode(f"functools.partial({NORMSWAP_NN}.GroupNormBN, groups={mapping})", ("functools", NORMSWAP_NN))
+
+    def source_function(self, call: SourceCall, params: Mapping[str, Any]) -> SourceCode | str:
+        arguments = call.arguments
+        weight, bias = arguments.get("weight", "None"), arguments.get("bias", "None")
+        eps = arguments.get("eps", repr(float(params["eps"])))
+        return SourceCode(f"{call.namespace}group_norm({arguments['input']}, {int(params['num_groups'])}, {weight}, {bias}, {eps})", call.imports)
+
+
+def _group_counts(params: Sequence[Mapping[str, Any]]) -> dict[int, int] | str:
+    """Channel count -> group count over the layers built at one place in the source."""
+    mapping: dict[int, int] = {}
+    for entry in params:
+        channels, groups = int(entry["num_channels"]), int(entry["num_groups"])
+        if mapping.setdefault(channels, groups) != groups:
+            return f"layers of {channels} channels built here have different group counts; build them on separate lines"
+    return dict(sorted(mapping.items()))
+
+
+def _is_plain(code: str) -> bool:
+    """A name, attribute or number: an expression that may be written twice."""
+    return re.fullmatch(r"[A-Za-z_][\w.]*|\d+", code.strip()) is not None
 
 
 TARGET = GroupNormTarget()

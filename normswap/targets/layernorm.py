@@ -6,7 +6,7 @@ features of (N, C); BatchNorm's per-channel affine carried over.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..capture.tracer import BatchNormArgs
 from ..sites import Site
 from ..torchutil import Replacement
-from .base import COMMON_PARAMS, Param, PlanOptions, Refusal, Target, carry_affine, common_params, where
+from .base import COMMON_PARAMS, NORMSWAP_NN, Param, PlanOptions, Refusal, SourceCall, SourceCode, Target, carry_affine, common_params, where
 
 
 def channel_layer_norm(
@@ -124,6 +124,23 @@ class LayerNormTarget(Target):
 
     def normalize(self, params: Mapping[str, Any], x: torch.Tensor) -> torch.Tensor | None:
         return channel_layer_norm(x, None, None, float(params["eps"]), int(params["num_channels"]))
+
+    def source_call(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+        """`nn.LayerNorm(C)` on (N, C) features (plain torch), else the channel LayerNorm."""
+        channels = call.arguments["num_features"]
+        if all(entry.get("layout") == "features" for entry in params):
+            return SourceCode(f"{call.namespace}LayerNorm({channels}{call.keywords({'affine': 'elementwise_affine'})})", call.imports)
+        return SourceCode(f"{NORMSWAP_NN}.ChannelLayerNorm({channels}{call.keywords()})", (NORMSWAP_NN,))
+
+    def source_class(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+        return SourceCode(f"{NORMSWAP_NN}.ChannelLayerNorm", (NORMSWAP_NN,))  # (N, C) too: plain LayerNorm there
+
+    def source_function(self, call: SourceCall, params: Mapping[str, Any]) -> SourceCode | str:
+        arguments = call.arguments
+        weight, bias = arguments.get("weight", "None"), arguments.get("bias", "None")
+        eps = arguments.get("eps", repr(float(params["eps"])))
+        text = f"{NORMSWAP_NN}.channel_layer_norm({arguments['input']}, {weight}, {bias}, {eps}, {int(params['num_channels'])})"
+        return SourceCode(text, (NORMSWAP_NN,))
 
 
 TARGET = LayerNormTarget()

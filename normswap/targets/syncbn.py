@@ -3,7 +3,7 @@ process group in training (single-device and eval: plain BatchNorm)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..capture.tracer import BatchNormArgs
 from ..sites import Site
-from .base import COMMON_PARAMS, Param, PlanOptions, Refusal, Target, carry_affine, common_params, copy_tensors, where
+from .base import COMMON_PARAMS, Param, PlanOptions, Refusal, SourceCall, SourceCode, Target, carry_affine, common_params, copy_tensors, where
 
 
 def sync_batch_norm(
@@ -72,6 +72,13 @@ class SyncBatchNormTarget(Target):
     def function(self, params: Mapping[str, Any], call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         args = (call.input, call.running_mean, call.running_var, call.weight, call.bias, call.training, call.momentum, call.eps)
         return sync_batch_norm, args
+
+    def source_call(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+        """The same call with SyncBatchNorm as the class (its arguments are BatchNorm's)."""
+        return SourceCode(call.namespace + "SyncBatchNorm" + call.written[len(call.callee) :], call.imports)
+
+    def source_class(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+        return SourceCode(call.namespace + "SyncBatchNorm", call.imports)
 
     def prepare_subclass(self, bn: _BatchNorm, params: Mapping[str, Any]) -> None:
         """The subclass keeps its statistics and bookkeeping: only the reduction is synchronised."""
