@@ -131,8 +131,12 @@ def test_invalid_pyproject_section(project: Path) -> None:
 
 
 def test_debug_shows_the_traceback(project: Path) -> None:
-    result = CliRunner().invoke(main, ["lint", "nets:missing", "--input-shape", "2,3,8,8", "--debug"])
-    assert result.exit_code != 0 and result.exception is not None
+    from normswap.errors import ModelLoadError
+
+    plain = CliRunner().invoke(main, ["lint", "nets:missing", "--input-shape", "2,3,8,8"])
+    assert plain.exit_code == 2 and isinstance(plain.exception, SystemExit)  # one sentence, no traceback
+    debug = CliRunner().invoke(main, ["lint", "nets:missing", "--input-shape", "2,3,8,8", "--debug"])
+    assert isinstance(debug.exception, ModelLoadError) and "has no attribute 'missing'" in str(debug.exception)  # re-raised
 
 
 def test_rules_and_explain() -> None:

@@ -50,7 +50,12 @@ def test_rewrite_functional_rewrites_the_node() -> None:
     result = RewriteFunctionalBatchNorm(plan)(graph_module)
     assert result.modified and "channel_layer_norm" in graph_module.code
     assert "running_mean" not in graph_module.code  # the orphaned statistics went with the call
-    graph_module(input_for("functional"))
+    model, x = build("functional"), input_for("functional")
+    features = model.conv(x)  # what the rewritten graph must compute: LayerNorm over channels, written out
+    mean, var = features.mean(1, keepdim=True), features.var(1, unbiased=False, keepdim=True)
+    normalized = (features - mean) / torch.sqrt(var + 1e-5) * model.weight.reshape(1, -1, 1, 1) + model.bias.reshape(1, -1, 1, 1)
+    expected = model.head(torch.relu(normalized).mean(dim=(2, 3)))
+    torch.testing.assert_close(graph_module(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_rewrite_functional_without_functional_entries_is_a_no_op() -> None:
