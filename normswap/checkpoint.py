@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from torch import nn
 
 from .errors import CheckpointError, OutputError
 from .files import write_with
+from .torchutil import pickle_globals
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,14 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
         raise CheckpointError(f"Checkpoint '{path}' does not exist; check the path.")
     if path.is_dir():
         raise CheckpointError(f"Checkpoint '{path}' is a directory; give the weights file inside it.")
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint '{path}' is not a regular file (a pipe or device?); give a saved weights file.")
     if path.stat().st_size == 0:
         raise CheckpointError(f"Checkpoint '{path}' is empty (0 bytes); it was probably not written completely.")
     if path.suffix == ".safetensors":
         return Checkpoint(path, _load_safetensors(path), "safetensors")
+    if _looks_like_safetensors(path):
+        raise CheckpointError(f"Checkpoint '{path}' is a safetensors file with another suffix; rename it to end in .safetensors.")
     obj = _load_torch(path, trust)
     if isinstance(obj, nn.Module):
         return Checkpoint(path, dict(obj.state_dict()), "torch", nested_key="<pickled module>")
@@ -74,22 +78,39 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors header: a little-endian u64 length, then a JSON object."""
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _is_torch_file(path: Path) -> bool:
+    """A zip archive (torch.save's format since 1.6) or a pickle (protocol 2+ starts with 0x80)."""
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    return head.startswith(b"PK") or head[:1] == b"\x80"
+
+
 def _load_torch(path: Path, trust: bool) -> Any:
+    if not _is_torch_file(path):
+        raise CheckpointError(f"Checkpoint '{path}' is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle).")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if not trust and ("weights_only" in text or "Unsupported global" in text or "Unsupported operand" in text):
-            found = re.search(r"GLOBAL ([\w.]+)", text)
-            what = f" ({found.group(1)})" if found else ""
+        names = pickle_globals(path) if not trust else []
+        if names or "Unsupported global" in str(exc):
+            what = f" ({', '.join(names[:3])})" if names else ""
             raise CheckpointError(
                 f"Checkpoint '{path}' contains Python objects{what} that would run code when loaded, so normswap refused to "
                 "load it; pass --trust-checkpoint (trust_checkpoint=True) only if you trust its source."
             ) from None
-        raise CheckpointError(f"Checkpoint '{path}' is not a PyTorch checkpoint ({_first_line(exc)}).") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(
+            f"Checkpoint '{path}' could not be read as a PyTorch checkpoint (its pickle is not one torch.load reads safely)."
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         text = _first_line(exc)
-        if "failed finding central directory" in text or isinstance(exc, EOFError) or "truncated" in text.lower():
+        if "failed finding central directory" in text or isinstance(exc, (EOFError, OSError)) or "truncated" in text.lower():
             raise CheckpointError(f"Checkpoint '{path}' is truncated or corrupt ({text}); re-save or re-download it.") from exc
         raise CheckpointError(f"Checkpoint '{path}' could not be read as a PyTorch checkpoint ({text}).") from exc
     except Exception as exc:  # any reader failure is the file's problem: one sentence, with the cause
@@ -141,17 +162,23 @@ def fit_to_model(checkpoint: Checkpoint, model: nn.Module) -> dict[str, torch.Te
     mistyped = sorted(
         f"{k} ({best[k].dtype} for a {expected[k].dtype} parameter)"
         for k in set(best) & set(expected)
-        if expected[k].is_floating_point() and not (best[k].is_floating_point() or best[k].is_complex())
+        if expected[k].is_floating_point() and not best[k].is_floating_point()
     )
     if mistyped:
         raise CheckpointError(
-            f"Checkpoint '{checkpoint.path}' holds integer values where {type(model).__name__} has floating-point tensors: {_short(mistyped)}; "
-            "it is not a checkpoint of this model (or was saved quantized)."
+            f"Checkpoint '{checkpoint.path}' holds non-real or integer values where {type(model).__name__} has floating-point tensors: "
+            f"{_short(mistyped)}; it is not a checkpoint of this model (or was saved quantized)."
         )
     nonfinite = sorted(k for k, v in best.items() if k in expected and v.is_floating_point() and not bool(torch.isfinite(v).all()))
     if nonfinite:
         raise CheckpointError(
             f"Checkpoint '{checkpoint.path}' holds NaN or infinite values in {_short(nonfinite)}; the training that wrote it diverged, use an earlier checkpoint."
+        )
+    negative = sorted(k for k, v in best.items() if k in expected and k.endswith("running_var") and v.is_floating_point() and bool((v < 0).any()))
+    if negative:
+        raise CheckpointError(
+            f"Checkpoint '{checkpoint.path}' holds negative running variances in {_short(negative)}; a variance cannot be negative, "
+            "so the file is corrupt or not a BatchNorm checkpoint."
         )
     missing = sorted(set(expected) - set(best) - optional)
     unexpected = sorted(set(best) - set(expected))

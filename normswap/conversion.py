@@ -17,7 +17,7 @@ from .policy import entry_for
 from .rewrite import Conversion, materialize_lazy, rewrite
 from .sites import Site
 from .targets import DEFAULT_CHANNELS_PER_GROUP, DEFAULT_MAX_GROUPS, PlanOptions
-from .torchutil import as_input_tuple, require_module
+from .torchutil import as_input_tuple, require_module, require_type
 
 
 def convert(
@@ -70,6 +70,10 @@ def convert(
         NormswapError: the model, inputs or plan do not allow the conversion (one sentence).
     """
     require_module(model, "convert")
+    require_type(context, Context, "context", "convert", "build one with normswap.Context(batch_size=..., ...)")
+    require_type(plan, Plan, "plan", "convert", "read one with normswap.Plan.from_json(text)")
+    require_type(heal, HealOptions, "heal", "convert", "pass normswap.HealOptions(steps=..., lr=...)")
+    require_type(to, str, "to", "convert")
     options = PlanOptions(max_groups=max_groups, channels_per_group=channels_per_group)
     materialize_lazy(model, as_input_tuple(example_inputs))  # lazy modules cannot be copied before
     original = copy.deepcopy(model) if inplace and calibration_data is not None else model

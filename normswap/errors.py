@@ -22,8 +22,9 @@ class PlanError(NormswapError):
     that does not match the model."""
 
 
-class ConfigError(NormswapError):
-    """Invalid `[tool.normswap]` configuration or command-line option."""
+class ConfigError(NormswapError, ValueError):
+    """Invalid `[tool.normswap]` configuration, command-line option or Context value (a
+    ValueError too: `Context(batch_size=0)` is a wrong argument)."""
 
 
 class CheckpointError(NormswapError):

@@ -12,7 +12,7 @@ from .analysis import analyze
 from .context import Context
 from .policy import make_plan
 from .report import Report, model_definition
-from .torchutil import require_module
+from .torchutil import require_module, require_type
 
 
 def lint(
@@ -39,6 +39,7 @@ def lint(
         `to_sarif`) and `exit_code(fail_on=...)`.
     """
     require_module(model, "lint")
+    require_type(context, Context, "context", "lint", "build one with normswap.Context(batch_size=..., ...)")
     context = context or Context()
     analysis = analyze(model, example_inputs, context, select_rules(select, ignore))
     auto = make_plan(analysis.sites, analysis.findings, context, "auto", strict=False)

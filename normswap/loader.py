@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import importlib.util
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,12 @@ def check_input_memory(specs: Sequence[InputSpec | Sequence[int]]) -> None:
 
 
 def example_inputs(specs: Sequence[InputSpec | Sequence[int]], seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Deterministic inputs: standard normal for floating dtypes, zeros (a valid index) otherwise."""
+    """Deterministic inputs: standard normal for floating dtypes, zeros (a valid index) otherwise.
+
+    Raises:
+        ConfigError: the inputs alone would take more than half the available memory.
+    """
+    check_input_memory(specs)
     generator = torch.Generator().manual_seed(seed)
     tensors = []
     for spec in specs:
@@ -158,9 +164,9 @@ def _import_target(spec: str) -> tuple[Any, str]:
         try:
             sys.modules[module_name] = module
             import_spec.loader.exec_module(module)
-        except Exception as exc:  # the user's file failed to import: one sentence, with the cause
+        except (Exception, SystemExit) as exc:  # the user's file failed to import (or exited): one sentence, with the cause
             sys.modules.pop(module_name, None)
-            raise ModelLoadError(f"Importing '{location}' failed: {type(exc).__name__}: {exc}.") from exc
+            raise ModelLoadError(f"Importing '{location}' failed: {_failure(exc)}.") from exc
         finally:
             sys.path.remove(str(path.resolve().parent))
     else:
@@ -170,14 +176,36 @@ def _import_target(spec: str) -> tuple[Any, str]:
             module = importlib.import_module(location)
         except ModuleNotFoundError as exc:
             raise ModelLoadError(f"Module '{location}' not found ({exc}); check '{spec}' and that the package is importable from here.") from exc
-        except Exception as exc:  # the user's module failed to import: one sentence, with the cause
-            raise ModelLoadError(f"Importing module '{location}' failed: {type(exc).__name__}: {exc}.") from exc
+        except (Exception, SystemExit) as exc:  # the user's module failed to import (or exited): one sentence, with the cause
+            raise ModelLoadError(f"Importing module '{location}' failed: {_failure(exc)}.") from exc
     target: Any = module
     for part in attribute.split("."):
         if not hasattr(target, part):
             raise ModelLoadError(f"'{location}' has no attribute '{attribute}'; check the name after ':' in '{spec}'.")
         target = getattr(target, part)
     return target, attribute
+
+
+@contextlib.contextmanager
+def model_importable(spec: str) -> Iterator[None]:
+    """For a `path/to/file.py:callable` spec: the file's folder on sys.path, so that its module
+    imports by its plain name (a trusted pickle of the model refers to `nets.Net`)."""
+    location = spec.rpartition(":")[0]
+    folder = str(Path(location).resolve().parent) if location.endswith(".py") else None
+    if folder is None or folder in sys.path:
+        yield
+        return
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        sys.path.remove(folder)
+
+
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r}), which a model module must not do"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def load_model(spec: str, kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, Any]:
@@ -194,8 +222,8 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None) -> tuple[nn.Modu
     try:
         with recording_construction():
             model = target(**(kwargs or {}))
-    except Exception as exc:  # the user's factory failed: one sentence, with the cause
-        raise ModelLoadError(f"Calling '{spec}' with {kwargs or {}} failed: {type(exc).__name__}: {exc}.") from exc
+    except (Exception, SystemExit) as exc:  # the user's factory failed (or exited): one sentence, with the cause
+        raise ModelLoadError(f"Calling '{spec}' with {kwargs or {}} failed: {_failure(exc)}.") from exc
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"'{spec}' returned a {type(model).__name__}, not a torch.nn.Module.")
     return model, target

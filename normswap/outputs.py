@@ -50,6 +50,12 @@ def check_output_dir(out_dir: Path, inputs: Sequence[Path | None], force: bool) 
         raise OutputError(f"Output path '{out_dir}' is a file; give a directory for --out.")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise OutputError(f"Output directory '{out_dir}' already has files; pass --force to replace normswap's outputs in it.")
+    for name in OUTPUT_NAMES:
+        slot = out_dir / name
+        if slot.exists() and not slot.is_file():
+            raise OutputError(
+                f"Output directory '{out_dir}' has a directory (or other non-file) named '{name}' where normswap writes its file; move it away or choose another --out."
+            )
     for given in inputs:
         if given is None or not given.exists():
             continue
@@ -85,7 +91,8 @@ def _lock(out_dir: Path) -> Iterator[None]:
     except ImportError:  # no flock on this platform: runs are not serialized
         yield
         return
-    path = out_dir.resolve().parent / f".{out_dir.name}.normswap.lock"
+    resolved = out_dir.resolve()  # two symbolic links to one directory share one lock
+    path = resolved.parent / f".{resolved.name}.normswap.lock"
     try:
         handle = path.open("a+")
     except OSError as exc:
@@ -111,9 +118,13 @@ def _lock(out_dir: Path) -> Iterator[None]:
         handle.close()
 
 
+_TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
 def _interruptible() -> Iterator[None]:
-    """SIGTERM raises Interrupted (SIGINT already raises KeyboardInterrupt), so clean-up runs."""
+    """SIGTERM and SIGHUP raise Interrupted (SIGINT already raises KeyboardInterrupt), so
+    clean-up runs."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -121,19 +132,24 @@ def _interruptible() -> Iterator[None]:
     def stop(signum: int, frame: FrameType | None) -> Any:
         raise Interrupted(signum)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {signum: signal.signal(signum, stop) for signum in _TERMINATING}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
-def output_set(out_dir: Path) -> Iterator[Path]:
+def output_set(out_dir: Path, force: bool = False) -> Iterator[Path]:
     """Lock DIR and yield a staging directory beside it; on success its files replace normswap's
     files in DIR as a set (see the module docstring), on failure or a signal nothing changes."""
     with _interruptible(), _lock(out_dir):
         parent = out_dir.resolve().parent
+        for stale in parent.glob(f".{out_dir.resolve().name}.normswap-*"):  # a killed run's staging (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        if not force and out_dir.is_dir() and any(out_dir.iterdir()):  # filled since the first check
+            raise OutputError(f"Output directory '{out_dir}' already has files; pass --force to replace normswap's outputs in it.")
         try:
             staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.normswap-", dir=parent))
         except OSError as exc:
@@ -145,13 +161,32 @@ def output_set(out_dir: Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def _listed(out_dir: Path) -> set[str]:
+    """The outputs an earlier run's manifest lists (none when there is no readable manifest)."""
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))["reports"][0]["manifest"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return set()
+    return {name for name in manifest if name in OUTPUT_NAMES} if isinstance(manifest, dict) else set()
+
+
 def _commit(staging: Path, out_dir: Path) -> None:
     out_dir.mkdir(exist_ok=True)
     new = {item.name for item in staging.iterdir()}
+    stale = [name for name in OUTPUT_NAMES if name not in new and name != MANIFEST and (out_dir / name).is_file()]
+    unknown = [name for name in stale if name not in _listed(out_dir)]
+    if unknown:  # not ours to delete, and left beside the new set it would look like part of it
+        raise OutputError(
+            f"'{out_dir / unknown[0]}' is not from an earlier normswap run (no manifest lists it) and this run does not write it; "
+            "move it away or choose another --out."
+        )
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in staging.iterdir():  # temporary files are private (0600): give them the usual mode
+        item.chmod(0o666 & ~umask)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # from here until the end DIR has no manifest: nothing reads it
-    for name in OUTPUT_NAMES:
-        if name not in new and (out_dir / name).is_file():
-            (out_dir / name).unlink()  # an earlier run's file this run does not replace
+    for name in stale:
+        (out_dir / name).unlink()  # an earlier run's file this run does not replace
     for name in sorted(new - {MANIFEST}):
         os.replace(staging / name, out_dir / name)  # same filesystem: atomic per file
     os.replace(staging / MANIFEST, out_dir / MANIFEST)  # the manifest last: the set is complete
@@ -173,6 +208,9 @@ def verified_outputs(out_dir: Path) -> dict[str, Path]:
         manifest = None
     if not isinstance(manifest, dict):
         raise OutputError(f"'{manifest_path}' has no manifest of the outputs; convert again with a current normswap.")
+    foreign = [name for name in manifest if name not in OUTPUT_NAMES]
+    if foreign:
+        raise OutputError(f"'{manifest_path}' lists '{foreign[0]}', which is not a normswap output; convert again.")
     for name, digest in manifest.items():
         path = out_dir / name
         if not path.is_file():

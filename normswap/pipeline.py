@@ -21,7 +21,7 @@ from .conversion import convert
 from .errors import CalibrationError, PlanError
 from .export import export_onnx, validate_onnx
 from .files import write_text_atomic
-from .loader import check_input_memory, example_inputs, load_model
+from .loader import check_input_memory, example_inputs, load_model, model_importable
 from .outputs import MANIFEST, check_output_dir, manifest_of, output_set, verified_outputs
 from .plan import Plan
 from .render.plot import plot_attribution, plot_available
@@ -111,14 +111,15 @@ def convert_checkpoint(
     check_output_dir(out_dir, given, options.force)
     check_input_memory(input_shapes)
     steps = Steps(quiet)
-    with output_set(out_dir) as staging:
+    with output_set(out_dir, options.force) as staging:
         with steps.step("load"):
             model, factory = load_model(model_spec, model_kwargs)
-            checkpoint = load_checkpoint(checkpoint_path, trust=options.trust_checkpoint)
+            with model_importable(model_spec):  # a trusted pickled module names its class by the model's module
+                checkpoint = load_checkpoint(checkpoint_path, trust=options.trust_checkpoint)
             model.load_state_dict(fit_to_model(checkpoint, model), strict=False)
             model.eval()
             inputs = example_inputs(input_shapes, seed=options.seed)
-            plan = Plan.from_json(_read_text(options.plan_path), where=options.plan_path) if options.plan_path else None
+            plan = Plan.read(options.plan_path) if options.plan_path else None
         stage = "trace, plan and rewrite" + (", calibrate and heal" if options.calibration_data else "")
         with steps.step(stage):
             batches = _calibration_batches(model, options.calibration_data, options.calibration_batch_size) if options.calibration_data else None
@@ -220,13 +221,6 @@ def _calibration_batches(model: torch.nn.Module, path: str, batch_size: int) -> 
     return batches
 
 
-def _read_text(path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PlanError(f"Cannot read plan '{path}': {exc.strerror or exc}.") from exc
-
-
 def load_converted(model: torch.nn.Module, out_dir: str | Path, example_inputs: Any = None) -> torch.nn.Module:
     """Apply `out_dir/plan.json` to a fresh `model` and load the converted weights into it.
 
@@ -239,7 +233,7 @@ def load_converted(model: torch.nn.Module, out_dir: str | Path, example_inputs: 
     files = verified_outputs(out_dir)
     if "plan.json" not in files:
         raise PlanError(f"'{out_dir}' has no plan.json; point to a directory written by `normswap convert`.")
-    plan = Plan.from_json(files["plan.json"].read_text(encoding="utf-8"), where=str(files["plan.json"]))
+    plan = Plan.read(files["plan.json"])
     weights = next((files[n] for n in ("model.safetensors", "model.pt") if n in files), None)
     if weights is None:
         raise PlanError(f"'{out_dir}' has no model.safetensors or model.pt.")

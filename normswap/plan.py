@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import targets
@@ -77,8 +78,22 @@ class Plan:
         return {t: n for t in targets.NAMES if (n := sum(1 for e in self.entries if e.target == t))}
 
     def check(self, sites: Sequence[Site] = ()) -> None:
-        """Check every entry, against its site where `sites` has it, before any model is touched."""
+        """Check every entry, against its site when `sites` are given (then the plan must name
+        exactly the model's sites), before any model is touched."""
         by_name = {site.name: site for site in sites}
+        if sites:
+            unknown = [entry.name for entry in self.entries if entry.name not in by_name]
+            if unknown:
+                raise PlanError(
+                    f"The plan names {', '.join(repr(n) for n in unknown[:4])}, which is not a BatchNorm site of this model "
+                    f"(its sites: {', '.join(list(by_name)[:8])}); it was made for another model or configuration."
+                )
+            missing = [name for name in by_name if self.get(name) is None]
+            if missing:
+                raise PlanError(
+                    f"The plan says nothing about {', '.join(repr(n) for n in missing[:4])}; give every site an entry "
+                    '({"name": ..., "target": "keep"} leaves one as it is).'
+                )
         seen: set[str] = set()
         for entry in self.entries:
             if entry.name in seen:
@@ -102,13 +117,13 @@ class Plan:
         if not isinstance(data, dict) or not isinstance(data.get("sites"), list):
             raise PlanError(f"{where} is not a normswap plan: expected an object with a 'sites' list.")
         version = data.get("version")
-        if version != PLAN_VERSION:
+        if isinstance(version, bool) or version != PLAN_VERSION:
             raise PlanError(f"{where} has plan version {version!r}; this normswap reads version {PLAN_VERSION}.")
         entries = []
         for index, site in enumerate(data["sites"]):
             if not isinstance(site, dict) or not isinstance(site.get("name"), str) or not isinstance(site.get("target"), str):
                 raise PlanError(f"{where}: site #{index} needs at least a 'name' and a 'target' string.")
-            params = site.get("params") or {}
+            params = site.get("params", {})
             if not isinstance(params, dict):
                 raise PlanError(f"{where}: 'params' of site '{site['name']}' must be an object.")
             entries.append(
@@ -130,4 +145,21 @@ class Plan:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise PlanError(f"{where} is not valid JSON (line {exc.lineno}: {exc.msg}).") from exc
+        except RecursionError:
+            raise PlanError(f"{where} is nested too deeply to be a normswap plan.") from None
         return cls.from_dict(data, where)
+
+    @classmethod
+    def read(cls, path: str | Path) -> Plan:
+        """Read and check the plan file at `path`.
+
+        Raises:
+            PlanError: the file cannot be read, is not UTF-8 JSON, or is not a valid plan.
+        """
+        try:
+            text = Path(path).read_bytes().decode("utf-8")
+        except OSError as exc:
+            raise PlanError(f"Cannot read plan '{path}': {exc.strerror or exc}.") from exc
+        except UnicodeDecodeError:
+            raise PlanError(f"Plan '{path}' is not UTF-8 text; give the plan.json that normswap wrote.") from None
+        return cls.from_json(text, where=str(path))

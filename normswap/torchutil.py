@@ -7,9 +7,12 @@ import gc
 import io
 import logging
 import os
+import pickletools
 import sys
 import warnings
+import zipfile
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +51,13 @@ def require_module(model: Any, function: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{function}() needs a torch.nn.Module, got {type(model).__name__}.")
     return model
+
+
+def require_type(value: Any, expected: type | tuple[type, ...], argument: str, function: str, hint: str = "") -> None:
+    """TypeError when an API function's `argument` is not of the `expected` type (None passes)."""
+    if value is not None and not isinstance(value, expected):
+        names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+        raise TypeError(f"{function}(): {argument} must be a {names}, got {type(value).__name__}{f'; {hint}' if hint else ''}.")
 
 
 def resolve_batch_inputs(inputs: Sequence[Any], batch_inputs: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -211,3 +221,30 @@ def quiet_torch() -> Iterator[None]:
         sys.stderr = stderr
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+def pickle_globals(path: Path, limit: int = 200_000) -> list[str]:
+    """The `module.name` globals a pickle (plain, or a torch zip's data.pkl) would import, read
+    with pickletools without running anything."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                inner = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(inner) if inner else b""
+        else:
+            data = path.read_bytes()
+        names: list[str] = []
+        strings: list[str] = []
+        for count, (opcode, argument, _) in enumerate(pickletools.genops(data)):
+            if count > limit:
+                break
+            if isinstance(argument, str):
+                strings.append(argument)
+            if opcode.name == "GLOBAL" and isinstance(argument, str):
+                names.append(argument.replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+        # what torch.save itself writes (tensor rebuilds, OrderedDict) is not foreign code
+        return list(dict.fromkeys(n for n in names if not n.startswith(("torch.", "collections.OrderedDict", "_codecs.", "builtins.set"))))
+    except Exception:  # noqa: BLE001 - only for the message: a file pickletools cannot walk gets none
+        return []

@@ -143,7 +143,7 @@ def test_pickled_module_needs_trust(work: Path) -> None:
         (None, ["missing.pt", "--model", "nets:build"], "does not exist"),
         ("empty", ["empty.pt", "--model", "nets:build"], "is empty (0 bytes)"),
         ("truncated", ["truncated.pt", "--model", "nets:build"], "truncated or corrupt"),
-        ("text", ["notes.pt", "--model", "nets:build"], "could not be read as a PyTorch checkpoint"),
+        ("text", ["notes.pt", "--model", "nets:build"], "is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)"),
         ("list", ["list.pt", "--model", "nets:build"], "without model weights"),
         ("badsafetensors", ["bad.safetensors", "--model", "nets:build"], "not a readable safetensors file"),
         (None, ["plain.pt", "--model", "nosuch.module:build"], "Module 'nosuch.module' not found"),

@@ -41,7 +41,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("normswap.pipeline",),
     ("normswap.cli",),
 )
-ROOT_MODULES = ("normswap", "normswap.__main__")  # the public API and the entry point sit above everything
+ROOT_MODULES = ("normswap", "normswap.__main__", "normswap._entry")  # the public API and the entry points sit above everything
 
 
 def _modules() -> dict[str, Path]:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import CalibrationError
-from ..torchutil import as_input_tuple
+from ..torchutil import as_input_tuple, pickle_globals
 
 FORMATS = (".pt", ".pth", ".npy", ".npz", ".safetensors")
 
@@ -23,9 +23,24 @@ def check_batches(batches: Iterable[Any]) -> list[tuple]:
         raise CalibrationError("Calibration data is empty; give at least one batch of inputs.")
     for index, batch in enumerate(checked):
         for x in batch:
+            if isinstance(x, torch.Tensor) and x.is_complex():
+                raise CalibrationError(f"Calibration batch {index} holds complex values; the model's inputs are real numbers.")
             if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
                 raise CalibrationError(f"Calibration batch {index} holds NaN or infinite values; clean the data first.")
     return checked
+
+
+def _reason(exc: Exception, path: Path) -> str:
+    """The reader's complaint in a few words (torch's weights_only message is a paragraph)."""
+    text = str(exc)
+    if "Weights only load failed" in text or "Unsupported global" in text:
+        names = pickle_globals(path)
+        if names:
+            return f"it holds Python objects ({', '.join(names[:3])}), which normswap does not load from data files; save a plain tensor"
+        return "not a torch.save file, or a truncated one"
+    if any(mark in text for mark in ("invalid load key", "Invalid magic number", "failed finding central directory", "PytorchStreamReader")):
+        return "not a torch.save file, or a truncated one"
+    return text.strip().splitlines()[0][:160] if text.strip() else type(exc).__name__
 
 
 def batches_from_tensor(data: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -34,8 +49,12 @@ def batches_from_tensor(data: torch.Tensor, batch_size: int) -> list[torch.Tenso
 
 def load_calibration_tensor(path: str) -> torch.Tensor:
     """Inputs from a .pt / .npz / .safetensors file holding one tensor (first axis = samples)."""
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        raise CalibrationError(f"Calibration data '{path}' is a directory; give the tensor file inside it.")
+    if not os.path.exists(path):
         raise CalibrationError(f"Calibration data '{path}' does not exist.")
+    if not os.path.isfile(path):
+        raise CalibrationError(f"Calibration data '{path}' is not a regular file (a pipe or device?); give a saved tensor file.")
     if not path.endswith(FORMATS):
         raise CalibrationError(
             f"Calibration data '{path}' is not a tensor file normswap reads; save the inputs (first axis = samples) as "
@@ -61,11 +80,14 @@ def load_calibration_tensor(path: str) -> torch.Tensor:
             )
     except Exception as exc:  # any reader failure is the file's problem: one sentence, with the cause
         raise CalibrationError(
-            f"Calibration data '{path}' could not be read as {Path(path).suffix} ({str(exc).splitlines()[0][:160]}); "
-            "check that it was written by the tool its name says."
+            f"Calibration data '{path}' could not be read as {Path(path).suffix} ({_reason(exc, Path(path))}); check that it was written by the tool its name says."
         ) from exc
     if len(tensors) != 1:
         raise CalibrationError(f"Calibration data '{path}' must hold exactly one tensor of inputs, found {len(tensors)}.")
+    if tensors[0].is_complex() or tensors[0].dtype == torch.bool:
+        raise CalibrationError(
+            f"Calibration data '{path}' holds {str(tensors[0].dtype).removeprefix('torch.')} values; the model's inputs are real numbers."
+        )
     data = tensors[0].float()
     if data.dim() == 0 or data.shape[0] == 0:
         raise CalibrationError(f"Calibration data '{path}' is empty.")

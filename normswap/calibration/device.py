@@ -24,7 +24,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     Raises:
         ValueError: a device this machine does not have, or a malformed name.
     """
-    local_rank = int(os.environ.get("LOCAL_RANK", "-1"))
+    raw = os.environ.get("LOCAL_RANK", "-1")
+    if not raw.strip().lstrip("-").isdigit():
+        raise ValueError(f"LOCAL_RANK={raw!r} in the environment is not an integer; unset it or run under torchrun")
+    local_rank = int(raw)
     if device is None or device == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")

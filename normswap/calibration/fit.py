@@ -28,7 +28,7 @@ from ..passes.rebase import TakenOver
 from ..passes.rewrite_functional import SITE_META
 from ..plan import Plan, PlanEntry
 from ..targets.layernorm import ChannelLayerNorm
-from ..torchutil import preserved, tensor_attribute
+from ..torchutil import preserved, require_module, require_type, tensor_attribute
 from .data import check_batches
 from .device import placed, resolve_device, to_device
 
@@ -277,6 +277,9 @@ def calibrate(
     Returns:
         Per site, the fit quality (R^2 of the per-channel affine regression).
     """
+    require_module(converted, "calibrate")
+    require_module(original, "calibrate")
+    require_type(plan, Plan, "plan", "calibrate")
     where = resolve_device(device)
     batches = [to_device(b, where) for b in check_batches(batches)]
     entries = list(plan) if plan is not None else _entries_from_modules(converted, original)

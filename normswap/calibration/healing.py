@@ -23,7 +23,7 @@ from .. import targets
 from ..errors import CalibrationError, ConfigError
 from ..passes.rebase import TakenOver
 from ..targets.layernorm import ChannelLayerNorm
-from ..torchutil import preserved
+from ..torchutil import preserved, require_module, require_type
 from .data import check_batches
 from .device import device_of, placed, resolve_device, to_device
 from .drift import flat_outputs
@@ -98,13 +98,14 @@ def heal(
     Returns:
         HealResult; `.model` is `converted`, holding the parameters with the best held-out loss.
     """
+    require_module(converted, "heal")
+    require_module(original, "heal")
+    require_type(options, HealOptions, "options", "heal", "pass normswap.HealOptions(steps=..., lr=...)")
     options = (options or HealOptions()).replace(**settings)
     batches = check_batches(batches)
     held = max(1, int(len(batches) * options.heldout_fraction)) if len(batches) > 1 and options.heldout_fraction else 0
     train, heldout = batches[: len(batches) - held] or batches, batches[len(batches) - held :] or batches
     steps = options.resolved_steps(len(train))
-    if steps < 1:
-        raise CalibrationError("heal steps must be at least 1.")
     where = resolve_device(device)
     with placed(where, converted, original), preserved(original):
         result = _heal(converted, original, [to_device(b, where) for b in train], [to_device(b, where) for b in heldout], options, steps, progress)
@@ -174,7 +175,9 @@ def _heal(
                 inputs, target = train[pick], train_targets[pick]
             loss = distillation_loss(flat_outputs(model(*inputs)), target)
             if not torch.isfinite(loss):
-                raise CalibrationError(f"Healing diverged at step {step} (loss {float(loss)}); lower the learning rate (now {options.lr:g}).")
+                raise CalibrationError(
+                    f"Healing diverged at step {step} (loss {float(loss.detach())}); lower the learning rate (now {options.lr:g})."
+                )
             loss.backward()
             optimizer.step()
             if scheduler is not None:

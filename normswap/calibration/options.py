@@ -45,8 +45,8 @@ class HealOptions:
     eval_every: int | None = None
 
     def __post_init__(self) -> None:
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0):
-            raise ValueError(f"heal steps must be a non-negative integer, got {self.steps!r}.")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"heal steps must be a positive integer, got {self.steps!r}.")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
             raise ValueError(f"heal learning rate must be a positive finite number, got {self.lr!r}.")
         if self.params not in HEAL_PARAMS:

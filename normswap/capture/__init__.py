@@ -7,6 +7,7 @@ Capture never mutates the user's model: training flags, attributes set in forwar
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,6 +37,7 @@ def capture(model: nn.Module, example_inputs: Any, *, methods: Sequence[str] = M
     """
     require_module(model, "capture")
     inputs = as_input_tuple(example_inputs)
+    _check_arity(model, inputs)
     reasons: list[str] = []
     strategies = dict(STRATEGIES)
     for method in methods:
@@ -52,6 +54,20 @@ def capture(model: nn.Module, example_inputs: Any, *, methods: Sequence[str] = M
         result.input_shapes = tuple(shape_of(x) or () for x in inputs)
         return result
     raise CaptureError(f"Could not capture {type(model).__name__}: {'; '.join(reasons)}.")
+
+
+def _check_arity(model: nn.Module, inputs: tuple) -> None:
+    """Refuse example inputs forward does not take (tracing would quietly drop the extra ones)."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # no Python signature to check: the run will tell
+        return
+    try:
+        signature.bind(*inputs)
+    except TypeError as exc:
+        raise CaptureError(
+            f"{type(model).__name__}.forward does not take the {len(inputs)} example input(s): {exc}; give one input per positional argument."
+        ) from None
 
 
 __all__ = ["METHODS", "STRATEGIES", "BatchNormCall", "Capture", "capture", "run_eagerly"]

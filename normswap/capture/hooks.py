@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..source import user_frame_location
+from ..torchutil import preserved
 from .calls import BatchNormCall, Capture, run_eagerly, shape_of
 from .tracer import BATCH_NORM_FUNCTIONS, BatchNormArgs, is_batchnorm_like
 
@@ -67,4 +69,33 @@ def capture_hooks(model: nn.Module, inputs: tuple) -> Capture:
     finally:
         for handle in handles:
             handle.remove()
+    functional = [call for call in calls if call.module is None]
+    if functional:
+        _training_flags(model, inputs, functional)
     return Capture("hooks", calls, None)
+
+
+def _training_flags(model: nn.Module, inputs: tuple, functional: list[BatchNormCall]) -> None:
+    """The `training` flag each functional call passes in train mode (`F.batch_norm(...,
+    self.training)`): one more forward in train mode (state restored). A model that cannot run
+    in train mode on these inputs (it wants labels) is taken to use batch statistics there."""
+    seen: list[BatchNormCall] = []
+    stack: list[tuple[str, nn.Module]] = []
+    handles = []
+
+    def leave(module: nn.Module, args: tuple, output: Any) -> None:
+        stack.pop()
+
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, args, name=name: stack.append((name, m))))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        with preserved(model), torch.no_grad(), _FunctionalBatchNormSpy(stack, seen):
+            model.train()(*inputs)
+    except Exception:  # noqa: BLE001 - train mode needs more than the example inputs: assume the worst (batch statistics)
+        seen = []
+    finally:
+        for handle in handles:
+            handle.remove()
+    for index, call in enumerate(functional):
+        call.training = bool(seen[index].training_in_eval) if index < len(seen) else True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,18 @@ EXIT_INTERNAL = 3
 FORMATS = ["text", "grouped", "full", "concise", "json", "markdown", "sarif"]  # commands.FORMATS, without importing torch
 
 
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses nan and inf (a nan passes every comparison)."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 def handle_errors(command: Callable[..., int]) -> Callable[..., None]:
     """Exit with the command's code; one sentence and exit 2 for input errors, exit 3 for bugs;
     a traceback only with --debug. The one place where the process exit code is set."""
@@ -27,6 +40,15 @@ def handle_errors(command: Callable[..., int]) -> Callable[..., None]:
         context = click.get_current_context()
         try:
             code = command(*args, **kwargs)
+        except SystemExit as exc:  # click exits with click.exceptions.Exit: this came from the user's code
+            if debug:
+                raise
+            click.echo(
+                f"normswap: error: the model's code called sys.exit({exc.code!r}) while normswap imported, built or ran it; "
+                "a model module must not exit the process.",
+                err=True,
+            )
+            context.exit(2)
         except NormswapError as exc:
             if debug:
                 raise
@@ -195,13 +217,11 @@ def lint(models: tuple[str, ...], **options: Any) -> int:
 @click.option("--no-validate", is_flag=True, help="Export but do not validate with onnxruntime.")
 @click.option(
     "--atol",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     default=None,
     help="Absolute tolerance of the ONNX check (default: per output, 16x the model's own float64 rounding error, at least 16 ulps of its dtype at its scale).",
 )
-@click.option(
-    "--rtol", type=click.FloatRange(min=0), default=None, help="Relative tolerance of the ONNX check (default: 16 ulps of each output's dtype)."
-)
+@click.option("--rtol", type=FiniteFloat(min=0), default=None, help="Relative tolerance of the ONNX check (default: 16 ulps of each output's dtype).")
 @click.option(
     "--batch-inputs",
     default=None,
@@ -218,13 +238,18 @@ def lint(models: tuple[str, ...], **options: Any) -> int:
 @click.option("--calibration-batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size for calibration and healing.")
 @click.option("--heal", is_flag=True, help="After calibration, distil the converted model toward the original (the measured defaults).")
 @click.option(
-    "--heal-steps", type=click.IntRange(min=0), default=None, help="Healing steps (implies --heal; default: 20 passes over the data, 200 to 2000)."
+    "--heal-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Healing steps (implies --heal; default: 80 passes over the training batches, 200 to 2000).",
 )
-@click.option("--heal-lr", type=float, default=None, help="Healing learning rate (implies --heal; default 1e-3, cosine decay).")
+@click.option(
+    "--heal-lr", type=FiniteFloat(min=0, min_open=True), default=None, help="Healing learning rate (implies --heal; default 1e-3, cosine decay)."
+)
 @click.option("--heal-params", type=click.Choice(["all", "norm"]), default=None, help="Parameters healing trains (implies --heal; default: all).")
 @click.option(
     "--freeze-costly",
-    type=click.FloatRange(min=0, max=100, max_open=True),
+    type=FiniteFloat(min=0, max=100, max_open=True),
     default=None,
     metavar="PCT",
     help="With --to auto and --calibration-data: freeze each site whose conversion alone, calibrated, loses more than PCT %% top-1 agreement.",

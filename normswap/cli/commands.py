@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import click
 
 from ..calibration import HealOptions, resolve_device
 from ..config import Config, ModelEntry, load_config
-from ..errors import ConfigError, PlanError
-from ..files import write_text_atomic
+from ..errors import ConfigError
+from ..files import refuse_overwriting, write_text_atomic
 from ..linter import lint
 from ..loader import example_inputs, load_model, parse_input_spec, parse_kwargs
 from ..plan import Plan
@@ -50,7 +50,7 @@ def model_entries(models: Sequence[str], kwargs: Sequence[str], input_shapes: Se
 
 def run_lint(models: Sequence[str], flags: dict[str, Any], options: dict[str, Any]) -> int:
     """`normswap lint` (and `--fix` / `--diff`); returns the exit code."""
-    from ..fix import FixJob, plan_fixes
+    from ..fix import plan_fixes
 
     config = load_config()
     context = config.make_context(**flags)
@@ -68,18 +68,10 @@ def run_lint(models: Sequence[str], flags: dict[str, Any], options: dict[str, An
     if options["plan_path"] and len(entries) != 1:
         raise ConfigError(f"--plan fits one model; {len(entries)} are being linted (name one MODEL).")
     reports: list[Report] = []
-    jobs: list[FixJob] = []
-    for entry in entries:
-        model, factory = load_model(entry.spec, entry.kwargs)
-        name = display_spec(entry.spec)
-        report = lint(model, example_inputs(entry.input_shapes), context, select=select, ignore=ignore, name=name)
-        report.model_location = model_definition(factory) or report.model_location
-        plan = _fix_plan(report, context, options)
-        report.auto_plan = {target: n for target, n in plan.counts().items() if target != "keep"}
-        report.commands = _commands(entry, models, flags, options)
-        only = {f.site.name for f in report.findings if f.site is not None} if (select or ignore) else None
-        jobs.append(FixJob(model, report.sites, plan, label=name, only=only))
-        reports.append(report)
+    jobs: list = []
+    with model_code():
+        for entry in entries:
+            reports.append(_lint_one(entry, models, context, select, ignore, flags, options, jobs))
     fixes = plan_fixes(jobs, repo_root(), unsafe=options["unsafe_fixes"])
     if options["diff"]:
         return _print_diff(fixes)
@@ -96,10 +88,50 @@ def run_lint(models: Sequence[str], flags: dict[str, Any], options: dict[str, An
     else:
         rendered = RENDERERS[output_format](reports)
     if options["output"]:
+        refuse_overwriting(options["output"], [config.path, *_model_files(entries)])
         write_text_atomic(options["output"], rendered)
     else:
         click.echo(rendered, nl=False)
     return code
+
+
+def _lint_one(entry: ModelEntry, models: Sequence[str], context: Any, select, ignore, flags, options, jobs: list) -> Report:
+    """Lint one model and queue its source fixes."""
+    from ..fix import FixJob
+
+    model, factory = load_model(entry.spec, entry.kwargs)
+    name = display_spec(entry.spec)
+    report = lint(model, example_inputs(entry.input_shapes), context, select=select, ignore=ignore, name=name)
+    report.model_location = model_definition(factory) or report.model_location
+    plan = _fix_plan(report, context, options)
+    report.auto_plan = {target: n for target, n in plan.counts().items() if target != "keep"}
+    report.commands = _commands(entry, models, flags, options)
+    only = {f.site.name for f in report.findings if f.site is not None} if (select or ignore) else None
+    jobs.append(FixJob(model, report.sites, plan, label=name, only=only))
+    return report
+
+
+def _model_files(entries: Sequence[ModelEntry]) -> list[str]:
+    """The source files of the models (a report must never replace one)."""
+    found = []
+    for entry in entries:
+        location = entry.spec.rpartition(":")[0]
+        if location.endswith(".py"):
+            found.append(location)
+        else:
+            module = sys.modules.get(location)
+            path = getattr(module, "__file__", None)
+            if path:
+                found.append(path)
+    return found
+
+
+@contextlib.contextmanager
+def model_code() -> Iterator[None]:
+    """While the user's model is imported, built and run: its prints go to stderr, so that a
+    report on stdout (json, sarif) stays valid."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 TEXT_STYLES = {"text": "auto", "grouped": "grouped", "full": "full", "concise": "concise"}
@@ -109,10 +141,7 @@ FORMATS = (*TEXT_STYLES, "json", "markdown", "sarif")
 def _fix_plan(report: Report, context: Any, options: dict[str, Any]) -> Plan:
     """The plan the source fixes follow: --plan, else what `convert --to auto` would do (with --keep)."""
     if options["plan_path"]:
-        plan = Plan.from_json(Path(options["plan_path"]).read_text(encoding="utf-8"), where=options["plan_path"])
-        unknown = sorted({entry.name for entry in plan} - {site.name for site in report.sites})
-        if unknown:
-            raise PlanError(f"{options['plan_path']} names {', '.join(unknown)}, which is not a BatchNorm site of {report.model}.")
+        plan = Plan.read(options["plan_path"])
         plan.check(report.sites)
         return plan
     return make_plan(report.sites, report.findings, context, "auto", keep_sites=tuple(options["keep"]), strict=False)
@@ -192,6 +221,10 @@ def run_convert(
 
     if not input_shapes:
         raise ConfigError("--input-shape is required (e.g. --input-shape 1,3,224,224).")
+    if options["opset"] is not None:
+        from ..export import check_opset
+
+        check_opset(options["opset"])  # before any work
     config = load_config()
     context = config.make_context(**flags)
     if options["trust_checkpoint"]:
@@ -219,17 +252,18 @@ def run_convert(
         keep=tuple(options["keep"]),
         batch_inputs=parse_batch_inputs(options["batch_inputs"], len(input_shapes)),
     )
-    result = convert_checkpoint(
-        checkpoint,
-        model_spec,
-        parse_kwargs(kwargs),
-        [parse_input_spec(s) for s in input_shapes],
-        out_dir,
-        context,
-        convert_options,
-        quiet=quiet,
-        model_name=display_spec(model_spec),
-    )
+    with model_code():
+        result = convert_checkpoint(
+            checkpoint,
+            model_spec,
+            parse_kwargs(kwargs),
+            [parse_input_spec(s) for s in input_shapes],
+            out_dir,
+            context,
+            convert_options,
+            quiet=quiet,
+            model_name=display_spec(model_spec),
+        )
     if not quiet:
         click.echo(RENDERERS["text"]([result.report], color=sys.stdout.isatty()), nl=False)
     return result.report.exit_code(fail_on="never")

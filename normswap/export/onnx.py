@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import ExportError
 from ..files import atomic_path
 from ..targets.groupnorm import GROUP_NORM_EXPORT_FORM
-from ..torchutil import as_input_tuple, batch_of, preserved, quiet_torch, resolve_batch_inputs
+from ..torchutil import as_input_tuple, batch_of, preserved, quiet_torch, require_module, resolve_batch_inputs
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 # measured in onnxruntime (benchmarks/bench_formulations.py). Opset 21's GroupNormalization op is
 # opt-in (`opset=21`): slower in onnxruntime, and runtimes disagree on its older definition.
 DEFAULT_OPSET = 18
+MIN_OPSET = 14  # the oldest the dynamo exporter writes
 # Above this many bytes of weights, ONNX's 2 GB protobuf limit needs external data.
 EXTERNAL_DATA_BYTES = 1_500_000_000
 METADATA_EXPORTER = "normswap.exporter"
@@ -56,6 +57,20 @@ class ExportInfo:
             "external_data": self.external_data,
             "note": self.note,
         }
+
+
+def check_opset(opset: int) -> int:
+    """`opset` when this installation can export and check it.
+
+    Raises:
+        ExportError: below MIN_OPSET or above the newest opset the installed onnx defines.
+    """
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise ExportError(f"Opset {opset!r} is outside what this installation exports and checks: {MIN_OPSET} to {newest} (onnx {onnx.__version__}).")
+    return opset
 
 
 def export_onnx(
@@ -100,8 +115,9 @@ def export_onnx_with_info(
     batch_inputs: Sequence[int] | None = None,
 ) -> ExportInfo:
     """`export_onnx`, returning what was exported (see there)."""
+    require_module(model, "export_onnx")
     inputs = as_input_tuple(example_inputs)
-    opset = opset or DEFAULT_OPSET
+    opset = check_opset(opset or DEFAULT_OPSET)
     target = Path(path)
     batched = resolve_batch_inputs(inputs, batch_inputs) if dynamic_batch else ()
     if batched and all(inputs[i].shape[0] == 1 for i in batched):

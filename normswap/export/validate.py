@@ -24,7 +24,7 @@ from ..calibration.drift import Drift, DriftAccumulator, eval_outputs, flat_outp
 from ..errors import ValidationError
 from ..plan import Plan
 from ..postcondition import norms_in_train_mode
-from ..torchutil import as_input_tuple, batch_of, batch_size_of, preserved, resolve_batch_inputs
+from ..torchutil import as_input_tuple, batch_of, batch_size_of, preserved, require_module, require_type, resolve_batch_inputs
 from .onnx import METADATA_BATCHNORM_OPS, facts_from_metadata, onnx_file_facts
 from .residual import residual_batchnorm
 from .tolerance import ROUNDING_MULTIPLE, OutputCheck, Rounding, compare, eval_outputs_exact
@@ -246,6 +246,10 @@ def validate_onnx(
         Validation; `.passed` is the verdict: fidelity, no unplanned BatchNorm, and batch
         independence when the plan converts every batch-dependent site and it can be checked.
     """
+    require_module(model, "validate_onnx")
+    if original is not None:
+        require_module(original, "validate_onnx")
+    require_type(plan, Plan, "plan", "validate_onnx")
     path = Path(onnx_path)
     if not path.is_file():
         raise ValidationError(f"ONNX file '{path}' does not exist.")
@@ -284,6 +288,12 @@ def _validate(
         batch = inputs if size is None else batch_of(inputs, size, indices)
         expected = exact.get(size) if size is not None else None
         expected = expected if expected is not None else eval_outputs_exact(model, batch)
+        broken = next((i for i, t in enumerate(expected) if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        if broken is not None:
+            raise ValidationError(
+                f"The PyTorch model's output {broken} holds NaN or infinite values on the example inputs"
+                f"{'' if size is None else f' at batch {size}'}, so no export can be compared with it; check the model and its weights on such inputs."
+            )
         if size is not None:
             known[size] = [t.float() for t in expected]
         errors = rounding_at[size] = rounding.errors(batch, expected) or []

@@ -15,11 +15,10 @@ from torch import nn
 
 from ..analysis import analyze
 from ..context import Context
-from ..errors import PlanError
 from ..plan import Plan
 from ..policy import make_plan
 from ..targets import DEFAULT_CHANNELS_PER_GROUP, DEFAULT_MAX_GROUPS, PlanOptions
-from ..torchutil import require_module
+from ..torchutil import require_module, require_type
 from .fixer import Edit, FixJob, SourceFixes, plan_fixes
 from .locate import Unfixable
 from .source_file import FixError
@@ -67,15 +66,14 @@ def fix_source(
         PlanError: `plan` does not fit the model.
     """
     require_module(model, "fix_source")
+    require_type(context, Context, "context", "fix_source", "build one with normswap.Context(batch_size=..., ...)")
+    require_type(plan, Plan, "plan", "fix_source", "read one with normswap.Plan.from_json(text)")
     context = context or Context()
     analysis = analyze(model, example_inputs, context)
     if plan is None:
         options = PlanOptions(max_groups=max_groups, channels_per_group=channels_per_group)
         plan = make_plan(analysis.sites, analysis.findings, context, "auto", options, keep_sites=keep, strict=False)
     else:
-        unknown = sorted({entry.name for entry in plan} - {site.name for site in analysis.sites})
-        if unknown:
-            raise PlanError(f"The plan names {', '.join(unknown)}, which is not a BatchNorm site of this model.")
         plan.check(analysis.sites)
     fixes = plan_fixes([FixJob(model, analysis.sites, plan)], Path(root), unsafe)
     if apply:

@@ -61,9 +61,13 @@ class Param:
             return None
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             return "must be a number"
-        if self.kind == "int" and not float(value).is_integer():
+        try:
+            number = float(value)
+        except OverflowError:
+            return "is out of range"
+        if self.kind == "int" and not number.is_integer():
             return "must be an integer"
-        if not math.isfinite(float(value)):
+        if not math.isfinite(number):
             return "must be finite"
         if self.positive and value <= 0:
             return "must be positive"
@@ -135,6 +139,10 @@ class Target:
         Raises:
             PlanError: naming the site and the field.
         """
+        unknown = sorted(set(params) - set(self.parameters))
+        if unknown:
+            takes = ", ".join(self.parameters) or "no parameters"
+            raise PlanError(f"Plan entry '{site_name}' ({self.name}) has unknown parameter '{unknown[0]}'; {self.name} takes {takes}.")
         for field, spec in self.parameters.items():
             if field not in params:
                 if spec.required:
@@ -147,12 +155,23 @@ class Target:
             self.check_against_site(site_name, params, site)
 
     def check_against_site(self, site_name: str, params: Mapping[str, Any], site: Site) -> None:
-        """Extra checks that need the site (channel count, divisibility)."""
+        """Extra checks that need the site: the channel count; whether this target can replace
+        the site at all (what planning would refuse, a plan file cannot force); for targets that
+        keep the function, the site's own eps."""
         channels = params.get("num_channels", params.get("num_features"))
         if channels is not None and site.num_features is not None and int(channels) != site.num_features:
             raise PlanError(
                 f"Plan entry '{site_name}' expects {int(channels)} channels but the model's layer has {site.num_features}; "
                 "the plan was made for another configuration of this model."
+            )
+        try:
+            self.plan(site, PlanOptions())
+        except Refusal as refusal:
+            raise PlanError(f"Plan entry '{site_name}' ({self.name}) does not fit the model: {refusal}") from None
+        if self.keeps_function and "eps" in params and not math.isclose(float(params["eps"]), site.eps, rel_tol=1e-9):
+            raise PlanError(
+                f"Plan entry '{site_name}' ({self.name}) has eps {params['eps']!r} but the layer's is {site.eps!r}; "
+                f"{self.name} keeps the layer's function only with its own eps."
             )
 
     # --- rewriting ------------------------------------------------------------------------

@@ -62,6 +62,14 @@ class FoldTarget(Target):
             raise Refusal(f"{where(site)} normalizes dim 1 of a rank-{site.input_rank} linear output, not its features")
         return {"into": site.producer_module, "num_features": site.num_features, "eps": site.eps}, f"folded into {site.producers[0]}"
 
+    def check_against_site(self, site_name: str, params: Mapping[str, Any], site: Site) -> None:
+        super().check_against_site(site_name, params, site)
+        if params["into"] != site.producer_module:
+            raise PlanError(
+                f"Plan entry '{site_name}' (fold) folds into '{params['into']}', but the layer follows '{site.producer_module}'; "
+                "a BatchNorm folds only into the layer that produces its input."
+            )
+
     def absorb(self, model: nn.Module, site_name: str, statistics: Any, params: Mapping[str, Any]) -> None:
         try:
             producer = model.get_submodule(str(params["into"]))
