@@ -150,6 +150,7 @@ def convert_checkpoint(
             not_fired=conversion.analysis.skipped,
             calibration=[fit.to_dict() for fit in conversion.calibration],
             attribution=[cost.to_dict() for cost in conversion.attribution],
+            healing=conversion.healing.to_dict() if conversion.healing is not None else None,
             drift=dict(conversion.drift),
             notes=list(conversion.notes),
         )

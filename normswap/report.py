@@ -35,6 +35,7 @@ class Report:
     drift: dict[str, Any] = field(default_factory=dict)  # stage -> normswap.drift.Drift
     calibration: list[dict[str, Any]] = field(default_factory=list)
     attribution: list[dict[str, Any]] = field(default_factory=list)  # SiteCost.to_dict(), worst first
+    healing: dict[str, Any] | None = None  # HealResult.to_dict(): the settings and what healing did
     notes: list[str] = field(default_factory=list)  # what was not done or checked, and why
     manifest: dict[str, str] = field(default_factory=dict)  # convert: output file -> sha256
     outputs: dict[str, str] = field(default_factory=dict)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .. import targets
@@ -66,8 +67,11 @@ def site_costs(
     for batch in batches:
         if budget <= 0:
             break
+        size = int(batch[0].shape[0]) if batch and isinstance(batch[0], torch.Tensor) and batch[0].dim() else 1
+        if size > budget:  # the last batch cut to the samples asked for
+            batch = tuple(x[:budget] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == size else x for x in batch)
         used.append(batch)
-        budget -= int(batch[0].shape[0]) if batch and hasattr(batch[0], "shape") and batch[0].dim() else 1
+        budget -= min(size, budget)
     costs = []
     for entry in plan:
         if not entry.converts or targets.get(entry.target).keeps_function:

@@ -8,6 +8,7 @@ with DistributedDataParallel (gloo on CPU, nccl on GPU).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterable
@@ -44,9 +45,11 @@ class HealResult:
     best_heldout_loss: float
     initial_heldout_loss: float
     stopped_early: bool
+    options: HealOptions | None = None  # the settings it ran with
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "model"}
+        found = {k: v for k, v in self.__dict__.items() if k not in ("model", "options")}
+        return {**found, "options": dataclasses.asdict(self.options) if self.options is not None else None}
 
 
 def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
@@ -197,7 +200,7 @@ def _heal(
     converted.load_state_dict(best_state)
     for p, flag in flags.items():
         p.requires_grad_(flag)
-    return HealResult(converted, step, best, initial, stopped)
+    return HealResult(converted, step, best, initial, stopped, options)
 
 
 def world_size() -> int:

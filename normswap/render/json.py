@@ -43,6 +43,7 @@ def report_to_dict(report) -> dict[str, Any]:
         "drift": {stage: d.to_dict() for stage, d in report.drift.items()},
         "calibration": list(report.calibration),
         "attribution": list(report.attribution),
+        "healing": report.healing,
         "notes": list(report.notes),
         "outputs": dict(sorted(report.outputs.items())),
         "manifest": dict(sorted(report.manifest.items())),
