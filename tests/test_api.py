@@ -27,11 +27,13 @@ def test_every_exported_name_resolves_and_is_listed() -> None:
         normswap.convrt  # noqa: B018 - the attribute access is the test
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_importing_the_package_does_not_import_torch() -> None:
     code = "import sys, normswap; assert 'torch' not in sys.modules; normswap.Plan; assert 'torch' in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+@pytest.mark.slow  # one ONNX export
 def test_functions_return_the_exported_types(tmp_path: Path) -> None:
     model, x = _net(), torch.randn(2, 3, 8, 8)
     report = normswap.lint(model, x, normswap.Context(batch_size=2))

@@ -206,6 +206,7 @@ def _as_reference(plan: normswap.Plan, sites: list, model: nn.Module) -> Iterato
             handle.remove()
 
 
+@pytest.mark.slow  # the per-site oracle above runs in the inner loop; this one adds subclasses and functional calls
 @pytest.mark.parametrize("name,to", CASES, ids=[f"{m}-{t}" for m, t in CASES])
 def test_the_converted_model_matches_the_original_with_reference_norms(name: str, to: str) -> None:
     original, inputs = _model_and_inputs(name)

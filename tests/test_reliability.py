@@ -208,6 +208,7 @@ def test_a_lint_report_written_through_a_symlink_replaces_the_target(work: Path)
     assert json.loads((work / "reports" / "lint.json").read_text())["schema_version"] == 1
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch
 def test_signals_arriving_during_heavy_imports_are_held_until_after() -> None:
     """A fresh interpreter, as the `normswap` command starts: SIGINT while torch imports lands
     after the import, as a KeyboardInterrupt the CLI handles (not inside torch's import)."""
@@ -229,6 +230,7 @@ def test_signals_arriving_during_heavy_imports_are_held_until_after() -> None:
     assert result.stdout.splitlines() == ["imported", "interrupted after"], result.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch
 def test_a_trusted_pickled_module_of_a_model_file_loads(work: Path) -> None:
     (work / "files").mkdir()
     (work / "files" / "tinynet.py").write_text(
