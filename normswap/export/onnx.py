@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import re
 from collections.abc import Sequence
@@ -168,6 +169,8 @@ def export_onnx_with_info(
                 program.save(str(temporary), external_data=external)
             except OSError as exc:
                 raise ExportError(f"Cannot write '{target}': {exc.strerror or exc}.") from exc
+            program = None  # the exported graph and its serialization go before the checker reads the file back
+            gc.collect()
             _finish(temporary, target, None, external)
     return ExportInfo(target, exporter, opset, bool(batched), external, batched, note)
 
@@ -187,7 +190,7 @@ def _finish(temporary: Path, target: Path, props: dict[str, str] | None, externa
 
     if props is not None:
         model = onnx.load(str(temporary))
-        onnx.helper.set_model_props(model, {**props, METADATA_BATCHNORM_OPS: str(_count_batchnorm_proto(model))})
+        onnx.helper.set_model_props(model, {**props, METADATA_BATCHNORM_OPS: str(count_batchnorm_proto(model))})
         onnx.save(model, str(temporary))
     try:
         onnx.checker.check_model(str(temporary), full_check=False)
@@ -239,7 +242,7 @@ def _rename_external_data(temporary: Path, target: Path) -> None:
         stale.unlink()
 
 
-def _count_batchnorm_proto(model) -> int:
+def count_batchnorm_proto(model) -> int:
     """BatchNormalization nodes in an onnx ModelProto's graph and functions."""
     nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
     return sum(1 for n in nodes if n.op_type == "BatchNormalization")
@@ -261,7 +264,7 @@ def onnx_file_facts(path: str | Path) -> tuple[int, dict[str, str]]:
 
     model = onnx.load(str(path), load_external_data=False)
     props = {p.key: p.value for p in model.metadata_props}
-    return _count_batchnorm_proto(model), facts_from_metadata(props, str(model.opset_import[0].version))
+    return count_batchnorm_proto(model), facts_from_metadata(props, str(model.opset_import[0].version))
 
 
 def export_info(path: str | Path) -> dict[str, str]:

@@ -12,8 +12,8 @@ precision.
 
 from __future__ import annotations
 
-import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,39 +67,59 @@ class OutputCheck:
 
 
 class Rounding:
-    """Measures the model's own rounding error: a float64 copy of it (made once) against the model
-    on the same inputs, per output."""
+    """Measures the model's own rounding error: the model itself, switched to float64 for the
+    measurement and back (float32 -> float64 -> float32 is exact, and no second copy of the
+    weights is held), against its own outputs on the same inputs, per output."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.double: nn.Module | None = None
         self.problem = ""
         size = sum(t.numel() * 8 for t in [*model.parameters(), *model.buffers()])
         if size > MAX_ROUNDING_BYTES:
-            self.problem = f"the model's rounding error was not measured: a float64 copy would need {size / 2**30:.1f} GiB"
+            self.problem = f"the model's rounding error was not measured: its float64 weights would need {size / 2**30:.1f} GiB"
 
-    def errors(self, inputs: tuple, outputs: list[torch.Tensor]) -> list[float] | None:
-        """Per output, max |float64 model - model| on `inputs`, where `outputs` are the model's
-        own outputs on them; None when it cannot be measured (`problem` says why)."""
-        if self.problem:
-            return None
+    def errors_at(self, runs: Sequence[tuple[tuple, list[torch.Tensor]]]) -> list[list[float] | None]:
+        """For each (inputs, the model's outputs on them): per output, max |float64 model -
+        model|; None where it cannot be measured (`problem` says why)."""
+        if self.problem or not runs:
+            return [None] * len(runs)
+        dtypes = {name: t.dtype for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]}
         default = torch.get_default_dtype()
+        found: list[list[float] | None] = []
         try:
-            if self.double is None:
-                self.double = copy.deepcopy(self.model).double().eval()
+            self.model.double()
             torch.set_default_dtype(torch.float64)  # tensors forward creates itself follow the model
-            with torch.no_grad():
-                exact = flat_outputs(self.double(*tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)))
+            with torch.no_grad(), preserved(self.model):
+                self.model.eval()
+                for inputs, outputs in runs:
+                    exact = flat_outputs(
+                        self.model(*tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs))
+                    )
+                    if len(exact) != len(outputs):
+                        self.problem = "the model's rounding error was not measured: in float64 it returns other outputs"
+                        return [None] * len(runs)
+                    found.append(
+                        [
+                            float((e - o.double()).abs().max()) if o.numel() and o.is_floating_point() else 0.0
+                            for e, o in zip(exact, outputs, strict=True)
+                        ]
+                    )
         except (RuntimeError, TypeError, NotImplementedError) as exc:  # an op without a float64 kernel, say
             log.debug("float64 run failed", exc_info=True)
             self.problem = f"the model's rounding error was not measured: it does not run in float64 ({type(exc).__name__}: {str(exc)[:120]})"
-            return None
+            return [None] * len(runs)
         finally:
             torch.set_default_dtype(default)
-        if len(exact) != len(outputs):
-            self.problem = "the model's rounding error was not measured: its float64 copy returns other outputs"
-            return None
-        return [float((e - o.double()).abs().max()) if o.numel() and o.is_floating_point() else 0.0 for e, o in zip(exact, outputs, strict=True)]
+            _restore_dtypes(self.model, dtypes)
+        return found
+
+
+def _restore_dtypes(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Each parameter and buffer back to the dtype it had (in place: the same Parameter objects)."""
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name in dtypes and tensor.dtype != dtypes[name]:
+                tensor.data = tensor.data.to(dtypes[name])
 
 
 def compare(

@@ -25,7 +25,7 @@ from ..errors import ValidationError
 from ..plan import Plan
 from ..postcondition import norms_in_train_mode
 from ..torchutil import as_input_tuple, batch_of, batch_size_of, preserved, require_module, require_type, resolve_batch_inputs
-from .onnx import METADATA_BATCHNORM_OPS, facts_from_metadata, onnx_file_facts
+from .onnx import METADATA_BATCHNORM_OPS, count_batchnorm_proto, facts_from_metadata, onnx_file_facts
 from .residual import residual_batchnorm
 from .tolerance import ROUNDING_MULTIPLE, OutputCheck, Rounding, compare, eval_outputs_exact
 
@@ -206,11 +206,39 @@ def _facts_from_session(session, path: Path) -> tuple[int, dict[str, str]]:
     return onnx_file_facts(path)
 
 
-def _fixed_batch(session, indices: Sequence[int]) -> int | None:
+def _fixed_batch(input_shapes: Sequence[Sequence[int | None]], indices: Sequence[int]) -> int | None:
     """The file's batch size when its batch inputs have a fixed dimension 0."""
-    shapes = [session.get_inputs()[i].shape for i in indices if i < len(session.get_inputs())]
+    shapes = [input_shapes[i] for i in indices if i < len(input_shapes)]
     fixed = {shape[0] for shape in shapes if shape and isinstance(shape[0], int)}
     return min(fixed) if fixed else None
+
+
+def _file_facts(path: Path, session: Any) -> tuple[int, dict[str, str], list[list[int | None]]]:
+    """BatchNormalization op count, exporter facts and each graph input's shape (an int per
+    fixed dimension): from the session when one is given, else from the file (its weights are
+    read and dropped again; no session is held yet)."""
+    if session is not None:
+        ops, info = _facts_from_session(session, path)
+        return ops, info, [[d if isinstance(d, int) else None for d in i.shape] for i in session.get_inputs()]
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # not an ONNX protobuf: one sentence, with the cause
+        raise ValidationError(
+            f"onnxruntime cannot load '{path}': it is not a readable ONNX file ({str(exc).strip()[:120] or type(exc).__name__})."
+        ) from exc
+    props = {p.key: p.value for p in proto.metadata_props}
+    default_opset = str(proto.opset_import[0].version) if proto.opset_import else "unknown"
+    ops = int(props[METADATA_BATCHNORM_OPS]) if METADATA_BATCHNORM_OPS in props else count_batchnorm_proto(proto)
+    info = facts_from_metadata(props, default_opset)
+    initializers = {i.name for i in proto.graph.initializer}
+    shapes = [
+        [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+        for i in proto.graph.input
+        if i.name not in initializers
+    ]
+    return ops, info, shapes
 
 
 def validate_onnx(
@@ -255,7 +283,6 @@ def validate_onnx(
         raise ValidationError(f"ONNX file '{path}' does not exist.")
     where = resolve_device(device)
     inputs = to_device(as_input_tuple(example_inputs), where)
-    session = session or _session(path)
     models = (model,) if original is None else (model, original)
     with placed(where, *models):
         return _validate(model, path, inputs, session, original, atol, rtol, plan, batch_inputs)
@@ -272,18 +299,18 @@ def _validate(
     plan: Plan | None,
     batch_inputs: Sequence[int] | None,
 ) -> Validation:
-    ops, info = _facts_from_session(session, path)
+    ops, info, input_shapes = _file_facts(path, session)
     indices = resolve_batch_inputs(inputs, batch_inputs)
     skipped: list[str] = []
     exact: dict[int, list[torch.Tensor]] = {}  # eval outputs in the model's dtype, by batch size
-    sizes = _batch_sizes(model, session, inputs, indices, batch_inputs is None, info, skipped, exact)
+    sizes = _batch_sizes(model, input_shapes, inputs, indices, batch_inputs is None, info, skipped, exact)
     if not sizes:
         indices = ()
-    checks, messages = [], []
-    known: dict[int, list[torch.Tensor]] = {}  # eval outputs by batch size, reused below
-    rounding = Rounding(model)
-    rounding_at: dict[int | None, list[float]] = {}
+    # PyTorch first (its outputs and its float64 rounding error), onnxruntime after: the model's
+    # float64 weights and the session's copy of the weights are never in memory together
     runs: list[int | None] = list(sizes) or [None]  # None: the example inputs as they are
+    batches, expected_at = [], []
+    known: dict[int, list[torch.Tensor]] = {}  # eval outputs by batch size, reused below
     for size in runs:
         batch = inputs if size is None else batch_of(inputs, size, indices)
         expected = exact.get(size) if size is not None else None
@@ -296,7 +323,14 @@ def _validate(
             )
         if size is not None:
             known[size] = [t.float() for t in expected]
-        errors = rounding_at[size] = rounding.errors(batch, expected) or []
+        batches.append(batch)
+        expected_at.append(expected)
+    rounding = Rounding(model)
+    rounding_at = dict(zip(runs, [r or [] for r in rounding.errors_at(list(zip(batches, expected_at, strict=True)))], strict=True))
+    session = session or _session(path)
+    checks, messages = [], []
+    for size, batch, expected in zip(runs, batches, expected_at, strict=True):
+        errors = rounding_at[size]
         actual = run_onnx(session, batch)
         if len(actual) != len(expected):
             messages.append(f"the ONNX model has {len(actual)} output(s), PyTorch {len(expected)}")
@@ -305,6 +339,7 @@ def _validate(
             checks.append(check)
             if not check.passed:
                 messages.append(check.describe())
+    del session
     if rounding.problem:
         skipped.append(rounding.problem)
     allowed = bool(plan is not None and any(e.keeps_batchnorm_op for e in plan))
@@ -341,7 +376,7 @@ def _validate(
 
 def _batch_sizes(
     model: nn.Module,
-    session: Any,
+    input_shapes: Sequence[Sequence[int | None]],
     inputs: tuple,
     indices: tuple[int, ...],
     detected: bool,
@@ -357,7 +392,7 @@ def _batch_sizes(
         skipped.append("batch-size variation: no input carries a batch (the example inputs are compared as they are)")
         return []
     example = batch_size_of(inputs, indices)
-    fixed = _fixed_batch(session, indices)
+    fixed = _fixed_batch(input_shapes, indices)
     if fixed is not None:
         note = info.get("batch_note") or f"the file has a fixed batch size of {fixed}"
         skipped.append(f"batch-size variation: {note}")
