@@ -252,7 +252,7 @@ def lint(models: tuple[str, ...], **options: Any) -> int:
     type=FiniteFloat(min=0, max=100, max_open=True),
     default=None,
     metavar="PCT",
-    help="With --to auto and --calibration-data: freeze each site whose conversion alone, calibrated, loses more than PCT %% top-1 agreement.",
+    help="With --to auto and --calibration-data: freeze each site whose conversion alone, calibrated, costs more than PCT points of top-1 agreement.",
 )
 @click.option(
     "--attribution-samples",
