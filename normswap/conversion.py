@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import HealOptions, SiteCost, calibrate_and_heal, check_batches, site_costs
+from .calibration import HealOptions, SiteCost, calibrate_and_heal, check_batches, check_model_accepts, site_costs
 from .calibration.attribution import DEFAULT_SAMPLES
 from .context import Context
 from .plan import Plan
@@ -83,6 +83,7 @@ def convert(
     if calibration_data is None:
         return conversion
     batches = check_batches(calibration_data)
+    check_model_accepts(original, batches)
     if freeze_costly is not None and to == "auto" and plan is None:
         costs = site_costs(original, conversion.plan, batches, samples=attribution_samples or DEFAULT_SAMPLES)
         frozen = _freeze_costly(conversion.plan, conversion.sites, costs, freeze_costly, options)

@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from .calibration import HealOptions, batches_from_tensor, load_calibration_tensor
+from .calibration import HealOptions, batches_from_tensor, check_model_accepts, load_calibration_tensor
 from .calibration.attribution import DEFAULT_SAMPLES
 from .checkpoint import Checkpoint, finite_state_dict, fit_to_model, load_checkpoint, save_weights
 from .context import Context
 from .conversion import convert
-from .errors import CalibrationError, PlanError
+from .errors import PlanError
 from .export import export_onnx, validate_onnx
 from .files import write_text_atomic
 from .loader import check_input_memory, example_inputs, load_model, model_importable
@@ -28,7 +28,6 @@ from .render.plot import plot_attribution, plot_available
 from .report import Report, model_definition
 from .rewrite import Conversion, apply_plan
 from .targets import DEFAULT_CHANNELS_PER_GROUP, DEFAULT_MAX_GROUPS
-from .torchutil import preserved
 
 
 @dataclass
@@ -212,13 +211,7 @@ def _write_outputs(
 def _calibration_batches(model: torch.nn.Module, path: str, batch_size: int) -> list[torch.Tensor]:
     """The calibration file in batches, checked to fit the model before anything else runs."""
     batches = batches_from_tensor(load_calibration_tensor(path), batch_size)
-    try:
-        with preserved(model), torch.no_grad():
-            model.eval()(batches[0])
-    except Exception as exc:  # the user's model rejects the data: one sentence, with the cause
-        raise CalibrationError(
-            f"Calibration data '{path}' of shape {tuple(batches[0].shape)} (per batch) does not fit the model: {str(exc).splitlines()[0][:160]}."
-        ) from exc
+    check_model_accepts(model, [(batches[0],)], source=path)
     return batches
 
 

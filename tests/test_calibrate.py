@@ -153,14 +153,22 @@ def test_heal_all_parameters_moves_conv_weights(shapes) -> None:
     [
         (lambda x: [], "is empty"),
         (lambda x: [x[:4].clone().fill_(float("nan"))], "NaN or infinite"),
-        (lambda x: [torch.randn(4, 5, 16, 16)], "expected input"),
+        (lambda x: [torch.randn(4, 5, 16, 16)], r"Calibration batch 0 of shape \(4, 5, 16, 16\) does not fit the model: .*expected input"),
+        (lambda x: [x[:4], torch.randn(4, 3, 9)], r"Calibration batch 1 of shape \(4, 3, 9\) does not fit the model"),
     ],
-    ids=["empty", "non-finite", "wrong-shape"],
+    ids=["empty", "non-finite", "wrong-shape", "one-bad-batch"],
 )
 def test_bad_calibration_data(shapes, make_data, message: str) -> None:
     model, x, _, _ = shapes
-    with pytest.raises((CalibrationError, RuntimeError), match=message):
+    with pytest.raises(CalibrationError, match=message):
         normswap.convert(model, x[:8], to="groupnorm", calibration_data=make_data(x))
+    with pytest.raises(CalibrationError, match=message):
+        normswap.convert(model, x[:8], to="auto", calibration_data=make_data(x), freeze_costly=0.1)  # attribution runs first there
+    converted = normswap.convert(model, x[:8], to="groupnorm")
+    with pytest.raises(CalibrationError, match=message):
+        normswap.calibrate(converted.model, model, make_data(x), converted.plan)
+    with pytest.raises(CalibrationError, match=message):
+        normswap.heal(converted.model, model, make_data(x), normswap.HealOptions(steps=1), progress=False)
 
 
 def test_nothing_to_calibrate(shapes) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 from .. import targets
 from ..rewrite import Conversion
 from .attribution import DEFAULT_SAMPLES, SiteCost, site_costs
-from .data import FORMATS, batches_from_tensor, check_batches, load_calibration_tensor
+from .data import FORMATS, batches_from_tensor, check_batches, check_model_accepts, load_calibration_tensor
 from .device import DEVICE_CHOICES, placed, resolve_device, to_device
 from .drift import Drift, measure_drift
 from .fit import SiteFit, calibrate
@@ -63,6 +63,7 @@ __all__ = [
     "calibrate",
     "calibrate_and_heal",
     "check_batches",
+    "check_model_accepts",
     "heal",
     "load_calibration_tensor",
     "measure_drift",

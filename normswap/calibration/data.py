@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..errors import CalibrationError
-from ..torchutil import as_input_tuple, pickle_globals
+from ..torchutil import as_input_tuple, pickle_globals, preserved
+from .device import device_of, to_device
 
 FORMATS = (".pt", ".pth", ".npy", ".npz", ".safetensors")
 
@@ -28,6 +30,33 @@ def check_batches(batches: Iterable[Any]) -> list[tuple]:
             if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
                 raise CalibrationError(f"Calibration batch {index} holds NaN or infinite values; clean the data first.")
     return checked
+
+
+def check_model_accepts(model: nn.Module, batches: Sequence[tuple], source: str | None = None) -> None:
+    """Run `model` (eval mode, no gradients, state restored) once per distinct batch layout
+    (shapes past the batch axis, dtypes), so that data the model cannot take is one sentence
+    here rather than a torch error from deep inside calibration, attribution or healing.
+
+    `source` names the file the batches came from, for the message.
+    """
+    seen: set[tuple] = set()
+    where = device_of(model)
+    with preserved(model), torch.no_grad():
+        model.eval()
+        for index, batch in enumerate(batches):
+            layout = tuple((tuple(x.shape[1:]), x.dtype) if isinstance(x, torch.Tensor) else type(x) for x in batch)
+            if layout in seen:
+                continue
+            seen.add(layout)
+            try:
+                model(*to_device(batch, where))
+            except Exception as exc:  # the user's model on the user's data: whatever it raises is the data's problem
+                shapes = ", ".join(str(tuple(x.shape)) for x in batch if isinstance(x, torch.Tensor))
+                what = f"Calibration data '{source}' of shape {shapes} (per batch)" if source else f"Calibration batch {index} of shape {shapes}"
+                cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+                raise CalibrationError(
+                    f"{what} does not fit the model: {cause}; give inputs the model accepts, batch first, like the example inputs."
+                ) from exc
 
 
 def _reason(exc: Exception, path: Path) -> str:

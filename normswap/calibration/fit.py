@@ -29,7 +29,7 @@ from ..passes.rewrite_functional import SITE_META
 from ..plan import Plan, PlanEntry
 from ..targets.layernorm import ChannelLayerNorm
 from ..torchutil import preserved, require_module, require_type, tensor_attribute
-from .data import check_batches
+from .data import check_batches, check_model_accepts
 from .device import placed, resolve_device, to_device
 
 log = logging.getLogger(__name__)
@@ -288,6 +288,7 @@ def calibrate(
         raise CalibrationError("The converted model has no GroupNorm / LayerNorm sites to calibrate (frozen sites keep the function already).")
     fits = []
     with placed(where, converted, original), preserved(original), preserved(converted), torch.no_grad():
+        check_model_accepts(original, batches)
         original.eval()
         converted.eval()
         module_names = [e.name for e in entries if e.kind != "functional"]

@@ -25,7 +25,7 @@ from ..errors import CalibrationError, ConfigError
 from ..passes.rebase import TakenOver
 from ..targets.layernorm import ChannelLayerNorm
 from ..torchutil import preserved, require_module, require_type
-from .data import check_batches
+from .data import check_batches, check_model_accepts
 from .device import device_of, placed, resolve_device, to_device
 from .drift import flat_outputs
 from .options import HealOptions
@@ -111,6 +111,7 @@ def heal(
     steps = options.resolved_steps(len(train))
     where = resolve_device(device)
     with placed(where, converted, original), preserved(original):
+        check_model_accepts(original, batches)
         result = _heal(converted, original, [to_device(b, where) for b in train], [to_device(b, where) for b in heldout], options, steps, progress)
     log.info(
         "healed %d step(s): held-out loss %.4g -> %.4g%s",
