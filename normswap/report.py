@@ -40,7 +40,8 @@ class Report:
     manifest: dict[str, str] = field(default_factory=dict)  # convert: output file -> sha256
     outputs: dict[str, str] = field(default_factory=dict)
     not_fired: dict[str, list[Any]] = field(default_factory=dict)  # site -> rules.Skip (why a rule stayed quiet)
-    auto_plan: dict[str, int] = field(default_factory=dict)  # lint: sites per target `--to auto` would convert
+    auto_plan: dict[str, int] = field(default_factory=dict)  # lint: sites per target `--to auto` (or lint's --plan) would convert
+    planned_by: str = "auto"  # lint: what made auto_plan: "auto", or the --plan file the fixes follow
     commands: dict[str, str] = field(default_factory=dict)  # lint CLI: "convert" / "fix" commands that act on it
     fixes: Any = None  # lint: normswap.fix.SourceFixes, the source edits proposed or applied
 

@@ -3,6 +3,8 @@ the target's module, subclasses by taking over their normalization (see rebase.p
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
@@ -43,21 +45,36 @@ class SwapBatchNormModules(Pass):
 
     def call(self, model: nn.Module) -> PassResult:
         changes = []
+        aliases = _aliases(model)
         for entry in self.entries:
-            parent, attribute = parent_and_attribute(model, entry.name)
-            original = getattr(parent, attribute)
+            original = cast(_BatchNorm, model.get_submodule(entry.name))  # requires() checked it
             before = type(original).__name__
             target = targets.get(entry.target)
             target.absorb(model, entry.name, original, entry.params)
             if is_subclass_instance(original):
                 take_over(original, entry)
             else:
-                setattr(parent, attribute, target.module(original, entry.params))
+                replacement = target.module(original, entry.params)
+                for name in aliases[id(original)]:  # one module stored under several names stays one module
+                    parent, attribute = parent_and_attribute(model, name)
+                    setattr(parent, attribute, replacement)
             changes.append(f"{entry.name}: {before} -> {entry.target}")
         return PassResult(model, bool(changes), changes)
 
     def ensures(self, model: nn.Module) -> None:
+        aliases = _aliases(model)
         for entry in self.entries:
             module = model.get_submodule(entry.name)
             if isinstance(module, _BatchNorm) and not is_replacement(module) and not targets.get(entry.target).batch_statistics:
                 raise PlanError(f"Layer '{entry.name}' is still a {type(module).__name__} after the swap.")
+            for name in aliases[id(module)]:
+                if model.get_submodule(name) is not module:
+                    raise PlanError(f"Layer '{entry.name}' is also stored as '{name}', which the swap did not replace.")
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Every name under which each module object is reachable (a module may be stored twice)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names

@@ -248,3 +248,29 @@ def test_unused_batchnorm_is_kept_and_said_so(tmp_path) -> None:
     assert residual_batchnorm(conv.model, conv.plan) == []
     path = normswap.export_onnx(conv.model, x, tmp_path / "aux.onnx")
     assert normswap.validate_onnx(conv.model, path, x, plan=conv.plan).passed
+
+
+class StoredTwice(nn.Module):
+    """One BatchNorm object registered under two names and applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 24, 1)
+        shared = nn.BatchNorm2d(24)
+        self.bn_a = shared
+        self.bn_b = shared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_b(self.bn_a(self.conv(x)))
+
+
+@pytest.mark.parametrize("to", ["auto", "groupnorm", "layernorm", "frozen", "syncbn"])
+def test_a_batchnorm_stored_under_two_names_stays_one_module(to: str) -> None:
+    x = torch.randn(4, 3, 8, 8)
+    conv = normswap.convert(StoredTwice().eval(), x, to=to, context=normswap.Context(batch_size=2))
+    assert conv.model.bn_a is conv.model.bn_b and type(conv.model.bn_b) is not nn.BatchNorm2d
+    fresh = normswap.apply_plan(StoredTwice(), conv.plan)
+    assert fresh.bn_a is fresh.bn_b and type(fresh.bn_b) is type(conv.model.bn_b)
+    fresh.load_state_dict(conv.model.state_dict())  # strict: the same keys under both names
+    if to != "syncbn":  # SyncBatchNorm keeps batch statistics by design
+        assert count_batch_statistics_calls(conv.model, x) == 0

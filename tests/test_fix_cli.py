@@ -238,6 +238,9 @@ def test_fix_follows_a_saved_plan(project: Path) -> None:
     result = lint(*DIRECT, "--plan", "plan.json", "--fix", "--unsafe-fixes")
     assert result.exit_code == 0, result.output
     assert "self.bn1 = nn.GroupNorm(8, 64, eps=1e-3)" in path.read_text() and "nn.BatchNorm2d(\n" in path.read_text()
+    # the checkpoint must be converted with the same plan, or its weights load into other layers
+    assert "recommended: plan.json converts 1 × groupnorm" in result.output
+    assert "the checkpoint: normswap convert CHECKPOINT --model " in result.output and " --plan plan.json --out converted/" in result.output
     copy_case(project, "direct")
     plan["sites"][1]["name"] = "bn9"
     (project / "plan.json").write_text(json.dumps(plan))

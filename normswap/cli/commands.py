@@ -105,6 +105,7 @@ def _lint_one(entry: ModelEntry, models: Sequence[str], context: Any, select, ig
     report.model_location = model_definition(factory) or report.model_location
     plan = _fix_plan(report, context, options)
     report.auto_plan = {target: n for target, n in plan.counts().items() if target != "keep"}
+    report.planned_by = options["plan_path"] or "auto"
     report.commands = _commands(entry, models, flags, options)
     only = {f.site.name for f in report.findings if f.site is not None} if (select or ignore) else None
     jobs.append(FixJob(model, report.sites, plan, label=name, only=only))
@@ -152,7 +153,8 @@ def _commands(entry: ModelEntry, models: Sequence[str], flags: dict[str, Any], o
     model = [f"-k {k}={v!r}" for k, v in entry.kwargs.items()] + [f"--input-shape {shape}" for shape in entry.input_shapes]
     context = [f"--{name.replace('_', '-')} {value}" for name, value in flags.items() if name in ("batch_size", "world_size") and value]
     context += [f"--{FLAG_NAMES[name]}" for name, value in flags.items() if name in FLAG_NAMES and value]
-    keep = [f"--keep {layer}" for layer in options["keep"]]
+    # the plan decides every site: the checkpoint must be converted with the plan the source is fixed to
+    keep = [f"--plan {shlex.quote(options['plan_path'])}"] if options["plan_path"] else [f"--keep {layer}" for layer in options["keep"]]
     convert = " ".join(["normswap convert CHECKPOINT --model", shlex.quote(entry.spec), *model, *context, *keep, "--out converted/"])
     lint_args = [shlex.quote(entry.spec), *model] if models else []
     fix = " ".join(["normswap lint", *lint_args, *context, *keep, "--fix", "--unsafe-fixes"])

@@ -84,11 +84,11 @@ def unfixable_groups(fixes: Any) -> list[tuple[str, str]]:
 
 
 def recommended_action(report: Any) -> str:
-    """The last lines of a lint report: what `--to auto` would do and the commands that do it."""
+    """The last lines of a lint report: what `--to auto` (or lint's --plan) would do and the commands that do it."""
     if report.plan is not None or not report.auto_plan:
         return ""
     counts = ", ".join(f"{n} × {target}" for target, n in report.auto_plan.items())
-    lines = [f"recommended: auto converts {counts}"]
+    lines = [f"recommended: {report.planned_by} converts {counts}"]
     commands = report.commands
     if commands.get("convert"):
         lines.append(f"  the checkpoint: {commands['convert']}")

@@ -48,7 +48,9 @@ def report_to_dict(report) -> dict[str, Any]:
         "outputs": dict(sorted(report.outputs.items())),
         "manifest": dict(sorted(report.manifest.items())),
         # lint: what `--to auto` would convert, the commands that do it, and the source edits
-        "recommended": {"auto": dict(report.auto_plan), "commands": dict(report.commands)} if report.plan is None else None,
+        "recommended": {"auto": dict(report.auto_plan), "planned_by": report.planned_by, "commands": dict(report.commands)}
+        if report.plan is None
+        else None,
         "fixes": report.fixes.to_dict() if report.fixes is not None else None,
     }
 
