@@ -12,7 +12,8 @@ from .analysis import analyze
 from .context import Context
 from .policy import make_plan
 from .report import Report, model_definition
-from .torchutil import require_module, require_type
+from .rewrite import materialize_lazy
+from .torchutil import as_input_tuple, require_module, require_type
 
 
 def lint(
@@ -27,7 +28,8 @@ def lint(
     """Find every BatchNorm site of `model` and judge it against `context`.
 
     Args:
-        model: the model (never modified).
+        model: the model (never modified, except that lazy modules are initialized by one eval
+            forward on `example_inputs`, as `convert` does).
         example_inputs: tensor or tuple of tensors, batch first.
         context: training / serving context (default: nothing known).
         select, ignore: rule codes or prefixes ("NS1") to run / skip.
@@ -41,6 +43,7 @@ def lint(
     require_module(model, "lint")
     require_type(context, Context, "context", "lint", "build one with normswap.Context(batch_size=..., ...)")
     context = context or Context()
+    materialize_lazy(model, as_input_tuple(example_inputs))  # a lazy layer has no channel count before its first call
     analysis = analyze(model, example_inputs, context, select_rules(select, ignore))
     auto = make_plan(analysis.sites, analysis.findings, context, "auto", strict=False)
     return Report(

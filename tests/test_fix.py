@@ -328,3 +328,58 @@ def test_recording_construction_restores_batchnorm_and_nests() -> None:
 
     assert construction_of(inner).calls[0].path == __file__ and construction_of(outer) is not None
     assert construction_of(after) is None
+
+
+def _fixed(project: Path, name: str, source: bytes) -> tuple[Path, normswap.fix.SourceFixes]:
+    """Write `source` as project/name, build its `build()` under recording, fix it (unsafe too)."""
+    path = project / name
+    path.write_bytes(source)
+    model, x, _ = built(path)
+    return path, fix_source(model, x, context=normswap.Context(batch_size=2), root=project, apply=True, unsafe=True)
+
+
+MODULE_PATH_SPELLING = b"""import torch
+from torch.nn.modules import batchnorm
+
+
+def build():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 24, 1), torch.nn.modules.batchnorm.BatchNorm2d(24), batchnorm.BatchNorm2d(24, eps=1e-3))
+
+
+INPUT_SHAPE = (2, 3, 8, 8)
+"""
+
+
+def test_batchnorm_spelt_through_its_module_becomes_torch_nn(project: Path) -> None:
+    path, fixes = _fixed(project, "spelt.py", MODULE_PATH_SPELLING)
+    assert len(fixes.edits) == 2 and fixes.unfixable == []
+    assert "torch.nn.GroupNorm(1, 24)" in path.read_text() and "torch.nn.GroupNorm(1, 24, eps=1e-3)" in path.read_text()
+    assert [type(m).__name__ for m in load(path).build()][1:] == ["GroupNorm", "GroupNorm"]  # batchnorm.GroupNorm does not exist
+
+
+def test_a_file_that_binds_the_name_normswap_is_not_given_a_shadowed_import(project: Path) -> None:
+    source = b"""import torch.nn as nn
+
+normswap = {"enabled": True}
+
+
+def build(norm_layer=nn.BatchNorm2d):
+    return nn.Sequential(nn.Conv2d(3, 24, 1), norm_layer(24))
+
+
+INPUT_SHAPE = (2, 3, 8, 8)
+"""
+    path, fixes = _fixed(project, "shadow.py", source)
+    assert fixes.edits == [] and path.read_bytes() == source
+    assert [u.reason for u in fixes.unfixable] == ["the fix names `normswap`, but shadow.py:3 binds `normswap` to something else; rename that"]
+
+
+def test_crlf_files_and_byte_order_marks_are_kept(project: Path) -> None:
+    source = b"\xef\xbb\xbf" + MODULE_PATH_SPELLING.replace(b"batchnorm.BatchNorm2d(24, eps=1e-3)", b"nn.GroupNorm(1, 24)").replace(
+        b"import torch\n", b"import torch\nimport torch.nn as nn\n"
+    )
+    source = source.replace(b"torch.nn.modules.batchnorm.BatchNorm2d(24)", b"__import__('functools').partial(nn.BatchNorm2d)(24)")
+    path, fixes = _fixed(project, "bom.py", source.replace(b"\n", b"\r\n"))
+    written = path.read_bytes()
+    assert len(fixes.edits) == 1 and written.startswith(b"\xef\xbb\xbf")
+    assert b"\nimport normswap.nn" in written and b"\n" not in written.replace(b"\r\n", b"")  # every line ends in CRLF, the added import too

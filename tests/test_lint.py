@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
 
 import normswap
 from models import build, input_for
@@ -174,3 +175,12 @@ def test_sarif_multitool_validate(tmp_path: Path) -> None:
     assert [r for r in validate(log) if r.get("level") in ("error", "warning")] == []
     del log["runs"][0]["tool"]["driver"]["name"]  # required by the schema
     assert any(r.get("level") == "error" for r in validate(log))  # the validator does catch mistakes
+
+
+def test_lazy_batchnorm_is_linted_with_the_channels_it_learns() -> None:
+    from models import LazyBN
+
+    x = torch.randn(2, 3, 8, 8)
+    report = normswap.lint(LazyBN(), x, context=normswap.Context(batch_size=2))  # was a ZeroDivisionError (0 channels)
+    assert [(f.code, f.site.name) for f in report.findings if f.site is not None] == [("NS103", "bn")]
+    assert report.sites[0].num_features == 8 and report.auto_plan == {"groupnorm": 1}

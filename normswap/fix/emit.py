@@ -61,8 +61,9 @@ def _bound(call: cst.Call, names: Sequence[str], spot: Spot) -> dict[str, str] |
 
 
 def _torch_nn(spot: Spot, func: cst.CSTNode) -> tuple[str, tuple[str, ...]]:
-    """How this file reaches torch.nn: `nn.` for `nn.BatchNorm2d`, else `torch.nn.`."""
-    if isinstance(func, cst.Attribute):
+    """How this file reaches torch.nn: `nn.` for `nn.BatchNorm2d`, else `torch.nn.` (also for
+    `torch.nn.modules.batchnorm.BatchNorm2d`, whose module has no GroupNorm)."""
+    if isinstance(func, cst.Attribute) and spot.file.qualified(func.value) == {"torch.nn"}:
         return spot.file.code(func.value) + ".", ()
     return "torch.nn.", ("torch",)
 

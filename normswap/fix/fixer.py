@@ -230,6 +230,11 @@ def _edit(spot: Spot, group: list[_Member], result: SourceFixes, files: Files, s
         code = f"{location_text} also builds {names}, which this run leaves as BatchNorm; build them on separate lines or give them the same plan"
     else:
         code = replacement(spot, [m.entry for m in wanted])
+        for module in code.imports if not isinstance(code, str) else ():
+            root = module.split(".")[0]
+            line = spot.file.rebinding(root)
+            if line is not None:
+                code = f"the fix names `{root}`, but {files.relative(spot.file.path)}:{line} binds `{root}` to something else; rename that"
     if isinstance(code, str):
         for member in wanted:
             result.unfixable.append(Unfixable(member.site.name, code, member.site.defined_at, member.label))

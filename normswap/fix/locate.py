@@ -124,7 +124,10 @@ def locate(site: Site, module: nn.Module | None, construction: Construction | No
         return _functional(site, module, files)
     if construction is None or module is None:
         return Unfixable(
-            site.name, "where it was built was not recorded: build the model under normswap.recording_construction() (the CLI does)", site.defined_at
+            site.name,
+            "no call that built it was recorded: it was made without calling a BatchNorm class under normswap.recording_construction() "
+            "(the CLI records every such call; a layer made by copy.deepcopy or unpickling has none)",
+            site.defined_at,
         )
     try:
         frames = _frames(site, construction, files)

@@ -127,6 +127,18 @@ class SourceFile:
         names: Collection[QualifiedName] = scope.get_qualified_names_for(node)
         return {name.name for name in names}
 
+    def rebinding(self, name: str) -> int | None:
+        """The line where the module binds the global `name` to something other than an import
+        of it (`normswap = {...}` hides an added `import normswap.nn`), or None."""
+        scope = self.scopes.get(self.module)
+        if scope is None:
+            return None
+        for assignment in scope.assignments[name]:
+            node = getattr(assignment, "node", None)
+            if node is not None and not isinstance(node, (cst.Import, cst.ImportFrom)) and node in self.positions:
+                return self.positions[node].start.line
+        return None
+
     def batchnorm_classes(self, node: cst.CSTNode) -> set[str]:
         """The torch BatchNorm classes `node` may name (`torch.nn.BatchNorm2d` for `nn.BatchNorm2d`,
         `BN` imported as such, `torch.nn.BatchNorm2d` written out)."""
@@ -141,7 +153,8 @@ class SourceFile:
         if self._compiled is None:
             self._compiled = {}
             try:
-                code = compile(self.text, str(self.path), "exec", dont_inherit=True)
+                # a UTF-8 byte-order mark is part of the file, not of the code Python compiled from it
+                code = compile(self.text.removeprefix("\ufeff"), str(self.path), "exec", dont_inherit=True)
             except (SyntaxError, ValueError):
                 return None
             pending = [code]

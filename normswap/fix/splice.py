@@ -25,7 +25,7 @@ def rewrite(source: SourceFile, spots: Sequence[tuple[Spot, SourceCode]]) -> str
     for start, end, new in sorted(edits, key=lambda edit: (edit[0], edit[1]), reverse=True):
         text = text[:start] + new + text[end:]
     try:
-        compile(text, str(source.path), "exec", dont_inherit=True)
+        compile(text.removeprefix("\ufeff"), str(source.path), "exec", dont_inherit=True)  # a byte-order mark is not code
     except SyntaxError as exc:  # a bug in normswap's fix, never the user's code
         raise FixError(
             f"normswap's fix of '{source.path}' would not compile ({exc.msg}, line {exc.lineno}); nothing was written. Please report this."
@@ -52,7 +52,8 @@ def _added_imports(source: SourceFile, modules: Sequence[str]) -> list[tuple[int
         return []
     anchor: cst.CSTNode | None = imports[-1][0] if imports else _docstring(source)
     offset = source.char_range(anchor, whole_lines=True)[1] if anchor is not None else 0
-    return [(offset, offset, "".join(f"import {m}\n" for m in missing))]
+    newline = source.module.default_newline  # a CRLF file gets CRLF import lines
+    return [(offset, offset, "".join(f"import {m}{newline}" for m in missing))]
 
 
 def _docstring(source: SourceFile) -> cst.CSTNode | None:
