@@ -13,5 +13,5 @@ def pytest_addoption(parser) -> None:
     )
 
 
-from fixcases import project  # noqa: E402, F401 - the `project` fixture: an empty project folder as working directory
+from fixcases import project, zoo  # noqa: E402, F401 - `project`: an empty project folder as working directory; `zoo`: a model zoo installed beside it
 from workspace import work  # noqa: E402, F401 - the `work` fixture: a project folder with a model file and a checkpoint

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import shutil
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -28,6 +29,19 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(root)
     monkeypatch.syspath_prepend(str(root))
     return root
+
+
+@pytest.fixture()
+def zoo(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """tests/fix_cases/zoo_models.py installed as `tinyzoo` in a site-packages folder, and the
+    user's uses_zoo.py in the project; returns the site-packages folder."""
+    packages = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    (packages / "tinyzoo").mkdir(parents=True)
+    shutil.copy(CASES / "zoo_models.py", packages / "tinyzoo" / "__init__.py")
+    monkeypatch.syspath_prepend(str(packages))
+    monkeypatch.delitem(sys.modules, "tinyzoo", raising=False)
+    copy_case(project, "uses_zoo")
+    return packages
 
 
 def load(path: Path) -> ModuleType:

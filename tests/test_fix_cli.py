@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
-import sys
 from importlib import resources
 from pathlib import Path
 
@@ -253,18 +251,6 @@ def test_select_limits_the_fixes_to_the_reported_sites(project: Path) -> None:
     path = copy_case(project, "direct")
     result = lint(*DIRECT, "--select", "NS2", "--fix", "--unsafe-fixes")
     assert result.exit_code == 0 and path.read_text() == (CASES / "direct.py").read_text()
-
-
-@pytest.fixture()
-def zoo(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """tests/fix_cases/zoo_models.py installed as `tinyzoo` in a site-packages folder."""
-    packages = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
-    (packages / "tinyzoo").mkdir(parents=True)
-    shutil.copy(CASES / "zoo_models.py", packages / "tinyzoo" / "__init__.py")
-    monkeypatch.syspath_prepend(str(packages))
-    monkeypatch.delitem(sys.modules, "tinyzoo", raising=False)
-    copy_case(project, "uses_zoo")
-    return packages
 
 
 def test_third_party_locations_are_labelled_and_point_to_the_users_line(zoo: Path) -> None:

@@ -200,11 +200,13 @@ def lint(models: tuple[str, ...], **options: Any) -> int:
     + "; ".join(f"{t.name}: {t.summary}" for t in targets.REGISTRY if t.name != "keep")
     + ".",
 )
-@click.option("--groups", "max_groups", type=click.IntRange(min=1), default=32, show_default=True, help="Largest GroupNorm group count.")
+@click.option(
+    "--groups", "max_groups", type=click.IntRange(min=1), default=targets.DEFAULT_MAX_GROUPS, show_default=True, help="Largest GroupNorm group count."
+)
 @click.option(
     "--channels-per-group",
     type=click.IntRange(min=1),
-    default=16,
+    default=targets.DEFAULT_CHANNELS_PER_GROUP,
     show_default=True,
     help="Fewest channels in a GroupNorm group (1 allows InstanceNorm, which loses each sample's channel intensities).",
 )
