@@ -17,7 +17,8 @@ from ._version import __version__
 # public name -> the module that defines it
 _API = {
     "Context": ".context",
-    "Conversion": ".rewrite",
+    "Conversion": ".conversion",
+    "ConvertOptions": ".conversion",
     "HealOptions": ".calibration",
     "NormswapError": ".errors",
     "Plan": ".plan",
@@ -41,6 +42,7 @@ _API = {
 __all__ = [
     "Context",
     "Conversion",
+    "ConvertOptions",
     "HealOptions",
     "NormswapError",
     "Plan",
@@ -78,7 +80,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .calibration import HealOptions, calibrate, heal
     from .context import Context
-    from .conversion import convert
+    from .conversion import Conversion, ConvertOptions, convert
     from .errors import NormswapError
     from .export import Validation, export_onnx, validate_onnx
     from .fix import fix_source
@@ -86,6 +88,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .pipeline import load_converted
     from .plan import Plan, PlanEntry
     from .report import Report
-    from .rewrite import Conversion, apply_plan
+    from .rewrite import apply_plan
     from .sites import Site
     from .source import SourceLocation, recording_construction

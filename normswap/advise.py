@@ -57,7 +57,7 @@ def most_severe(findings: Iterable[Finding]) -> Finding | None:
     """The most severe finding that proposes a fix; ties go to catalogue order (stable)."""
     best = None
     for finding in findings:
-        if finding.fix is None:
+        if finding.remedy is None:
             continue
         if best is None or finding.severity.rank > best.severity.rank:
             best = finding

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +13,7 @@ from .capture import Capture, capture
 from .context import Context
 from .rules import CATALOGUE, Finding, Rule, Skip
 from .sites import Site, discover
-from .torchutil import gc_paused
+from .torchutil import Timings, gc_paused
 
 
 @dataclass
@@ -35,14 +34,11 @@ def analyze(model: nn.Module, example_inputs: Any, context: Context | None = Non
 
 
 def _analyze(model: nn.Module, example_inputs: Any, context: Context, rules: Sequence[Rule]) -> Analysis:
-    timings = {}
-    start = time.perf_counter()
-    captured = capture(model, example_inputs)
-    timings["capture"] = time.perf_counter() - start
-    start = time.perf_counter()
-    sites = discover(model, captured)
-    timings["discover"] = time.perf_counter() - start
-    start = time.perf_counter()
-    findings, skipped = advise(sites, captured, context, rules)
-    timings["rules"] = time.perf_counter() - start
-    return Analysis(captured, sites, findings, skipped, context, timings)
+    timings = Timings()
+    with timings.measure("capture"):
+        captured = capture(model, example_inputs)
+    with timings.measure("discover"):
+        sites = discover(model, captured)
+    with timings.measure("rules"):
+        findings, skipped = advise(sites, captured, context, rules)
+    return Analysis(captured, sites, findings, skipped, context, timings.seconds)

@@ -1,28 +1,24 @@
-"""`[tool.normswap]` in the nearest pyproject.toml: context defaults, rule selection, models to lint."""
+"""`[tool.normswap]` in the nearest pyproject.toml: context defaults, lint settings, models to lint.
+
+Its keys are those the options declare (`Context` and `LintOptions` fields with a config key),
+plus the models to lint.
+"""
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .context import Context
 from .errors import ConfigError
+from .linter import LintOptions
 from .loader import InputSpec, parse_input_spec
+from .options import config_keys, from_config, given_on_command_line
 
-_CONTEXT_KEYS = {
-    "batch_size",
-    "world_size",
-    "differential_privacy",
-    "dp",
-    "inference_only",
-    "inference",
-    "finetune",
-    "sequence",
-    "small_batch_threshold",
-}
-_OTHER_KEYS = {"models", "input_shape", "select", "ignore", "fail_on", "format"}
+_MODEL_KEYS = {"models", "input_shape"}
 
 
 @dataclass
@@ -36,18 +32,21 @@ class ModelEntry:
 
 @dataclass
 class Config:
-    path: Path | None = None
-    context: dict[str, Any] = field(default_factory=dict)
-    models: list[ModelEntry] = field(default_factory=list)
-    select: list[str] = field(default_factory=list)
-    ignore: list[str] = field(default_factory=list)
-    fail_on: str | None = None
-    format: str | None = None
+    """The `[tool.normswap]` table, checked: the values it sets for Context and LintOptions fields,
+    and the models to lint."""
 
-    def make_context(self, **flags: Any) -> Context:
-        """Context from the file, with command-line flags (non-None) winning."""
-        base = Context.from_mapping(self.context, where=f"[tool.normswap] of {self.path}" if self.path else "context")
-        return base.replace(**flags)
+    path: Path | None = None
+    context: Context = field(default_factory=Context)
+    lint: dict[str, Any] = field(default_factory=dict)  # LintOptions fields the file sets
+    models: list[ModelEntry] = field(default_factory=list)
+
+    def make_context(self, values: Mapping[str, Any], given: Collection[str]) -> Context:
+        """The file's context with the command-line options the user gave winning."""
+        return self.context.replace(**given_on_command_line(Context, values, given))
+
+    def make_lint_options(self, values: Mapping[str, Any], given: Collection[str]) -> LintOptions:
+        """LintOptions: the command line, else the file, else the defaults."""
+        return LintOptions(**{**self.lint, **given_on_command_line(LintOptions, values, given)})
 
 
 def find_pyproject(start: Path | None = None) -> Path | None:
@@ -77,21 +76,13 @@ def load_config(start: Path | None = None) -> Config:
     if not isinstance(section, dict):
         raise ConfigError(f"[tool.normswap] in {path} must be a table.")
     where = f"[tool.normswap] of {path}"
-    unknown = set(section) - _CONTEXT_KEYS - _OTHER_KEYS
+    context_keys, lint_keys = config_keys(Context), config_keys(LintOptions)
+    known = context_keys | lint_keys | _MODEL_KEYS
+    unknown = [key for key in section if key.replace("-", "_") not in known]
     if unknown:
-        known = ", ".join(sorted(_CONTEXT_KEYS | _OTHER_KEYS))
-        raise ConfigError(f"Unknown key '{sorted(unknown)[0]}' in {where}; known keys are: {known}.")
-    config = Config(path=path, context={k: v for k, v in section.items() if k in _CONTEXT_KEYS})
-    config.make_context()  # validate now, with the file named
-    for key in ("select", "ignore"):
-        value = section.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"'{key}' in {where} must be a list of rule codes.")
-        setattr(config, key, value)
-    for key in ("fail_on", "format"):
-        if key in section and not isinstance(section[key], str):
-            raise ConfigError(f"'{key}' in {where} must be a string.")
-        setattr(config, key, section.get(key))
+        raise ConfigError(f"Unknown key '{unknown[0]}' in {where}; known keys are: {', '.join(sorted(known))}.")
+    context = Context.from_mapping({k: v for k, v in section.items() if k.replace("-", "_") in context_keys}, where)
+    config = Config(path=path, context=context, lint=from_config(LintOptions, section, where))
     default_shape = section.get("input_shape")
     if default_shape is not None:
         _check_shape(default_shape, "'input_shape'", where)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
+from .options import config_keys, from_config, option
 
 DEFAULT_SMALL_BATCH = 16
 
@@ -29,13 +30,17 @@ class Context:
         small_batch_threshold: per-device batch sizes below this count as small.
     """
 
-    batch_size: int | None = None
-    world_size: int = 1
-    differential_privacy: bool = False
-    inference_only: bool = False
-    finetune: bool = False
-    sequence: bool = False
-    small_batch_threshold: int = DEFAULT_SMALL_BATCH
+    batch_size: int | None = option(None, "--batch-size", help="Training batch size per device.", config_key="batch_size", value_type=int, minimum=1)
+    world_size: int = option(1, "--world-size", help="Number of data-parallel devices.", config_key="world_size", value_type=int, minimum=1)
+    differential_privacy: bool = option(
+        False, "--dp", help="Trained with differential privacy (DP-SGD).", config_key="differential_privacy", config_aliases=("dp",), value_type=bool
+    )
+    inference_only: bool = option(
+        False, "--inference", help="Inference only: never trained again.", config_key="inference_only", config_aliases=("inference",), value_type=bool
+    )
+    finetune: bool = option(False, "--finetune", help="Fine-tuned from a pretrained checkpoint.", config_key="finetune", value_type=bool)
+    sequence: bool = option(False, "--sequence", help="Inputs are sequences.", config_key="sequence", value_type=bool)
+    small_batch_threshold: int = option(DEFAULT_SMALL_BATCH, config_key="small_batch_threshold", value_type=int)
 
     def __post_init__(self) -> None:
         # strict types: in a TOML file `dp = "false"` is a string (true in Python) and
@@ -65,16 +70,15 @@ class Context:
     @classmethod
     def from_mapping(cls, data: dict[str, Any], where: str = "context") -> Context:
         """Build from a mapping (e.g. `[tool.normswap]`), rejecting unknown keys by name."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        aliases = {"dp": "differential_privacy", "inference": "inference_only"}
+        known = config_keys(cls)
+        unknown = [key for key in data if key.replace("-", "_") not in known]
+        if unknown:
+            raise ConfigError(f"Unknown key '{unknown[0]}' in {where}; known keys are: {', '.join(sorted(known))}.")
         values: dict[str, Any] = {}
         for key, value in data.items():
-            name = aliases.get(key.replace("-", "_"), key.replace("-", "_"))
-            if name not in names:
-                raise ConfigError(f"Unknown key '{key}' in {where}; known keys are: {', '.join(sorted(names))}.")
             try:
-                cls(**{name: value})  # checked alone, so the message names this key
+                values.update(from_config(cls, {key: value}, where, check=False))
+                cls(**values)  # checked one key at a time, so the message names this key
             except ConfigError as exc:
                 raise ConfigError(f"'{key}' in {where}: {str(exc).rstrip('.')}.") from None
-            values[name] = value
         return cls(**values)

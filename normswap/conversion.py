@@ -3,63 +3,180 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Iterable
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .calibration import HealOptions, SiteCost, calibrate_and_heal, check_batches, check_model_accepts, site_costs
+from . import targets
+from .analysis import Analysis
+from .calibration import Drift, HealOptions, HealResult, SiteCost, SiteFit, calibrate_and_heal, check_batches, check_model_accepts, site_costs
 from .calibration.attribution import DEFAULT_SAMPLES
+from .calibration.device import DEVICE_CHOICES
 from .context import Context
+from .options import option
 from .plan import Plan
-from .policy import entry_for
-from .rewrite import Conversion, materialize_lazy, rewrite
+from .policy import PlanRequest, entry_for
+from .rewrite import Rewritten, materialize_lazy, rewrite_model
+from .rules import Finding
 from .sites import Site
 from .targets import DEFAULT_CHANNELS_PER_GROUP, DEFAULT_MAX_GROUPS, PlanOptions
 from .torchutil import as_input_tuple, require_module, require_type
 
 
+def _percent(value: float) -> float:
+    return value / 100
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """How `convert` rewrites, calibrates and heals a model (every field is also a `normswap
+    convert` option; the API takes them as keyword arguments of `convert`)."""
+
+    to: str = option(
+        "auto",
+        "--to",
+        help="Replacement target: auto (per site, from the findings), "
+        + "; ".join(f"{t.name}: {t.summary}" for t in targets.REGISTRY if t.name != "keep")
+        + ".",
+        choices=lambda: targets.CHOICES,
+        show_default=True,
+    )
+    max_groups: int = option(DEFAULT_MAX_GROUPS, "--groups", help="Largest GroupNorm group count.", value_type=int, minimum=1, show_default=True)
+    channels_per_group: int = option(
+        DEFAULT_CHANNELS_PER_GROUP,
+        "--channels-per-group",
+        help="Fewest channels in a GroupNorm group (1 allows InstanceNorm, which loses each sample's channel intensities).",
+        value_type=int,
+        minimum=1,
+        show_default=True,
+    )
+    keep: tuple[str, ...] = option(
+        (), "--keep", help="Leave this BatchNorm site as it is (repeatable); it keeps its batch statistics.", multiple=True, metavar="LAYER"
+    )
+    heal: HealOptions | None = option(
+        None, "--heal", help="After calibration, distil the converted model toward the original (the measured defaults).", value_type=bool
+    )
+    freeze_costly: float | None = option(
+        None,
+        "--freeze-costly",
+        help="With --to auto and --calibration-data: freeze each site whose conversion alone, calibrated, costs more than PCT points "
+        "of top-1 agreement.",
+        value_type=float,
+        minimum=0,
+        maximum=100,
+        open_maximum=True,
+        finite=True,
+        metavar="PCT",
+        parse=_percent,
+    )
+    attribution_samples: int = option(
+        DEFAULT_SAMPLES,
+        "--attribution-samples",
+        help="Calibration inputs used to measure what each site costs alone (0: not measured).",
+        value_type=int,
+        minimum=0,
+        show_default=True,
+    )
+    device: str | torch.device | None = option(
+        "auto",
+        "--device",
+        help="Where calibration, healing and validation run (auto: this process's GPU when there is one, under torchrun its local GPU).",
+        choices=DEVICE_CHOICES,
+        show_default=True,
+    )
+
+    def __post_init__(self) -> None:
+        require_type(self.heal, HealOptions, "heal", "convert", "pass normswap.HealOptions(steps=..., lr=...)")
+        require_type(self.to, str, "to", "convert")
+        if self.freeze_costly is not None and not 0 <= self.freeze_costly < 1:
+            raise ValueError(f"freeze_costly is a fraction of agreement in [0, 1), got {self.freeze_costly!r}.")
+        object.__setattr__(self, "keep", tuple(self.keep))
+
+    @property
+    def plan_options(self) -> PlanOptions:
+        return PlanOptions(max_groups=self.max_groups, channels_per_group=self.channels_per_group)
+
+    @property
+    def plan_request(self) -> PlanRequest:
+        return PlanRequest(self.to, self.plan_options, self.keep)
+
+    def replace(self, **changes: Any) -> ConvertOptions:
+        """A copy with some fields changed.
+
+        Raises:
+            TypeError: a name that is not a field (the message lists them).
+        """
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise TypeError(f"convert() got an unexpected keyword argument '{unknown[0]}'; its settings are: {', '.join(names)}.")
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Conversion:
+    """The result of `convert`: the converted model, the plan it followed, what was found, and
+    what calibration and healing did."""
+
+    model: nn.Module
+    plan: Plan
+    sites: list[Site]
+    findings: list[Finding]
+    analysis: Analysis
+    changes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was not done or checked, and why
+    calibration: list[SiteFit] = field(default_factory=list)
+    healing: HealResult | None = None
+    attribution: list[SiteCost] = field(default_factory=list)  # worst first
+    drift: dict[str, Drift] = field(default_factory=dict)  # "swap" / "calibrated" / "healed"
+
+    @property
+    def capture_method(self) -> str:
+        return self.analysis.capture.method
+
+    @classmethod
+    def of(cls, rewritten: Rewritten) -> Conversion:
+        return cls(**{f.name: getattr(rewritten, f.name) for f in dataclasses.fields(rewritten)})
+
+
 def convert(
     model: nn.Module,
     example_inputs: Any,
-    to: str = "auto",
+    to: str | None = None,
     context: Context | None = None,
     inplace: bool = False,
     *,
-    max_groups: int = DEFAULT_MAX_GROUPS,
-    channels_per_group: int = DEFAULT_CHANNELS_PER_GROUP,
     plan: Plan | None = None,
-    keep: Collection[str] = (),
     calibration_data: Iterable[Any] | None = None,
-    heal: HealOptions | None = None,
-    device: str | torch.device | None = "auto",
-    freeze_costly: float | None = None,
-    attribution_samples: int = DEFAULT_SAMPLES,
+    options: ConvertOptions | None = None,
+    **settings: Any,
 ) -> Conversion:
     """Rewrite every BatchNorm site of `model` into a batch-independent normalization.
 
     Args:
         model: the model; not modified unless `inplace=True`.
         example_inputs: a tensor or tuple of tensors the model runs on (batch first).
-        to: "auto" (per site, from the findings) or a target name (`normswap.targets.NAMES`).
+        to: "auto" (per site, from the findings) or a target name (`normswap.targets.NAMES`);
+            default: `options.to`, "auto".
         context: how the model is trained / served (drives "auto").
         inplace: rewrite `model` itself instead of a copy.
-        max_groups: largest GroupNorm group count.
-        channels_per_group: smallest number of channels in a GroupNorm group.
         plan: apply this plan instead of planning (checked against the model first).
-        keep: names of BatchNorm sites to leave as they are (they keep their batch statistics).
         calibration_data: unlabeled input batches; when given, each new GroupNorm / LayerNorm
             affine is fitted to the original BatchNorm output (see `normswap.calibrate`).
-        heal: heal after calibration with these settings (`HealOptions()`: the measured
-            defaults); None: calibrate only.
-        device: where calibration and healing run ("auto": this process's GPU when there is
-            one, else the CPU); the models return to their own devices afterwards.
-        freeze_costly: with `to="auto"` and calibration data: freeze (keep the function of) each
-            site with running statistics whose conversion alone, calibrated, loses more than this
-            fraction of top-1 agreement (or of cosine similarity) with the original.
-        attribution_samples: calibration inputs used to measure what each site costs alone
-            (`Conversion.attribution`); 0: not measured.
+        options: the settings (`ConvertOptions`); keyword `settings` override single fields:
+            max_groups (largest GroupNorm group count), channels_per_group (fewest channels in a
+            group), keep (names of sites to leave as they are, with their batch statistics),
+            heal (`HealOptions()`: heal after calibration with the measured defaults; None:
+            calibrate only), device (where calibration and healing run; "auto": this process's
+            GPU when there is one), freeze_costly (with `to="auto"` and calibration data: freeze
+            each site with running statistics whose conversion alone, calibrated, loses more
+            than this fraction of top-1 agreement or cosine similarity), attribution_samples
+            (calibration inputs used to measure what each site costs alone; 0: not measured).
 
     Returns:
         Conversion with `.model` (the user's module tree with swapped submodules, or an
@@ -72,25 +189,46 @@ def convert(
     require_module(model, "convert")
     require_type(context, Context, "context", "convert", "build one with normswap.Context(batch_size=..., ...)")
     require_type(plan, Plan, "plan", "convert", "read one with normswap.Plan.from_json(text)")
-    require_type(heal, HealOptions, "heal", "convert", "pass normswap.HealOptions(steps=..., lr=...)")
-    require_type(to, str, "to", "convert")
-    options = PlanOptions(max_groups=max_groups, channels_per_group=channels_per_group)
+    require_type(options, ConvertOptions, "options", "convert", "build one with normswap.ConvertOptions(...)")
+    options = (options or ConvertOptions()).replace(**settings, **({"to": to} if to is not None else {}))
+    return convert_with(model, example_inputs, context, options, plan=plan, calibration_data=calibration_data, inplace=inplace)
+
+
+def convert_with(
+    model: nn.Module,
+    example_inputs: Any,
+    context: Context | None,
+    options: ConvertOptions,
+    *,
+    plan: Plan | None = None,
+    calibration_data: Iterable[Any] | None = None,
+    inplace: bool = False,
+) -> Conversion:
+    """`convert` with its settings as one object (the engine behind the API and the CLI)."""
     materialize_lazy(model, as_input_tuple(example_inputs))  # lazy modules cannot be copied before
     original = copy.deepcopy(model) if inplace and calibration_data is not None else model
-    if freeze_costly is not None and not 0 <= freeze_costly < 1:
-        raise ValueError(f"freeze_costly is a fraction of agreement in [0, 1), got {freeze_costly!r}.")
-    conversion = rewrite(model, example_inputs, to, context, inplace and freeze_costly is None, options=options, plan=plan, keep=keep)
+    freeze_costly = options.freeze_costly
+    rewritten = rewrite_model(model, example_inputs, context, options.plan_request, plan=plan, inplace=inplace and freeze_costly is None)
     if calibration_data is None:
-        return conversion
+        return Conversion.of(rewritten)
     batches = check_batches(calibration_data)
     check_model_accepts(original, batches)
-    if freeze_costly is not None and to == "auto" and plan is None:
-        costs = site_costs(original, conversion.plan, batches, samples=attribution_samples or DEFAULT_SAMPLES)
-        frozen = _freeze_costly(conversion.plan, conversion.sites, costs, freeze_costly, options)
-        if frozen is not conversion.plan or inplace:  # the first rewrite was on a copy
-            conversion = rewrite(model, example_inputs, to, context, inplace, options=options, plan=frozen)
-    calibrate_and_heal(conversion, original, batches, heal, device, attribution_samples)
-    return conversion
+    if freeze_costly is not None and options.to == "auto" and plan is None:
+        costs = site_costs(original, rewritten.plan, batches, samples=options.attribution_samples or DEFAULT_SAMPLES)
+        frozen = _freeze_costly(rewritten.plan, rewritten.sites, costs, freeze_costly, options.plan_options)
+        if frozen is not rewritten.plan or inplace:  # the first rewrite was on a copy
+            rewritten = rewrite_model(model, example_inputs, context, options.plan_request, plan=frozen, inplace=inplace)
+    outcome = calibrate_and_heal(rewritten.model, original, rewritten.plan, batches, options.heal, options.device, options.attribution_samples)
+    conversion = Conversion.of(rewritten)
+    return dataclasses.replace(
+        conversion,
+        calibration=outcome.fits,
+        attribution=outcome.attribution,
+        healing=outcome.healing,
+        drift=outcome.drift,
+        notes=[*conversion.notes, *outcome.notes],
+        timings={**conversion.timings, "calibrate": outcome.seconds},
+    )
 
 
 def _freeze_costly(plan: Plan, sites: list[Site], costs: list[SiteCost], threshold: float, options: PlanOptions) -> Plan:

@@ -18,7 +18,22 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, ModelLoadError
+from .options import option
 from .source import recording_construction
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to build and run the model: the callable's keyword arguments and the example inputs."""
+
+    kwargs: tuple[str, ...] = option((), "-k", help="Keyword argument for the model callable (Python literal).", multiple=True, metavar="KEY=VALUE")
+    input_shapes: tuple[str, ...] = option(
+        (),
+        "--input-shape",
+        help="Shape of one example input, batch first, optionally with a dtype (8,128:int64); repeat for several inputs.",
+        multiple=True,
+        metavar="N,C,...",
+    )
 
 
 def parse_kwargs(pairs: Sequence[str]) -> dict[str, Any]:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,45 +12,89 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from .calibration import HealOptions, batches_from_tensor, check_model_accepts, load_calibration_tensor
-from .calibration.attribution import DEFAULT_SAMPLES
+from .calibration import batches_from_tensor, check_model_accepts, load_calibration_tensor
 from .checkpoint import Checkpoint, finite_state_dict, fit_to_model, load_checkpoint, save_weights
+from .config import ModelEntry
 from .context import Context
-from .conversion import convert
-from .errors import PlanError
+from .conversion import Conversion, ConvertOptions, convert_with
+from .errors import ConfigError, PlanError
 from .export import export_onnx, validate_onnx
 from .files import write_text_atomic
 from .loader import check_input_memory, example_inputs, load_model, model_importable
+from .options import option
 from .outputs import MANIFEST, check_output_dir, manifest_of, output_set, verified_outputs
 from .plan import Plan
 from .render.plot import plot_attribution, plot_available
-from .report import Report, model_definition
-from .rewrite import Conversion, apply_plan
-from .targets import DEFAULT_CHANNELS_PER_GROUP, DEFAULT_MAX_GROUPS
+from .report import ConversionSection, Report, model_definition
+from .rewrite import apply_plan
+from .torchutil import Timings
 
 
-@dataclass
-class ConvertOptions:
-    to: str = "auto"
-    max_groups: int = DEFAULT_MAX_GROUPS
-    channels_per_group: int = DEFAULT_CHANNELS_PER_GROUP
-    plan_path: str | None = None
-    onnx: bool = True
-    validate: bool = True
-    atol: float | None = None
-    rtol: float | None = None
-    opset: int | None = None
-    trust_checkpoint: bool = False
-    force: bool = False
-    keep: tuple[str, ...] = ()
-    batch_inputs: tuple[int, ...] | None = None  # None: detected
-    calibration_data: str | None = None
-    calibration_batch_size: int = 32
-    heal: HealOptions | None = None  # None: calibrate only
-    device: str = "auto"
-    freeze_costly: float | None = None  # a fraction of top-1 agreement
-    attribution_samples: int = DEFAULT_SAMPLES
-    seed: int = 0
+def _batch_inputs(spec: str) -> tuple[int, ...]:
+    """`--batch-inputs`: "0,2", or "none" (no input carries the batch)."""
+    if spec.strip().lower() == "none":
+        return ()
+    try:
+        indices = tuple(int(part) for part in spec.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"--batch-inputs expects comma-separated input indices or 'none', got '{spec}'.") from None
+    if not indices:
+        raise ConfigError(f"--batch-inputs {spec} names no input; give input indices (from 0) or 'none'.")
+    return indices
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What one `normswap convert` run reads, writes and checks besides the conversion itself
+    (every field is an option of the command)."""
+
+    plan_path: str | None = option(None, "--plan", help="Re-apply this saved plan.json instead of planning.", path="existing-file")
+    onnx: bool = option(True, "--no-onnx", help="Skip the ONNX export (and its validation).", value_type=bool, negate=True)
+    validate: bool = option(True, "--no-validate", help="Export but do not validate with onnxruntime.", value_type=bool, negate=True)
+    atol: float | None = option(
+        None,
+        "--atol",
+        help="Absolute tolerance of the ONNX check (default: per output, 16x the model's own float64 rounding error, at least 16 ulps "
+        "of its dtype at its scale).",
+        value_type=float,
+        minimum=0,
+        finite=True,
+    )
+    rtol: float | None = option(
+        None,
+        "--rtol",
+        help="Relative tolerance of the ONNX check (default: 16 ulps of each output's dtype).",
+        value_type=float,
+        minimum=0,
+        finite=True,
+    )
+    batch_inputs: tuple[int, ...] | None = option(  # None: detected
+        None,
+        "--batch-inputs",
+        help="Which inputs (0-based, in --input-shape order) have the batch in dimension 0; 'none' when no input does (default: those "
+        "whose dimension 0 matches the first input's).",
+        metavar="I,J|none",
+        parse=_batch_inputs,
+    )
+    opset: int | None = option(None, "--opset", help="ONNX opset (default 18).", value_type=int, minimum=14)
+    calibration_data: str | None = option(
+        None, "--calibration-data", help="Unlabeled inputs (.pt/.npz/.safetensors, first axis = samples) to calibrate the new layers.", path="any"
+    )
+    calibration_batch_size: int = option(
+        32, "--calibration-batch-size", help="Batch size for calibration and healing.", value_type=int, minimum=1, show_default=True
+    )
+    trust_checkpoint: bool = option(
+        False,
+        "--trust-checkpoint",
+        help="Allow a checkpoint that runs code when loaded (a pickled module). Only for files you trust.",
+        value_type=bool,
+    )
+    force: bool = option(False, "--force", help="Replace normswap's outputs in an existing, non-empty --out.", value_type=bool)
+    quiet: bool = option(False, "--quiet", "-q", help="No progress or summary, only errors.", value_type=bool)
+    seed: int = 0  # of the example inputs
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,39 +105,34 @@ class ConvertResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-log = logging.getLogger(__name__)
-
-
 class Steps:
-    """Progress for the steps of a job: a spinner on a terminal, nothing when quiet."""
+    """Progress for the steps of a job: a spinner on a terminal, nothing when quiet; each step timed."""
 
     def __init__(self, quiet: bool) -> None:
         self.console = Console(stderr=True, highlight=False)
         self.quiet = quiet or not self.console.is_terminal
-        self.timings: dict[str, float] = {}
+        self.timings = Timings()
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        if self.quiet:
-            yield
-        else:
-            with self.console.status(f"{name}..."):
+        with self.timings.measure(name):
+            if self.quiet:
                 yield
-            self.console.print(f"[green]✓[/green] {name} ({time.perf_counter() - start:.2f} s)")
-        self.timings[name] = time.perf_counter() - start
-        log.debug("%s took %.3f s", name, self.timings[name])
+            else:
+                with self.console.status(f"{name}..."):
+                    yield
+        if not self.quiet:
+            self.console.print(f"[green]✓[/green] {name} ({self.timings.seconds[name]:.2f} s)")
+        log.debug("%s took %.3f s", name, self.timings.seconds[name])
 
 
 def convert_checkpoint(
     checkpoint_path: str | Path,
-    model_spec: str,
-    model_kwargs: dict[str, Any],
-    input_shapes: Sequence[Any],
+    model: ModelEntry,
     out_dir: str | Path,
     context: Context | None = None,
     options: ConvertOptions | None = None,
-    quiet: bool = True,
+    job: JobOptions | None = None,
     model_name: str | None = None,
 ) -> ConvertResult:
     """Load weights into the user's model, convert, export, validate and write every output.
@@ -103,108 +141,99 @@ def convert_checkpoint(
     for the run, and moved in at the end with a manifest, so a failure or a signal leaves nothing
     behind and nothing mixed. A failed validation still writes the outputs (marked failed).
     """
-    options = options or ConvertOptions()
-    context = context or Context()
+    options, job, context = options or ConvertOptions(), job or JobOptions(), context or Context()
     checkpoint_path, out_dir = Path(checkpoint_path), Path(out_dir)
-    given = [checkpoint_path, *(Path(p) for p in (options.plan_path, options.calibration_data) if p)]
-    check_output_dir(out_dir, given, options.force)
-    check_input_memory(input_shapes)
-    steps = Steps(quiet)
-    with output_set(out_dir, options.force) as staging:
+    given = [checkpoint_path, *(Path(p) for p in (job.plan_path, job.calibration_data) if p)]
+    check_output_dir(out_dir, given, job.force)
+    check_input_memory(model.input_shapes)
+    steps = Steps(job.quiet)
+    with output_set(out_dir, job.force) as staging:
         with steps.step("load"):
-            model, factory = load_model(model_spec, model_kwargs)
-            with model_importable(model_spec):  # a trusted pickled module names its class by the model's module
-                checkpoint = load_checkpoint(checkpoint_path, trust=options.trust_checkpoint)
-            model.load_state_dict(fit_to_model(checkpoint, model), strict=False)
-            model.eval()
-            inputs = example_inputs(input_shapes, seed=options.seed)
-            plan = Plan.read(options.plan_path) if options.plan_path else None
-        stage = "trace, plan and rewrite" + (", calibrate and heal" if options.calibration_data else "")
+            module, factory = load_model(model.spec, model.kwargs)
+            with model_importable(model.spec):  # a trusted pickled module names its class by the model's module
+                checkpoint = load_checkpoint(checkpoint_path, trust=job.trust_checkpoint)
+            module.load_state_dict(fit_to_model(checkpoint, module), strict=False)
+            module.eval()
+            inputs = example_inputs(model.input_shapes, seed=job.seed)
+            plan = Plan.read(job.plan_path) if job.plan_path else None
+        stage = "trace, plan and rewrite" + (", calibrate and heal" if job.calibration_data else "")
         with steps.step(stage):
-            batches = _calibration_batches(model, options.calibration_data, options.calibration_batch_size) if options.calibration_data else None
-            conversion = convert(
-                model,
-                inputs,
-                to=options.to,
-                context=context,
-                max_groups=options.max_groups,
-                channels_per_group=options.channels_per_group,
-                plan=plan,
-                keep=options.keep,
-                calibration_data=batches,
-                heal=options.heal,
-                device=options.device,
-                freeze_costly=options.freeze_costly,
-                attribution_samples=options.attribution_samples,
-            )
+            batches = _calibration_batches(module, job.calibration_data, job.calibration_batch_size) if job.calibration_data else None
+            conversion = convert_with(module, inputs, context, options, plan=plan, calibration_data=batches)
+        section = ConversionSection(
+            conversion.plan,
+            drift=dict(conversion.drift),
+            calibration=conversion.calibration,
+            attribution=conversion.attribution,
+            healing=conversion.healing,
+        )
         report = Report(
-            model=model_name or model_spec,
+            model=model_name or model.spec,
             capture_method=conversion.capture_method,
             context=context,
             sites=conversion.sites,
             findings=conversion.findings,
             fallback_reasons=conversion.analysis.capture.fallback_reasons,
             model_location=model_definition(factory),
-            plan=conversion.plan,
             not_fired=conversion.analysis.skipped,
-            calibration=[fit.to_dict() for fit in conversion.calibration],
-            attribution=[cost.to_dict() for cost in conversion.attribution],
-            healing=conversion.healing.to_dict() if conversion.healing is not None else None,
-            drift=dict(conversion.drift),
             notes=list(conversion.notes),
+            conversion=section,
         )
-        if options.trust_checkpoint:
+        if job.trust_checkpoint:
             report.notes.append(f"the checkpoint '{checkpoint_path}' was loaded with --trust-checkpoint: code in it was allowed to run")
-        _write_outputs(staging, out_dir, report, conversion, model, inputs, checkpoint.weights_name, options, steps)
-    return ConvertResult(report, conversion, out_dir, steps.timings)
+        _write_outputs(staging, out_dir, report, section, conversion, module, inputs, checkpoint.weights_name, options, job, steps)
+    return ConvertResult(report, conversion, out_dir, steps.timings.seconds)
 
 
 def _write_outputs(
     staging: Path,
     out_dir: Path,
     report: Report,
+    section: ConversionSection,
     conversion: Conversion,
     model: torch.nn.Module,
     inputs: tuple,
     weights_name: str,
     options: ConvertOptions,
+    job: JobOptions,
     steps: Steps,
 ) -> None:
-    """Weights, plan, chart, ONNX (validated), then the reports with the manifest, in `staging`."""
+    """Weights, plan, chart, ONNX (validated), then the reports with the manifest, in `staging`
+    (`section` is the report's conversion section, filled in as the files are written)."""
     with steps.step("write weights and plan"):
         save_weights(finite_state_dict(conversion.model), staging / weights_name)
         write_text_atomic(staging / "plan.json", conversion.plan.to_json())
-    report.outputs = {"weights": str(out_dir / weights_name), "plan": str(out_dir / "plan.json")}
-    if report.attribution:
+    section.outputs = {"weights": str(out_dir / weights_name), "plan": str(out_dir / "plan.json")}
+    if section.attribution:
         if plot_available():
-            plot_attribution(report.attribution, staging / "attribution.png", f"{report.model}: what each site costs on its own")
-            report.outputs["plot"] = str(out_dir / "attribution.png")
+            plot_attribution(section.attribution, staging / "attribution.png", f"{report.model}: what each site costs on its own")
+            section.outputs["plot"] = str(out_dir / "attribution.png")
         else:
             report.notes.append("no chart of the per-site cost: install the plot extra (pip install 'normswap[plot]') for attribution.png")
-    if options.onnx:
+    if job.onnx:
         with steps.step("export ONNX"):
-            onnx_path = export_onnx(conversion.model, inputs, staging / "model.onnx", opset=options.opset, batch_inputs=options.batch_inputs)
-        report.outputs["onnx"] = str(out_dir / "model.onnx")
+            onnx_path = export_onnx(conversion.model, inputs, staging / "model.onnx", opset=job.opset, batch_inputs=job.batch_inputs)
+        section.outputs["onnx"] = str(out_dir / "model.onnx")
         if (staging / "model.onnx.data").exists():
-            report.outputs["onnx_data"] = str(out_dir / "model.onnx.data")
-        if options.validate:
+            section.outputs["onnx_data"] = str(out_dir / "model.onnx.data")
+        if job.validate:
             with steps.step("validate with onnxruntime"):
-                report.validation = validate_onnx(
+                section.validation = validate_onnx(
                     conversion.model,
                     onnx_path,
                     inputs,
                     original=model,
-                    atol=options.atol,
-                    rtol=options.rtol,
+                    atol=job.atol,
+                    rtol=job.rtol,
                     plan=conversion.plan,
-                    batch_inputs=options.batch_inputs,
+                    batch_inputs=job.batch_inputs,
                     device=options.device,
                 )
-            if report.validation.drift is not None and "swap" not in report.drift:
-                report.drift = {"swap": report.validation.drift, **report.drift}
-    report.outputs.update({"report": str(out_dir / MANIFEST), "markdown": str(out_dir / "report.md")})
+            if section.validation.drift is not None and "swap" not in section.drift:
+                section.drift = {"swap": section.validation.drift, **section.drift}
+    section.outputs.update({"report": str(out_dir / MANIFEST), "markdown": str(out_dir / "report.md")})
     write_text_atomic(staging / "report.md", report.to_markdown())
-    report.manifest = manifest_of(staging)
+    section.manifest = manifest_of(staging)
     write_text_atomic(staging / MANIFEST, report.to_json())
 
 

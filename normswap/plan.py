@@ -10,7 +10,7 @@ from typing import Any
 
 from . import targets
 from .errors import PlanError
-from .sites import KINDS, Site
+from .sites import KINDS, Site, SiteKind
 
 PLAN_VERSION = 1
 
@@ -23,11 +23,14 @@ class PlanEntry:
     target: str
     params: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
-    kind: str = "module"
+    kind: SiteKind = SiteKind.MODULE
 
     def __post_init__(self) -> None:
         if self.target not in targets.NAMES:
             raise PlanError(f"Plan entry '{self.name}' has unknown target '{self.target}'; use one of {', '.join(targets.NAMES)}.")
+        if self.kind not in KINDS:
+            raise PlanError(f"Plan entry '{self.name}' has unknown kind '{self.kind}'; use one of {', '.join(KINDS)}.")
+        self.kind = SiteKind(self.kind)
 
     @property
     def converts(self) -> bool:
@@ -45,12 +48,10 @@ class PlanEntry:
         Raises:
             PlanError: naming the site and the field.
         """
-        if self.kind not in KINDS:
-            raise PlanError(f"Plan entry '{self.name}' has unknown kind '{self.kind}'; use one of {', '.join(KINDS)}.")
         targets.get(self.target).check(self.name, self.params, site)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "target": self.target, "params": dict(self.params), "reason": self.reason}
+        return {"name": self.name, "kind": self.kind.value, "target": self.target, "params": dict(self.params), "reason": self.reason}
 
 
 @dataclass
@@ -126,14 +127,11 @@ class Plan:
             params = site.get("params", {})
             if not isinstance(params, dict):
                 raise PlanError(f"{where}: 'params' of site '{site['name']}' must be an object.")
+            kind = site.get("kind", "module")
+            if kind not in KINDS:
+                raise PlanError(f"Plan entry '{site['name']}' has unknown kind '{kind}'; use one of {', '.join(KINDS)}.")
             entries.append(
-                PlanEntry(
-                    name=site["name"],
-                    target=site["target"],
-                    params=dict(params),
-                    reason=str(site.get("reason", "")),
-                    kind=str(site.get("kind", "module")),
-                )
+                PlanEntry(name=site["name"], target=site["target"], params=dict(params), reason=str(site.get("reason", "")), kind=SiteKind(kind))
             )
         plan = cls(entries, version)
         plan.check()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 
 from . import targets
 from .advise import most_severe
@@ -10,7 +11,7 @@ from .context import Context
 from .errors import PlanError
 from .plan import Plan, PlanEntry
 from .rules import Finding
-from .sites import Site
+from .sites import Site, SiteKind
 from .targets import PlanOptions, Refusal
 
 
@@ -64,6 +65,38 @@ def make_plan(
     return Plan(entries)
 
 
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to plan: the target ("auto" or a registry name), the grouping options, and the sites
+    to leave as they are."""
+
+    to: str = "auto"
+    options: PlanOptions = field(default_factory=PlanOptions)
+    keep: tuple[str, ...] = ()
+
+
+def resolve_plan(
+    sites: Sequence[Site],
+    findings: Sequence[Finding],
+    context: Context,
+    plan: Plan | None = None,
+    request: PlanRequest | None = None,
+    *,
+    strict: bool = True,
+) -> Plan:
+    """`plan` checked against the sites when one is given, else a new plan for `request` (see
+    `make_plan`; with `strict=False` a site no target can replace is kept, with the reason).
+
+    Raises:
+        PlanError: the given plan does not fit the sites, or (strict) a site no target can replace.
+    """
+    if plan is not None:
+        plan.check(sites)
+        return plan
+    request = request or PlanRequest()
+    return make_plan(sites, findings, context, request.to, request.options, keep_sites=request.keep, strict=strict)
+
+
 def _replacement(site: Site, findings: list[Finding], context: Context, to: str, options: PlanOptions) -> PlanEntry:
     """The entry that replaces a batch-dependent site, or Refusal saying why none can."""
     if site.normalizes_by_hand:
@@ -71,7 +104,7 @@ def _replacement(site: Site, findings: list[Finding], context: Context, to: str,
             f"Layer '{site.name}' ({site.flavour}) computes its batch statistics by hand instead of calling batch_norm, "
             "so normswap cannot take its normalization over; replace the class in your code (e.g. by the torch BatchNorm it extends)."
         )
-    if site.kind == "lookalike":
+    if site.kind is SiteKind.LOOKALIKE:
         raise Refusal(
             f"Layer '{site.name}' ({site.flavour}) is a custom BatchNorm implementation that depends on the batch; "
             "normswap rewrites torch BatchNorm classes and their subclasses, so replace it in your code with one of those."

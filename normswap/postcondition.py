@@ -22,7 +22,7 @@ from . import targets
 from .capture.tracer import BATCH_NORM_FUNCTIONS, BatchNormArgs, is_batchnorm_like
 from .errors import PlanError
 from .plan import Plan
-from .sites import Site, probe
+from .sites import Site, SiteKind, probe
 from .torchutil import is_replacement, preserved
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def check_no_batch_statistics(model: nn.Module, plan: Plan, sites: Sequence[Site
     if not independent:
         return []
     notes: list[str] = []
-    owners = sorted({s.owner for s in sites if s.kind == "functional" and s.owner})
+    owners = sorted({s.owner for s in sites if s.kind is SiteKind.FUNCTIONAL and s.owner})
     for train in (True, False):
         try:
             users = batch_statistics_users(model, inputs, train, owners)
@@ -114,7 +114,7 @@ def check_no_batch_statistics(model: nn.Module, plan: Plan, sites: Sequence[Site
                 _refuse(site, independent[site].target, "train" if train else "eval", "calls batch_norm with batch statistics")
     shapes = {s.name: s.input_shape for s in sites}
     for name, entry in independent.items():
-        if entry.kind == "functional":
+        if entry.kind is SiteKind.FUNCTIONAL:
             continue
         module = model.get_submodule(name)
         if isinstance(module, _BatchNorm):  # a subclass whose normalization was taken over

@@ -1,4 +1,9 @@
-"""The Report: one object for everything a run found; renderers turn it into text/json/markdown/sarif."""
+"""The Report: one typed object for everything a run found; renderers turn it into text/json/markdown/sarif.
+
+Lint and convert each add their own section: `LintSection` (what auto would convert, the commands
+that act on it, the source fixes) and `ConversionSection` (plan, validation, calibration, healing,
+attribution, drift, outputs).
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,65 @@ import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
+from .calibration import Drift, HealResult, SiteCost, SiteFit
 from .context import Context
 from .errors import ConfigError
+from .export import Validation
 from .plan import Plan
-from .render import render_json, render_markdown, render_sarif, render_text
-from .rules import Finding, Severity
+from .rules import Finding, Severity, Skip
 from .sites import Site
 from .source import SourceLocation, relative_path
+
+if TYPE_CHECKING:  # the fix package sits above the report (it lints models itself)
+    from .fix import SourceFixes
 
 FAIL_ON = ("error", "warning", "info", "never")
 
 
+@dataclass(frozen=True)
+class Commands:
+    """The commands that act on what lint found: convert the checkpoint, fix the source."""
+
+    convert: str
+    fix: str
+
+
+@dataclass
+class LintSection:
+    """What lint adds: the plan the recommendation follows (auto's, or the --plan file's), what
+    made it, the commands that act on it, and the source edits."""
+
+    plan: Plan
+    planned_by: str = "auto"
+    commands: Commands | None = None
+    fixes: SourceFixes | None = None
+
+    @property
+    def auto_plan(self) -> dict[str, int]:
+        """Sites per target the plan converts."""
+        return {target: n for target, n in self.plan.counts().items() if target != "keep"}
+
+
+@dataclass
+class ConversionSection:
+    """What convert adds: the plan it followed, the export's validation, calibration, healing,
+    what each site costs alone, drift per stage, and the files written."""
+
+    plan: Plan
+    validation: Validation | None = None
+    drift: dict[str, Drift] = field(default_factory=dict)  # stage -> drift from the original
+    calibration: list[SiteFit] = field(default_factory=list)
+    attribution: list[SiteCost] = field(default_factory=list)  # worst first
+    healing: HealResult | None = None
+    outputs: dict[str, str] = field(default_factory=dict)  # what -> path
+    manifest: dict[str, str] = field(default_factory=dict)  # output file -> sha256
+
+
 @dataclass
 class Report:
-    """Findings, sites and (for convert) plan, validation and drift for one model."""
+    """Findings and sites for one model, with the lint or the conversion section."""
 
     model: str
     capture_method: str
@@ -30,20 +78,27 @@ class Report:
     findings: list[Finding]
     fallback_reasons: list[str] = field(default_factory=list)
     model_location: SourceLocation | None = None
-    plan: Plan | None = None
-    validation: Any = None  # normswap.validate.Validation
-    drift: dict[str, Any] = field(default_factory=dict)  # stage -> normswap.drift.Drift
-    calibration: list[dict[str, Any]] = field(default_factory=list)
-    attribution: list[dict[str, Any]] = field(default_factory=list)  # SiteCost.to_dict(), worst first
-    healing: dict[str, Any] | None = None  # HealResult.to_dict(): the settings and what healing did
+    not_fired: dict[str, list[Skip]] = field(default_factory=dict)  # site -> why each rule stayed quiet
     notes: list[str] = field(default_factory=list)  # what was not done or checked, and why
-    manifest: dict[str, str] = field(default_factory=dict)  # convert: output file -> sha256
-    outputs: dict[str, str] = field(default_factory=dict)
-    not_fired: dict[str, list[Any]] = field(default_factory=dict)  # site -> rules.Skip (why a rule stayed quiet)
-    auto_plan: dict[str, int] = field(default_factory=dict)  # lint: sites per target `--to auto` (or lint's --plan) would convert
-    planned_by: str = "auto"  # lint: what made auto_plan: "auto", or the --plan file the fixes follow
-    commands: dict[str, str] = field(default_factory=dict)  # lint CLI: "convert" / "fix" commands that act on it
-    fixes: Any = None  # lint: normswap.fix.SourceFixes, the source edits proposed or applied
+    lint: LintSection | None = None
+    conversion: ConversionSection | None = None
+
+    @property
+    def plan(self) -> Plan | None:
+        return self.conversion.plan if self.conversion is not None else None
+
+    @property
+    def validation(self) -> Validation | None:
+        return self.conversion.validation if self.conversion is not None else None
+
+    @property
+    def fixes(self) -> SourceFixes | None:
+        return self.lint.fixes if self.lint is not None else None
+
+    @property
+    def auto_plan(self) -> dict[str, int]:
+        """Lint: sites per target `convert --to auto` (or lint's --plan) would convert."""
+        return self.lint.auto_plan if self.lint is not None else {}
 
     def counts(self) -> dict[str, int]:
         """Number of findings per severity."""
@@ -66,15 +121,23 @@ class Report:
         return [f for f in self.findings if f.site is None or f.site.name not in fixed]
 
     def to_text(self, color: bool = False, width: int = 120) -> str:
+        from .render import render_text
+
         return render_text([self], color=color, width=width)
 
     def to_json(self) -> str:
+        from .render import render_json
+
         return render_json([self])
 
     def to_markdown(self) -> str:
+        from .render import render_markdown
+
         return render_markdown([self])
 
     def to_sarif(self) -> str:
+        from .render import render_sarif
+
         return render_sarif([self])
 
 
@@ -82,7 +145,7 @@ def worst_exit_code(reports: Sequence[Report], fail_on: str = "error") -> int:
     return max((r.exit_code(fail_on) for r in reports), default=0)
 
 
-def model_definition(obj: Any) -> SourceLocation | None:
+def model_definition(obj: object) -> SourceLocation | None:
     """Where the model's class (or factory function) is defined, for model-level findings."""
     target = obj if inspect.isfunction(obj) or inspect.isclass(obj) else type(obj)
     try:

@@ -1,11 +1,9 @@
-"""rewrite() and apply_plan(): plan a model's BatchNorm sites and rewrite them, then check that
-no converted site still normalizes with batch statistics."""
+"""rewrite_model() and apply_plan(): plan a model's BatchNorm sites and rewrite them, then check
+that no converted site still normalizes with batch statistics."""
 
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,19 +15,18 @@ from .analysis import Analysis, analyze
 from .capture.tracer import trace
 from .context import Context
 from .errors import CaptureError, PlanError
-from .passes import PassManager, RewriteFunctionalBatchNorm, SwapBatchNormModules
+from .passes import Pass, PassManager, RewriteFunctionalBatchNorm, SwapBatchNormModules
 from .plan import Plan
-from .policy import make_plan
+from .policy import PlanRequest, resolve_plan
 from .postcondition import check_no_batch_statistics
 from .rules import Finding
-from .sites import Site
-from .targets import PlanOptions
-from .torchutil import as_input_tuple, gc_paused, require_module
+from .sites import Site, SiteKind
+from .torchutil import Timings, as_input_tuple, gc_paused, require_module
 
 
 @dataclass
-class Conversion:
-    """The result of `convert`: the converted model, the plan it followed and what was found."""
+class Rewritten:
+    """A rewritten model, the plan it followed and what analysis found."""
 
     model: nn.Module
     plan: Plan
@@ -39,76 +36,45 @@ class Conversion:
     changes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what the post-condition could not check
-    calibration: list[Any] = field(default_factory=list)  # normswap.calibration.SiteFit per site
-    healing: Any = None  # normswap.calibration.HealResult when healed
-    attribution: list[Any] = field(default_factory=list)  # normswap.calibration.SiteCost, worst first
-    drift: dict[str, Any] = field(default_factory=dict)  # "swap" / "calibrated" / "healed" -> Drift
-
-    @property
-    def capture_method(self) -> str:
-        return self.analysis.capture.method
 
 
-def rewrite(
-    model: nn.Module,
-    example_inputs: Any,
-    to: str = "auto",
-    context: Context | None = None,
-    inplace: bool = False,
-    *,
-    options: PlanOptions | None = None,
-    plan: Plan | None = None,
-    keep: Collection[str] = (),
-) -> Conversion:
-    """Analyse `model`, plan (or take `plan`), rewrite, and check the post-condition.
-
-    See `normswap.convert` for the arguments; this is convert without calibration.
-    """
+def rewrite_model(
+    model: nn.Module, example_inputs: Any, context: Context | None, request: PlanRequest, *, plan: Plan | None = None, inplace: bool = False
+) -> Rewritten:
+    """Analyse `model`, plan (or take `plan`), rewrite, and check the post-condition: `convert`
+    without calibration (see there for the arguments)."""
     require_module(model, "convert")
     with gc_paused():
-        return _rewrite(model, example_inputs, to, context, inplace, options, plan, keep)
+        return _rewrite(model, as_input_tuple(example_inputs), context or Context(), request, plan, inplace)
 
 
-def _rewrite(
-    model: nn.Module,
-    example_inputs: Any,
-    to: str,
-    context: Context | None,
-    inplace: bool,
-    options: PlanOptions | None,
-    plan: Plan | None,
-    keep: Collection[str],
-) -> Conversion:
-    timings: dict[str, float] = {}
-    inputs = as_input_tuple(example_inputs)
-    start = time.perf_counter()
-    working = _working_copy(model, inputs, inplace)
-    timings["copy"] = time.perf_counter() - start
-    context = context or Context()
+def _rewrite(model: nn.Module, inputs: tuple, context: Context, request: PlanRequest, plan: Plan | None, inplace: bool) -> Rewritten:
+    timings = Timings()
+    with timings.measure("copy"):
+        working = _working_copy(model, inputs, inplace)
     analysis = analyze(working, inputs, context)
     timings.update(analysis.timings)
-    start = time.perf_counter()
-    if plan is None:
-        plan = make_plan(analysis.sites, analysis.findings, context, to, options, keep_sites=keep)
-    else:
-        plan.check(analysis.sites)
-    graph_module = analysis.capture.graph_module
-    if graph_module is None:
-        _require_graph_for_functional(plan, analysis)
-    timings["plan"] = time.perf_counter() - start
-    start = time.perf_counter()
-    target: nn.Module = working
-    if graph_module is not None and any(e.kind == "functional" and e.converts for e in plan):
-        graph_module.train(working.training)
-        for node in graph_module.graph.nodes:
-            node.meta.pop("val", None)  # shapes from capture: already in the sites
-        target = graph_module
-    result = PassManager([SwapBatchNormModules(plan), RewriteFunctionalBatchNorm(plan)])(target)
-    timings["rewrite"] = time.perf_counter() - start
-    start = time.perf_counter()
-    notes = check_no_batch_statistics(result.model, plan, analysis.sites, inputs)
-    timings["postcondition"] = time.perf_counter() - start
-    return Conversion(result.model, plan, analysis.sites, analysis.findings, analysis, result.changes, timings, notes)
+    with timings.measure("plan"):
+        plan = resolve_plan(analysis.sites, analysis.findings, context, plan, request)
+        graph_module = analysis.capture.graph_module
+        if graph_module is None:
+            _require_graph_for_functional(plan, analysis)
+    with timings.measure("rewrite"):
+        target: nn.Module = working
+        if graph_module is not None and any(e.kind is SiteKind.FUNCTIONAL and e.converts for e in plan):
+            graph_module.train(working.training)
+            for node in graph_module.graph.nodes:
+                node.meta.pop("val", None)  # shapes from capture: already in the sites
+            target = graph_module
+        result = PassManager(default_passes(plan))(target)
+    with timings.measure("postcondition"):
+        notes = check_no_batch_statistics(result.model, plan, analysis.sites, inputs)
+    return Rewritten(result.model, plan, analysis.sites, analysis.findings, analysis, result.changes, timings.seconds, notes)
+
+
+def default_passes(plan: Plan) -> list[Pass]:
+    """The passes that apply a plan, in order: module swaps, then functional rewrites."""
+    return [SwapBatchNormModules(plan), RewriteFunctionalBatchNorm(plan)]
 
 
 def apply_plan(model: nn.Module, plan: Plan, example_inputs: Any = None, inplace: bool = False) -> nn.Module:
@@ -127,7 +93,7 @@ def apply_plan(model: nn.Module, plan: Plan, example_inputs: Any = None, inplace
     plan.check()
     working = _working_copy(model, None if example_inputs is None else as_input_tuple(example_inputs), inplace)
     target: nn.Module = working
-    if any(e.kind == "functional" and e.converts for e in plan):
+    if any(e.kind is SiteKind.FUNCTIONAL and e.converts for e in plan):
         was_training = working.training
         working.train()  # functional `training=self.training` is traced as in convert()
         try:
@@ -135,7 +101,7 @@ def apply_plan(model: nn.Module, plan: Plan, example_inputs: Any = None, inplace
         except Exception as exc:  # the user's forward cannot be traced: one sentence, with the cause
             raise PlanError(f"The plan rewrites functional batch_norm calls, but {type(model).__name__} cannot be traced: {exc}.") from exc
         working.train(was_training)
-    return PassManager([SwapBatchNormModules(plan), RewriteFunctionalBatchNorm(plan)])(target).model
+    return PassManager(default_passes(plan))(target).model
 
 
 def _working_copy(model: nn.Module, inputs: tuple | None, inplace: bool) -> nn.Module:
@@ -170,7 +136,7 @@ def materialize_lazy(model: nn.Module, inputs: tuple) -> None:
 def _require_graph_for_functional(plan: Plan, analysis: Analysis) -> None:
     """Functional calls are rewritten in the FX graph; without one, a planned one is refused."""
     for entry in plan:
-        if entry.kind == "functional" and entry.converts:
+        if entry.kind is SiteKind.FUNCTIONAL and entry.converts:
             why = "; ".join(analysis.capture.fallback_reasons) or "torch.fx could not trace it"
             raise PlanError(
                 f"Functional batch_norm call '{entry.name}' cannot be rewritten: it is rewritten in a torch.fx graph and "

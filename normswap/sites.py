@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,20 +17,28 @@ from .capture.tracer import BATCH_NORM_FUNCTIONS
 from .source import SourceLocation, built_from, construction_site
 from .torchutil import is_replacement
 
-KINDS = ("module", "subclass", "functional", "lookalike")
+
+class SiteKind(enum.StrEnum):
+    """How a site uses BatchNorm semantics."""
+
+    MODULE = "module"  # a torch.nn BatchNorm class
+    SUBCLASS = "subclass"  # a class deriving from one (timm's BatchNormAct2d)
+    FUNCTIONAL = "functional"  # `F.batch_norm` / `torch.batch_norm` called in forward
+    LOOKALIKE = "lookalike"  # a class named *BatchNorm* that is not a torch BatchNorm
+
+
+KINDS = tuple(kind.value for kind in SiteKind)
 
 
 @dataclass
 class Site:
     """One place where BatchNorm semantics are used.
 
-    kind: "module" (a torch.nn BatchNorm class), "subclass" (a user class deriving from one),
-    "functional" (`F.batch_norm` / `torch.batch_norm` in forward) or "lookalike" (a class named
-    *BatchNorm* that is not a torch BatchNorm).
+    kind: see SiteKind.
     """
 
     name: str
-    kind: str
+    kind: SiteKind
     flavour: str
     num_features: int | None
     input_shape: tuple[int, ...] | None
@@ -54,6 +63,9 @@ class Site:
     # batch-dependent without any batch_norm call normswap could take over (statistics by hand)
     normalizes_by_hand: bool = False
     notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.kind = SiteKind(self.kind)  # a plain string from an API caller becomes the enum
 
     @property
     def input_rank(self) -> int | None:
@@ -159,7 +171,7 @@ def _module_fields(model: nn.Module, module: nn.Module, name: str, input_shape: 
     is_torch_class = type(module).__module__.startswith("torch.nn")
     return {
         "name": name,
-        "kind": "module" if is_torch_class else ("subclass" if is_bn else "lookalike"),
+        "kind": SiteKind.MODULE if is_torch_class else (SiteKind.SUBCLASS if is_bn else SiteKind.LOOKALIKE),
         "flavour": type(module).__name__,
         "num_features": _num_features(module, input_shape),
         "affine": getattr(module, "weight", None) is not None,
@@ -184,7 +196,7 @@ def _module_site(model: nn.Module, module: nn.Module, name: str, calls: list[Bat
         site.batch_dependent_eval = not site.track_running_stats
     else:
         behaviour = probe(module, site.input_shape)
-        site.batch_dependent_train, site.batch_dependent_eval = behaviour.batch_dependent_train, behaviour.batch_dependent_eval
+        site.batch_dependent_train, site.batch_dependent_eval = (behaviour.batch_dependent_train, behaviour.batch_dependent_eval)
         site.normalizes_by_hand = behaviour.normalizes_by_hand
         if not site.batch_dependent:
             site.notes.append("output of each sample does not depend on the rest of the batch (a fixed affine)")
@@ -208,7 +220,7 @@ def _functional_site(name: str, calls: list[BatchNormCall]) -> Site:
     training = first.training if first.training is not None else training_eval
     return Site(
         name=name,
-        kind="functional",
+        kind=SiteKind.FUNCTIONAL,
         flavour="F.batch_norm",
         num_features=shape[1] if shape and len(shape) > 1 else None,
         affine=bool(first.has_affine) if first.has_affine is not None else True,

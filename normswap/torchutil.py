@@ -9,14 +9,34 @@ import logging
 import os
 import pickletools
 import sys
+import time
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
+
+
+class Timings:
+    """Seconds spent per named step of one piece of work (a step measured twice adds up)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def measure(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def update(self, other: Mapping[str, float]) -> None:
+        self.seconds.update(other)
 
 
 class Replacement:
@@ -44,6 +64,22 @@ def as_input_tuple(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
     raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}.")
+
+
+def flat_outputs(output: Any) -> list[torch.Tensor]:
+    """The tensors of a (possibly nested tuple / dict) model output, in a stable order; Python
+    numbers among them (an auxiliary count, a constant) become 0-dimensional tensors, as the ONNX
+    export writes them."""
+    leaves, _ = tree_flatten(output)
+    return [
+        leaf if isinstance(leaf, torch.Tensor) else torch.as_tensor(leaf) for leaf in leaves if isinstance(leaf, (torch.Tensor, bool, int, float))
+    ]
+
+
+def has_number_outputs(output: Any) -> bool:
+    """Whether a model output holds Python numbers beside (or instead of) tensors."""
+    leaves, _ = tree_flatten(output)
+    return any(isinstance(leaf, (bool, int, float)) for leaf in leaves)
 
 
 def require_module(model: Any, function: str) -> nn.Module:
@@ -172,13 +208,7 @@ def preserved(model: nn.Module) -> Iterator[None]:
 
 # Loggers whose warnings are expected while normswap tries a capture or an export that may fail
 # (torch.export guard messages, the ONNX exporter's "torchvision is not installed").
-_NOISY_LOGGERS = (
-    "torch.export",
-    "torch._export",
-    "torch.fx.experimental.symbolic_shapes",
-    "torch._dynamo",
-    "torch.onnx",
-)
+_NOISY_LOGGERS = ("torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.onnx")
 
 
 class _DropTorchExportPrints(io.TextIOBase):

@@ -13,7 +13,8 @@ from torch import fx
 from normswap import targets
 from normswap.capture.tracer import BatchNormArgs, is_batch_norm_call
 from normswap.errors import NormswapError, PlanError
-from normswap.plan import Plan
+from normswap.plan import Plan, PlanEntry
+from normswap.sites import SiteKind
 
 from .base import Pass, PassResult
 
@@ -24,7 +25,8 @@ class RewriteFunctionalBatchNorm(Pass):
     """Replace each functional entry of the plan (matched by graph node name) in a GraphModule."""
 
     def __init__(self, plan: Plan) -> None:
-        self.entries = {e.name: e for e in plan if e.kind == "functional" and e.converts}
+        super().__init__()
+        self.entries = {e.name: e for e in plan if e.kind is SiteKind.FUNCTIONAL and e.converts}
 
     def requires(self, model) -> None:
         if not self.entries:
@@ -48,29 +50,36 @@ class RewriteFunctionalBatchNorm(Pass):
             entry = self.entries.get(node.name) if is_batch_norm_call(node) else None
             if entry is None:
                 continue
-            call = BatchNormArgs.of_node(node)
-            target = targets.get(entry.target)
-            try:
-                target.absorb(model, entry.name, _Statistics(model, call), entry.params)
-                function, arguments = target.function(entry.params, call)
-            except NormswapError as exc:
-                raise PlanError(f"Could not rewrite `{node.format_node()}` to {entry.target}: {exc}") from exc
-            with graph.inserting_after(node):
-                replacement = graph.call_function(function, arguments)
-            replacement.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "val")})
-            replacement.meta[SITE_META] = entry.name  # calibration finds the replacement of this site by it
-            inputs = node.all_input_nodes
-            node.replace_all_uses_with(replacement)
-            graph.erase_node(node)
-            # drop only what this rewrite orphaned (e.g. running statistics); a general dead-code
-            # pass could also drop the user's in-place calls
-            for orphan in inputs:
-                if orphan.op == "get_attr" and not orphan.users:
-                    graph.erase_node(orphan)
+            with self.working_on(node):
+                self._rewrite(model, node, entry)
             changes.append(f"{entry.name}: F.batch_norm -> {entry.target}")
         graph.lint()
         model.recompile()
         return PassResult(model, True, changes)
+
+    @staticmethod
+    def _rewrite(model: fx.GraphModule, node: fx.Node, entry: PlanEntry) -> None:
+        """Replace one batch_norm node by the target's function on the same graph values."""
+        graph = model.graph
+        call = BatchNormArgs.of_node(node)
+        target = targets.get(entry.target)
+        try:
+            target.absorb(model, entry.name, _Statistics(model, call), entry.params)
+            function, arguments = target.function(entry.params, call)
+        except NormswapError as exc:
+            raise PlanError(f"Could not rewrite `{node.format_node()}` to {entry.target}: {exc}") from exc
+        with graph.inserting_after(node):
+            replacement = graph.call_function(function, arguments)
+        replacement.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "val")})
+        replacement.meta[SITE_META] = entry.name  # calibration finds the replacement of this site by it
+        inputs = node.all_input_nodes
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+        # drop only what this rewrite orphaned (e.g. running statistics); a general dead-code
+        # pass could also drop the user's in-place calls
+        for orphan in inputs:
+            if orphan.op == "get_attr" and not orphan.users:
+                graph.erase_node(orphan)
 
     def ensures(self, model) -> None:
         if not self.entries:

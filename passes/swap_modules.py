@@ -11,6 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 from normswap import targets
 from normswap.errors import PlanError
 from normswap.plan import Plan
+from normswap.sites import SiteKind
 from normswap.torchutil import is_replacement, parent_and_attribute
 
 from .base import Pass, PassResult
@@ -21,7 +22,8 @@ class SwapBatchNormModules(Pass):
     """Replace each module entry of the plan (target other than keep) via setattr on its parent."""
 
     def __init__(self, plan: Plan) -> None:
-        self.entries = [e for e in plan if e.kind != "functional" and e.converts]
+        super().__init__()
+        self.entries = [e for e in plan if e.kind is not SiteKind.FUNCTIONAL and e.converts]
 
     def requires(self, model: nn.Module) -> None:
         for entry in self.entries:
@@ -47,18 +49,19 @@ class SwapBatchNormModules(Pass):
         changes = []
         aliases = _aliases(model)
         for entry in self.entries:
-            original = cast(_BatchNorm, model.get_submodule(entry.name))  # requires() checked it
-            before = type(original).__name__
-            target = targets.get(entry.target)
-            target.absorb(model, entry.name, original, entry.params)
-            if is_subclass_instance(original):
-                take_over(original, entry)
-            else:
-                replacement = target.module(original, entry.params)
-                for name in aliases[id(original)]:  # one module stored under several names stays one module
-                    parent, attribute = parent_and_attribute(model, name)
-                    setattr(parent, attribute, replacement)
-            changes.append(f"{entry.name}: {before} -> {entry.target}")
+            with self.working_on(entry.name):
+                original = cast(_BatchNorm, model.get_submodule(entry.name))  # requires() checked it
+                before = type(original).__name__
+                target = targets.get(entry.target)
+                target.absorb(model, entry.name, original, entry.params)
+                if is_subclass_instance(original):
+                    take_over(original, entry)
+                else:
+                    replacement = target.module(original, entry.params)
+                    for name in aliases[id(original)]:  # one module stored under several names stays one module
+                        parent, attribute = parent_and_attribute(model, name)
+                        setattr(parent, attribute, replacement)
+                changes.append(f"{entry.name}: {before} -> {entry.target}")
         return PassResult(model, bool(changes), changes)
 
     def ensures(self, model: nn.Module) -> None:

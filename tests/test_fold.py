@@ -135,7 +135,7 @@ def test_auto_folds_for_inference_and_lint_proposes_it() -> None:
     report = normswap.lint(build("resnet"), input_for("resnet"), context)
     ns301 = [f for f in report.findings if f.code == "NS301"]
     assert [f.site.name for f in ns301] == ["bn1", "bn2", "bn3"]
-    assert all(f.fix.target == "fold" and f.fix.safe for f in ns301)
+    assert all(f.remedy.target == "fold" and f.remedy.safe for f in ns301)
     conv = normswap.convert(build("mobilenet"), input_for("mobilenet"), context=context)
     assert conv.plan.get("stem.1").target == "fold"
     assert conv.plan.get("input_bn").target == "frozen"  # nothing to fold into: the same function, kept exactly

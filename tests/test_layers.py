@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Bottom to top. Modules on one line are independent of each other.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("normswap._version", "normswap.errors", "normswap.torchutil"),
+    ("normswap.options",),
     ("normswap.source", "normswap.context", "normswap.files"),
     ("normswap.capture",),
     ("normswap.sites",),
@@ -57,11 +58,27 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
+def _type_only(tree: ast.Module) -> set[ast.AST]:
+    """Nodes inside `if TYPE_CHECKING:` blocks: annotations for the type checker (renderers typed
+    against the report above them, say), not imports that run."""
+    found: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            for statement in node.body:
+                found.update(ast.walk(statement))
+    return found
+
+
 def _imports(module: str, path: Path) -> set[str]:
-    """normswap modules imported by `module` (anywhere in the file), resolved to module names."""
+    """normswap modules imported by `module` (anywhere in the file, except type-only imports),
+    resolved to module names."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     imported = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    type_only = _type_only(tree)
+    for node in ast.walk(tree):
+        if node in type_only:
+            continue
         if isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -104,6 +121,7 @@ def test_the_layering_check_sees_real_imports() -> None:
     assert "normswap.targets.base" in GRAPH["normswap.targets.groupnorm"]
     assert "normswap.passes.rebase" in GRAPH["normswap.passes.swap_modules"]
     assert "normswap.passes" in GRAPH["normswap.rewrite"]
+    assert "normswap.report" not in GRAPH["normswap.render.json"]  # typed against it, under TYPE_CHECKING only
 
 
 def test_no_import_cycle() -> None:

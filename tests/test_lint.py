@@ -111,7 +111,7 @@ def test_lint_api_shape_and_exit_codes() -> None:
     assert codes == ["NS901", "NS101", "NS103", "NS104"]
     finding = report.findings[1]
     assert (finding.code, finding.name, finding.severity.value) == ("NS101", "batchnorm-in-recurrence", "warning")
-    assert finding.fix.target == "layernorm"
+    assert finding.remedy.target == "layernorm"
     assert report.exit_code() == 1  # NS104 is an error
     assert report.exit_code(fail_on="never") == 0
     clean = normswap.lint(build("resnet"), input_for("resnet"))
@@ -135,7 +135,7 @@ def test_auto_convert_follows_the_lint_findings(name: str) -> None:
     privacy = [f for f in report.findings if f.site is not None and f.code == "NS106"]
     assert privacy, "NS106 fires on every site under differential privacy"
     for finding in privacy:
-        assert conv.plan.get(finding.site.name).target == finding.fix.target
+        assert conv.plan.get(finding.site.name).target == finding.remedy.target
         assert "NS106" in conv.plan.get(finding.site.name).reason
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -11,7 +13,7 @@ from models import build, input_for
 from normswap.capture.tracer import trace
 from normswap.errors import PlanError
 from normswap.nn import ChannelLayerNorm
-from normswap.passes import PassManager, RewriteFunctionalBatchNorm, SwapBatchNormModules
+from normswap.passes import Pass, PassError, PassManager, PassResult, RewriteFunctionalBatchNorm, SwapBatchNormModules
 from normswap.plan import Plan, PlanEntry
 
 
@@ -79,3 +81,48 @@ def test_pass_manager_composes_and_reports_changes() -> None:
     assert result.modified and result.changes == ["batch_norm: F.batch_norm -> groupnorm"]
     with torch.no_grad():
         torch.testing.assert_close(result.model.eval()(input_for("functional")), conv.model.eval()(input_for("functional")))
+
+
+class _Broken(Pass):
+    """A pass with a bug: it fails on its second layer."""
+
+    def call(self, model: nn.Module) -> PassResult:
+        for name in ("bn1", "bn2"):
+            with self.working_on(name):
+                if name == "bn2":
+                    raise KeyError("num_groups")
+        return PassResult(model, False)
+
+
+class _ClaimsInPlace(Pass):
+    def call(self, model: nn.Module) -> PassResult:
+        return PassResult(copy.deepcopy(model), True)
+
+
+class _Copies(Pass):
+    in_place = False
+
+    def call(self, model: nn.Module) -> PassResult:
+        return PassResult(copy.deepcopy(model), False)
+
+
+def test_a_failure_inside_a_pass_names_the_pass_and_the_layer() -> None:
+    with pytest.raises(PassError, match=r"Pass _Broken failed while running at `bn2`: KeyError: 'num_groups'") as caught:
+        PassManager([_Broken()])(build("resnet"))
+    assert isinstance(caught.value.__cause__, KeyError) and caught.value.exit_code == 3
+
+
+def test_a_graph_pass_failure_names_the_node() -> None:
+    plan = Plan([PlanEntry("batch_norm", "layernorm", {"num_channels": 8, "eps": 1e-5, "affine": True}, kind="functional")])
+    rewrite = RewriteFunctionalBatchNorm(plan)
+    rewrite._rewrite = lambda model, node, entry: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore[method-assign]
+    with pytest.raises(PassError, match=r"at `%batch_norm : .*torch.nn.functional.batch_norm.*`: RuntimeError: boom"):
+        rewrite(trace(build("functional").train()))
+
+
+def test_the_manager_holds_each_pass_to_its_in_place_declaration() -> None:
+    model = build("resnet")
+    with pytest.raises(PassError, match="declares that it works in place, but it did not"):
+        PassManager([_ClaimsInPlace()])(model)
+    result = PassManager([_Copies()])(model)
+    assert result.model is not model and not result.modified

@@ -25,8 +25,7 @@ def _section(title: str) -> str:
 def test_rule_table_lists_every_rule_with_its_name_severity_and_fix() -> None:
     rows = re.findall(r"^\| `(NS\d{3})` \| ([\w-]+) \| (\w+) \| (\w+) \| (\w+) \|", _section("Rules"), flags=re.MULTILINE)
     assert rows, "the Rules section has no table rows"
-    fix = {True: "safe", False: "unsafe", None: "none"}
-    expected = [(rule.code, rule.name, rule.severity.value, fix[rule.fix_safe], rule.source_fix) for rule in CATALOGUE]
+    expected = [(rule.code, rule.name, rule.severity.value, rule.fix_safety.value, rule.source_fix.value) for rule in CATALOGUE]
     assert rows == expected
 
 

@@ -173,7 +173,7 @@ def test_tf_momentum_is_reported_and_explained() -> None:
     assert ns204, "the TF-ported block builds BatchNorm2d(momentum=0.997)"
     momenta = {f.site.momentum: f for f in ns204}
     assert set(momenta) == {0.99, 0.997}  # EfficientNet's stem and MobileNetV2's blocks
-    assert "torch momentum 0.003" in momenta[0.997].message and all(f.fix is None for f in ns204)
+    assert "torch momentum 0.003" in momenta[0.997].message and all(f.remedy is None for f in ns204)
 
 
 def test_subclass_lint_says_what_a_swap_keeps_and_auto_agrees() -> None:
@@ -185,7 +185,7 @@ def test_subclass_lint_says_what_a_swap_keeps_and_auto_agrees() -> None:
     assert "act (ReLU)" in finding.message and "drop (" in finding.message and "keeps its class" in finding.message
     conv = normswap.convert(build_real("timm_norm_act"), inputs_for("timm_norm_act"), context=context)
     for name in ns202:
-        assert conv.plan.get(name).target == finding.fix.target  # small batches on 4 devices: GroupNorm for the conv maps
+        assert conv.plan.get(name).target == finding.remedy.target  # small batches on 4 devices: GroupNorm for the conv maps
 
 
 def test_converted_subclass_survives_deepcopy_and_torch_export() -> None:

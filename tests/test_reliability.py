@@ -294,10 +294,11 @@ def test_non_finite_weights_are_never_written(work: Path, monkeypatch) -> None:
     conversion_module = sys.modules["normswap.conversion"]
     real = conversion_module.calibrate_and_heal
 
-    def poisoned(conversion, *args, **kwargs):  # whatever step goes wrong, the writer is the last line
-        real(conversion, *args, **kwargs)
+    def poisoned(converted, *args, **kwargs):  # whatever step goes wrong, the writer is the last line
+        outcome = real(converted, *args, **kwargs)
         with torch.no_grad():
-            conversion.model.bn.bias[0] = float("inf")
+            converted.bn.bias[0] = float("inf")
+        return outcome
 
     monkeypatch.setattr(conversion_module, "calibrate_and_heal", poisoned)
     torch.save(torch.randn(64, 3, 8, 8), work / "calib.pt")

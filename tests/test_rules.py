@@ -129,14 +129,14 @@ def test_catalogue_is_complete_and_documented() -> None:
 def test_reuse_fix_depends_on_the_data() -> None:
     recurrent = RULES["NS101"].check(site(call_count=4, input_shape=(8, 64)), Context())
     shared_maps = RULES["NS101"].check(site(call_count=2), Context())
-    assert (recurrent.fix.target, shared_maps.fix.target) == ("layernorm", "groupnorm")
+    assert (recurrent.remedy.target, shared_maps.remedy.target) == ("layernorm", "groupnorm")
 
 
 def test_fix_safety_is_stated() -> None:
     frozen = RULES["NS302"].check(site(), Context(finetune=True, batch_size=2))
-    assert frozen.fix.target == "frozen" and frozen.fix.safe
+    assert frozen.remedy.target == "frozen" and frozen.remedy.safe
     swap = RULES["NS106"].check(site(), Context(differential_privacy=True))
-    assert swap.fix.target == "groupnorm" and not swap.fix.safe
+    assert swap.remedy.target == "groupnorm" and not swap.remedy.safe
 
 
 def test_sequence_context_reads_rank3_inputs_as_time_steps() -> None:
@@ -147,7 +147,7 @@ def test_sequence_context_reads_rank3_inputs_as_time_steps() -> None:
     assert targets.natural_target(sync, Context(sequence=True))[0] == "layernorm"  # --sequence: per time step
     assert not fires("NS102", sync)
     finding = RULES["NS102"].check(sync, Context(sequence=True))
-    assert isinstance(finding, Finding) and "padded steps" in finding.message and finding.fix.target == "layernorm"
+    assert isinstance(finding, Finding) and "padded steps" in finding.message and finding.remedy.target == "layernorm"
 
 
 @pytest.mark.parametrize(
@@ -189,5 +189,5 @@ def test_every_fix_is_the_natural_target() -> None:
     for ctx in (Context(batch_size=2), Context(differential_privacy=True), Context(world_size=4)):
         for rule in CATALOGUE:
             result = rule.check(s, ctx)
-            if isinstance(result, Finding) and result.fix is not None:
-                assert result.fix.target == targets.natural_target(s, ctx)[0] == "frozen", (rule.code, ctx)
+            if isinstance(result, Finding) and result.remedy is not None:
+                assert result.remedy.target == targets.natural_target(s, ctx)[0] == "frozen", (rule.code, ctx)

@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from .. import targets
-from ..rewrite import Conversion
+from ..plan import Plan
+from ..torchutil import Timings
 from .attribution import DEFAULT_SAMPLES, SiteCost, site_costs
 from .data import FORMATS, batches_from_tensor, check_batches, check_model_accepts, load_calibration_tensor
 from .device import DEVICE_CHOICES, placed, resolve_device, to_device
@@ -21,39 +22,67 @@ from .healing import HealResult, heal
 from .options import HealOptions
 
 
+@dataclass
+class CalibrationOutcome:
+    """What calibration and healing did to a converted model, on the calibration data."""
+
+    fits: list[SiteFit] = field(default_factory=list)  # per calibrated site
+    attribution: list[SiteCost] = field(default_factory=list)  # what each site costs alone, worst first
+    healing: HealResult | None = None
+    drift: dict[str, Drift] = field(default_factory=dict)  # "swap" / "calibrated" / "healed"
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
 def calibrate_and_heal(
-    conversion: Conversion,
+    converted: nn.Module,
     original: nn.Module,
+    plan: Plan,
     data: Iterable[Any],
     options: HealOptions | None = None,
     device: str | torch.device | None = "auto",
     attribution_samples: int = DEFAULT_SAMPLES,
-) -> None:
-    """Calibrate `conversion.model` toward `original`, then heal it when `options` is given (and
-    its steps are not 0), on `device`; per-site fits go to `conversion.calibration`, drift after
-    each stage to `conversion.drift`, what each site costs alone (on `attribution_samples`
-    inputs; 0: not measured) to `conversion.attribution`; all on the calibration data."""
-    start = time.perf_counter()
-    where = resolve_device(device)
+) -> CalibrationOutcome:
+    """Calibrate `converted` toward `original`, then heal it when `options` is given (and its
+    steps are not 0), on `device`; measure what each site costs alone on `attribution_samples`
+    inputs (0: not measured) and the drift after each stage; all on the calibration data."""
+    timings = Timings()
+    with timings.measure("calibrate"):
+        outcome = _calibrate_and_heal(converted, original, plan, data, options, resolve_device(device), attribution_samples)
+    outcome.seconds = timings.seconds["calibrate"]
+    return outcome
+
+
+def _calibrate_and_heal(
+    converted: nn.Module,
+    original: nn.Module,
+    plan: Plan,
+    data: Iterable[Any],
+    options: HealOptions | None,
+    where: torch.device,
+    attribution_samples: int,
+) -> CalibrationOutcome:
+    outcome = CalibrationOutcome()
     batches = [to_device(b, where) for b in check_batches(data)]
-    with placed(where, conversion.model, original):
+    with placed(where, converted, original):
         if attribution_samples:
-            conversion.attribution = site_costs(original, conversion.plan, batches, samples=attribution_samples)
-        conversion.drift["swap"] = measure_drift(original, conversion.model, batches)
-        if any(e.converts and targets.get(e.target).calibrated for e in conversion.plan):  # frozen / fold keep the function
-            conversion.calibration = calibrate(conversion.model, original, batches, conversion.plan, device=where)
-            conversion.drift["calibrated"] = measure_drift(original, conversion.model, batches)
+            outcome.attribution = site_costs(original, plan, batches, samples=attribution_samples)
+        outcome.drift["swap"] = measure_drift(original, converted, batches)
+        if any(e.converts and targets.get(e.target).calibrated for e in plan):  # frozen / fold keep the function
+            outcome.fits = calibrate(converted, original, batches, plan, device=where)
+            outcome.drift["calibrated"] = measure_drift(original, converted, batches)
         if options is not None and options.steps != 0:
-            conversion.healing = heal(conversion.model, original, batches, options, device=where)
-            if conversion.healing.best_heldout_loss >= conversion.healing.initial_heldout_loss:
-                conversion.notes.append("healing did not lower the held-out loss: the calibrated parameters were kept (try a lower --heal-lr)")
-            conversion.drift["healed"] = measure_drift(original, conversion.model, batches)
-    conversion.timings["calibrate"] = time.perf_counter() - start
+            outcome.healing = heal(converted, original, batches, options, device=where)
+            if outcome.healing.best_heldout_loss >= outcome.healing.initial_heldout_loss:
+                outcome.notes.append("healing did not lower the held-out loss: the calibrated parameters were kept (try a lower --heal-lr)")
+            outcome.drift["healed"] = measure_drift(original, converted, batches)
+    return outcome
 
 
 __all__ = [
     "DEVICE_CHOICES",
     "FORMATS",
+    "CalibrationOutcome",
     "Drift",
     "HealOptions",
     "HealResult",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -42,14 +41,6 @@ class SiteCost:
         """The sort key: what is lost (1 - top-1 agreement, else 1 - cosine), after calibration when measured."""
         drift = self.calibrated or self.swap
         return 1 - (drift.top1_agreement if drift.top1_agreement is not None else drift.cosine)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "site": self.site,
-            "target": self.target,
-            "swap": self.swap.to_dict(),
-            "calibrated": self.calibrated.to_dict() if self.calibrated else None,
-        }
 
 
 def site_costs(
@@ -83,5 +74,5 @@ def site_costs(
             calibrate(one, original, used, alone, device=device_of(original))
             cost.calibrated = measure_drift(original, one, used)
         costs.append(cost)
-        log.debug("site %s alone: %s", entry.name, cost.swap.summary())
+        log.debug("site %s alone: cosine %.4f, top-1 agreement %s", entry.name, cost.swap.cosine, cost.swap.top1_agreement)
     return sorted(costs, key=lambda c: c.worst, reverse=True)

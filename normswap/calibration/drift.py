@@ -8,41 +8,21 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
-from ..torchutil import as_input_tuple, preserved
+from ..torchutil import as_input_tuple, flat_outputs, preserved
 
 
 @dataclass
 class Drift:
+    """How far the converted model's outputs are from the original's, over some samples."""
+
     max_abs: float
     mean_abs: float
     cosine: float
     top1_agreement: float | None  # when the output is (N, K) class scores
     samples: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "max_abs": self.max_abs,
-            "mean_abs": self.mean_abs,
-            "cosine": self.cosine,
-            "top1_agreement": self.top1_agreement,
-            "samples": self.samples,
-        }
-
-    def summary(self) -> str:
-        top1 = f", top-1 agreement {self.top1_agreement:.1%}" if self.top1_agreement is not None else ""
-        return f"max abs {self.max_abs:.3g}, mean abs {self.mean_abs:.3g}, cosine {self.cosine:.4f}{top1} over {self.samples} samples"
-
-    def markdown_row(self, stage: str) -> str:
-        top1 = f"{self.top1_agreement:.1%}" if self.top1_agreement is not None else "-"
-        return f"| {stage} | {self.max_abs:.3g} | {self.mean_abs:.3g} | {self.cosine:.4f} | {top1} |"
-
-
-def flat_outputs(output: Any) -> list[torch.Tensor]:
-    """Tensors of a (possibly nested tuple / dict) model output, in a stable order."""
-    leaves, _ = tree_flatten(output)
-    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+    # outputs left out: their shapes differ between the models (a length the data decides)
+    not_compared: tuple[int, ...] = ()
 
 
 def eval_outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
@@ -58,9 +38,13 @@ class DriftAccumulator:
         self.max_abs, self.abs_sum, self.count = 0.0, 0.0, 0
         self.dot = self.norm_a = self.norm_b = 0.0
         self.agree, self.top1_total, self.samples = 0, 0, 0
+        self.not_compared: set[int] = set()
 
     def add(self, reference: list[torch.Tensor], candidate: list[torch.Tensor], samples: int) -> None:
-        for a, b in zip(reference, candidate, strict=True):
+        for index, (a, b) in enumerate(zip(reference, candidate, strict=True)):
+            if a.shape != b.shape:
+                self.not_compared.add(index)
+                continue
             diff = (a - b).abs()
             self.max_abs = max(self.max_abs, float(diff.max()) if diff.numel() else 0.0)
             self.abs_sum += float(diff.sum())
@@ -76,7 +60,7 @@ class DriftAccumulator:
     def result(self) -> Drift:
         cosine = self.dot / max((self.norm_a * self.norm_b) ** 0.5, 1e-30)
         top1 = self.agree / self.top1_total if self.top1_total else None
-        return Drift(self.max_abs, self.abs_sum / max(self.count, 1), cosine, top1, self.samples)
+        return Drift(self.max_abs, self.abs_sum / max(self.count, 1), cosine, top1, self.samples, tuple(sorted(self.not_compared)))
 
 
 def batch_samples(inputs: tuple) -> int:

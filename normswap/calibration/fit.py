@@ -27,6 +27,7 @@ from ..errors import CalibrationError
 from ..passes.rebase import TakenOver
 from ..passes.rewrite_functional import SITE_META
 from ..plan import Plan, PlanEntry
+from ..sites import SiteKind
 from ..targets.layernorm import ChannelLayerNorm
 from ..torchutil import preserved, require_module, require_type, tensor_attribute
 from .data import check_batches, check_model_accepts
@@ -43,9 +44,6 @@ class SiteFit:
     target: str
     r2: float
     samples: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"site": self.name, "target": self.target, "r2": self.r2, "samples": self.samples}
 
 
 class _Stop(Exception):
@@ -250,7 +248,7 @@ def _entries_from_modules(converted: nn.Module, original: nn.Module) -> list[Pla
         if isinstance(module, TakenOver):
             target, params = module.normswap_target, module.normswap_params
         elif isinstance(module, nn.GroupNorm):
-            target, params = "groupnorm", {"num_groups": module.num_groups, "num_channels": module.num_channels, "eps": module.eps}
+            target, params = ("groupnorm", {"num_groups": module.num_groups, "num_channels": module.num_channels, "eps": module.eps})
         elif isinstance(module, (ChannelLayerNorm, nn.LayerNorm)):
             channels = module.num_channels if isinstance(module, ChannelLayerNorm) else module.normalized_shape[0]
             target, params = "layernorm", {"num_channels": channels, "eps": module.eps}
@@ -291,12 +289,12 @@ def calibrate(
         check_model_accepts(original, batches)
         original.eval()
         converted.eval()
-        module_names = [e.name for e in entries if e.kind != "functional"]
+        module_names = [e.name for e in entries if e.kind is not SiteKind.FUNCTIONAL]
         calls = _call_counts(original, module_names, batches[0]) if module_names else {}
-        original_graph = trace(original) if any(e.kind == "functional" for e in entries) else None  # eval: training=False
+        original_graph = trace(original) if any(e.kind is SiteKind.FUNCTIONAL for e in entries) else None  # eval: training=False
         for entry in entries:  # graph order: each fit sees the calibrated layers upstream
             site: _ModuleSite | _FunctionalSite
-            if entry.kind == "functional":
+            if entry.kind is SiteKind.FUNCTIONAL:
                 if not isinstance(converted, fx.GraphModule) or original_graph is None:
                     raise CalibrationError(f"Functional site '{entry.name}' needs the fx.GraphModule that convert() returned.")
                 site = _FunctionalSite(entry, converted, original_graph)

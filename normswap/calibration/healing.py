@@ -8,26 +8,26 @@ with DistributedDataParallel (gloo on CPU, nccl on GPU).
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
 from torch import nn
 
 from .. import targets
 from ..errors import CalibrationError, ConfigError
 from ..passes.rebase import TakenOver
 from ..targets.layernorm import ChannelLayerNorm
-from ..torchutil import preserved, require_module, require_type
+from ..torchutil import flat_outputs, preserved, require_module, require_type
 from .data import check_batches, check_model_accepts
 from .device import device_of, placed, resolve_device, to_device
-from .drift import flat_outputs
 from .options import HealOptions
 
 log = logging.getLogger(__name__)
@@ -47,14 +47,14 @@ class HealResult:
     stopped_early: bool
     options: HealOptions | None = None  # the settings it ran with
 
-    def to_dict(self) -> dict[str, Any]:
-        found = {k: v for k, v in self.__dict__.items() if k not in ("model", "options")}
-        return {**found, "options": dataclasses.asdict(self.options) if self.options is not None else None}
-
 
 def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """KL on (N, K) class scores, MSE on other outputs; outputs whose shapes differ (a length the
+    model's own predictions decide) cannot be matched element by element and are left out."""
     total = student[0].new_zeros(())
     for s, t in zip(student, teacher, strict=True):
+        if s.shape != t.shape or not s.is_floating_point():
+            continue
         if s.dim() == 2 and s.shape[1] > 1:  # class scores
             total = total + F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
         else:
@@ -127,81 +127,137 @@ def _heal(
     converted: nn.Module, original: nn.Module, train: list[tuple], heldout: list[tuple], options: HealOptions, steps: int, progress: bool | None
 ) -> HealResult:
     world = world_size()
-    generator = torch.Generator().manual_seed(options.seed)
-    chosen = trainable_parameters(converted, options.params)
-    flags = {p: p.requires_grad for p in converted.parameters()}
-    for p in converted.parameters():
+    with _only_trainable(converted, trainable_parameters(converted, options.params)) as chosen:
+        model = converted
+        if world > 1:  # after choosing parameters: DDP registers the ones that require grad
+            model = _distributed(converted)
+            rank = torch.distributed.get_rank()
+            train = train[rank::world] or train
+        distiller = _Distiller(model, original, train, options, chosen, steps)
+        judge = _HeldOut(converted, original, heldout)
+        converted.eval()  # statistics and dropout fixed: only the chosen parameters move
+        stopping = _EarlyStopping(converted, judge(), options.patience)
+        eval_every = options.resolved_eval_every(steps)
+        show = progress if progress is not None else (os.isatty(2) and world == 1)
+        with _progress_bar(show) as bar:
+            task = bar.add_task("heal", total=steps, drift=f"held-out loss {stopping.initial:.4g}")
+            step = 0
+            for step in range(1, steps + 1):
+                distiller.step(step)
+                if step % eval_every == 0 or step == steps:
+                    current = judge()
+                    bar.update(task, advance=0, drift=f"held-out loss {current:.4g}")
+                    if stopping.stop(current):
+                        break
+                bar.update(task, advance=1)
+        converted.load_state_dict(stopping.best_state)
+    return HealResult(converted, step, stopping.best, stopping.initial, stopping.stopped, options)
+
+
+@contextlib.contextmanager
+def _only_trainable(model: nn.Module, chosen: list[nn.Parameter]) -> Iterator[list[nn.Parameter]]:
+    """Only `chosen` require gradients inside the block; every flag is restored afterwards."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
         p.requires_grad_(False)
     for p in chosen:
         p.requires_grad_(True)
-    model = converted
-    if world > 1:  # after choosing parameters: DDP registers the ones that require grad
-        model = _distributed(converted)
-        rank = torch.distributed.get_rank()
-        train = train[rank::world] or train
-    optimizer = torch.optim.Adam(chosen, lr=options.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps) if options.schedule == "cosine" else None
-    original.eval()
+    try:
+        yield chosen
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+class _Distiller:
+    """One optimisation step of the student toward the teacher's outputs on a training batch (or
+    on a mixture of two, labelled by the teacher)."""
+
+    def __init__(
+        self, model: nn.Module, teacher: nn.Module, train: list[tuple], options: HealOptions, chosen: list[nn.Parameter], steps: int
+    ) -> None:
+        self.model, self.teacher, self.train, self.options = model, teacher, train, options
+        self.generator = torch.Generator().manual_seed(options.seed)
+        self.optimizer = torch.optim.Adam(chosen, lr=options.lr)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=steps) if options.schedule == "cosine" else None
+        teacher.eval()
+        self.targets = [] if options.mixup else [_teacher_outputs(teacher, b) for b in train]
+
+    def step(self, step: int) -> None:
+        pick = int(torch.randint(len(self.train), (1,), generator=self.generator))
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.options.mixup:
+            # distil on mixtures of two batches, labelled by the original: more distinct inputs
+            # than the calibration data holds (what reaches the original's accuracy on tabular data)
+            other = int(torch.randint(len(self.train), (1,), generator=self.generator))
+            inputs = mixed(self.train[pick], self.train[other], self.generator)
+            target = _teacher_outputs(self.teacher, inputs)
+        else:
+            inputs, target = self.train[pick], self.targets[pick]
+        loss = distillation_loss(flat_outputs(self.model(*inputs)), target)
+        if not torch.isfinite(loss):
+            raise CalibrationError(
+                f"Healing diverged at step {step} (loss {float(loss.detach())}); lower the learning rate (now {self.options.lr:g})."
+            )
+        loss.backward()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+
+def _teacher_outputs(teacher: nn.Module, inputs: tuple) -> list[torch.Tensor]:
     with torch.no_grad():
-        train_targets = [] if options.mixup else [[t.detach() for t in flat_outputs(original(*b))] for b in train]
-        heldout_targets = [[t.detach() for t in flat_outputs(original(*b))] for b in heldout]
+        return [t.detach() for t in flat_outputs(teacher(*inputs))]
 
-    def heldout_loss() -> float:
+
+class _HeldOut:
+    """The distillation loss on the held-out batches (the teacher's outputs computed once)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, heldout: list[tuple]) -> None:
+        self.student, self.heldout = student, heldout
+        teacher.eval()
+        self.targets = [_teacher_outputs(teacher, b) for b in heldout]
+
+    def __call__(self) -> float:
         with torch.no_grad():
-            return sum(float(distillation_loss(flat_outputs(converted(*b)), t)) for b, t in zip(heldout, heldout_targets, strict=True)) / len(heldout)
+            losses = [float(distillation_loss(flat_outputs(self.student(*b)), t)) for b, t in zip(self.heldout, self.targets, strict=True)]
+        return sum(losses) / len(losses)
 
-    converted.eval()  # statistics and dropout fixed: only the chosen parameters move
-    best = initial = heldout_loss()
-    best_state = {k: v.detach().clone() for k, v in converted.state_dict().items()}
-    bad, stopped, step = 0, False, 0
-    eval_every = options.resolved_eval_every(steps)
-    show = progress if progress is not None else (os.isatty(2) and world == 1)
-    columns = (
-        TextColumn("heal"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[drift]}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, disable=not show, transient=True) as bar:
-        task = bar.add_task("heal", total=steps, drift=f"held-out loss {initial:.4g}")
-        for step in range(1, steps + 1):
-            pick = int(torch.randint(len(train), (1,), generator=generator))
-            optimizer.zero_grad(set_to_none=True)
-            if options.mixup:
-                # distil on mixtures of two batches, labelled by the original: more distinct inputs
-                # than the calibration data holds (what reaches the original's accuracy on tabular data)
-                other = int(torch.randint(len(train), (1,), generator=generator))
-                inputs = mixed(train[pick], train[other], generator)
-                with torch.no_grad():
-                    target = [t.detach() for t in flat_outputs(original(*inputs))]
-            else:
-                inputs, target = train[pick], train_targets[pick]
-            loss = distillation_loss(flat_outputs(model(*inputs)), target)
-            if not torch.isfinite(loss):
-                raise CalibrationError(
-                    f"Healing diverged at step {step} (loss {float(loss.detach())}); lower the learning rate (now {options.lr:g})."
-                )
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            if step % eval_every == 0 or step == steps:
-                current = heldout_loss()
-                bar.update(task, advance=0, drift=f"held-out loss {current:.4g}")
-                if current < best - 1e-12:
-                    best, bad = current, 0
-                    best_state = {k: v.detach().clone() for k, v in converted.state_dict().items()}
-                else:
-                    bad += 1
-                    if bad >= options.patience:
-                        stopped = True
-                        break
-            bar.update(task, advance=1)
-    converted.load_state_dict(best_state)
-    for p, flag in flags.items():
-        p.requires_grad_(flag)
-    return HealResult(converted, step, best, initial, stopped, options)
+
+class _EarlyStopping:
+    """Keeps the parameters with the best held-out loss; says stop after `patience` evaluations
+    without improvement."""
+
+    def __init__(self, model: nn.Module, initial: float, patience: int) -> None:
+        self.model, self.patience = model, patience
+        self.initial = self.best = initial
+        self.best_state = self._state()
+        self.bad, self.stopped = 0, False
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def stop(self, loss: float) -> bool:
+        if loss < self.best - 1e-12:
+            self.best, self.bad = loss, 0
+            self.best_state = self._state()
+            return False
+        self.bad += 1
+        self.stopped = self.bad >= self.patience
+        return self.stopped
+
+
+class _StepsPerSecond(ProgressColumn):
+    """'12.3 steps/s' once rich has measured the speed."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:.1f} steps/s" if task.speed is not None else "")
+
+
+def _progress_bar(show: bool) -> Progress:
+    """Steps done of all, steps per second, the held-out loss and the time left."""
+    columns = (TextColumn("heal"), BarColumn(), MofNCompleteColumn(), _StepsPerSecond(), TextColumn("{task.fields[drift]}"), TimeRemainingColumn())
+    return Progress(*columns, disable=not show, transient=True)
 
 
 def world_size() -> int:

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..options import option
+
 HEAL_PARAMS = ("all", "norm")
 SCHEDULES = ("cosine", "constant")
 EPOCHS = 80  # default steps: this many passes over the training part of the data
@@ -34,9 +36,23 @@ class HealOptions:
         eval_every: steps between held-out evaluations (None: `steps` / 50, at least 5).
     """
 
-    steps: int | None = None
-    lr: float = 1e-3
-    params: str = "all"
+    steps: int | None = option(
+        None,
+        "--heal-steps",
+        help="Healing steps (implies --heal; default: 80 passes over the training batches, 200 to 2000).",
+        value_type=int,
+        minimum=1,
+    )
+    lr: float = option(
+        1e-3,
+        "--heal-lr",
+        help="Healing learning rate (implies --heal; default 1e-3, cosine decay).",
+        value_type=float,
+        minimum=0,
+        open_minimum=True,
+        finite=True,
+    )
+    params: str = option("all", "--heal-params", help="Parameters healing trains (implies --heal; default: all).", choices=HEAL_PARAMS)
     schedule: str = "cosine"
     seed: int = 0
     heldout_fraction: float = 0.2

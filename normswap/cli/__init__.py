@@ -3,32 +3,25 @@
 from __future__ import annotations
 
 import functools
-import math
 import signal
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from .. import targets
 from .._version import __version__
+from ..calibration import HealOptions
+from ..context import Context
+from ..conversion import ConvertOptions
 from ..errors import ConfigError, NormswapError
+from ..linter import LintOptions
+from ..loader import ModelOptions
+from ..options import given_on_command_line
 from ..outputs import Interrupted
+from ..pipeline import JobOptions
+from .params import given_options, options_of
 
 EXIT_INTERNAL = 3
-FORMATS = ["text", "grouped", "full", "concise", "json", "markdown", "sarif"]  # commands.FORMATS, without importing torch
-
-
-class FiniteFloat(click.FloatRange):
-    """A float range that also refuses nan and inf (a nan passes every comparison)."""
-
-    name = "finite float"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return number
 
 
 def handle_errors(command: Callable[..., int]) -> Callable[..., None]:
@@ -70,46 +63,6 @@ def handle_errors(command: Callable[..., int]) -> Callable[..., None]:
     return click.option("--debug", is_flag=True, help="Show tracebacks.")(wrapper)
 
 
-# --- options shared by lint and convert -----------------------------------------------------
-
-
-def model_options(command: Callable) -> Callable:
-    for decorator in reversed(
-        [
-            click.option("-k", "kwargs", multiple=True, metavar="KEY=VALUE", help="Keyword argument for the model callable (Python literal)."),
-            click.option(
-                "--input-shape",
-                "input_shapes",
-                multiple=True,
-                metavar="N,C,...",
-                help="Shape of one example input, batch first, optionally with a dtype (8,128:int64); repeat for several inputs.",
-            ),
-        ]
-    ):
-        command = decorator(command)
-    return command
-
-
-def context_options(command: Callable) -> Callable:
-    for decorator in reversed(
-        [
-            click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Training batch size per device."),
-            click.option("--world-size", type=click.IntRange(min=1), default=None, help="Number of data-parallel devices."),
-            click.option("--dp", "differential_privacy", is_flag=True, default=None, help="Trained with differential privacy (DP-SGD)."),
-            click.option("--inference", "inference_only", is_flag=True, default=None, help="Inference only: never trained again."),
-            click.option("--finetune", is_flag=True, default=None, help="Fine-tuned from a pretrained checkpoint."),
-            click.option("--sequence", is_flag=True, default=None, help="Inputs are sequences."),
-        ]
-    ):
-        command = decorator(command)
-    return command
-
-
-def context_flags(options: dict[str, Any]) -> dict[str, Any]:
-    keys = ("batch_size", "world_size", "differential_privacy", "inference_only", "finetune", "sequence")
-    return {k: options.pop(k) for k in keys}
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="normswap")
 def main() -> None:
@@ -125,44 +78,9 @@ def main() -> None:
 
 @main.command()
 @click.argument("models", nargs=-1, metavar="[MODEL]...")
-@model_options
-@context_options
-@click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(FORMATS),
-    default=None,
-    help="Report format (default: text, a table that groups per rule beyond 10 findings): "
-    "grouped (per rule: count, layers, worst example), full (each finding with its line and fix), concise (one line each), "
-    "json, markdown (with suggestion blocks), sarif (with fixes).",
-)
-@click.option("--statistics", is_flag=True, help="Print the number of findings per rule instead of the findings.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write the report to FILE (atomically) instead of stdout.")
-@click.option(
-    "--fail-on",
-    type=click.Choice(["error", "warning", "info", "never"]),
-    default=None,
-    help="Exit 1 when findings reach this severity (default: error).",
-)
-@click.option("--select", multiple=True, metavar="CODE", help="Only these rule codes or prefixes (repeatable, or comma-separated).")
-@click.option("--ignore", multiple=True, metavar="CODE", help="Skip these rule codes or prefixes.")
-@click.option(
-    "--fix", is_flag=True, help="Rewrite the model's source to build what `convert --to auto` produces; safe fixes only (frozen keeps the function)."
-)
-@click.option(
-    "--unsafe-fixes", is_flag=True, help="Also apply (with --fix) or show (with --diff) the fixes that change the function: groupnorm, layernorm."
-)
-@click.option("--diff", is_flag=True, help="Print the fixes as a unified diff and write nothing; exit 1 when a fix is pending.")
-@click.option(
-    "--plan",
-    "plan_path",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="Fix the source to this plan.json (e.g. convert's) instead of auto's.",
-)
-@click.option("--keep", multiple=True, metavar="LAYER", help="Leave this BatchNorm site as it is in the fixes and the recommendation (repeatable).")
+@options_of(ModelOptions, Context, LintOptions)
 @handle_errors
-def lint(models: tuple[str, ...], **options: Any) -> int:
+def lint(models: tuple[str, ...], **values: Any) -> int:
     """Report where BatchNorm will hurt the way MODEL is trained or served, and fix the source.
 
     MODEL is `package.module:callable` or `path/to/file.py:callable`. Without MODEL, lints the
@@ -178,10 +96,21 @@ def lint(models: tuple[str, ...], **options: Any) -> int:
       normswap lint models.py:Net --input-shape 8,3,32,32 --batch-size 2 --fix --unsafe-fixes
       normswap lint            # the models in [tool.normswap]
     """
-    from .commands import run_lint
+    from ..config import load_config
+    from .commands import LintRun, model_entries, run_lint
 
-    flags = context_flags(options)
-    return run_lint(models, flags, options)
+    given = given_options()
+    config = load_config()
+    model = ModelOptions(**given_on_command_line(ModelOptions, values, given))
+    run = LintRun(
+        models=models,
+        entries=model_entries(models, model, config),
+        context=config.make_context(values, given),
+        context_given=frozenset(given_on_command_line(Context, values, given)),
+        options=config.make_lint_options(values, given),
+        config_path=config.path,
+    )
+    return run_lint(run)
 
 
 @main.command()
@@ -189,94 +118,11 @@ def lint(models: tuple[str, ...], **options: Any) -> int:
 @click.option(
     "--model", "model_spec", required=True, metavar="MODEL", help="`package.module:callable` or `path/to/file.py:callable` that builds the model."
 )
-@model_options
+@options_of(ModelOptions)
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory (weights, plan.json, model.onnx, report.json, report.md).")
-@click.option(
-    "--to",
-    type=click.Choice(targets.CHOICES),
-    default="auto",
-    show_default=True,
-    help="Replacement target: auto (per site, from the findings), "
-    + "; ".join(f"{t.name}: {t.summary}" for t in targets.REGISTRY if t.name != "keep")
-    + ".",
-)
-@click.option(
-    "--groups", "max_groups", type=click.IntRange(min=1), default=targets.DEFAULT_MAX_GROUPS, show_default=True, help="Largest GroupNorm group count."
-)
-@click.option(
-    "--channels-per-group",
-    type=click.IntRange(min=1),
-    default=targets.DEFAULT_CHANNELS_PER_GROUP,
-    show_default=True,
-    help="Fewest channels in a GroupNorm group (1 allows InstanceNorm, which loses each sample's channel intensities).",
-)
-@click.option("--keep", multiple=True, metavar="LAYER", help="Leave this BatchNorm site as it is (repeatable); it keeps its batch statistics.")
-@click.option(
-    "--plan", "plan_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Re-apply this saved plan.json instead of planning."
-)
-@context_options
-@click.option("--no-onnx", is_flag=True, help="Skip the ONNX export (and its validation).")
-@click.option("--no-validate", is_flag=True, help="Export but do not validate with onnxruntime.")
-@click.option(
-    "--atol",
-    type=FiniteFloat(min=0),
-    default=None,
-    help="Absolute tolerance of the ONNX check (default: per output, 16x the model's own float64 rounding error, at least 16 ulps of its dtype at its scale).",
-)
-@click.option("--rtol", type=FiniteFloat(min=0), default=None, help="Relative tolerance of the ONNX check (default: 16 ulps of each output's dtype).")
-@click.option(
-    "--batch-inputs",
-    default=None,
-    metavar="I,J|none",
-    help="Which inputs (0-based, in --input-shape order) have the batch in dimension 0; 'none' when no input does (default: those whose dimension 0 matches the first input's).",
-)
-@click.option("--opset", type=click.IntRange(min=14), default=None, help="ONNX opset (default 18).")
-@click.option(
-    "--calibration-data",
-    type=click.Path(),
-    default=None,
-    help="Unlabeled inputs (.pt/.npz/.safetensors, first axis = samples) to calibrate the new layers.",
-)
-@click.option("--calibration-batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size for calibration and healing.")
-@click.option("--heal", is_flag=True, help="After calibration, distil the converted model toward the original (the measured defaults).")
-@click.option(
-    "--heal-steps",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Healing steps (implies --heal; default: 80 passes over the training batches, 200 to 2000).",
-)
-@click.option(
-    "--heal-lr", type=FiniteFloat(min=0, min_open=True), default=None, help="Healing learning rate (implies --heal; default 1e-3, cosine decay)."
-)
-@click.option("--heal-params", type=click.Choice(["all", "norm"]), default=None, help="Parameters healing trains (implies --heal; default: all).")
-@click.option(
-    "--freeze-costly",
-    type=FiniteFloat(min=0, max=100, max_open=True),
-    default=None,
-    metavar="PCT",
-    help="With --to auto and --calibration-data: freeze each site whose conversion alone, calibrated, costs more than PCT points of top-1 agreement.",
-)
-@click.option(
-    "--attribution-samples",
-    type=click.IntRange(min=0),
-    default=256,
-    show_default=True,
-    help="Calibration inputs used to measure what each site costs alone (0: not measured).",
-)
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="Where calibration, healing and validation run (auto: this process's GPU when there is one, under torchrun its local GPU).",
-)
-@click.option("--trust-checkpoint", is_flag=True, help="Allow a checkpoint that runs code when loaded (a pickled module). Only for files you trust.")
-@click.option("--force", is_flag=True, help="Replace normswap's outputs in an existing, non-empty --out.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress or summary, only errors.")
+@options_of(ConvertOptions, HealOptions, Context, JobOptions)
 @handle_errors
-def convert(
-    checkpoint: str, model_spec: str, kwargs: tuple[str, ...], input_shapes: tuple[str, ...], out_dir: str, quiet: bool, **options: Any
-) -> int:
+def convert(checkpoint: str, model_spec: str, out_dir: str, **values: Any) -> int:
     """Rewrite the BatchNorm of a trained CHECKPOINT and write weights, plan, ONNX and report.
 
     Loads CHECKPOINT (state_dict .pt/.pth/.ckpt, nested or prefixed, or .safetensors; never
@@ -290,9 +136,25 @@ def convert(
       normswap convert ckpt.safetensors --model nets.py:Net --input-shape 8,3,32,32 --out out/ --to groupnorm --groups 16
       normswap convert ckpt.pt --model nets.py:Net --input-shape 8,3,32,32 --out out/ --calibration-data calib.pt --heal-steps 200
     """
-    from .commands import run_convert
+    from ..config import ModelEntry, load_config
+    from ..loader import parse_input_spec, parse_kwargs
+    from .commands import ConvertRun, heal_options, run_convert
 
-    return run_convert(checkpoint, model_spec, kwargs, input_shapes, out_dir, quiet, context_flags(options), options)
+    given = given_options()
+    model = ModelOptions(**given_on_command_line(ModelOptions, values, given))
+    if not model.input_shapes:
+        raise ConfigError("--input-shape is required (e.g. --input-shape 1,3,224,224).")
+    settings = given_on_command_line(ConvertOptions, values, given)
+    settings["heal"] = heal_options(given_on_command_line(HealOptions, values, given), heal_flag="heal" in settings)
+    run = ConvertRun(
+        checkpoint=checkpoint,
+        model=ModelEntry(model_spec, parse_kwargs(model.kwargs), [parse_input_spec(s) for s in model.input_shapes]),
+        out_dir=out_dir,
+        context=load_config().make_context(values, given),
+        options=ConvertOptions(**settings),
+        job=JobOptions(**given_on_command_line(JobOptions, values, given)),
+    )
+    return run_convert(run)
 
 
 @main.command()

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import ExportError
 from ..files import atomic_path
 from ..targets.groupnorm import GROUP_NORM_EXPORT_FORM
-from ..torchutil import as_input_tuple, batch_of, preserved, quiet_torch, require_module, resolve_batch_inputs
+from ..torchutil import as_input_tuple, batch_of, flat_outputs, has_number_outputs, preserved, quiet_torch, require_module, resolve_batch_inputs
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,7 @@ def export_onnx_with_info(
     with preserved(model), contextlib.ExitStack() as restore:
         restore.callback(GROUP_NORM_EXPORT_FORM.reset, form)
         model.eval()
+        model = _exportable(model, inputs)
         try:
             program = _run_exporter(model, inputs, dynamic_shapes, opset)
             exporter = f"torch.onnx dynamo exporter (torch {torch.__version__})"
@@ -173,6 +174,25 @@ def export_onnx_with_info(
             gc.collect()
             _finish(temporary, target, None, external)
     return ExportInfo(target, exporter, opset, bool(batched), external, batched, note)
+
+
+class _NumbersAsTensors(nn.Module):
+    """The model with its outputs flattened and each Python number among them a 0-dimensional
+    tensor (the exporters cannot return a number), in the order validation reads them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(flat_outputs(self.model(*inputs)))
+
+
+def _exportable(model: nn.Module, inputs: tuple) -> nn.Module:
+    """`model`, wrapped when its output holds Python numbers (one eval forward tells)."""
+    with torch.no_grad():
+        output = model(*inputs)
+    return _NumbersAsTensors(model).eval() if has_number_outputs(output) else model
 
 
 def _is_symbolic(dim: Any) -> bool:

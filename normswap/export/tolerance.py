@@ -15,14 +15,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..calibration.drift import flat_outputs
-from ..torchutil import preserved
+from ..torchutil import flat_outputs, preserved
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +50,24 @@ class OutputCheck:
     rtol: float
     needed_atol: float  # smallest atol that would pass at this rtol
     passed: bool
+    shape: tuple[int, ...] = ()  # PyTorch's
+    onnx_shape: tuple[int, ...] = ()  # onnxruntime's (another shape: a length the data decides, say)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
-    def describe(self) -> str:
-        verdict = "ok" if self.passed else "FAILED"
-        rounding = f"; the model's own float64 rounding {self.rounding:.3g}" if self.rounding is not None else ""
+def describe_check(check: OutputCheck) -> str:
+    """One output's comparison in a sentence (what a failed check says in the report)."""
+    verdict = "ok" if check.passed else "FAILED"
+    if check.shape != check.onnx_shape:
         return (
-            f"output {self.output} at batch {self.batch_size}: {verdict} (max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}, "
-            f"mean abs {self.mean_abs:.3g} on a scale of {self.scale:.3g}; atol {self.atol:.3g}, rtol {self.rtol:.3g}{rounding}; "
-            f"would pass with atol >= {self.needed_atol:.3g})"
+            f"output {check.output} at batch {check.batch_size}: {verdict} (onnxruntime returned shape {check.onnx_shape}, "
+            f"PyTorch {check.shape}: the two disagree on a length the model's own predictions decide, or on the output itself)"
         )
+    rounding = f"; the model's own float64 rounding {check.rounding:.3g}" if check.rounding is not None else ""
+    return (
+        f"output {check.output} at batch {check.batch_size}: {verdict} (max abs {check.max_abs:.3g}, max rel {check.max_rel:.3g}, "
+        f"mean abs {check.mean_abs:.3g} on a scale of {check.scale:.3g}; atol {check.atol:.3g}, rtol {check.rtol:.3g}{rounding}; "
+        f"would pass with atol >= {check.needed_atol:.3g})"
+    )
 
 
 class Rounding:
@@ -141,8 +145,10 @@ def compare(
     tolerance = default_atol if atol is None else atol
     relative = ULPS * eps if rtol is None else rtol
     dtype = str(expected.dtype).removeprefix("torch.")
+    shapes = {"shape": tuple(e.shape), "onnx_shape": tuple(a.shape)}
     if e.shape != a.shape:
-        return OutputCheck(batch, index, dtype, scale, rounding, float("inf"), float("inf"), float("inf"), tolerance, relative, float("inf"), False)
+        infinite = float("inf")
+        return OutputCheck(batch, index, dtype, scale, rounding, infinite, infinite, infinite, tolerance, relative, infinite, False, **shapes)
     with np.errstate(invalid="ignore", over="ignore"):  # a non-finite ONNX output fails below; no warning on stderr
         error = np.abs(a - e)
         finite = bool(np.isfinite(a).all())
@@ -150,9 +156,8 @@ def compare(
         max_rel = float((error / np.maximum(np.abs(e), np.finfo(np.float64).tiny)).max()) if error.size else 0.0
         needed = float(np.maximum(error - relative * np.abs(e), 0).max()) if error.size else 0.0
         passed = finite and bool((error <= tolerance + relative * np.abs(e)).all())
-    return OutputCheck(
-        batch, index, dtype, scale, rounding, max_abs, max_rel, float(error.mean()) if error.size else 0.0, tolerance, relative, needed, passed
-    )
+    mean_abs = float(error.mean()) if error.size else 0.0
+    return OutputCheck(batch, index, dtype, scale, rounding, max_abs, max_rel, mean_abs, tolerance, relative, needed, passed, **shapes)
 
 
 def eval_outputs_exact(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:

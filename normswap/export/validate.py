@@ -20,21 +20,21 @@ from torch import nn
 
 from .. import targets
 from ..calibration.device import placed, resolve_device, to_device
-from ..calibration.drift import Drift, DriftAccumulator, eval_outputs, flat_outputs
+from ..calibration.drift import Drift, DriftAccumulator, eval_outputs
 from ..errors import ValidationError
 from ..plan import Plan
-from ..postcondition import norms_in_train_mode
-from ..torchutil import as_input_tuple, batch_of, batch_size_of, preserved, require_module, require_type, resolve_batch_inputs
+from ..torchutil import as_input_tuple, batch_of, batch_size_of, require_module, require_type, resolve_batch_inputs
+from .independence import Independence, batch_independent
 from .onnx import METADATA_BATCHNORM_OPS, count_batchnorm_proto, facts_from_metadata, onnx_file_facts
 from .residual import residual_batchnorm
-from .tolerance import ROUNDING_MULTIPLE, OutputCheck, Rounding, compare, eval_outputs_exact
+from .tolerance import OutputCheck, Rounding, compare, describe_check, eval_outputs_exact
 
 __all__ = ["OutputCheck", "Validation", "batch_independent", "compare", "count_onnx_batchnorm", "validate_onnx"]
 
 
 @dataclass
 class Validation:
-    """Everything validate_onnx measured. `passed` is the verdict."""
+    """Everything validate_onnx measured. `passed` is the verdict; `messages` says what failed."""
 
     onnx_path: str
     exporter: str
@@ -68,57 +68,14 @@ class Validation:
     def passed(self) -> bool:
         return self.fidelity_passed and self.residual_passed and self.independence_passed
 
-    def summary(self) -> str:
-        worst = max(self.outputs, key=lambda c: c.max_abs, default=None)
-        detail = f"max abs error {worst.max_abs:.3g} at batch {worst.batch_size}" if worst else "no outputs"
-        verdict = "passed" if self.passed else "FAILED"
-        modes = (("eval", self.batch_independent_eval), ("train", self.batch_independent_train))
-        if all(ok is None for _, ok in modes):
-            independence = "batch independence not checked"
-        elif all(ok is not False for _, ok in modes):
-            independence = "batch-independent"
-        else:
-            independence = "batch-dependent in " + " and ".join(m for m, ok in modes if ok is False)
-        return f"validation {verdict}: onnxruntime vs PyTorch {detail}; {independence}; {self.residual_onnx_ops} BatchNormalization op(s) in ONNX"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "passed": self.passed,
-            "onnx": self.onnx_path,
-            "exporter": self.exporter,
-            "opset": self.opset,
-            "batch_inputs": list(self.batch_inputs),
-            "fidelity": {"passed": self.fidelity_passed, "outputs": [c.to_dict() for c in self.outputs]},
-            "batch_independence": {
-                "eval": self.batch_independent_eval,
-                "train": self.batch_independent_train,
-                "required": self.batch_independence_required,
-            },
-            "residual_batchnorm": {
-                "passed": self.residual_passed,
-                "onnx_ops": self.residual_onnx_ops,
-                "onnx_ops_allowed": self.residual_onnx_allowed,
-                "modules": list(self.residual_modules),
-            },
-            "drift": self.drift.to_dict() if self.drift else None,
-            "messages": list(self.messages),
-            "skipped": list(self.skipped),
-        }
+@dataclass
+class _Run:
+    """The inputs at one batch size (None: the example inputs as they are) and PyTorch's outputs."""
 
-    def to_markdown(self) -> str:
-        lines = [
-            f"**{self.summary()}**",
-            "",
-            "| Batch | Output | Scale | Max abs | Max rel | Model's own rounding | atol | Result |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for c in self.outputs:
-            rounding = f"{c.rounding:.3g}" if c.rounding is not None else "-"
-            lines.append(
-                f"| {c.batch_size} | {c.output} | {c.scale:.3g} | {c.max_abs:.3g} | {c.max_rel:.3g} | {rounding} | {c.atol:.3g} | {'ok' if c.passed else 'FAILED'} |"
-            )
-        lines += [""] + [f"- {m}" for m in self.messages] + [f"- not checked: {s}" for s in self.skipped]
-        return "\n".join(lines).rstrip()
+    size: int | None
+    inputs: tuple
+    expected: list[torch.Tensor]
 
 
 def _session(path: Path):
@@ -143,54 +100,6 @@ def run_onnx(session, inputs: tuple) -> list[np.ndarray]:
         raise ValidationError(
             f"onnxruntime failed to run the exported model on inputs of shape {shapes}: {str(exc).strip().splitlines()[0]}."
         ) from exc
-
-
-def batch_independent(
-    model: nn.Module,
-    inputs: tuple,
-    train: bool,
-    samples: int = 4,
-    known: dict[int, list[torch.Tensor]] | None = None,
-    batch_inputs: Sequence[int] | None = None,
-    rounding: Sequence[float] = (),
-) -> bool:
-    """Is each sample's output the same alone as inside the batch? In train mode only the
-    normalization layers train: dropout, stochastic depth and training-only code stay off.
-
-    `known` maps a batch size b to eval-mode outputs already computed on `batch_of(inputs, b)`;
-    eval-mode checks reuse them instead of running the model again. `rounding` is the model's
-    own rounding error per output (see tolerance.py): summation order differs between a batch
-    and one sample, so differences up to a multiple of it are arithmetic, not batch dependence.
-    """
-    indices = resolve_batch_inputs(inputs, batch_inputs)
-    size = max(2, min(samples, batch_size_of(inputs, indices)))
-    batch = batch_of(inputs, size, indices)
-    known = known if (known is not None and not train) else {}
-    mode = norms_in_train_mode(model) if train else preserved(model)
-    with mode, torch.no_grad():
-        if not train:
-            model.eval()
-        try:
-            together = known.get(size) or [t.float() for t in flat_outputs(model(*batch))]
-            alone = [
-                (known.get(1) if i == 0 else None) or [t.float() for t in flat_outputs(model(*batch_of(_sample(batch, i, indices), 1, indices)))]
-                for i in range(size)
-            ]
-        except ValueError:  # BatchNorm refusing a batch of one in train mode
-            return False
-    for index, output in enumerate(together):
-        stacked = torch.cat([a[index] for a in alone])
-        scale = float(output.abs().max()) if output.numel() else 0.0
-        # without a measured rounding error: the fixed floor of earlier versions (outputs that
-        # cancel to ~0 carry rounding noise of their intermediate values, not of their own scale)
-        slack = ROUNDING_MULTIPLE * rounding[index] if index < len(rounding) else 1e-5
-        if stacked.shape != output.shape or not torch.allclose(stacked, output, rtol=1e-4, atol=slack + 1e-5 * scale):
-            return False
-    return True
-
-
-def _sample(batch: tuple, i: int, indices: Sequence[int]) -> tuple:
-    return tuple(x[i : i + 1] if index in indices else x for index, x in enumerate(batch))
 
 
 def count_onnx_batchnorm(path: Path) -> int:
@@ -273,6 +182,8 @@ def validate_onnx(
     Returns:
         Validation; `.passed` is the verdict: fidelity, no unplanned BatchNorm, and batch
         independence when the plan converts every batch-dependent site and it can be checked.
+        Outputs without a batch axis (a scalar loss, say) are compared for fidelity and left out
+        of batch independence, which `.skipped` says.
     """
     require_module(model, "validate_onnx")
     if original is not None:
@@ -308,10 +219,48 @@ def _validate(
         indices = ()
     # PyTorch first (its outputs and its float64 rounding error), onnxruntime after: the model's
     # float64 weights and the session's copy of the weights are never in memory together
-    runs: list[int | None] = list(sizes) or [None]  # None: the example inputs as they are
-    batches, expected_at = [], []
-    known: dict[int, list[torch.Tensor]] = {}  # eval outputs by batch size, reused below
-    for size in runs:
+    runs = _reference_runs(model, inputs, sizes, indices, exact)
+    rounding = Rounding(model)
+    errors = rounding.errors_at([(run.inputs, run.expected) for run in runs])
+    checks, messages = _fidelity(session or _session(path), runs, errors, indices, atol, rtol)
+    if rounding.problem:
+        skipped.append(rounding.problem)
+    residual = residual_batchnorm(model, plan)
+    allowed = bool(plan is not None and any(e.keeps_batchnorm_op for e in plan))
+    messages += _residual_messages(residual, ops, allowed)
+    known = {run.size: [t.float() for t in run.expected] for run in runs if run.size is not None}
+    slack = (errors[-1] or []) if sizes else []  # the rounding error at the largest batch size
+    independence = _independence(model, inputs, indices, known, slack, skipped)
+    for mode, verdict in independence.items():
+        if verdict is False:
+            messages.append(f"the PyTorch model is batch-dependent in {mode} mode: a sample's output changes with the rest of the batch")
+    return Validation(
+        onnx_path=path.name,
+        exporter=info["exporter"],
+        opset=info["opset"],
+        outputs=checks,
+        batch_independent_eval=independence["eval"],
+        batch_independent_train=independence["train"],
+        batch_independence_required=_independence_required(plan),
+        residual_onnx_ops=ops,
+        residual_onnx_allowed=allowed,
+        residual_modules=residual,
+        drift=_drift(model, original, inputs, indices, known) if original is not None else None,
+        messages=messages,
+        skipped=skipped,
+        batch_inputs=indices,
+    )
+
+
+def _reference_runs(model: nn.Module, inputs: tuple, sizes: list[int], indices: tuple[int, ...], exact: dict[int, list[torch.Tensor]]) -> list[_Run]:
+    """PyTorch's eval outputs at each batch size (the example inputs as they are without one).
+
+    Raises:
+        ValidationError: an output holds NaN or infinite values, so no export can match it.
+    """
+    runs = []
+    wanted: list[int | None] = [*sizes] or [None]
+    for size in wanted:
         batch = inputs if size is None else batch_of(inputs, size, indices)
         expected = exact.get(size) if size is not None else None
         expected = expected if expected is not None else eval_outputs_exact(model, batch)
@@ -321,57 +270,66 @@ def _validate(
                 f"The PyTorch model's output {broken} holds NaN or infinite values on the example inputs"
                 f"{'' if size is None else f' at batch {size}'}, so no export can be compared with it; check the model and its weights on such inputs."
             )
-        if size is not None:
-            known[size] = [t.float() for t in expected]
-        batches.append(batch)
-        expected_at.append(expected)
-    rounding = Rounding(model)
-    rounding_at = dict(zip(runs, [r or [] for r in rounding.errors_at(list(zip(batches, expected_at, strict=True)))], strict=True))
-    session = session or _session(path)
+        runs.append(_Run(size, batch, expected))
+    return runs
+
+
+def _fidelity(
+    session: Any, runs: list[_Run], errors: list[list[float] | None], indices: tuple[int, ...], atol: float | None, rtol: float | None
+) -> tuple[list[OutputCheck], list[str]]:
+    """Each output of each run compared with onnxruntime's, and a sentence per failure."""
     checks, messages = [], []
-    for size, batch, expected in zip(runs, batches, expected_at, strict=True):
-        errors = rounding_at[size]
-        actual = run_onnx(session, batch)
-        if len(actual) != len(expected):
-            messages.append(f"the ONNX model has {len(actual)} output(s), PyTorch {len(expected)}")
-        for index, (e, a) in enumerate(zip(expected, actual, strict=False)):  # a count mismatch is reported above
-            check = compare(e, a, size or batch_size_of(batch, indices), index, errors[index] if index < len(errors) else None, atol, rtol)
+    for run, rounding in zip(runs, errors, strict=True):
+        actual = run_onnx(session, run.inputs)
+        if len(actual) != len(run.expected):
+            messages.append(f"the ONNX model has {len(actual)} output(s), PyTorch {len(run.expected)}")
+        for index, (e, a) in enumerate(zip(run.expected, actual, strict=False)):  # a count mismatch is reported above
+            error = rounding[index] if rounding is not None and index < len(rounding) else None
+            check = compare(e, a, run.size or batch_size_of(run.inputs, indices), index, error, atol, rtol)
             checks.append(check)
             if not check.passed:
-                messages.append(check.describe())
-    del session
-    if rounding.problem:
-        skipped.append(rounding.problem)
-    allowed = bool(plan is not None and any(e.keeps_batchnorm_op for e in plan))
-    residual = residual_batchnorm(model, plan)
+                messages.append(describe_check(check))
+    return checks, messages
+
+
+def _residual_messages(residual: list[str], ops: int, allowed: bool) -> list[str]:
+    messages = []
     if residual:
         messages.append(f"BatchNorm left in the model: {', '.join(residual)}")
     if ops and not allowed:
         messages.append(f"{ops} BatchNormalization op(s) left in the ONNX graph that the plan did not keep")
-    required = plan is not None and all(
+    return messages
+
+
+def _independence_required(plan: Plan | None) -> bool:
+    """Batch independence is part of the verdict when the plan leaves no batch statistics."""
+    return plan is not None and all(
         not targets.get(e.target).batch_statistics or e.params.get("batch_independent") or e.params.get("unused") for e in plan
     )
-    independent: dict[str, bool | None] = {"eval": None, "train": None}
-    if indices:
-        slack = rounding_at.get(max(sizes), [])
-        independent["eval"] = batch_independent(model, inputs, train=False, known=known, batch_inputs=indices, rounding=slack)
-        independent["train"] = batch_independent(model, inputs, train=True, batch_inputs=indices, rounding=slack)
-    else:
+
+
+def _independence(
+    model: nn.Module, inputs: tuple, indices: tuple[int, ...], known: dict[int, list[torch.Tensor]], slack: Sequence[float], skipped: list[str]
+) -> dict[str, bool | None]:
+    """The eval- and train-mode verdicts; what could not be judged goes to `skipped`."""
+    if not indices:
         skipped.append("batch independence: no input carries a batch to split")
-    for mode, ok in independent.items():
-        if ok is False:
-            messages.append(f"the PyTorch model is batch-dependent in {mode} mode: a sample's output changes with the rest of the batch")
-    drift = None
-    if original is not None:
-        accumulator = DriftAccumulator()
-        example = batch_size_of(inputs, indices)
-        converted = known.get(example) or eval_outputs(model, inputs)
-        accumulator.add(eval_outputs(original, inputs), converted, example if indices else 1)
-        drift = accumulator.result()
-    return Validation(
-        path.name, info["exporter"], info["opset"], checks, independent["eval"], independent["train"], required,
-        ops, allowed, residual, drift, messages, skipped, indices,
-    )  # fmt: skip
+        return {"eval": None, "train": None}
+    results: dict[str, Independence] = {
+        "eval": batch_independent(model, inputs, train=False, known=known, batch_inputs=indices, rounding=slack),
+        "train": batch_independent(model, inputs, train=True, batch_inputs=indices, rounding=slack),
+    }
+    left_out = dict.fromkeys(reason for result in results.values() for reason in result.left_out)
+    skipped += [f"batch independence: {reason}" for reason in left_out]
+    return {mode: result.independent for mode, result in results.items()}
+
+
+def _drift(model: nn.Module, original: nn.Module, inputs: tuple, indices: tuple[int, ...], known: dict[int, list[torch.Tensor]]) -> Drift:
+    accumulator = DriftAccumulator()
+    example = batch_size_of(inputs, indices)
+    converted = known.get(example) or eval_outputs(model, inputs)
+    accumulator.add(eval_outputs(original, inputs), converted, example if indices else 1)
+    return accumulator.result()
 
 
 def _batch_sizes(

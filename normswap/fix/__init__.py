@@ -16,7 +16,7 @@ from torch import nn
 from ..analysis import analyze
 from ..context import Context
 from ..plan import Plan
-from ..policy import make_plan
+from ..policy import PlanRequest, resolve_plan
 from ..targets import DEFAULT_CHANNELS_PER_GROUP, DEFAULT_MAX_GROUPS, PlanOptions
 from ..torchutil import require_module, require_type
 from .fixer import Edit, FixJob, SourceFixes, plan_fixes
@@ -70,11 +70,8 @@ def fix_source(
     require_type(plan, Plan, "plan", "fix_source", "read one with normswap.Plan.from_json(text)")
     context = context or Context()
     analysis = analyze(model, example_inputs, context)
-    if plan is None:
-        options = PlanOptions(max_groups=max_groups, channels_per_group=channels_per_group)
-        plan = make_plan(analysis.sites, analysis.findings, context, "auto", options, keep_sites=keep, strict=False)
-    else:
-        plan.check(analysis.sites)
+    request = PlanRequest("auto", PlanOptions(max_groups=max_groups, channels_per_group=channels_per_group), tuple(keep))
+    plan = resolve_plan(analysis.sites, analysis.findings, context, plan, request, strict=False)
     fixes = plan_fixes([FixJob(model, analysis.sites, plan)], Path(root), unsafe)
     if apply:
         fixes.apply()

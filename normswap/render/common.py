@@ -1,11 +1,19 @@
-"""What the text and markdown renderers both say: locations with their origin, per-rule
-statistics, source-fix counts and the recommended next step."""
+"""What the text, markdown and json renderers all say: locations with their origin, per-rule
+statistics, source-fix counts, the recommended next step, and the one-line summaries of a
+validation, a drift and a site's cost."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from ..rules import CATALOGUE
+from ..rules import CATALOGUE, FixSafety, Rule
+
+if TYPE_CHECKING:
+    from ..calibration import Drift, SiteCost
+    from ..export import Validation
+    from ..report import Report
+    from ..rules import Finding
 
 _MAX_NAMES = 6
 
@@ -20,7 +28,7 @@ def names_text(names: list[str]) -> str:
     return f"{shown}, ... ({len(names)})" if len(names) > _MAX_NAMES else shown
 
 
-def location_text(finding: Any, report: Any) -> str:
+def location_text(finding: Finding, report: Report) -> str:
     """Where a finding points, marked when the file is not the project's, with the project's
     own line that built the layer ('timm/models/resnet.py:98 (installed package), built from
     train.py:12')."""
@@ -34,24 +42,32 @@ def location_text(finding: Any, report: Any) -> str:
     return text
 
 
-def fix_availability(rule: Any) -> str:
+def fix_availability(rule: Rule) -> str:
     """'unsafe fix, in source sometimes': what the rule proposes and whether `lint --fix` can
     write it into the model's source (always / sometimes / never, as ruff says)."""
-    kind = {True: "safe fix", False: "unsafe fix", None: "no fix"}[rule.fix_safe]
-    return f"{kind}, in source {rule.source_fix}"
+    kind = {FixSafety.SAFE: "safe fix", FixSafety.UNSAFE: "unsafe fix", FixSafety.NONE: "no fix"}[rule.fix_safety]
+    return f"{kind}, in source {rule.source_fix.value}"
 
 
-def statistics(report: Any) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class RuleCount:
+    """One row of `--statistics`: a rule and how many findings it has."""
+
+    code: str
+    name: str
+    severity: str
+    count: int
+    fix: str
+
+
+def statistics(report: Report) -> list[RuleCount]:
     """Findings per rule, most frequent first (`--statistics`)."""
     rules = {rule.code: rule for rule in CATALOGUE}
     counts: dict[str, int] = {}
     for finding in report.remaining_findings():
         counts[finding.code] = counts.get(finding.code, 0) + 1
-    rows = [
-        {"code": code, "name": rules[code].name, "severity": rules[code].severity.value, "count": n, "fix": fix_availability(rules[code])}
-        for code, n in counts.items()
-    ]
-    return sorted(rows, key=lambda row: (-row["count"], row["code"]))
+    rows = [RuleCount(code, rules[code].name, rules[code].severity.value, n, fix_availability(rules[code])) for code, n in counts.items()]
+    return sorted(rows, key=lambda row: (-row.count, row.code))
 
 
 def fix_counts(fixes: Any) -> dict[str, Any]:
@@ -83,18 +99,59 @@ def unfixable_groups(fixes: Any) -> list[tuple[str, str]]:
     return [(names_text(names), reason) for reason, names in by_reason.items()]
 
 
-def recommended_action(report: Any) -> str:
+def recommended_action(report: Report) -> str:
     """The last lines of a lint report: what `--to auto` (or lint's --plan) would do and the commands that do it."""
-    if report.plan is not None or not report.auto_plan:
+    section = report.lint
+    if report.conversion is not None or section is None or not section.auto_plan:
         return ""
-    counts = ", ".join(f"{n} × {target}" for target, n in report.auto_plan.items())
-    lines = [f"recommended: {report.planned_by} converts {counts}"]
-    commands = report.commands
-    if commands.get("convert"):
-        lines.append(f"  the checkpoint: {commands['convert']}")
-    fixes = report.fixes
-    if fixes is not None and commands.get("fix") and not fixes.applied and fixes.edits:
+    counts = ", ".join(f"{n} × {target}" for target, n in section.auto_plan.items())
+    lines = [f"recommended: {section.planned_by} converts {counts}"]
+    commands = section.commands
+    if commands is not None:
+        lines.append(f"  the checkpoint: {commands.convert}")
+    fixes = section.fixes
+    if fixes is not None and commands is not None and not fixes.applied and fixes.edits:
         files = list(dict.fromkeys(edit.path for edit in fixes.edits))
-        command = commands["fix"] if any(not edit.safe for edit in fixes.edits) else commands["fix"].removesuffix(" --unsafe-fixes")
+        command = commands.fix if any(not edit.safe for edit in fixes.edits) else commands.fix.removesuffix(" --unsafe-fixes")
         lines.append(f"  the source:     {command}   ({plural(len(fixes.edits), 'edit')} in {', '.join(files)})")
     return "\n".join(lines)
+
+
+def validation_summary(validation: Validation) -> str:
+    """'validation passed: onnxruntime vs PyTorch max abs error ... ; batch-independent; 0 BatchNormalization op(s) in ONNX'."""
+    worst = max(validation.outputs, key=lambda c: c.max_abs, default=None)
+    detail = f"max abs error {worst.max_abs:.3g} at batch {worst.batch_size}" if worst else "no outputs"
+    verdict = "passed" if validation.passed else "FAILED"
+    modes = (("eval", validation.batch_independent_eval), ("train", validation.batch_independent_train))
+    if all(ok is None for _, ok in modes):
+        independence = "batch independence not checked"
+    elif all(ok is not False for _, ok in modes):
+        independence = "batch-independent"
+    else:
+        independence = "batch-dependent in " + " and ".join(m for m, ok in modes if ok is False)
+    return f"validation {verdict}: onnxruntime vs PyTorch {detail}; {independence}; {validation.residual_onnx_ops} BatchNormalization op(s) in ONNX"
+
+
+def drift_summary(drift: Drift) -> str:
+    top1 = f", top-1 agreement {drift.top1_agreement:.1%}" if drift.top1_agreement is not None else ""
+    left_out = ""
+    if drift.not_compared:
+        outputs = ", ".join(map(str, drift.not_compared))
+        left_out = f" (output {outputs} not compared: its shape differs between the models)"
+    return f"max abs {drift.max_abs:.3g}, mean abs {drift.mean_abs:.3g}, cosine {drift.cosine:.4f}{top1} over {drift.samples} samples{left_out}"
+
+
+def cost_text(cost: SiteCost) -> str:
+    """'agreement 72.3% (92.6% calibrated), cosine 0.877 (0.961)': one site's cost, for text and markdown."""
+    parts = []
+    for label, fmt, swapped, calibrated in (
+        ("agreement", "{:.1%}", cost.swap.top1_agreement, cost.calibrated.top1_agreement if cost.calibrated else None),
+        ("cosine", "{:.3f}", cost.swap.cosine, cost.calibrated.cosine if cost.calibrated else None),
+    ):
+        if swapped is None:
+            continue
+        text = f"{label} {fmt.format(swapped)}"
+        if calibrated is not None:
+            text += f" ({fmt.format(calibrated)} calibrated)"
+        parts.append(text)
+    return ", ".join(parts)

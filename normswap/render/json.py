@@ -1,16 +1,66 @@
-"""JSON report, schema version 1 (normswap/schemas/report.schema.json); keys and lists in stable order."""
+"""JSON report, schema version 1 (normswap/schemas/report.schema.json); keys and lists in stable order.
+
+The only place a Report is serialised: one function per type it holds.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
-from ..rules import Finding
 from .common import statistics
 
+if TYPE_CHECKING:
+    from ..calibration import Drift, HealResult, SiteCost, SiteFit
+    from ..context import Context
+    from ..export import Validation
+    from ..export.tolerance import OutputCheck
+    from ..report import ConversionSection, LintSection, Report
+    from ..rules import Finding, Remedy
+    from ..sites import Site
+    from ..source import SourceLocation
+
 JSON_SCHEMA_VERSION = 1
+
+
+def _location(location: SourceLocation | None) -> dict[str, Any] | None:
+    return location.to_dict() if location is not None else None
+
+
+def _context(context: Context) -> dict[str, Any]:
+    return dataclasses.asdict(context)
+
+
+def _site(site: Site) -> dict[str, Any]:
+    return {
+        "name": site.name,
+        "kind": str(site.kind),
+        "flavour": site.flavour,
+        "num_features": site.num_features,
+        "input_shape": list(site.input_shape) if site.input_shape is not None else None,
+        "affine": site.affine,
+        "track_running_stats": site.track_running_stats,
+        "eps": site.eps,
+        "momentum": site.momentum,
+        "call_count": site.call_count,
+        "owner": site.owner,
+        "producers": list(site.producers),
+        "consumers": list(site.consumers),
+        "defined_at": _location(site.defined_at),
+        "built_from": _location(site.built_from),
+        "called_at": [loc.to_dict() for loc in site.called_at],
+        "batch_dependent_train": site.batch_dependent_train,
+        "batch_dependent_eval": site.batch_dependent_eval,
+    }
+
+
+def _remedy(remedy: Remedy | None) -> dict[str, Any] | None:
+    if remedy is None:
+        return None
+    return {"target": remedy.target, "safe": remedy.safe, "description": remedy.description}
 
 
 def finding_to_dict(finding: Finding) -> dict[str, Any]:
@@ -23,55 +73,127 @@ def finding_to_dict(finding: Finding) -> dict[str, Any]:
         "site": site.name if site else None,
         "location": site.location.to_dict() if site and site.location else None,
         "call_locations": [loc.to_dict() for loc in site.called_at] if site else [],
-        "fix": finding.fix.to_dict() if finding.fix else None,
+        "fix": _remedy(finding.remedy),
     }
 
 
-def report_to_dict(report) -> dict[str, Any]:
+def _drift(drift: Drift | None) -> dict[str, Any] | None:
+    if drift is None:
+        return None
+    return {
+        "max_abs": drift.max_abs,
+        "mean_abs": drift.mean_abs,
+        "cosine": drift.cosine,
+        "top1_agreement": drift.top1_agreement,
+        "samples": drift.samples,
+        "not_compared": list(drift.not_compared),
+    }
+
+
+def _output_check(check: OutputCheck) -> dict[str, Any]:
+    found = {field.name: getattr(check, field.name) for field in dataclasses.fields(check)}
+    return found | {"shape": list(check.shape), "onnx_shape": list(check.onnx_shape)}
+
+
+def _validation(validation: Validation | None) -> dict[str, Any] | None:
+    if validation is None:
+        return None
+    return {
+        "passed": validation.passed,
+        "onnx": validation.onnx_path,
+        "exporter": validation.exporter,
+        "opset": validation.opset,
+        "batch_inputs": list(validation.batch_inputs),
+        "fidelity": {"passed": validation.fidelity_passed, "outputs": [_output_check(c) for c in validation.outputs]},
+        "batch_independence": {
+            "eval": validation.batch_independent_eval,
+            "train": validation.batch_independent_train,
+            "required": validation.batch_independence_required,
+        },
+        "residual_batchnorm": {
+            "passed": validation.residual_passed,
+            "onnx_ops": validation.residual_onnx_ops,
+            "onnx_ops_allowed": validation.residual_onnx_allowed,
+            "modules": list(validation.residual_modules),
+        },
+        "drift": _drift(validation.drift),
+        "messages": list(validation.messages),
+        "skipped": list(validation.skipped),
+    }
+
+
+def _fit(fit: SiteFit) -> dict[str, Any]:
+    return {"site": fit.name, "target": fit.target, "r2": fit.r2, "samples": fit.samples}
+
+
+def _cost(cost: SiteCost) -> dict[str, Any]:
+    return {"site": cost.site, "target": cost.target, "swap": _drift(cost.swap), "calibrated": _drift(cost.calibrated)}
+
+
+def _healing(healing: HealResult | None) -> dict[str, Any] | None:
+    if healing is None:
+        return None
+    return {
+        "steps": healing.steps,
+        "best_heldout_loss": healing.best_heldout_loss,
+        "initial_heldout_loss": healing.initial_heldout_loss,
+        "stopped_early": healing.stopped_early,
+        "options": dataclasses.asdict(healing.options) if healing.options is not None else None,
+    }
+
+
+def _conversion(section: ConversionSection | None) -> dict[str, Any]:
+    if section is None:
+        return {"plan": None, "validation": None, "drift": {}, "calibration": [], "attribution": [], "healing": None}
+    return {
+        "plan": section.plan.to_dict(),
+        "validation": _validation(section.validation),
+        "drift": {stage: _drift(d) for stage, d in section.drift.items()},
+        "calibration": [_fit(fit) for fit in section.calibration],
+        "attribution": [_cost(cost) for cost in section.attribution],
+        "healing": _healing(section.healing),
+    }
+
+
+def _recommended(section: LintSection | None) -> dict[str, Any] | None:
+    if section is None:
+        return None
+    commands = {"convert": section.commands.convert, "fix": section.commands.fix} if section.commands is not None else {}
+    return {"auto": dict(section.auto_plan), "planned_by": section.planned_by, "commands": commands}
+
+
+def report_to_dict(report: Report) -> dict[str, Any]:
     remaining = {id(f) for f in report.remaining_findings()}
+    conversion = report.conversion
     return {
         "model": report.model,
         "capture": {"method": report.capture_method, "fallback_reasons": list(report.fallback_reasons)},
-        "context": report.context.to_dict(),
+        "context": _context(report.context),
         "summary": {"sites": len(report.sites), "findings": report.counts()},
-        "sites": [site.to_dict() for site in report.sites],
+        "sites": [_site(site) for site in report.sites],
         "findings": [finding_to_dict(f) | {"fixed": id(f) not in remaining} for f in report.findings],
         # why each rule stayed quiet, per site ("why was this layer left alone?")
         "not_fired": {site: [{"code": skip.code, "reason": skip.reason} for skip in skips] for site, skips in report.not_fired.items()},
-        "plan": report.plan.to_dict() if report.plan is not None else None,
-        "validation": report.validation.to_dict() if report.validation is not None else None,
-        "drift": {stage: d.to_dict() for stage, d in report.drift.items()},
-        "calibration": list(report.calibration),
-        "attribution": list(report.attribution),
-        "healing": report.healing,
+        **_conversion(conversion),
         "notes": list(report.notes),
-        "outputs": dict(sorted(report.outputs.items())),
-        "manifest": dict(sorted(report.manifest.items())),
+        "outputs": dict(sorted(conversion.outputs.items())) if conversion is not None else {},
+        "manifest": dict(sorted(conversion.manifest.items())) if conversion is not None else {},
         # lint: what `--to auto` would convert, the commands that do it, and the source edits
-        "recommended": {"auto": dict(report.auto_plan), "planned_by": report.planned_by, "commands": dict(report.commands)}
-        if report.plan is None
-        else None,
+        "recommended": _recommended(report.lint) if conversion is None else None,
         "fixes": report.fixes.to_dict() if report.fixes is not None else None,
     }
 
 
-def render_json(reports: Sequence) -> str:
+def render_json(reports: Sequence[Report]) -> str:
     document = {
         "schema_version": JSON_SCHEMA_VERSION,
         "tool": {"name": "normswap", "version": __version__},
         "reports": [report_to_dict(r) for r in reports],
     }
-    return json.dumps(document, indent=2, sort_keys=False, default=_plain) + "\n"
+    return json.dumps(document, indent=2, sort_keys=False) + "\n"
 
 
-def _plain(value: Any) -> Any:
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def render_statistics_json(reports: Sequence) -> str:
+def render_statistics_json(reports: Sequence[Report]) -> str:
     """`--statistics --format json`: per model, findings per rule."""
-    return json.dumps([{"model": r.model, "statistics": statistics(r)} for r in reports], indent=2) + "\n"
+    rows = [{"model": r.model, "statistics": [dataclasses.asdict(row) for row in statistics(r)]} for r in reports]
+    return json.dumps(rows, indent=2) + "\n"

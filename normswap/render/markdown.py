@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .common import fix_counts, location_text, plural, recommended_action, unfixable_groups
-from .text import cost_text, summary_line
+from .common import cost_text, fix_counts, location_text, plural, recommended_action, unfixable_groups, validation_summary
+from .text import summary_line
+
+if TYPE_CHECKING:
+    from ..calibration import Drift
+    from ..export import Validation
+    from ..report import ConversionSection, Report
 
 _ICON = {"error": ":x:", "warning": ":warning:", "info": ":information_source:"}
 
@@ -15,7 +21,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(reports: Sequence) -> str:
+def render_markdown(reports: Sequence[Report]) -> str:
     lines: list[str] = []
     for report in reports:
         lines.append(f"### normswap: `{report.model}`")
@@ -42,47 +48,76 @@ def render_markdown(reports: Sequence) -> str:
                     lines += [f"Built from your code at `{f.site.built_from}`:", "", "```python", f.site.built_from.code, "```", ""]
                 if f.site is not None and f.site.called_at:
                     lines += [f"Called at `{f.site.called_at[0]}`:", "", "```python", f.site.called_at[0].code, "```", ""]
-                if f.fix is not None:
-                    lines.append(f"**Fix** ({'safe: keeps the function' if f.fix.safe else 'unsafe: changes the function'}): {f.fix.description}")
+                if f.remedy is not None:
+                    lines.append(
+                        f"**Fix** ({'safe: keeps the function' if f.remedy.safe else 'unsafe: changes the function'}): {f.remedy.description}"
+                    )
                     lines.append("")
                 lines += [f"Run `normswap explain {f.code}` for the rule's documentation.", "", "</details>", ""]
         lines += _fixes(report)
         action = recommended_action(report)
         if action:
             lines += ["#### Recommended", "", "```", action.removeprefix("recommended: "), "```", ""]
-        if report.plan is not None and len(report.plan):
-            lines += ["#### Plan", "", "| Layer | Target | Reason |", "|---|---|---|"]
-            lines += [f"| `{_cell(e.name)}` | {e.target} | {_cell(e.reason)} |" for e in report.plan]
-            lines.append("")
-        if report.validation is not None:
-            lines += ["#### Validation", "", report.validation.to_markdown(), ""]
-        if report.attribution:
-            lines += [
-                "#### What each site costs alone",
-                "",
-                "Each site converted on its own, compared with the original on the calibration data, worst first.",
-                "",
-            ]
-            if report.outputs.get("plot"):
-                lines += [f"![What each site costs alone]({Path(report.outputs['plot']).name})", ""]
-            lines += ["| Layer | Target | Cost |", "|---|---|---|"]
-            lines += [f"| `{c['site']}` | {c['target']} | {cost_text(c)} |" for c in report.attribution]
-            lines.append("")
-        if report.notes:
-            lines += ["#### Notes", ""] + [f"- {_cell(n)}" for n in report.notes] + [""]
-        if report.calibration:
-            lines += ["#### Calibration", "", "| Layer | Target | R² | Values fitted per channel |", "|---|---|---|---|"]
-            lines += [f"| `{c['site']}` | {c['target']} | {c['r2']:.3f} | {c['samples']} |" for c in report.calibration]
-            lines.append("")
-        if report.drift:
-            lines += ["#### Drift (original vs converted)", "", "| Stage | Max abs | Mean abs | Cosine | Top-1 agreement |", "|---|---|---|---|---|"]
-            for stage, d in report.drift.items():
-                lines.append(d.markdown_row(stage))
-            lines.append("")
+        lines += _conversion(report.conversion, notes=report.notes)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _fixes(report) -> list[str]:
+def _conversion(section: ConversionSection | None, notes: list[str]) -> list[str]:
+    """What convert did: plan, validation, what each site costs alone, notes, calibration, drift."""
+    lines: list[str] = []
+    if section is not None and len(section.plan):
+        lines += ["#### Plan", "", "| Layer | Target | Reason |", "|---|---|---|"]
+        lines += [f"| `{_cell(e.name)}` | {e.target} | {_cell(e.reason)} |" for e in section.plan]
+        lines.append("")
+    if section is not None and section.validation is not None:
+        lines += ["#### Validation", "", _validation(section.validation), ""]
+    if section is not None and section.attribution:
+        lines += [
+            "#### What each site costs alone",
+            "",
+            "Each site converted on its own, compared with the original on the calibration data, worst first.",
+            "",
+        ]
+        if section.outputs.get("plot"):
+            lines += [f"![What each site costs alone]({Path(section.outputs['plot']).name})", ""]
+        lines += ["| Layer | Target | Cost |", "|---|---|---|"]
+        lines += [f"| `{c.site}` | {c.target} | {cost_text(c)} |" for c in section.attribution]
+        lines.append("")
+    if notes:
+        lines += ["#### Notes", ""] + [f"- {_cell(n)}" for n in notes] + [""]
+    if section is not None and section.calibration:
+        lines += ["#### Calibration", "", "| Layer | Target | R² | Values fitted per channel |", "|---|---|---|---|"]
+        lines += [f"| `{fit.name}` | {fit.target} | {fit.r2:.3f} | {fit.samples} |" for fit in section.calibration]
+        lines.append("")
+    if section is not None and section.drift:
+        lines += ["#### Drift (original vs converted)", "", "| Stage | Max abs | Mean abs | Cosine | Top-1 agreement |", "|---|---|---|---|---|"]
+        lines += [_drift_row(stage, d) for stage, d in section.drift.items()]
+        lines.append("")
+    return lines
+
+
+def _validation(validation: Validation) -> str:
+    lines = [
+        f"**{validation_summary(validation)}**",
+        "",
+        "| Batch | Output | Scale | Max abs | Max rel | Model's own rounding | atol | Result |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in validation.outputs:
+        rounding = f"{c.rounding:.3g}" if c.rounding is not None else "-"
+        lines.append(
+            f"| {c.batch_size} | {c.output} | {c.scale:.3g} | {c.max_abs:.3g} | {c.max_rel:.3g} | {rounding} | {c.atol:.3g} | {'ok' if c.passed else 'FAILED'} |"
+        )
+    lines += [""] + [f"- {m}" for m in validation.messages] + [f"- not checked: {s}" for s in validation.skipped]
+    return "\n".join(lines).rstrip()
+
+
+def _drift_row(stage: str, drift: Drift) -> str:
+    top1 = f"{drift.top1_agreement:.1%}" if drift.top1_agreement is not None else "-"
+    return f"| {stage} | {drift.max_abs:.3g} | {drift.mean_abs:.3g} | {drift.cosine:.4f} | {top1} |"
+
+
+def _fixes(report: Report) -> list[str]:
     """Each source change as a GitHub suggestion block on the lines it replaces."""
     fixes = report.fixes
     if fixes is None or not (fixes.edits or fixes.unfixable):

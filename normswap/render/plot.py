@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..files import write_with
+
+if TYPE_CHECKING:
+    from ..calibration import Drift, SiteCost
 
 
 def plot_available() -> bool:
@@ -17,7 +20,7 @@ def plot_available() -> bool:
     return True
 
 
-def plot_attribution(attribution: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+def plot_attribution(attribution: Sequence[SiteCost], path: str | Path, title: str = "") -> Path:
     """A horizontal bar per site, worst at the top: the share of top-1 agreement (or of cosine
     similarity) lost when only that site is converted, swapped and calibrated. Written atomically.
 
@@ -26,12 +29,16 @@ def plot_attribution(attribution: Sequence[dict[str, Any]], path: str | Path, ti
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    key = "top1_agreement" if all(c["swap"].get("top1_agreement") is not None for c in attribution) else "cosine"
-    label = "top-1 agreement lost" if key == "top1_agreement" else "cosine similarity lost"
+    by_agreement = all(c.swap.top1_agreement is not None for c in attribution)
+    label = "top-1 agreement lost" if by_agreement else "cosine similarity lost"
+
+    def lost(drift: Drift) -> float:
+        return 1 - (drift.top1_agreement if by_agreement and drift.top1_agreement is not None else drift.cosine)
+
     rows = list(attribution)[::-1]  # barh draws bottom-up: worst on top
-    names = [f"{c['site']} ({c['target']})" for c in rows]
-    swap = [1 - c["swap"][key] for c in rows]
-    calibrated = [1 - c["calibrated"][key] if c.get("calibrated") else None for c in rows]
+    names = [f"{c.site} ({c.target})" for c in rows]
+    swap = [lost(c.swap) for c in rows]
+    calibrated = [lost(c.calibrated) if c.calibrated else None for c in rows]
     figure = Figure(figsize=(7, 0.9 + 0.32 * len(rows)), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()

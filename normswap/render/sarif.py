@@ -5,17 +5,23 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
-from ..rules import CATALOGUE
+from ..rules import CATALOGUE, Rule
+
+if TYPE_CHECKING:
+    from ..report import Report
+    from ..rules import Finding
+    from ..sites import Site
+    from ..source import SourceLocation
 
 SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
 INFORMATION_URI = "https://github.com/normswap/normswap"
 _LEVEL = {"error": "error", "warning": "warning", "info": "note"}
 
 
-def _rule(rule) -> dict[str, Any]:
+def _rule(rule: Rule) -> dict[str, Any]:
     doc = rule.documentation()
     return {
         "id": rule.code,
@@ -32,11 +38,11 @@ def _fingerprint(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
 
-def _physical(location) -> dict[str, Any]:
+def _physical(location: SourceLocation) -> dict[str, Any]:
     return {"artifactLocation": {"uri": location.path, "uriBaseId": "%SRCROOT%"}, "region": {"startLine": location.line}}
 
 
-def _result(report, finding, rule_index: dict[str, int]) -> dict[str, Any]:
+def _result(report: Report, finding: Finding, rule_index: dict[str, int]) -> dict[str, Any]:
     site = finding.site
     location = site.location if site is not None else report.model_location
     logical_name = f"{report.model}::{site.name}" if site is not None else report.model
@@ -63,15 +69,16 @@ def _result(report, finding, rule_index: dict[str, int]) -> dict[str, Any]:
         result["relatedLocations"] = [
             {"id": i, "message": {"text": "called here"}, "physicalLocation": _physical(loc)} for i, loc in enumerate(called)
         ]
-    if finding.fix is not None:
-        result["properties"] = {"fix": finding.fix.to_dict()}
+    if finding.remedy is not None:
+        remedy = finding.remedy
+        result["properties"] = {"fix": {"target": remedy.target, "safe": remedy.safe, "description": remedy.description}}
     fix = _source_fix(report, site)
     if fix is not None:
         result["fixes"] = [fix]
     return result
 
 
-def _source_fix(report, site) -> dict[str, Any] | None:
+def _source_fix(report: Report, site: Site | None) -> dict[str, Any] | None:
     """The `lint --fix` edit for this site as a SARIF fix: the exact replacement, plus the
     import changes of its file (as whole-line replacements by character offset)."""
     if site is None or report.fixes is None:
@@ -101,7 +108,7 @@ def _source_fix(report, site) -> dict[str, Any] | None:
     }
 
 
-def render_sarif(reports: Sequence) -> str:
+def render_sarif(reports: Sequence[Report]) -> str:
     rule_index = {rule.code: i for i, rule in enumerate(CATALOGUE)}
     results = [_result(report, f, rule_index) for report in reports for f in report.remaining_findings()]
     log = {

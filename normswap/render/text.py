@@ -11,12 +11,16 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from .common import fix_counts, location_text, plural, recommended_action, statistics, unfixable_groups
+from .common import cost_text, drift_summary, fix_counts, location_text, plural, recommended_action, statistics, unfixable_groups, validation_summary
+
+if TYPE_CHECKING:
+    from ..report import Report
+    from ..rules import Finding
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 GROUP_ABOVE = 10
@@ -24,7 +28,7 @@ STYLES = ("auto", "table", "grouped", "full", "concise")
 _MAX_NAMES = 6
 
 
-def summary_line(report: Any) -> str:
+def summary_line(report: Report) -> str:
     remaining = report.remaining_findings()
     counts = {sev: sum(1 for f in remaining if f.severity.value == sev) for sev in ("error", "warning", "info")}
     parts = [f"{n} {sev}{'s' if n != 1 else ''}" for sev, n in counts.items() if n]
@@ -35,21 +39,7 @@ def summary_line(report: Any) -> str:
     return f"{report.model}: {len(report.sites)} BatchNorm site(s), {found} (captured with {report.capture_method})"
 
 
-def cost_text(cost: dict) -> str:
-    """'agreement 72.3% (92.6% calibrated), cosine 0.877 (0.961)': one site's cost, for text and markdown."""
-    swap, calibrated = cost["swap"], cost.get("calibrated")
-    parts = []
-    for key, label, fmt in (("top1_agreement", "agreement", "{:.1%}"), ("cosine", "cosine", "{:.3f}")):
-        if swap.get(key) is None:
-            continue
-        text = f"{label} {fmt.format(swap[key])}"
-        if calibrated and calibrated.get(key) is not None:
-            text += f" ({fmt.format(calibrated[key])} calibrated)"
-        parts.append(text)
-    return ", ".join(parts)
-
-
-def render_text(reports: Sequence, color: bool = False, width: int = 120, style: str = "auto", statistics_only: bool = False) -> str:
+def render_text(reports: Sequence[Report], color: bool = False, width: int = 120, style: str = "auto", statistics_only: bool = False) -> str:
     if style not in STYLES:
         raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     buffer = io.StringIO()
@@ -70,7 +60,7 @@ def render_text(reports: Sequence, color: bool = False, width: int = 120, style:
     return buffer.getvalue()
 
 
-def _table(console: Console, report: Any, color: bool) -> None:
+def _table(console: Console, report: Report, color: bool) -> None:
     table = Table(show_header=True, header_style="bold" if color else None, expand=False, pad_edge=False)
     for column in ("code", "severity", "layer", "location", "message"):
         table.add_column(column, overflow="fold")
@@ -79,20 +69,20 @@ def _table(console: Console, report: Any, color: bool) -> None:
     console.print(table)
 
 
-def _worst(findings: Sequence) -> Any:
+def _worst(findings: Sequence[Finding]) -> Finding:
     """The example a group shows: the site with the fewest values per channel in a sample (the
     noisiest batch statistics), ties in model order."""
     return min(findings, key=lambda f: f.site.spatial_size if f.site is not None and f.site.spatial_size is not None else math.inf)
 
 
-def _names(findings: Sequence) -> str:
+def _names(findings: Sequence[Finding]) -> str:
     names = [f.site_name for f in findings]
     shown = ", ".join(names[:_MAX_NAMES])
     return f"{shown}, ... ({len(names)})" if len(names) > _MAX_NAMES else shown
 
 
-def _grouped(console: Console, report: Any, color: bool) -> None:
-    groups: dict[str, list] = {}
+def _grouped(console: Console, report: Report, color: bool) -> None:
+    groups: dict[str, list[Finding]] = {}
     for f in report.remaining_findings():
         groups.setdefault(f.code, []).append(f)
     for code, findings in groups.items():
@@ -107,7 +97,7 @@ def _grouped(console: Console, report: Any, color: bool) -> None:
         console.print(f"    {worst.message}", soft_wrap=True)
 
 
-def _full(console: Console, report: Any, color: bool) -> None:
+def _full(console: Console, report: Report, color: bool) -> None:
     for f in report.remaining_findings():
         location = location_text(f, report)
         console.print(f"{location}: {f.code} [{f.severity.value}] {f.site_name}", style=_STYLE[f.severity.value] if color else None, soft_wrap=True)
@@ -116,12 +106,12 @@ def _full(console: Console, report: Any, color: bool) -> None:
         where = site.location if site is not None else None
         if where is not None and where.code:
             console.print(f"  {where.line:>5} | {where.code}", soft_wrap=True)
-        if f.fix is not None:
-            console.print(f"  fix ({'safe' if f.fix.safe else 'unsafe'}): {f.fix.description}", soft_wrap=True)
+        if f.remedy is not None:
+            console.print(f"  fix ({'safe' if f.remedy.safe else 'unsafe'}): {f.remedy.description}", soft_wrap=True)
         console.print("")
 
 
-def _concise(console: Console, report: Any, color: bool) -> None:
+def _concise(console: Console, report: Report, color: bool) -> None:
     for f in report.remaining_findings():
         console.print(
             f"{location_text(f, report)}: {f.code} [{f.severity.value}] {f.site_name}: {f.message}",
@@ -130,35 +120,38 @@ def _concise(console: Console, report: Any, color: bool) -> None:
         )
 
 
-def _statistics(console: Console, report: Any) -> None:
+def _statistics(console: Console, report: Report) -> None:
     for row in statistics(report):
-        console.print(f"{row['count']:>5}  {row['code']}  {row['name']:<28} {row['severity']:<8} {row['fix']}")
+        console.print(f"{row.count:>5}  {row.code}  {row.name:<28} {row.severity:<8} {row.fix}")
 
 
-def _conversion(console: Console, report: Any) -> None:
+def _conversion(console: Console, report: Report) -> None:
     """What `convert` did: plan, validation, calibration, attribution, notes, drift, outputs."""
-    if report.plan is not None:
-        console.print("plan: " + ", ".join(f"{n} {t}" for t, n in report.plan.counts().items()) if len(report.plan) else "plan: nothing to convert")
-    if report.validation is not None:
-        console.print(report.validation.summary(), soft_wrap=True)
-    if report.calibration:
-        fits = ", ".join(f"{c['site']} R² {c['r2']:.3f}" for c in report.calibration)
-        console.print(f"calibration: {fits}", soft_wrap=True)
-    if report.attribution:
-        console.print("what each site costs alone (converted one at a time, worst first):")
-        for cost in report.attribution[:10]:
-            console.print(f"  {cost['site']:<24} {cost['target']:<10} {cost_text(cost)}", soft_wrap=True)
-        if len(report.attribution) > 10:
-            console.print(f"  ... {len(report.attribution) - 10} more in report.json")
+    section = report.conversion
+    if section is not None:
+        plan = section.plan
+        console.print("plan: " + ", ".join(f"{n} {t}" for t, n in plan.counts().items()) if len(plan) else "plan: nothing to convert")
+        if section.validation is not None:
+            console.print(validation_summary(section.validation), soft_wrap=True)
+        if section.calibration:
+            fits = ", ".join(f"{fit.name} R² {fit.r2:.3f}" for fit in section.calibration)
+            console.print(f"calibration: {fits}", soft_wrap=True)
+        if section.attribution:
+            console.print("what each site costs alone (converted one at a time, worst first):")
+            for cost in section.attribution[:10]:
+                console.print(f"  {cost.site:<24} {cost.target:<10} {cost_text(cost)}", soft_wrap=True)
+            if len(section.attribution) > 10:
+                console.print(f"  ... {len(section.attribution) - 10} more in report.json")
     for note in report.notes:
         console.print(f"note: {note}", soft_wrap=True)
-    for stage, drift in report.drift.items():
-        console.print(f"drift ({stage}): {drift.summary()}", soft_wrap=True)
-    for name, path in sorted(report.outputs.items()):
-        console.print(f"wrote {name}: {path}")
+    if section is not None:
+        for stage, drift in section.drift.items():
+            console.print(f"drift ({stage}): {drift_summary(drift)}", soft_wrap=True)
+        for name, path in sorted(section.outputs.items()):
+            console.print(f"wrote {name}: {path}")
 
 
-def _fixes(console: Console, report: Any, detailed: bool) -> None:
+def _fixes(console: Console, report: Report, detailed: bool) -> None:
     """Source fixes (lint): applied or proposed, held back, and the sites no edit can fix."""
     fixes = report.fixes
     if fixes is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Finding, Fix, Rule, Severity, Skip
+from .base import Finding, FixSafety, Remedy, Rule, Severity, Skip, SourceFix
 from .ns101_batchnorm_in_recurrence import BatchNormInRecurrence
 from .ns102_batchnorm_over_sequence import BatchNormOverSequence
 from .ns103_small_batch import SmallBatch
@@ -35,4 +35,4 @@ CATALOGUE: tuple[Rule, ...] = (
     NotTraceable(),
 )
 
-__all__ = ["CATALOGUE", "Finding", "Fix", "Rule", "Severity", "Skip"]
+__all__ = ["CATALOGUE", "Finding", "FixSafety", "Remedy", "Rule", "Severity", "Skip", "SourceFix"]

@@ -1,4 +1,4 @@
-"""Rule, Finding, Fix and Severity: the vocabulary every rule module shares."""
+"""Rule, Finding, Remedy and Severity: the vocabulary every rule module shares."""
 
 from __future__ import annotations
 
@@ -23,16 +23,28 @@ class Severity(enum.StrEnum):
         return {"info": 1, "warning": 2, "error": 3}[self.value]
 
 
+class FixSafety(enum.StrEnum):
+    """What a rule's remedy does to the model's function (ruff's fix applicability)."""
+
+    SAFE = "safe"  # keeps it (frozen, fold)
+    UNSAFE = "unsafe"  # changes it (groupnorm, layernorm)
+    NONE = "none"  # the rule proposes no remedy
+
+
+class SourceFix(enum.StrEnum):
+    """Whether `normswap lint --fix` can write a rule's remedy into the model's source."""
+
+    SOMETIMES = "sometimes"  # when the layer is built in the project by a torch BatchNorm class
+    NEVER = "never"
+
+
 @dataclass(frozen=True)
-class Fix:
-    """What a rule proposes: a target, and whether it keeps the function (safe) or changes it."""
+class Remedy:
+    """What a finding proposes: a target, and whether it keeps the function (safe) or changes it."""
 
     target: str
     safe: bool
     description: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "safe": self.safe, "description": self.description}
 
 
 @dataclass(frozen=True)
@@ -42,7 +54,7 @@ class Finding:
     severity: Severity
     message: str
     site: Site | None = None
-    fix: Fix | None = None
+    remedy: Remedy | None = None
 
     @property
     def site_name(self) -> str:
@@ -65,10 +77,8 @@ class Rule:
     name: ClassVar[str]
     severity: ClassVar[Severity]
     summary: ClassVar[str]
-    fix_safe: ClassVar[bool | None] = None  # None: the rule proposes no fix
-    # whether `normswap lint --fix` can write the fix into the model's source: "sometimes" (when
-    # the layer is built in the project by a torch BatchNorm class) or "never"
-    source_fix: ClassVar[str] = "sometimes"
+    fix_safety: ClassVar[FixSafety] = FixSafety.NONE
+    source_fix: ClassVar[SourceFix] = SourceFix.SOMETIMES
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
         return Skip(self.code, "applies to the whole model, not to a site")
@@ -80,15 +90,15 @@ class Rule:
     def documentation(cls) -> str:
         return inspect.cleandoc(cls.__doc__ or "")
 
-    def finding(self, site: Site | None, message: str, fix: Fix | None = None) -> Finding:
-        return Finding(self.code, self.name, self.severity, message, site, fix)
+    def finding(self, site: Site | None, message: str, remedy: Remedy | None = None) -> Finding:
+        return Finding(self.code, self.name, self.severity, message, site, remedy)
 
     def skip(self, reason: str) -> Skip:
         return Skip(self.code, reason)
 
-    def natural_fix(self, site: Site, context: Context) -> Fix:
+    def natural_remedy(self, site: Site, context: Context) -> Remedy:
         target, why = targets.natural_target(site, context)
-        return Fix(target, targets.get(target).keeps_function, f"replace with {target}: {why}")
+        return Remedy(target, targets.get(target).keeps_function, f"replace with {target}: {why}")
 
 
 def shape_text(site: Site) -> str:

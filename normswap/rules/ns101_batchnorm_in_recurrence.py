@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..context import Context
 from ..sites import Site
-from .base import Finding, Rule, Severity, Skip
+from .base import Finding, FixSafety, Rule, Severity, Skip
 
 
 class BatchNormInRecurrence(Rule):
@@ -48,7 +48,7 @@ class BatchNormInRecurrence(Rule):
     name = "batchnorm-in-recurrence"
     severity = Severity.WARNING
     summary = "One BatchNorm is applied several times in one forward pass."
-    fix_safe = False
+    fix_safety = FixSafety.UNSAFE
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if site.call_count < 2:
@@ -58,5 +58,5 @@ class BatchNormInRecurrence(Rule):
         return self.finding(
             site,
             f"'{site.name}' is applied {site.call_count} times per forward pass: its statistics pool every call.",
-            self.natural_fix(site, context),
+            self.natural_remedy(site, context),
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .. import targets
 from ..context import Context
 from ..sites import Site
-from .base import Finding, Rule, Severity, Skip, shape_text
+from .base import Finding, FixSafety, Rule, Severity, Skip, shape_text
 
 
 class BatchNormOverSequence(Rule):
@@ -37,7 +37,7 @@ class BatchNormOverSequence(Rule):
     name = "batchnorm-over-sequence"
     severity = Severity.WARNING
     summary = "BatchNorm1d normalizes an (N, C, L) sequence over batch and time."
-    fix_safe = False
+    fix_safety = FixSafety.UNSAFE
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if site.input_rank != 3:
@@ -50,5 +50,5 @@ class BatchNormOverSequence(Rule):
         return self.finding(
             site,
             f"'{site.name}' normalizes the sequence {shape_text(site)} with statistics pooled over batch and time steps{padding}.",
-            self.natural_fix(site, context),
+            self.natural_remedy(site, context),
         )

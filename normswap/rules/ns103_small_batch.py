@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..context import Context
 from ..sites import Site
-from .base import Finding, Rule, Severity, Skip
+from .base import Finding, FixSafety, Rule, Severity, Skip
 
 
 class SmallBatch(Rule):
@@ -37,7 +37,7 @@ class SmallBatch(Rule):
     name = "small-batch"
     severity = Severity.WARNING
     summary = "Per-device training batch is below the small-batch threshold."
-    fix_safe = False
+    fix_safety = FixSafety.UNSAFE
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if not context.trains:
@@ -52,5 +52,5 @@ class SmallBatch(Rule):
             site,
             f"'{site.name}' estimates its statistics from {context.batch_size} sample(s) per device "
             f"(threshold {context.small_batch_threshold}); they will be noisy.",
-            self.natural_fix(site, context),
+            self.natural_remedy(site, context),
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..context import Context
 from ..sites import Site
-from .base import Finding, Rule, Severity, Skip, shape_text
+from .base import Finding, FixSafety, Rule, Severity, Skip, shape_text
 
 
 class BatchOfOne(Rule):
@@ -34,7 +34,7 @@ class BatchOfOne(Rule):
     name = "batch-of-one"
     severity = Severity.ERROR
     summary = "Training batch of one where BatchNorm needs more than one value per channel."
-    fix_safe = False
+    fix_safety = FixSafety.UNSAFE
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if not context.trains or context.batch_size != 1:
@@ -46,5 +46,5 @@ class BatchOfOne(Rule):
         return self.finding(
             site,
             f"'{site.name}' sees one value per channel at batch size 1 (input {shape_text(site)}): training raises ValueError.",
-            self.natural_fix(site, context),
+            self.natural_remedy(site, context),
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..context import Context
 from ..sites import Site
-from .base import Finding, Rule, Severity, Skip
+from .base import Finding, FixSafety, Rule, Severity, Skip
 
 
 class UnsyncedDistributed(Rule):
@@ -36,7 +36,7 @@ class UnsyncedDistributed(Rule):
     name = "unsynced-distributed"
     severity = Severity.WARNING
     summary = "Several devices and BatchNorm is not synchronised."
-    fix_safe = False
+    fix_safety = FixSafety.UNSAFE
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if not context.trains or context.world_size <= 1:
@@ -48,5 +48,5 @@ class UnsyncedDistributed(Rule):
         return self.finding(
             site,
             f"'{site.name}' normalizes each of {context.world_size} devices with its own shard's statistics.",
-            self.natural_fix(site, context),
+            self.natural_remedy(site, context),
         )

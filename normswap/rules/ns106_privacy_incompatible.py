@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..context import Context
 from ..sites import Site
-from .base import Finding, Rule, Severity, Skip
+from .base import Finding, FixSafety, Rule, Severity, Skip
 
 
 class PrivacyIncompatible(Rule):
@@ -35,7 +35,7 @@ class PrivacyIncompatible(Rule):
     name = "privacy-incompatible"
     severity = Severity.ERROR
     summary = "BatchNorm mixes samples, which differential-privacy training forbids."
-    fix_safe = False
+    fix_safety = FixSafety.UNSAFE
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if not context.differential_privacy:
@@ -43,7 +43,5 @@ class PrivacyIncompatible(Rule):
         if not site.batch_dependent_train:
             return self.skip("does not use batch statistics in training")
         return self.finding(
-            site,
-            f"'{site.name}' mixes the samples of a batch, so per-sample gradients for DP-SGD are undefined.",
-            self.natural_fix(site, context),
+            site, f"'{site.name}' mixes the samples of a batch, so per-sample gradients for DP-SGD are undefined.", self.natural_remedy(site, context)
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..context import Context
 from ..sites import Site
-from .base import Finding, Rule, Severity, Skip
+from .base import Finding, FixSafety, Rule, Severity, Skip
 
 
 class BatchDependentInference(Rule):
@@ -33,14 +33,12 @@ class BatchDependentInference(Rule):
     name = "batch-dependent-inference"
     severity = Severity.ERROR
     summary = "BatchNorm uses batch statistics at inference."
-    fix_safe = False
+    fix_safety = FixSafety.UNSAFE
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if not site.batch_dependent_eval:
             return self.skip("uses running statistics in eval mode")
         why = "keeps no running statistics" if not site.track_running_stats else "is called with training=True"
         return self.finding(
-            site,
-            f"'{site.name}' {why}: in eval mode each sample's output depends on the rest of the batch.",
-            self.natural_fix(site, context),
+            site, f"'{site.name}' {why}: in eval mode each sample's output depends on the rest of the batch.", self.natural_remedy(site, context)
         )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..context import Context
-from ..sites import Site
-from .base import Finding, Rule, Severity, Skip
+from ..sites import Site, SiteKind
+from .base import Finding, FixSafety, Rule, Severity, Skip
 
 
 class FunctionalBatchNorm(Rule):
@@ -34,14 +34,14 @@ class FunctionalBatchNorm(Rule):
     name = "functional-batchnorm"
     severity = Severity.INFO
     summary = "A functional batch_norm call in forward, invisible to module walkers."
-    fix_safe = False
+    fix_safety = FixSafety.UNSAFE
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
-        if site.kind != "functional":
+        if site.kind is not SiteKind.FUNCTIONAL:
             return self.skip("a module, visible to module walkers")
         where = f" in '{site.owner}'" if site.owner else ""
         return self.finding(
             site,
             f"functional batch_norm '{site.name}'{where}: module-based tools (Opacus, convert_sync_batchnorm) do not see it.",
-            self.natural_fix(site, context),
+            self.natural_remedy(site, context),
         )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..context import Context
-from ..sites import Site
-from .base import Finding, Rule, Severity, Skip
+from ..sites import Site, SiteKind
+from .base import Finding, FixSafety, Rule, Severity, Skip, SourceFix
 
 
 class BatchNormSubclass(Rule):
@@ -42,11 +42,11 @@ class BatchNormSubclass(Rule):
     name = "batchnorm-subclass"
     severity = Severity.INFO
     summary = "A BatchNorm subclass adds behaviour that a swap must keep."
-    fix_safe = False
-    source_fix = "never"  # its class, not the line that builds it, is the BatchNorm
+    fix_safety = FixSafety.UNSAFE
+    source_fix = SourceFix.NEVER  # its class, not the line that builds it, is the BatchNorm
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
-        if site.kind != "subclass" or not site.overrides_forward:
+        if site.kind is not SiteKind.SUBCLASS or not site.overrides_forward:
             return self.skip("not a BatchNorm subclass with its own forward")
         if site.normalizes_by_hand:
             return self.finding(
@@ -55,10 +55,10 @@ class BatchNormSubclass(Rule):
                 "normswap cannot take its normalization over; replace the class in your code.",
             )
         extras = f" and its submodules {', '.join(site.submodules)}" if site.submodules else ""
-        fix = self.natural_fix(site, context)
+        remedy = self.natural_remedy(site, context)
         return self.finding(
             site,
             f"'{site.name}' is a {site.flavour}, a BatchNorm subclass with its own forward: a swap keeps its class, forward{extras}, "
-            f"and replaces only its batch normalization ({fix.target}).",
-            fix,
+            f"and replaces only its batch normalization ({remedy.target}).",
+            remedy,
         )

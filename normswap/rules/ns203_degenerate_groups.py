@@ -8,7 +8,7 @@ from ..errors import PlanError
 from ..sites import Site
 from ..targets import DEFAULT_MAX_GROUPS
 from ..targets.groupnorm import choose_num_groups
-from .base import Finding, Rule, Severity, Skip, shape_text
+from .base import Finding, FixSafety, Rule, Severity, Skip, shape_text
 
 
 class DegenerateGroups(Rule):
@@ -40,7 +40,7 @@ class DegenerateGroups(Rule):
     name = "degenerate-groups"
     severity = Severity.WARNING
     summary = "The textbook GroupNorm(32) replacement would normalize single values."
-    fix_safe = False
+    fix_safety = FixSafety.UNSAFE
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if site.num_features is None or site.spatial_size is None:
@@ -52,16 +52,16 @@ class DegenerateGroups(Rule):
         textbook = min(DEFAULT_MAX_GROUPS, channels)
         if channels % textbook or (channels // textbook) * site.spatial_size >= 2:
             return self.skip(f"GroupNorm({textbook}, {channels}) keeps several values per group")
-        fix = self.natural_fix(site, context)
+        remedy = self.natural_remedy(site, context)
         try:
             groups, _ = choose_num_groups(channels, site.spatial_size)
         except PlanError:
             return self.finding(
-                site, f"'{site.name}' input {shape_text(site)} has a single value per sample: any GroupNorm would normalize it to zero.", fix
+                site, f"'{site.name}' input {shape_text(site)} has a single value per sample: any GroupNorm would normalize it to zero.", remedy
             )
         return self.finding(
             site,
             f"GroupNorm({textbook}, {channels}) on '{site.name}' input {shape_text(site)} would normalize single values to zero; "
             f"normswap uses GroupNorm({groups}, {channels}).",
-            fix,
+            remedy,
         )

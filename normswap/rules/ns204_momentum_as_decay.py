@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..context import Context
 from ..sites import Site
-from .base import Finding, Rule, Severity, Skip
+from .base import Finding, FixSafety, Rule, Severity, Skip, SourceFix
 
 THRESHOLD = 0.5
 
@@ -41,8 +41,8 @@ class MomentumAsDecay(Rule):
     name = "momentum-as-decay"
     severity = Severity.WARNING
     summary = "A BatchNorm momentum above 0.5 reads as a TensorFlow decay: torch's momentum is 1 - decay."
-    fix_safe = None
-    source_fix = "never"  # no fix
+    fix_safety = FixSafety.NONE
+    source_fix = SourceFix.NEVER  # no fix
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if not context.trains:

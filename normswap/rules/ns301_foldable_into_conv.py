@@ -6,7 +6,7 @@ from .. import targets
 from ..context import Context
 from ..sites import Site
 from ..targets import PlanOptions, Refusal
-from .base import Finding, Fix, Rule, Severity, Skip
+from .base import Finding, FixSafety, Remedy, Rule, Severity, Skip, SourceFix
 
 
 class FoldableIntoConv(Rule):
@@ -37,8 +37,8 @@ class FoldableIntoConv(Rule):
     name = "foldable-into-conv"
     severity = Severity.INFO
     summary = "Inference only and BatchNorm directly after conv/linear: fold instead of swap."
-    fix_safe = True
-    source_fix = "never"  # fold changes weights, not code
+    fix_safety = FixSafety.SAFE
+    source_fix = SourceFix.NEVER  # fold changes weights, not code
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if not context.inference_only:
@@ -51,5 +51,5 @@ class FoldableIntoConv(Rule):
         return self.finding(
             site,
             f"'{site.name}' follows {producer} and is a fixed affine at inference: fold it, do not swap.",
-            Fix("fold", True, f"fold into '{params['into']}': the same function with no normalization op left"),
+            Remedy("fold", True, f"fold into '{params['into']}': the same function with no normalization op left"),
         )

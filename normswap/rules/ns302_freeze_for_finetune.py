@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..context import Context
 from ..sites import Site
-from .base import Finding, Fix, Rule, Severity, Skip
+from .base import Finding, FixSafety, Remedy, Rule, Severity, Skip
 
 
 class FreezeForFinetune(Rule):
@@ -36,7 +36,7 @@ class FreezeForFinetune(Rule):
     name = "freeze-for-finetune"
     severity = Severity.INFO
     summary = "Small-batch fine-tuning of a pretrained model: freeze, function kept."
-    fix_safe = True
+    fix_safety = FixSafety.SAFE
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if not (context.finetune and context.trains):
@@ -48,5 +48,5 @@ class FreezeForFinetune(Rule):
         return self.finding(
             site,
             f"'{site.name}' has pretrained running statistics: freeze it for small-batch fine-tuning.",
-            Fix("frozen", True, "freeze: BatchNorm's eval function, exactly"),
+            Remedy("frozen", True, "freeze: BatchNorm's eval function, exactly"),
         )

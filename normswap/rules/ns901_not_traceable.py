@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..context import Context
-from .base import Finding, Rule, Severity
+from .base import Finding, Rule, Severity, SourceFix
 
 
 class NotTraceable(Rule):
@@ -36,7 +36,7 @@ class NotTraceable(Rule):
     name = "not-traceable"
     severity = Severity.INFO
     summary = "Symbolic tracing failed; a fallback capture was used."
-    source_fix = "never"  # no fix
+    source_fix = SourceFix.NEVER  # no fix
 
     def check_model(self, capture: Any, context: Context) -> list[Finding]:
         if capture.method == "fx":

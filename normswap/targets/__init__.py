@@ -7,7 +7,7 @@ from ..context import Context
 from ..errors import PlanError
 from ..sites import Site
 from . import fold, frozen, groupnorm, keep, layernorm, syncbn
-from .base import DEFAULT_CHANNELS_PER_GROUP, DEFAULT_MAX_GROUPS, Param, PlanOptions, Refusal, Target
+from .base import DEFAULT_CHANNELS_PER_GROUP, DEFAULT_MAX_GROUPS, Param, ParamKind, PlanOptions, Refusal, Target
 
 REGISTRY: tuple[Target, ...] = (groupnorm.TARGET, layernorm.TARGET, frozen.TARGET, syncbn.TARGET, fold.TARGET, keep.TARGET)
 NAMES: tuple[str, ...] = tuple(target.name for target in REGISTRY)
@@ -50,12 +50,12 @@ def natural_target(site: Site, context: Context | None = None) -> tuple[str, str
         return "frozen", "normalizes the model's raw inputs (data standardization): frozen keeps the learned statistics"
     if context.inference_only and statistics:
         if fold.TARGET.can_fold(site):
-            return "fold", "inference only: with running statistics BatchNorm is a fixed affine; fold keeps it at no cost"
+            return ("fold", "inference only: with running statistics BatchNorm is a fixed affine; fold keeps it at no cost")
         return "frozen", "inference only: with running statistics BatchNorm is a fixed affine; frozen keeps it exactly"
     if context.finetune and statistics and (context.batch_size is None or context.batch_size < context.small_batch_threshold):
         return "frozen", "fine-tuning a pretrained model with small batches: frozen keeps the pretrained statistics"
     if site.call_count > 1 and (rank is None or rank <= 3):
-        return "layernorm", f"applied {site.call_count} times per forward (recurrence): LayerNorm normalizes each step on its own"
+        return ("layernorm", f"applied {site.call_count} times per forward (recurrence): LayerNorm normalizes each step on its own")
     if over_sequence(site, context):
         return "layernorm", "normalizes a (N, C, L) sequence: channel LayerNorm per time step"
     if rank == 2:
@@ -70,6 +70,7 @@ __all__ = [
     "NAMES",
     "REGISTRY",
     "Param",
+    "ParamKind",
     "PlanOptions",
     "Refusal",
     "Target",

@@ -4,6 +4,7 @@ whether it keeps the original function or batch statistics."""
 
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -40,24 +41,34 @@ class PlanOptions:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
+class ParamKind(enum.Enum):
+    """The type of a plan parameter's value in plan.json."""
+
+    INT = "int"
+    FLOAT = "float"
+    OPTIONAL_FLOAT = "float or null"
+    BOOL = "bool"
+    STR = "str"
+
+
 @dataclass(frozen=True)
 class Param:
     """One plan parameter: its type and whether a plan entry must give it."""
 
-    kind: str  # "int", "float", "bool", "str" or "float?" (a float or null)
+    kind: ParamKind
     required: bool = True
     positive: bool = False
     choices: tuple[str, ...] = ()
 
     def problem(self, value: Any) -> str | None:
         """Why `value` is not acceptable, or None."""
-        if self.kind == "bool":
+        if self.kind is ParamKind.BOOL:
             return None if isinstance(value, bool) else "must be true or false"
-        if self.kind == "str":
+        if self.kind is ParamKind.STR:
             if not isinstance(value, str):
                 return "must be a string"
             return None if not self.choices or value in self.choices else f"must be one of {', '.join(self.choices)}"
-        if self.kind == "float?" and value is None:
+        if self.kind is ParamKind.OPTIONAL_FLOAT and value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             return "must be a number"
@@ -65,7 +76,7 @@ class Param:
             number = float(value)
         except OverflowError:
             return "is out of range"
-        if self.kind == "int" and not number.is_integer():
+        if self.kind is ParamKind.INT and not number.is_integer():
             return "must be an integer"
         if not math.isfinite(number):
             return "must be finite"
@@ -76,7 +87,7 @@ class Param:
         return None
 
 
-COMMON_PARAMS: dict[str, Param] = {"eps": Param("float", positive=True), "affine": Param("bool")}
+COMMON_PARAMS: dict[str, Param] = {"eps": Param(ParamKind.FLOAT, positive=True), "affine": Param(ParamKind.BOOL)}
 
 
 @dataclass(frozen=True)

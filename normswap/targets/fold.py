@@ -18,9 +18,9 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..capture.tracer import BatchNormArgs
 from ..errors import PlanError
-from ..sites import Site
+from ..sites import Site, SiteKind
 from ..torchutil import tensor_attribute
-from .base import Param, PlanOptions, Refusal, SourceCall, SourceCode, Target, where
+from .base import Param, ParamKind, PlanOptions, Refusal, SourceCall, SourceCode, Target, where
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -37,7 +37,7 @@ class FoldTarget(Target):
     summary = "fold into the preceding conv / linear weights (inference only; same function, no cost)"
     keeps_function = True
     fallback = "frozen"
-    parameters = {"into": Param("str"), "num_features": Param("int", positive=True), "eps": Param("float", positive=True)}
+    parameters = {"into": Param(ParamKind.STR), "num_features": Param(ParamKind.INT, positive=True), "eps": Param(ParamKind.FLOAT, positive=True)}
 
     def can_fold(self, site: Site) -> bool:
         try:
@@ -47,7 +47,7 @@ class FoldTarget(Target):
         return True
 
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
-        if site.kind == "lookalike":
+        if site.kind is SiteKind.LOOKALIKE:
             raise Refusal(f"{where(site)} is not a torch BatchNorm")
         if not site.track_running_stats or site.batch_dependent_eval:
             raise Refusal(f"{where(site)} has no running statistics to fold")

@@ -20,6 +20,7 @@ from .base import (
     COMMON_PARAMS,
     NORMSWAP_NN,
     Param,
+    ParamKind,
     PlanOptions,
     Refusal,
     SourceCall,
@@ -34,12 +35,7 @@ from .layernorm import register_affine
 
 
 def frozen_batch_norm(
-    x: torch.Tensor,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
+    x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
     """BatchNorm's eval-mode function, whatever the module's mode."""
     return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
@@ -92,7 +88,7 @@ class FrozenTarget(Target):
     summary = "BatchNorm's eval function with fixed statistics, in train mode too (keeps the function)"
     keeps_function = True
     keeps_batchnorm_op = True
-    parameters = {"num_features": Param("int", positive=True), **COMMON_PARAMS}
+    parameters = {"num_features": Param(ParamKind.INT, positive=True), **COMMON_PARAMS}
 
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
         if site.num_features is None or site.input_shape is None:

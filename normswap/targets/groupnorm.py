@@ -24,6 +24,7 @@ from .base import (
     DEFAULT_MAX_GROUPS,
     NORMSWAP_NN,
     Param,
+    ParamKind,
     PlanOptions,
     Refusal,
     SourceCall,
@@ -149,7 +150,7 @@ class GroupNormTarget(Target):
     name = "groupnorm"
     summary = "GroupNorm(G, C): per sample over groups of channels (convolutional feature maps)"
     calibrated = True
-    parameters = {"num_groups": Param("int", positive=True), "num_channels": Param("int", positive=True), **COMMON_PARAMS}
+    parameters = {"num_groups": Param(ParamKind.INT, positive=True), "num_channels": Param(ParamKind.INT, positive=True), **COMMON_PARAMS}
 
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
         if site.num_features is None or site.input_shape is None:

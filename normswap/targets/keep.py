@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..sites import Site
-from .base import Param, PlanOptions, Target
+from .base import Param, ParamKind, PlanOptions, Target
 
 
 class KeepTarget(Target):
@@ -15,7 +15,7 @@ class KeepTarget(Target):
     batch_statistics = True
     keeps_batchnorm_op = True
     # why it is kept, as data for readers of plan.json
-    parameters = {"unused": Param("bool", required=False), "batch_independent": Param("bool", required=False)}
+    parameters = {"unused": Param(ParamKind.BOOL, required=False), "batch_independent": Param(ParamKind.BOOL, required=False)}
 
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
         return {}, ""

@@ -17,7 +17,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..capture.tracer import BatchNormArgs
 from ..sites import Site
 from ..torchutil import Replacement
-from .base import COMMON_PARAMS, NORMSWAP_NN, Param, PlanOptions, Refusal, SourceCall, SourceCode, Target, carry_affine, common_params, where
+from .base import (
+    COMMON_PARAMS,
+    NORMSWAP_NN,
+    Param,
+    ParamKind,
+    PlanOptions,
+    Refusal,
+    SourceCall,
+    SourceCode,
+    Target,
+    carry_affine,
+    common_params,
+    where,
+)
 
 
 def channel_layer_norm(
@@ -97,8 +110,8 @@ class LayerNormTarget(Target):
     summary = "LayerNorm over channels, per sample and position (sequences, recurrence, (N, C) features)"
     calibrated = True
     parameters = {
-        "num_channels": Param("int", positive=True),
-        "layout": Param("str", required=False, choices=("features", "channels_first")),
+        "num_channels": Param(ParamKind.INT, positive=True),
+        "layout": Param(ParamKind.STR, required=False, choices=("features", "channels_first")),
         **COMMON_PARAMS,
     }
 

@@ -13,8 +13,21 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..capture.tracer import BatchNormArgs
-from ..sites import Site
-from .base import COMMON_PARAMS, Param, PlanOptions, Refusal, SourceCall, SourceCode, Target, carry_affine, common_params, copy_tensors, where
+from ..sites import Site, SiteKind
+from .base import (
+    COMMON_PARAMS,
+    Param,
+    ParamKind,
+    PlanOptions,
+    Refusal,
+    SourceCall,
+    SourceCode,
+    Target,
+    carry_affine,
+    common_params,
+    copy_tensors,
+    where,
+)
 
 
 def sync_batch_norm(
@@ -43,16 +56,16 @@ class SyncBatchNormTarget(Target):
     batch_statistics = True
     keeps_batchnorm_op = True
     parameters = {
-        "num_features": Param("int", positive=True),
-        "momentum": Param("float?"),
-        "track_running_stats": Param("bool", required=False),
+        "num_features": Param(ParamKind.INT, positive=True),
+        "momentum": Param(ParamKind.OPTIONAL_FLOAT),
+        "track_running_stats": Param(ParamKind.BOOL, required=False),
         **COMMON_PARAMS,
     }
 
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
         if site.num_features is None or site.input_shape is None:
             raise Refusal(f"{where(site)} was never called with a known input shape; pass example inputs that reach it.")
-        if site.kind not in ("module", "subclass"):
+        if site.kind not in (SiteKind.MODULE, SiteKind.SUBCLASS):
             raise Refusal(f"{where(site)} is a {site.kind} site; SyncBatchNorm replaces only BatchNorm modules, use groupnorm or layernorm.")
         params = {"num_features": site.num_features, "momentum": site.momentum, "track_running_stats": site.track_running_stats}
         return {**params, **common_params(site)}, ""
