@@ -24,6 +24,9 @@ class PlanEntry:
     params: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
     kind: SiteKind = SiteKind.MODULE
+    # tensors of the layer the model's forward reads directly (`self.bn.running_var`): the
+    # replacement keeps them, so the forward still runs and state_dict keys stay
+    read_by_forward: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.target not in targets.NAMES:
@@ -51,7 +54,8 @@ class PlanEntry:
         targets.get(self.target).check(self.name, self.params, site)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind.value, "target": self.target, "params": dict(self.params), "reason": self.reason}
+        found = {"name": self.name, "kind": self.kind.value, "target": self.target, "params": dict(self.params), "reason": self.reason}
+        return found | ({"read_by_forward": list(self.read_by_forward)} if self.read_by_forward else {})
 
 
 @dataclass
@@ -130,8 +134,18 @@ class Plan:
             kind = site.get("kind", "module")
             if kind not in KINDS:
                 raise PlanError(f"Plan entry '{site['name']}' has unknown kind '{kind}'; use one of {', '.join(KINDS)}.")
+            read = site.get("read_by_forward", [])
+            if not isinstance(read, list) or not all(isinstance(a, str) and a.isidentifier() for a in read):
+                raise PlanError(f"{where}: 'read_by_forward' of site '{site['name']}' must be a list of attribute names.")
             entries.append(
-                PlanEntry(name=site["name"], target=site["target"], params=dict(params), reason=str(site.get("reason", "")), kind=SiteKind(kind))
+                PlanEntry(
+                    name=site["name"],
+                    target=site["target"],
+                    params=dict(params),
+                    reason=str(site.get("reason", "")),
+                    kind=SiteKind(kind),
+                    read_by_forward=tuple(read),
+                )
             )
         plan = cls(entries, version)
         plan.check()

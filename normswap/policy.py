@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -49,9 +50,7 @@ def make_plan(
             by_site.setdefault(finding.site.name, []).append(finding)
     entries = []
     for site in sites:
-        if site.call_count == 0:
-            entries.append(keep(site, "never called by forward on the example inputs: it does not affect the output", unused=True))
-        elif not site.batch_dependent:
+        if not site.batch_dependent:
             entries.append(keep(site, "batch-independent: each sample's output does not depend on the batch", batch_independent=True))
         elif site.name in keep_sites:
             entries.append(keep(site, "kept on request (--keep): it still normalizes with batch statistics"))
@@ -62,7 +61,34 @@ def make_plan(
                 if strict:
                     raise PlanError(f"{refusal} To convert the rest, keep this layer: --keep {site.name} (keep_sites=[...] in the API).") from None
                 entries.append(keep(site, f"cannot be replaced: {refusal}"))
+    if to == "auto":
+        entries = _unreached_follow_their_line(sites, entries, options)
     return Plan(entries)
+
+
+def _unreached_follow_their_line(sites: Sequence[Site], entries: list[PlanEntry], options: PlanOptions) -> list[PlanEntry]:
+    """An unreached layer built at the same source line as layers the example reached takes their
+    target: it has no function of its own to keep, and one line then builds one kind of layer
+    (what `lint --fix` writes there)."""
+    by_name = {entry.name: entry for entry in entries}
+    reached_targets: dict[tuple[str, int], str] = {}
+    for site in sites:
+        entry = by_name[site.name]
+        if site.reached and site.defined_at is not None and entry.converts:
+            reached_targets.setdefault((site.defined_at.path, site.defined_at.line), entry.target)
+    result = []
+    for site, entry in zip(sites, entries, strict=True):
+        line = (site.defined_at.path, site.defined_at.line) if site.defined_at is not None else None
+        target = reached_targets.get(line) if line is not None and not site.reached and entry.converts else None
+        if target is not None and target != entry.target:
+            with contextlib.suppress(Refusal):  # where the line's target refuses it, its own target stands
+                entry = entry_for(site, target, f"{_unreached(site)}; built at {site.defined_at} like the reached layers there", options)
+        result.append(entry)
+    return result
+
+
+def _unreached(site: Site) -> str:
+    return f"not reached by the example inputs: replaced from its constructor arguments ({site.flavour}({site.num_features}))"
 
 
 @dataclass(frozen=True)
@@ -111,7 +137,7 @@ def _replacement(site: Site, findings: list[Finding], context: Context, to: str,
         )
     if to == "auto":
         return _auto_entry(site, findings, context, options)
-    return explicit_entry(site, to, f"--to {to}", options)
+    return explicit_entry(site, to, f"--to {to}" if site.reached else f"--to {to}, {_unreached(site)}", options)
 
 
 def keep(site: Site, reason: str, **flags: bool) -> PlanEntry:
@@ -125,7 +151,10 @@ def entry_for(site: Site, target: str, reason: str, options: PlanOptions | None 
         Refusal: the target cannot replace this site (the message says which to use instead).
     """
     params, why = targets.get(target).plan(site, options or PlanOptions())
-    return PlanEntry(site.name, target, params, f"{reason}; {why}" if why else reason, site.kind)
+    reason = f"{reason}; {why}" if why else reason
+    if site.read_attributes:
+        reason += f"; forward reads its {', '.join(site.read_attributes)}, which the replacement keeps"
+    return PlanEntry(site.name, target, params, reason, site.kind, site.read_attributes)
 
 
 def explicit_entry(site: Site, target: str, reason: str, options: PlanOptions) -> PlanEntry:
@@ -149,6 +178,8 @@ def _auto_entry(site: Site, findings: list[Finding], context: Context, options: 
     deciding = most_severe(findings)
     if deciding is not None:
         why = f"{deciding.code} {deciding.name}: {why}"
+    if not site.reached:
+        why = f"{_unreached(site)}; {why}"
     candidates = [(target, why), ("layernorm", "fallback: LayerNorm over channels"), ("frozen", "fallback: frozen statistics")]
     problems = []
     for candidate, reason in candidates:

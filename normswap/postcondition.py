@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from .capture.tracer import BATCH_NORM_FUNCTIONS, BatchNormArgs, is_batchnorm_li
 from .errors import PlanError
 from .plan import Plan
 from .sites import Site, SiteKind, probe
+from .targets.takeover import TakenOver
 from .torchutil import is_replacement, preserved
 
 log = logging.getLogger(__name__)
@@ -90,23 +92,25 @@ def batch_statistics_users(model: nn.Module, inputs: tuple, train: bool, owners:
     return watch.owners
 
 
-def check_no_batch_statistics(model: nn.Module, plan: Plan, sites: Sequence[Site], inputs: tuple) -> list[str]:
-    """Raise PlanError when a site the plan made batch-independent still uses batch statistics.
+def check_no_batch_statistics(model: nn.Module, plan: Plan, sites: Sequence[Site], inputs: tuple, original: nn.Module) -> list[str]:
+    """Raise PlanError when a site the plan made batch-independent still uses batch statistics,
+    or when the converted model cannot run where `original` runs.
 
     Returns notes on what could not be checked (a forward that fails with its normalization in
-    train mode is checked per layer only).
+    train mode, as the original's does too, is checked per layer only).
     """
     independent = {e.name: e for e in plan if e.converts and not targets.get(e.target).batch_statistics}
-    if not independent:
-        return []
     notes: list[str] = []
     owners = sorted({s.owner for s in sites if s.kind is SiteKind.FUNCTIONAL and s.owner})
     for train in (True, False):
         try:
             users = batch_statistics_users(model, inputs, train, owners)
-        except Exception as exc:  # the user's forward failed in this mode: recorded, checked per layer
+        except Exception as exc:  # the converted forward failed in this mode: refused when the original's runs
             log.debug("post-condition run failed", exc_info=True)
-            notes.append(f"whole-model {'train' if train else 'eval'}-mode check skipped: {type(exc).__name__}: {str(exc).strip()[:160]}")
+            mode = "train" if train else "eval"
+            if _runs(original, inputs, train, owners):
+                raise PlanError(_broken_by_the_rewrite(exc, mode, plan)) from exc
+            notes.append(f"whole-model {mode}-mode check skipped: {type(exc).__name__}: {str(exc).strip()[:160]}")
             continue
         for user in users:
             site = next((n for n in independent if user == n or user.startswith(f"{n}.")), None)
@@ -117,12 +121,36 @@ def check_no_batch_statistics(model: nn.Module, plan: Plan, sites: Sequence[Site
         if entry.kind is SiteKind.FUNCTIONAL:
             continue
         module = model.get_submodule(name)
-        if isinstance(module, _BatchNorm):  # a subclass whose normalization was taken over
+        if isinstance(module, TakenOver):  # a subclass whose normalization was taken over
             behaviour = probe(module, shapes.get(name))
             if behaviour.batch_dependent_train or behaviour.batch_dependent_eval:
                 mode = "train" if behaviour.batch_dependent_train else "eval"
                 _refuse(name, entry.target, mode, "computes batch statistics without a batch_norm call normswap can take over")
     return notes
+
+
+def _runs(model: nn.Module, inputs: tuple, train: bool, owners: Sequence[str]) -> bool:
+    """Whether `model` runs on `inputs` in the mode of the post-condition's run."""
+    try:
+        batch_statistics_users(model, inputs, train, owners)
+    except Exception:  # noqa: BLE001 - the user's model: whether it runs is the answer
+        return False
+    return True
+
+
+def _broken_by_the_rewrite(exc: BaseException, mode: str, plan: Plan) -> str:
+    """One sentence: the converted model fails where the original runs, naming the layer and the
+    attribute when forward read one the replacement does not have."""
+    cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+    missing = re.search(r"'(\w+)' object has no attribute '(\w+)'", str(exc))
+    if isinstance(exc, AttributeError) and missing:
+        layers = [e.name for e in plan.converted]
+        return (
+            f"The converted model fails in {mode} mode where the original runs ({cause}): its forward reads '{missing.group(2)}' of a "
+            f"replaced layer ({', '.join(layers[:4])}{', ...' if len(layers) > 4 else ''}), which the {missing.group(1)} replacing it does "
+            f"not have; keep that layer (--keep LAYER) or stop reading the attribute in forward."
+        )
+    return f"The converted model fails in {mode} mode where the original runs ({cause}); keep the layer the error names (--keep LAYER)."
 
 
 def _refuse(site: str, target: str, mode: str, how: str) -> None:

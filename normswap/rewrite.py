@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from .analysis import Analysis, analyze
 from .capture.tracer import trace
 from .context import Context
 from .errors import CaptureError, PlanError
-from .passes import Pass, PassManager, RewriteFunctionalBatchNorm, SwapBatchNormModules
+from .passes import OutOfPlaceForHooks, Pass, PassManager, RewriteFunctionalBatchNorm, SwapBatchNormModules
 from .plan import Plan
 from .policy import PlanRequest, resolve_plan
 from .postcondition import check_no_batch_statistics
@@ -66,10 +66,28 @@ def _rewrite(model: nn.Module, inputs: tuple, context: Context, request: PlanReq
             for node in graph_module.graph.nodes:
                 node.meta.pop("val", None)  # shapes from capture: already in the sites
             target = graph_module
-        result = PassManager(default_passes(plan))(target)
+        passes = default_passes(plan)
+        out_of_place = OutOfPlaceForHooks(inputs) if context.differential_privacy else None
+        result = PassManager([*passes, out_of_place] if out_of_place is not None else passes)(target)
     with timings.measure("postcondition"):
-        notes = check_no_batch_statistics(result.model, plan, analysis.sites, inputs)
+        notes = check_no_batch_statistics(result.model, plan, analysis.sites, inputs, model)
+    if out_of_place is not None:
+        notes += _out_of_place_notes(result.changes, out_of_place.left)
     return Rewritten(result.model, plan, analysis.sites, analysis.findings, analysis, result.changes, timings.seconds, notes)
+
+
+def _out_of_place_notes(changes: list[str], left: list[str]) -> list[str]:
+    """What the differential-privacy context changed for Opacus' hooks, and what it could not."""
+    made = [change for change in changes if "inplace=False" in change or "out of place" in change]
+    notes = [
+        f"made out-of-place for Opacus' backward hooks (an in-place operation on a hooked layer's output fails its first DP-SGD step): {c}"
+        for c in made
+    ]
+    notes += [
+        f"left in place, so Opacus' hooks mode will fail on it (use grad_sample_mode='ew', or make it out-of-place in your code): {item}"
+        for item in left
+    ]
+    return notes
 
 
 def default_passes(plan: Plan) -> list[Pass]:
@@ -131,6 +149,12 @@ def materialize_lazy(model: nn.Module, inputs: tuple) -> None:
     finally:
         for module, flag in flags.items():
             module.training = flag
+    left = [name for name, m in model.named_modules() if isinstance(m, LazyModuleMixin) and _has_uninitialized(cast(nn.Module, m))]
+    if left:
+        raise PlanError(
+            f"Lazy layer '{left[0]}' ({type(model.get_submodule(left[0])).__name__}) was not reached by the example inputs, so it has "
+            "no shape yet and the model cannot be copied; give example inputs that reach it."
+        )
 
 
 def _require_graph_for_functional(plan: Plan, analysis: Analysis) -> None:

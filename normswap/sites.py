@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 from .capture import BatchNormCall, Capture
 from .capture.tracer import BATCH_NORM_FUNCTIONS
 from .source import SourceLocation, built_from, construction_site
-from .torchutil import is_replacement
+from .torchutil import is_replacement, is_torch_class, module_class
 
 
 class SiteKind(enum.StrEnum):
@@ -60,8 +60,12 @@ class Site:
     feeds_from_input: bool = False
     producer_module: str | None = None  # the module whose output this site normalizes (FX graph only)
     producer_exclusive: bool = False  # that output feeds nothing else and the module runs once
+    # why the producer's weights cannot absorb a fold ("" when they can): recomputed, shared...
+    producer_weights_problem: str = ""
     # batch-dependent without any batch_norm call normswap could take over (statistics by hand)
     normalizes_by_hand: bool = False
+    # tensors of the layer the model's forward reads directly (`self.bn.running_var`; FX graph only)
+    read_attributes: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -74,6 +78,19 @@ class Site:
     @property
     def batch_dependent(self) -> bool:
         return self.batch_dependent_train or self.batch_dependent_eval
+
+    @property
+    def reached(self) -> bool:
+        """Whether the example inputs reached it (an unreached layer's shapes are not known)."""
+        return self.call_count > 0
+
+    @property
+    def values_per_channel(self) -> int:
+        """Values per channel in one sample: measured, else the fewest its class admits (a
+        BatchNorm1d may normalize (N, C) features: one value; a 2d / 3d map has several)."""
+        if self.spatial_size is not None:
+            return self.spatial_size
+        return 2 if self.flavour.endswith(("2d", "3d")) else 1
 
     @property
     def spatial_size(self) -> int | None:
@@ -126,29 +143,65 @@ def discover(model: nn.Module, captured: Capture) -> list[Site]:
             sites.append(_functional_site(name, calls))
         else:
             sites.append(_module_site(model, modules[first.module], name, calls))
-    sites.extend(_unused_sites(model, modules, set(grouped)))
+    sites.extend(_unreached_sites(model, modules, set(grouped)))
+    parameter_names = _parameter_names(model)
+    for site in sites:
+        site.read_attributes = captured.attribute_reads.get(site.name, ())
+        if site.producer_module is not None and site.producer_module in modules:
+            site.producer_weights_problem = weights_problem(modules[site.producer_module], site.producer_module, parameter_names)
     return sites
 
 
-def _unused_sites(model: nn.Module, modules: dict[str, nn.Module], called: set[str]) -> list[Site]:
-    """BatchNorm modules forward never reached on the example inputs (e.g. an auxiliary head)."""
-    unused = []
+def _parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name under which each parameter object is reachable (a tied weight has several)."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return names
+
+
+def weights_problem(producer: nn.Module, name: str, parameter_names: dict[int, list[str]]) -> str:
+    """Why folding a BatchNorm into `producer` would not keep the model's function ("" when it
+    would): its weight must be a plain leaf Parameter of its own, used by nothing else."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(producer):
+        return "whose weight is computed by a parametrization (weight_norm / spectral_norm), which would overwrite the folded weight"
+    for attribute in ("weight", "bias"):
+        value = getattr(producer, attribute, None)
+        if value is None:
+            continue
+        if not isinstance(producer._parameters.get(attribute), nn.Parameter):
+            return f"whose {attribute} is recomputed before every call (a legacy weight_norm or spectral_norm hook), which would overwrite the folded {attribute}"
+        others = [n for n in parameter_names.get(id(value), []) if n != f"{name}.{attribute}"]
+        if others:
+            return f"whose {attribute} is shared with {', '.join(others[:3])} (tied weights): folding would rescale those too"
+    return ""
+
+
+def _unreached_sites(model: nn.Module, modules: dict[str, nn.Module], called: set[str]) -> list[Site]:
+    """BatchNorm modules forward did not reach on the example inputs: a branch other inputs take,
+    one of several per-domain layers a forward argument selects, an auxiliary head. Other inputs
+    may reach them, so they are judged as the BatchNorm they are (batch statistics in training;
+    in eval mode too without running statistics), from their constructor arguments."""
+    unreached = []
     for name, module in modules.items():
         if not isinstance(module, _BatchNorm) or is_replacement(module) or name in called:
             continue
         if any(name.startswith(f"{other}.") for other in called):
             continue  # part of a called BatchNorm-like module
-        unused.append(
+        fields = _module_fields(model, module, name, None)
+        unreached.append(
             Site(
-                **_module_fields(model, module, name, None),
+                **fields,
                 input_shape=None,
                 call_count=0,
-                batch_dependent_train=False,
-                batch_dependent_eval=False,
-                notes=["never called by forward on the example inputs"],
+                batch_dependent_train=True,
+                batch_dependent_eval=not fields["track_running_stats"],
+                notes=["not reached by the example inputs"],
             )
         )
-    return unused
+    return unreached
 
 
 def _common(calls: list[BatchNormCall]) -> dict[str, Any]:
@@ -168,11 +221,11 @@ def _common(calls: list[BatchNormCall]) -> dict[str, Any]:
 def _module_fields(model: nn.Module, module: nn.Module, name: str, input_shape: tuple[int, ...] | None) -> dict[str, Any]:
     """The Site fields read off a BatchNorm(-like) module itself."""
     is_bn = isinstance(module, _BatchNorm)
-    is_torch_class = type(module).__module__.startswith("torch.nn")
+    torch_class = is_torch_class(module)
     return {
         "name": name,
-        "kind": SiteKind.MODULE if is_torch_class else (SiteKind.SUBCLASS if is_bn else SiteKind.LOOKALIKE),
-        "flavour": type(module).__name__,
+        "kind": SiteKind.MODULE if torch_class else (SiteKind.SUBCLASS if is_bn else SiteKind.LOOKALIKE),
+        "flavour": module_class(module).__name__,
         "num_features": _num_features(module, input_shape),
         "affine": getattr(module, "weight", None) is not None,
         "track_running_stats": isinstance(getattr(module, "running_mean", None), torch.Tensor),
@@ -181,8 +234,10 @@ def _module_fields(model: nn.Module, module: nn.Module, name: str, input_shape: 
         "owner": name,
         "defined_at": construction_site(model, name),
         "built_from": built_from(module),
-        "overrides_forward": is_bn and not is_torch_class and type(module).forward is not _BatchNorm.forward,
-        "submodules": tuple(f"{child} ({type(m).__name__})" for child, m in module.named_children()) if not is_torch_class else (),
+        "overrides_forward": is_bn and not torch_class and getattr(module_class(module), "forward", None) is not _BatchNorm.forward,
+        "submodules": tuple(f"{child} ({type(m).__name__})" for child, m in module.named_children() if child != "parametrizations")
+        if not torch_class
+        else (),
     }
 
 

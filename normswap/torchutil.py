@@ -43,6 +43,19 @@ class Replacement:
     """Marks a module normswap built in place of a BatchNorm (never reported as BatchNorm again)."""
 
 
+def module_class(module: nn.Module) -> type:
+    """The module's own class, seen through the class `torch.nn.utils.parametrize` injects over it."""
+    from torch.nn.utils import parametrize
+
+    cls = type(module)
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+
+
+def is_torch_class(module: nn.Module) -> bool:
+    """A class of torch.nn itself (not a user's subclass of one)."""
+    return module_class(module).__module__.startswith("torch.nn")
+
+
 def is_replacement(module: nn.Module) -> bool:
     return isinstance(module, Replacement)
 
@@ -83,9 +96,17 @@ def has_number_outputs(output: Any) -> bool:
 
 
 def require_module(model: Any, function: str) -> nn.Module:
-    """`model` itself, or TypeError when an API function is called with something else."""
+    """`model` itself; TypeError when an API function is called with something else, and
+    CaptureError for a TorchScript module (normswap reads and rewrites eager Python modules)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{function}() needs a torch.nn.Module, got {type(model).__name__}.")
+    if isinstance(model, torch.jit.ScriptModule):
+        from .errors import CaptureError
+
+        raise CaptureError(
+            f"{type(model).__name__} is a TorchScript module (torch.jit.script / trace), which normswap cannot rewrite; "
+            "convert the eager model, then script the converted one."
+        )
     return model
 
 

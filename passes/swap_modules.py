@@ -1,5 +1,6 @@
 """Replace planned BatchNorm modules in the module tree (names unchanged): torch's own classes by
-the target's module, subclasses by taking over their normalization (see rebase.py)."""
+the target's module, subclasses by a module of the target's class that keeps their forward (see
+normswap/targets/takeover.py); each with everything attached to it carried over (replace.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from normswap import targets
 from normswap.errors import PlanError
 from normswap.plan import Plan
 from normswap.sites import SiteKind
-from normswap.torchutil import is_replacement, parent_and_attribute
+from normswap.targets.takeover import is_subclass_instance, take_over
 
 from .base import Pass, PassResult
-from .rebase import is_subclass_instance, take_over
+from .replace import module_names, replace_module
 
 
 class SwapBatchNormModules(Pass):
@@ -47,37 +48,26 @@ class SwapBatchNormModules(Pass):
 
     def call(self, model: nn.Module) -> PassResult:
         changes = []
-        aliases = _aliases(model)
+        aliases = module_names(model)
         for entry in self.entries:
             with self.working_on(entry.name):
                 original = cast(_BatchNorm, model.get_submodule(entry.name))  # requires() checked it
-                before = type(original).__name__
                 target = targets.get(entry.target)
                 target.absorb(model, entry.name, original, entry.params)
                 if is_subclass_instance(original):
-                    take_over(original, entry)
+                    replacement = take_over(original, target, entry.params, entry.name)
                 else:
                     replacement = target.module(original, entry.params)
-                    for name in aliases[id(original)]:  # one module stored under several names stays one module
-                        parent, attribute = parent_and_attribute(model, name)
-                        setattr(parent, attribute, replacement)
-                changes.append(f"{entry.name}: {before} -> {entry.target}")
+                replace_module(model, aliases[id(original)], original, replacement, entry.read_by_forward, target.absorbs_affine)
+                changes.append(f"{entry.name}: {type(original).__name__} -> {entry.target}")
         return PassResult(model, bool(changes), changes)
 
     def ensures(self, model: nn.Module) -> None:
-        aliases = _aliases(model)
+        aliases = module_names(model)
         for entry in self.entries:
             module = model.get_submodule(entry.name)
-            if isinstance(module, _BatchNorm) and not is_replacement(module) and not targets.get(entry.target).batch_statistics:
+            if isinstance(module, _BatchNorm) and not targets.get(entry.target).batch_statistics:
                 raise PlanError(f"Layer '{entry.name}' is still a {type(module).__name__} after the swap.")
             for name in aliases[id(module)]:
                 if model.get_submodule(name) is not module:
                     raise PlanError(f"Layer '{entry.name}' is also stored as '{name}', which the swap did not replace.")
-
-
-def _aliases(model: nn.Module) -> dict[int, list[str]]:
-    """Every name under which each module object is reachable (a module may be stored twice)."""
-    names: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
-    return names

@@ -242,6 +242,7 @@ def input_for(name: str, batch: int = 4) -> torch.Tensor:
         "no_bn": (3, 8, 8),
         "lookalike": (3, 8, 8),
         # real-world patterns (REAL_PATTERNS below); the first input only, see inputs_for()
+        "torchvision_resnet": (3, 8, 8),
         "timm_norm_act": (3, 8, 8),
         "timm_norm_act_no_stats": (3, 8, 8),
         "naive_sync_bn": (3, 8, 8),
@@ -1132,7 +1133,64 @@ class TFPortedNet(nn.Module):
 
 # --- registry and helpers -------------------------------------------------------------------------------
 
+# --- torchvision/models/resnet.py: BasicBlock ------------------------------------------------------------
+
+
+class TorchvisionBasicBlock(nn.Module):
+    """torchvision `BasicBlock`: `self.relu = nn.ReLU(inplace=True)` after each norm and `out += identity`
+    (both in place on a norm's output: what fails under Opacus' backward hooks)."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+
+        out = self.conv2(out)
+        out = self.bn2(out)
+
+        if self.downsample is not None:
+            identity = self.downsample(x)
+
+        out += identity
+        out = self.relu(out)
+
+        return out
+
+
+class TorchvisionResNet(nn.Module):
+    """A two-block torchvision ResNet (stem, a block, a downsampling block, head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        downsample = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
+        self.layer1 = nn.Sequential(TorchvisionBasicBlock(16, 16), TorchvisionBasicBlock(16, 32, 2, downsample))
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer1(x)
+        return self.fc(torch.flatten(x.mean(dim=(2, 3)), 1))
+
+
 REAL_PATTERNS = {
+    "torchvision_resnet": TorchvisionResNet,
     "timm_norm_act": TimmNormActNet,
     "timm_norm_act_no_stats": TimmNormActNoStatsNet,
     "naive_sync_bn": NaiveSyncBNNet,

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from normswap.cli import main
+from normswap.rules import CATALOGUE
 
 MODEL_FILE = textwrap.dedent(
     """
@@ -141,7 +142,7 @@ def test_debug_shows_the_traceback(project: Path) -> None:
 
 def test_rules_and_explain() -> None:
     listing = run("rules")
-    assert listing.exit_code == 0 and len(listing.output.strip().splitlines()) == 14
+    assert listing.exit_code == 0 and len(listing.output.strip().splitlines()) == len(CATALOGUE) == 15
     assert listing.output.splitlines()[0].startswith("NS101  batchnorm-in-recurrence")
     explained = run("explain", "NS103")
     assert "34.7%" in explained.output and "## Fix safety" in explained.output

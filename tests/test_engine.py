@@ -141,9 +141,10 @@ def test_subclass_keeps_its_activation() -> None:
     model = build("subclass")
     conv = normswap.convert(model, input_for("subclass"), to="groupnorm")
     bn = conv.model.bn
-    assert type(bn).__name__ == "BatchNormAct2d"
+    assert type(bn).__name__ == "GroupNormAct2d" and isinstance(bn, torch.nn.GroupNorm)
+    assert not isinstance(bn, torch.nn.modules.batchnorm._BatchNorm)
     x = torch.randn(2, 8, 5, 5)
-    reference = torch.relu(torch.nn.functional.group_norm(x, bn.normswap_params["num_groups"], bn.weight, bn.bias, bn.eps))
+    reference = torch.relu(torch.nn.functional.group_norm(x, bn.num_groups, bn.weight, bn.bias, bn.eps))
     torch.testing.assert_close(bn(x), reference)
     assert (bn(x) >= 0).all()  # the ReLU survived the swap
 
@@ -239,12 +240,13 @@ class WithAuxHead(nn.Module):
 
 
 @pytest.mark.slow
-def test_unused_batchnorm_is_kept_and_said_so(tmp_path) -> None:
+def test_an_unreached_batchnorm_is_converted_and_said_so(tmp_path) -> None:
     x = torch.randn(4, 3, 8, 8)
     conv = normswap.convert(WithAuxHead().eval(), x, to="groupnorm")
     entry = conv.plan.get("aux.1")
-    assert entry.target == "keep" and "never called" in entry.reason
-    assert not any(f.site is not None and f.site.name == "aux.1" for f in conv.findings)
+    assert entry.target == "groupnorm" and "not reached by the example inputs" in entry.reason
+    assert isinstance(conv.model.aux[1], nn.GroupNorm)
+    assert [f.code for f in conv.findings if f.site is not None and f.site.name == "aux.1"] == ["NS205"]
     assert residual_batchnorm(conv.model, conv.plan) == []
     path = normswap.export_onnx(conv.model, x, tmp_path / "aux.onnx")
     assert normswap.validate_onnx(conv.model, path, x, plan=conv.plan).passed

@@ -62,12 +62,15 @@ def test_every_real_pattern_converts_or_is_refused(name: str, target: str) -> No
         site, _, field = key.rpartition(".")
         assert site in converted and (field in STATISTICS or plan.get(site).target == "fold"), key
 
-    # the subclass keeps its class identity, its forward's submodules and its parameters
+    # no converted site is a BatchNorm any more (syncbn keeps BatchNorm's semantics on purpose); a
+    # subclass keeps its forward's submodules and is an instance of the target's torch class
     for entry in plan.converted:
-        before_module = original.get_submodule(entry.name)
-        if isinstance(before_module, TimmBatchNormAct2d) and entry.target != "fold":
-            after_module = model.get_submodule(entry.name)
-            assert isinstance(after_module, TimmBatchNormAct2d) and isinstance(after_module, nn.BatchNorm2d)
+        before_module, after_module = original.get_submodule(entry.name), model.get_submodule(entry.name)
+        assert isinstance(after_module, _BatchNorm) == (entry.target == "syncbn"), entry.name
+        if entry.target == "groupnorm":
+            assert isinstance(after_module, nn.GroupNorm)
+        if isinstance(before_module, TimmBatchNormAct2d):
+            assert not isinstance(after_module, TimmBatchNormAct2d)
             assert type(after_module.act) is type(before_module.act) and type(after_module.drop) is type(before_module.drop)
 
     inputs = inputs_for(name)
@@ -111,10 +114,10 @@ def _norms_train(model: nn.Module) -> _NormsTrain:
     return _NormsTrain(model)
 
 
-def test_timm_subclass_is_taken_over_not_replaced() -> None:
+def test_timm_subclass_becomes_a_group_norm_with_its_activation() -> None:
     original, conv = _convert("timm_norm_act", "groupnorm")
     bn = conv.model.get_submodule("stem.1")
-    assert isinstance(bn, TimmBatchNormAct2d) and isinstance(bn, _BatchNorm)
+    assert isinstance(bn, nn.GroupNorm) and not isinstance(bn, _BatchNorm) and type(bn).__name__ == "TimmGroupNormAct2d"
     x = torch.randn(2, 8, 5, 5)
     groups = conv.plan.get("stem.1").params["num_groups"]
     # oracle built without normswap: the activation after nn.GroupNorm with the copied affine

@@ -124,6 +124,15 @@ SLOW_EXPORT = textwrap.dedent(
 )
 
 
+def _default_signal_dispositions() -> None:
+    """In the child, before it execs: the default disposition of the signals under test. A
+    non-interactive shell starts a background job with SIGINT ignored, and children inherit an
+    ignored signal (Python then installs no KeyboardInterrupt handler), so a test run in the
+    background would otherwise see no SIGINT at all."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_a_signal_mid_run_leaves_no_staging_and_no_output(tmp_path: Path, signum: int) -> None:
@@ -138,7 +147,9 @@ def test_a_signal_mid_run_leaves_no_staging_and_no_output(tmp_path: Path, signum
         sys.path.remove(str(tmp_path))
         sys.modules.pop("slow", None)
     command = [sys.executable, "-m", "normswap", "convert", "ckpt.pt", "--model", "slow.py:Net", "--input-shape", "2,3,8,8", "--out", "out"]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_signal_dispositions
+    )
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".out.normswap-*")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.1)
@@ -226,7 +237,7 @@ def test_signals_arriving_during_heavy_imports_are_held_until_after() -> None:
             print("interrupted after", flush=True)
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, preexec_fn=_default_signal_dispositions)
     assert result.stdout.splitlines() == ["imported", "interrupted after"], result.stderr
 
 

@@ -89,7 +89,11 @@ CASES = [
     ("NS204", {"momentum": 0.5}, Context(), False),  # the threshold itself does not fire
     ("NS204", {"momentum": 0.99}, Context(inference_only=True), False),  # statistics are not updated
     ("NS204", {"momentum": None}, Context(), False),  # cumulative average
+    ("NS205", {"call_count": 0, "input_shape": None}, Context(), True),
+    ("NS205", {}, Context(), False),
+    ("NS205", {"call_count": 0, "input_shape": None, "flavour": "BatchNorm1d"}, Context(inference_only=True), True),  # frozen, still said
     ("NS301", {}, Context(inference_only=True), True),
+    ("NS301", {"producer_weights_problem": "whose weight is shared with head.weight (tied weights)"}, Context(inference_only=True), False),
     ("NS301", {}, Context(), False),
     ("NS301", {"producers": ("add",), "producer_module": None}, Context(inference_only=True), False),
     ("NS301", {"producer_exclusive": False}, Context(inference_only=True), False),  # the conv output is also used elsewhere
@@ -117,7 +121,7 @@ def test_not_traceable_fires_only_for_fallback_captures() -> None:
 
 def test_catalogue_is_complete_and_documented() -> None:
     codes = [r.code for r in CATALOGUE]
-    assert codes == sorted(codes) and len(set(codes)) == len(codes) == 14
+    assert codes == sorted(codes) and len(set(codes)) == len(codes) == 15
     for rule in CATALOGUE:
         doc = rule.documentation()
         for heading in ("## What it does", "## Why is this bad?", "## Example", "## Fix safety", "## References"):

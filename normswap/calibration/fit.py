@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,11 +24,10 @@ from torch.overrides import TorchFunctionMode
 from .. import targets
 from ..capture.tracer import BATCH_NORM_FUNCTIONS, BatchNormArgs, trace
 from ..errors import CalibrationError
-from ..passes.rebase import TakenOver
 from ..passes.rewrite_functional import SITE_META
 from ..plan import Plan, PlanEntry
 from ..sites import SiteKind
-from ..targets.layernorm import ChannelLayerNorm
+from ..targets.takeover import TakenOver
 from ..torchutil import preserved, require_module, require_type, tensor_attribute
 from .data import check_batches, check_model_accepts
 from .device import placed, resolve_device, to_device
@@ -242,19 +241,10 @@ def _entries_from_modules(converted: nn.Module, original: nn.Module) -> list[Pla
     originals = dict(original.named_modules())
     entries = []
     for name, module in converted.named_modules():
-        if not isinstance(originals.get(name), _BatchNorm):
-            continue
-        params: Mapping[str, Any]
-        if isinstance(module, TakenOver):
-            target, params = module.normswap_target, module.normswap_params
-        elif isinstance(module, nn.GroupNorm):
-            target, params = ("groupnorm", {"num_groups": module.num_groups, "num_channels": module.num_channels, "eps": module.eps})
-        elif isinstance(module, (ChannelLayerNorm, nn.LayerNorm)):
-            channels = module.num_channels if isinstance(module, ChannelLayerNorm) else module.normalized_shape[0]
-            target, params = "layernorm", {"num_channels": channels, "eps": module.eps}
-        else:
-            continue
-        entries.append(PlanEntry(name, target, dict(params)))
+        found = targets.recognize(module) if isinstance(originals.get(name), _BatchNorm) else None
+        if found is not None:
+            target, params = found
+            entries.append(PlanEntry(name, target.name, params))
     return entries
 
 

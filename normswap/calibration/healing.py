@@ -20,19 +20,16 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import targets
 from ..errors import CalibrationError, ConfigError
-from ..passes.rebase import TakenOver
-from ..targets.layernorm import ChannelLayerNorm
 from ..torchutil import flat_outputs, preserved, require_module, require_type
 from .data import check_batches, check_model_accepts
 from .device import device_of, placed, resolve_device, to_device
 from .options import HealOptions
 
 log = logging.getLogger(__name__)
-
-_NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, ChannelLayerNorm)
 
 
 @dataclass
@@ -62,18 +59,23 @@ def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) 
     return total
 
 
-def _is_new_norm(module: nn.Module) -> bool:
-    """A normalization the conversion introduced, with parameters healing may train."""
-    if isinstance(module, TakenOver):
-        return targets.get(module.normswap_target).calibrated
-    return isinstance(module, _NORM_TYPES)
+def norm_parameters(converted: nn.Module, original: nn.Module) -> list[nn.Parameter]:
+    """The affine parameters of the calibrated normalizations the conversion introduced: modules
+    a target recognizes as its own where the original model has a BatchNorm."""
+    originals = dict(original.named_modules())
+    chosen = []
+    for name, module in converted.named_modules():
+        found = targets.recognize(module) if isinstance(originals.get(name), _BatchNorm) else None
+        if found is not None and found[0].calibrated:
+            chosen += found[0].affine_parameters(module)
+    return list(dict.fromkeys(chosen))
 
 
-def trainable_parameters(model: nn.Module, params: str) -> list[nn.Parameter]:
+def trainable_parameters(model: nn.Module, params: str, original: nn.Module) -> list[nn.Parameter]:
     if params == "all":
         chosen = [p for p in model.parameters() if p.is_floating_point()]
     else:
-        chosen = [p for m in model.modules() if _is_new_norm(m) for p in m.parameters(recurse=False)]
+        chosen = norm_parameters(model, original)
     if not chosen:
         raise CalibrationError("The converted model has no normalization parameters to heal; use params='all'.")
     return chosen
@@ -127,7 +129,7 @@ def _heal(
     converted: nn.Module, original: nn.Module, train: list[tuple], heldout: list[tuple], options: HealOptions, steps: int, progress: bool | None
 ) -> HealResult:
     world = world_size()
-    with _only_trainable(converted, trainable_parameters(converted, options.params)) as chosen:
+    with _only_trainable(converted, trainable_parameters(converted, options.params, original)) as chosen:
         model = converted
         if world > 1:  # after choosing parameters: DDP registers the ones that require grad
             model = _distributed(converted)

@@ -46,6 +46,8 @@ class Capture:
     graph_module: fx.GraphModule | None = None
     fallback_reasons: list[str] = field(default_factory=list)
     input_shapes: tuple[tuple[int, ...], ...] = ()
+    # BatchNorm module -> its tensors forward reads directly, outside the module's own call
+    attribute_reads: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def shape_of(value: Any) -> tuple[int, ...] | None:

@@ -61,7 +61,18 @@ def capture_fx(model: nn.Module, inputs: tuple) -> Capture:
             calls.append(_fx_call(node, modules, module_calls, module=None))
     if any(call.module is None for call in calls):
         _record_eval_training_flags(model, calls)
-    return Capture("fx", calls, graph_module)
+    return Capture("fx", calls, graph_module, attribute_reads=_attribute_reads(graph_module, modules))
+
+
+def _attribute_reads(graph_module: fx.GraphModule, modules: dict[str, nn.Module]) -> dict[str, tuple[str, ...]]:
+    """The tensors of BatchNorm modules that forward reads directly (`get_attr bn.running_var`),
+    which a replacement must keep for forward to run."""
+    reads: dict[str, list[str]] = {}
+    for node in graph_module.graph.nodes:
+        owner, _, attribute = str(node.target).rpartition(".")
+        if node.op == "get_attr" and owner in modules and is_batchnorm_like(modules[owner]):
+            reads.setdefault(owner, []).append(attribute)
+    return {owner: tuple(dict.fromkeys(attributes)) for owner, attributes in reads.items()}
 
 
 def _fx_call(node: fx.Node, modules: dict[str, nn.Module], module_calls: dict[str, int], module: str | None) -> BatchNormCall:

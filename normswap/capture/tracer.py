@@ -60,6 +60,11 @@ class BatchNormTracer(fx.Tracer):
     line of each BatchNorm call in node.meta["normswap_call_site"] (only those: torch's
     `record_stack_traces` formats a whole stack for every node, which dominated lint time)."""
 
+    # Buffers read in forward become graph values (`get_attr`), not constants folded at trace
+    # time: a forward that reads `self.bn.running_var` shows it, and the graph stays true to the
+    # weights loaded later.
+    proxy_buffer_attributes = True
+
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if (kind == "call_function" and target in BATCH_NORM_FUNCTIONS) or (

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import targets
 from ..errors import ExportError
 from ..files import atomic_path
-from ..targets.groupnorm import GROUP_NORM_EXPORT_FORM
 from ..torchutil import as_input_tuple, batch_of, flat_outputs, has_number_outputs, preserved, quiet_torch, require_module, resolve_batch_inputs
 
 log = logging.getLogger(__name__)
@@ -131,10 +131,9 @@ def export_onnx_with_info(
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     note = ""
-    # opset 21 asks for the GroupNormalization op: export group norms in their native form
-    form = GROUP_NORM_EXPORT_FORM.set("native" if opset >= 21 else "layernorm-view")
-    with preserved(model), contextlib.ExitStack() as restore:
-        restore.callback(GROUP_NORM_EXPORT_FORM.reset, form)
+    with preserved(model), contextlib.ExitStack() as forms:
+        for registered in targets.REGISTRY:  # the form each target's modules export in (e.g. GroupNorm's faster one)
+            forms.enter_context(registered.export_context(model, opset))
         model.eval()
         model = _exportable(model, inputs)
         try:

@@ -14,6 +14,7 @@ from .ns201_functional_batchnorm import FunctionalBatchNorm
 from .ns202_batchnorm_subclass import BatchNormSubclass
 from .ns203_degenerate_groups import DegenerateGroups
 from .ns204_momentum_as_decay import MomentumAsDecay
+from .ns205_unreached_batchnorm import UnreachedBatchNorm
 from .ns301_foldable_into_conv import FoldableIntoConv
 from .ns302_freeze_for_finetune import FreezeForFinetune
 from .ns901_not_traceable import NotTraceable
@@ -30,6 +31,7 @@ CATALOGUE: tuple[Rule, ...] = (
     BatchNormSubclass(),
     DegenerateGroups(),
     MomentumAsDecay(),
+    UnreachedBatchNorm(),
     FoldableIntoConv(),
     FreezeForFinetune(),
     NotTraceable(),

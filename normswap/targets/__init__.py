@@ -3,6 +3,10 @@ for a site. Everything else asks this registry; a target's name elsewhere is dat
 
 from __future__ import annotations
 
+from typing import Any
+
+from torch import nn
+
 from ..context import Context
 from ..errors import PlanError
 from ..sites import Site
@@ -28,6 +32,15 @@ def get(name: str) -> Target:
         raise PlanError(f"Unknown target '{name}'; use one of {', '.join(NAMES)}.") from None
 
 
+def recognize(module: nn.Module) -> tuple[Target, dict[str, Any]] | None:
+    """The target that built `module`, with its parameters read back (None: no target's module)."""
+    for target in REGISTRY:
+        params = target.params_from_module(module)
+        if params is not None:
+            return target, params
+    return None
+
+
 def over_sequence(site: Site, context: Context) -> bool:
     """The site normalizes (N, C, L) steps of a sequence: a BatchNorm1d on a rank-3 input, or any
     rank-3 input when the context says the inputs are sequences."""
@@ -51,7 +64,10 @@ def natural_target(site: Site, context: Context | None = None) -> tuple[str, str
     if context.inference_only and statistics:
         if fold.TARGET.can_fold(site):
             return ("fold", "inference only: with running statistics BatchNorm is a fixed affine; fold keeps it at no cost")
-        return "frozen", "inference only: with running statistics BatchNorm is a fixed affine; frozen keeps it exactly"
+        why = "inference only: with running statistics BatchNorm is a fixed affine; frozen keeps it exactly"
+        if site.producer_weights_problem:  # it follows a layer fold would have used: say why not
+            why += f" (no fold into {site.producer_module}, {site.producer_weights_problem})"
+        return "frozen", why
     if context.finetune and statistics and (context.batch_size is None or context.batch_size < context.small_batch_threshold):
         return "frozen", "fine-tuning a pretrained model with small batches: frozen keeps the pretrained statistics"
     if site.call_count > 1 and (rank is None or rank <= 3):
@@ -60,6 +76,8 @@ def natural_target(site: Site, context: Context | None = None) -> tuple[str, str
         return "layernorm", "normalizes a (N, C, L) sequence: channel LayerNorm per time step"
     if rank == 2:
         return "layernorm", "(N, C) features: LayerNorm over the features of each sample"
+    if rank is None and site.flavour.endswith("1d"):
+        return "layernorm", "a BatchNorm1d normalizes (N, C) features or (N, C, L) steps: LayerNorm over the channels serves both"
     return "groupnorm", "convolutional feature map: GroupNorm (Wu & He 2018)"
 
 
@@ -77,4 +95,5 @@ __all__ = [
     "get",
     "natural_target",
     "over_sequence",
+    "recognize",
 ]

@@ -4,6 +4,7 @@ whether it keeps the original function or batch statistics."""
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import numbers
@@ -132,6 +133,7 @@ class Target:
     keeps_batchnorm_op: ClassVar[bool] = False  # its ONNX export may hold BatchNormalization ops
     fallback: ClassVar[str | None] = None  # used where this target refuses a site, when it does
     calibrated: ClassVar[bool] = False  # `normalize` is defined: calibration fits its affine
+    absorbs_affine: ClassVar[bool] = False  # the site's affine moves into another layer (fold), not into its replacement
     parameters: ClassVar[Mapping[str, Param]] = {}
 
     # --- planning -------------------------------------------------------------------------
@@ -188,23 +190,33 @@ class Target:
     # --- rewriting ------------------------------------------------------------------------
 
     def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
-        """The replacement for a torch BatchNorm module, with its weights carried over."""
+        """The replacement for a torch BatchNorm module, built in its dtype and on its device,
+        with its weights carried over."""
         raise PlanError(f"Target '{self.name}' does not build a module.")
+
+    def takeover_base(self, params: Mapping[str, Any]) -> type:
+        """The class that stands where torch's BatchNorm was when a BatchNorm subclass is taken
+        over (see takeover.py): a TakenOver module of this target's kind whose `forward(x)`
+        computes the target (what the subclass's `super().forward(x)` reaches)."""
+        raise PlanError(f"Target '{self.name}' cannot take over a BatchNorm subclass.")
 
     def function(self, params: Mapping[str, Any], call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         """The functional form: (a module-level function, its arguments) computing this target
         from the arguments of one `batch_norm` call. Values may be tensors or graph nodes."""
         raise PlanError(f"Target '{self.name}' has no functional form.")
 
-    def prepare_subclass(self, bn: _BatchNorm, params: Mapping[str, Any]) -> None:
-        """Adjust a BatchNorm subclass instance whose normalization this target takes over.
+    def prepare_takeover(self, module: nn.Module, params: Mapping[str, Any]) -> None:
+        """Adjust a taken-over subclass instance (it holds the BatchNorm's state) to its new class.
 
         Default (per-sample normalizations): drop the running statistics, which no longer mean
         anything, so that they leave the state_dict as they do for swapped modules.
         """
-        bn.track_running_stats = False
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            bn.register_buffer(name, None)
+        drop_statistics(module)
+
+    def export_context(self, model: nn.Module, opset: int) -> contextlib.AbstractContextManager[None]:
+        """What holds while `model` is exported to ONNX at `opset` (the form this target's
+        modules export in); nothing by default."""
+        return contextlib.nullcontext()
 
     def absorb(self, model: nn.Module, site_name: str, statistics: Any, params: Mapping[str, Any]) -> None:
         """Change other parts of `model` before the site is replaced (fold changes its producer).
@@ -238,6 +250,16 @@ class Target:
         None when the target is not calibrated (it keeps the function, or has no affine)."""
         return None
 
+    def params_from_module(self, module: nn.Module) -> dict[str, Any] | None:
+        """This target's plan parameters read back from a module it built (calibrating a
+        converted model without its plan); None when `module` is not one of its modules."""
+        return None
+
+    def affine_parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        """The parameters of its normalization's per-channel affine (what `--heal-params norm`
+        trains): a module's `weight` and `bias`."""
+        return [p for p in (getattr(module, "weight", None), getattr(module, "bias", None)) if isinstance(p, nn.Parameter)]
+
 
 def copy_tensors(source: nn.Module, target: nn.Module, names: tuple[str, ...]) -> None:
     """Copy same-named parameters / buffers from `source` into `target` (no autograd)."""
@@ -248,13 +270,30 @@ def copy_tensors(source: nn.Module, target: nn.Module, names: tuple[str, ...]) -
                 slot.copy_(value)
 
 
+def factory(bn: nn.Module) -> dict[str, Any]:
+    """`device=` and `dtype=` of the BatchNorm's tensors, to build its replacement in them (a
+    float64 model stays exact; a model on the meta device gets a meta skeleton)."""
+    reference = next((t for t in [*bn.parameters(recurse=False), *bn.buffers(recurse=False)] if t.is_floating_point()), None)
+    return {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
+
+
+def set_attributes(module: nn.Module, **values: Any) -> None:
+    """Plain attributes on a module (a channel count, eps: what its forward or its readers use)."""
+    for name, value in values.items():
+        setattr(module, name, value)
+
+
+def drop_statistics(module: nn.Module) -> None:
+    """Running statistics out of a taken-over module (they leave its state_dict too)."""
+    set_attributes(module, track_running_stats=False)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        module.register_buffer(name, None)
+
+
 def carry_affine(bn: _BatchNorm, new: nn.Module, trainable: bool = True) -> nn.Module:
-    """Copy BatchNorm's weight and bias into `new`, move it to bn's device and dtype, keep the
-    parameters' requires_grad (or freeze them), and match bn's training flag."""
+    """Copy BatchNorm's weight and bias into `new` (built in bn's dtype and on its device: see
+    `factory`), keep the parameters' requires_grad (or freeze them), and match bn's training flag."""
     copy_tensors(bn, new, ("weight", "bias"))
-    reference = bn.weight if bn.weight is not None else bn.running_mean
-    if reference is not None:
-        new.to(device=reference.device, dtype=reference.dtype)
     for name in ("weight", "bias"):
         source, slot = getattr(bn, name, None), getattr(new, name, None)
         if isinstance(source, torch.Tensor) and isinstance(slot, torch.Tensor):
@@ -264,6 +303,20 @@ def carry_affine(bn: _BatchNorm, new: nn.Module, trainable: bool = True) -> nn.M
 
 def common_params(site: Site) -> dict[str, Any]:
     return {"eps": site.eps, "affine": site.affine}
+
+
+def require_channels(site: Site) -> int:
+    """The site's channel count.
+
+    Raises:
+        Refusal: a lazy layer the example inputs never reached has none yet.
+    """
+    if site.num_features is None:
+        raise Refusal(
+            f"{where(site)} was not reached by the example inputs and, being lazy, has no channel count yet; "
+            f"give example inputs that reach it, or keep it (--keep {site.name})."
+        )
+    return site.num_features
 
 
 def where(site: Site) -> str:

@@ -20,7 +20,8 @@ from ..capture.tracer import BatchNormArgs
 from ..errors import PlanError
 from ..sites import Site, SiteKind
 from ..torchutil import tensor_attribute
-from .base import Param, ParamKind, PlanOptions, Refusal, SourceCall, SourceCode, Target, where
+from .base import Param, ParamKind, PlanOptions, Refusal, SourceCall, SourceCode, Target, drop_statistics, set_attributes, where
+from .takeover import TakenOver
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -32,10 +33,21 @@ def unchanged(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class FoldedTakeover(TakenOver, nn.Module):
+    """Where torch's BatchNorm was in a taken-over subclass whose normalization was folded into
+    the layer before: nothing (the subclass's activation and dropout stay)."""
+
+    label = "Folded"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 class FoldTarget(Target):
     name = "fold"
     summary = "fold into the preceding conv / linear weights (inference only; same function, no cost)"
     keeps_function = True
+    absorbs_affine = True
     fallback = "frozen"
     parameters = {"into": Param(ParamKind.STR), "num_features": Param(ParamKind.INT, positive=True), "eps": Param(ParamKind.FLOAT, positive=True)}
 
@@ -58,6 +70,8 @@ class FoldTarget(Target):
             raise Refusal(f"{where(site)} follows {producer}, not a convolution or linear layer")
         if not site.producer_exclusive:
             raise Refusal(f"{where(site)} follows {site.producers[0]}, whose output is also used elsewhere (or which runs more than once)")
+        if site.producer_weights_problem:
+            raise Refusal(f"{where(site)} follows {site.producers[0]}, {site.producer_weights_problem}")
         if "(Linear)" in site.producers[0] and site.input_rank != 2:
             raise Refusal(f"{where(site)} normalizes dim 1 of a rank-{site.input_rank} linear output, not its features")
         return {"into": site.producer_module, "num_features": site.num_features, "eps": site.eps}, f"folded into {site.producers[0]}"
@@ -98,11 +112,14 @@ class FoldTarget(Target):
     def source_function(self, call: SourceCall, params: Mapping[str, Any]) -> SourceCode | str:
         return self.source_call(call, [params])
 
-    def prepare_subclass(self, bn: _BatchNorm, params: Mapping[str, Any]) -> None:
-        super().prepare_subclass(bn, params)
-        bn.affine = False
-        bn.register_parameter("weight", None)
-        bn.register_parameter("bias", None)
+    def takeover_base(self, params: Mapping[str, Any]) -> type:
+        return FoldedTakeover
+
+    def prepare_takeover(self, module: nn.Module, params: Mapping[str, Any]) -> None:
+        drop_statistics(module)
+        set_attributes(module, affine=False)
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
 
 
 def fold_into(producer: _ConvNd | nn.Linear, bn: Any, eps: float) -> None:
@@ -136,3 +153,4 @@ def fold_into(producer: _ConvNd | nn.Linear, bn: Any, eps: float) -> None:
 
 
 TARGET = FoldTarget()
+FoldedTakeover.target = TARGET

@@ -29,9 +29,13 @@ from .base import (
     carry_affine,
     common_params,
     copy_tensors,
+    factory,
+    require_channels,
+    set_attributes,
     where,
 )
 from .layernorm import register_affine
+from .takeover import TakenOver
 
 
 def frozen_batch_norm(
@@ -83,6 +87,12 @@ class FrozenBatchNorm(Replacement, nn.Module):
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
 
 
+class FrozenTakeover(TakenOver, FrozenBatchNorm):
+    """Where torch's BatchNorm was in a taken-over subclass: a frozen BatchNorm (timm's `FrozenBatchNormAct2d` shape)."""
+
+    label = "FrozenBatchNorm"
+
+
 class FrozenTarget(Target):
     name = "frozen"
     summary = "BatchNorm's eval function with fixed statistics, in train mode too (keeps the function)"
@@ -91,18 +101,25 @@ class FrozenTarget(Target):
     parameters = {"num_features": Param(ParamKind.INT, positive=True), **COMMON_PARAMS}
 
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
-        if site.num_features is None or site.input_shape is None:
-            raise Refusal(f"{where(site)} was never called with a known input shape; pass example inputs that reach it.")
+        channels = require_channels(site)
         if not site.track_running_stats:
             raise Refusal(
                 f"{where(site)} keeps no running statistics (track_running_stats=False), so there is nothing to freeze; use groupnorm or layernorm."
             )
-        return {"num_features": site.num_features, **common_params(site)}, ""
+        return {"num_features": channels, **common_params(site)}, ""
 
     def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
-        new = FrozenBatchNorm(int(params["num_features"]), eps=float(params["eps"]), affine=bool(params["affine"]))
+        new = FrozenBatchNorm(int(params["num_features"]), eps=float(params["eps"]), affine=bool(params["affine"]), **factory(bn))
         copy_tensors(bn, new, ("running_mean", "running_var"))
         return carry_affine(bn, new, trainable=False)
+
+    def takeover_base(self, params: Mapping[str, Any]) -> type:
+        return FrozenTakeover
+
+    def params_from_module(self, module: nn.Module) -> dict[str, Any] | None:
+        if not isinstance(module, FrozenBatchNorm):
+            return None
+        return {"num_features": module.num_features, "eps": module.eps, "affine": module.affine}
 
     def function(self, params: Mapping[str, Any], call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         if call.running_mean is None or call.running_var is None:
@@ -125,12 +142,15 @@ class FrozenTarget(Target):
         eps = arguments.get("eps", repr(float(params["eps"])))
         return SourceCode(f"{call.namespace}batch_norm({arguments['input']}, {mean}, {var}, {weight}, {bias}, False, 0.0, {eps})", call.imports)
 
-    def prepare_subclass(self, bn: _BatchNorm, params: Mapping[str, Any]) -> None:
+    def prepare_takeover(self, module: nn.Module, params: Mapping[str, Any]) -> None:
         # statistics stay (they are the function); the step counter and the affine stop moving
-        bn.register_buffer("num_batches_tracked", None)
-        for parameter in (bn.weight, bn.bias):
+        module.register_buffer("num_batches_tracked", None)
+        set_attributes(module, eps=float(params["eps"]), affine=bool(params["affine"]))
+        for name in ("weight", "bias"):
+            parameter = getattr(module, name)
             if parameter is not None:
                 parameter.requires_grad_(False)
 
 
 TARGET = FrozenTarget()
+FrozenTakeover.target = TARGET

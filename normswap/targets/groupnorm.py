@@ -3,10 +3,11 @@ BatchNorm's per-channel affine carried over; G chosen per layer (see `choose_num
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,8 +33,13 @@ from .base import (
     Target,
     carry_affine,
     common_params,
+    drop_statistics,
+    factory,
+    require_channels,
+    set_attributes,
     where,
 )
+from .takeover import TakenOver
 
 # How group_norm exports: "layernorm-view" (fastest in onnxruntime, the default) or "native"
 # (the exporter's own form; at opset >= 21 that is the GroupNormalization op, opt-in).
@@ -45,9 +51,11 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     followed by the per-channel affine: the fastest correct form in onnxruntime among those
     measured in benchmarks/bench_formulations.py (the exporter's own is Reshape ->
     InstanceNormalization -> Reshape -> Mul -> Add). Eager PyTorch keeps the fused kernel."""
+    if not torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or x.dim() < 2:
+        return F.group_norm(x, num_groups, weight, bias, eps)  # eager, torch.compile: the fused kernel
     native = GROUP_NORM_EXPORT_FORM.get() == "native"
     static = all(isinstance(d, int) for d in x.shape[1:])  # a dynamic C/H/W axis keeps the native form
-    if native or not static or not torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or x.dim() < 2:
+    if native or not static:
         return F.group_norm(x, num_groups, weight, bias, eps)
     per_group = math.prod(x.shape[1:]) // num_groups
     y = F.layer_norm(x.reshape(x.shape[0], num_groups, per_group), (per_group,), None, None, eps).reshape(x.shape)
@@ -60,16 +68,42 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
 class GroupNorm(Replacement, nn.GroupNorm):
     """nn.GroupNorm whose ONNX export uses the faster formulation of `group_norm` (same function).
 
-    Like every replacement it answers `num_features`, which code around a BatchNorm reads (e.g. a
-    wrapper's repr).
+    Converted models hold torch's own `nn.GroupNorm` (what Opacus, mmcv and timm dispatch on); the
+    export swaps this class in for the duration of the export (see `GroupNormTarget.export_context`).
+    It answers `num_features`, which code around a BatchNorm reads (e.g. a wrapper's repr).
     """
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True) -> None:
-        super().__init__(num_groups, num_channels, eps=eps, affine=affine)
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device: Any = None, dtype: Any = None) -> None:
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
         self.num_features = num_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class GroupNormTakeover(TakenOver, nn.GroupNorm):
+    """Where torch's BatchNorm was in a taken-over subclass: a GroupNorm (timm's `GroupNormAct` shape)."""
+
+    label = "GroupNorm"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+@contextlib.contextmanager
+def exporting(model: nn.Module, opset: int) -> Iterator[None]:
+    """During an ONNX export: torch's own `nn.GroupNorm` modules export in the faster form (their
+    class is swapped for this module's `GroupNorm` and back), or in the native form at opset >= 21."""
+    token = GROUP_NORM_EXPORT_FORM.set("native" if opset >= 21 else "layernorm-view")
+    swapped = [m for m in model.modules() if type(m) is nn.GroupNorm]
+    try:
+        for module in swapped:
+            module.__class__ = GroupNorm
+        yield
+    finally:
+        for module in swapped:
+            module.__class__ = nn.GroupNorm
+        GROUP_NORM_EXPORT_FORM.reset(token)
 
 
 def choose_num_groups(
@@ -141,9 +175,7 @@ class GroupNormBN(GroupNorm):
         if groups is None:
             # two values per channel at least: whatever the map size, C/G channels per group
             groups, _ = choose_num_groups(num_features, 2, max_groups, channels_per_group)
-        super().__init__(int(groups), num_features, eps=eps, affine=affine)
-        if device is not None or dtype is not None:
-            self.to(device=device, dtype=dtype)
+        super().__init__(int(groups), num_features, eps=eps, affine=affine, device=device, dtype=dtype)
 
 
 class GroupNormTarget(Target):
@@ -153,15 +185,14 @@ class GroupNormTarget(Target):
     parameters = {"num_groups": Param(ParamKind.INT, positive=True), "num_channels": Param(ParamKind.INT, positive=True), **COMMON_PARAMS}
 
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
-        if site.num_features is None or site.input_shape is None:
-            raise Refusal(f"{where(site)} was never called with a known input shape; pass example inputs that reach it.")
+        channels = require_channels(site)
         try:
-            groups, why = choose_num_groups(site.num_features, site.spatial_size or 1, options.max_groups, options.channels_per_group)
+            groups, why = choose_num_groups(channels, site.values_per_channel, options.max_groups, options.channels_per_group)
         except PlanError:
             raise Refusal(
                 f"{where(site)} normalizes a single value per sample, which GroupNorm would turn into zeros; use --to frozen or keep it."
             ) from None
-        return {"num_groups": groups, "num_channels": site.num_features, **common_params(site)}, why
+        return {"num_groups": groups, "num_channels": channels, **common_params(site)}, why
 
     def check(self, site_name: str, params: Mapping[str, Any], site: Site | None = None) -> None:
         super().check(site_name, params, site)
@@ -171,14 +202,32 @@ class GroupNormTarget(Target):
             )
 
     def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
-        new = GroupNorm(int(params["num_groups"]), int(params["num_channels"]), eps=float(params["eps"]), affine=bool(params["affine"]))
+        groups, channels = int(params["num_groups"]), int(params["num_channels"])
+        new = nn.GroupNorm(groups, channels, eps=float(params["eps"]), affine=bool(params["affine"]), **factory(bn))
+        set_attributes(new, num_features=channels)  # what code around a BatchNorm reads
         return carry_affine(bn, new)
+
+    def takeover_base(self, params: Mapping[str, Any]) -> type:
+        return GroupNormTakeover
+
+    def prepare_takeover(self, module: nn.Module, params: Mapping[str, Any]) -> None:
+        drop_statistics(module)
+        channels = int(params["num_channels"])
+        set_attributes(module, num_groups=int(params["num_groups"]), num_channels=channels, eps=float(params["eps"]), affine=bool(params["affine"]))
+
+    def export_context(self, model: nn.Module, opset: int) -> contextlib.AbstractContextManager[None]:
+        return exporting(model, opset)
 
     def function(self, params: Mapping[str, Any], call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         return group_norm, (call.input, int(params["num_groups"]), call.weight, call.bias, float(params["eps"]))
 
     def normalize(self, params: Mapping[str, Any], x: torch.Tensor) -> torch.Tensor | None:
         return F.group_norm(x, int(params["num_groups"]), None, None, float(params["eps"]))
+
+    def params_from_module(self, module: nn.Module) -> dict[str, Any] | None:
+        if not isinstance(module, nn.GroupNorm):
+            return None
+        return {"num_groups": module.num_groups, "num_channels": module.num_channels, "eps": module.eps, "affine": module.affine}
 
     def source_call(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
         """`nn.GroupNorm(G, C, eps=...)`; layers of several widths built at one line: the group
@@ -224,3 +273,4 @@ def _is_plain(code: str) -> bool:
 
 
 TARGET = GroupNormTarget()
+GroupNormTakeover.target = TARGET

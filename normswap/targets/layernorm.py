@@ -29,8 +29,13 @@ from .base import (
     Target,
     carry_affine,
     common_params,
+    drop_statistics,
+    factory,
+    require_channels,
+    set_attributes,
     where,
 )
+from .takeover import TakenOver
 
 
 def channel_layer_norm(
@@ -48,7 +53,29 @@ def channel_layer_norm(
     rank = x.dim()
     to_last = (0, *range(2, rank), 1)
     to_channels = (0, rank - 1, *range(1, rank - 1))
+    if x.requires_grad and not torch.onnx.is_in_onnx_export():
+        x = _ContiguousGradient.apply(x)
     return F.layer_norm(x.permute(to_last), shape, weight, bias, eps).permute(to_channels)
+
+
+class _ContiguousGradient(torch.autograd.Function):
+    """The identity, whose gradient is made contiguous: through the permutation above, the layer
+    before a channel LayerNorm would receive a permuted gradient, which torch's expanded-weights
+    convolution (Opacus' grad_sample_mode="ew") cannot `.view`."""
+
+    generate_vmap_rule = True  # torch.func transforms (vmap per-sample gradients) see through it
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 def register_affine(module: nn.Module, size: int, affine: bool, trainable: bool = True, **factory: Any) -> None:
@@ -97,6 +124,21 @@ class ChannelLayerNorm(Replacement, nn.Module):
         return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
 
 
+class ChannelLayerNormTakeover(TakenOver, ChannelLayerNorm):
+    """Where torch's BatchNorm was in a taken-over subclass over (N, C, *) inputs (timm's `LayerNormAct2d` shape)."""
+
+    label = "LayerNorm"
+
+
+class LayerNormTakeover(TakenOver, nn.LayerNorm):
+    """Where torch's BatchNorm was in a taken-over subclass over (N, C) features: an nn.LayerNorm."""
+
+    label = "LayerNorm"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
 class LayerNorm(Replacement, nn.LayerNorm):
     """nn.LayerNorm over the features of (N, C) inputs that also answers `num_features`."""
 
@@ -116,27 +158,47 @@ class LayerNormTarget(Target):
     }
 
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
-        if site.num_features is None or site.input_shape is None:
-            raise Refusal(f"{where(site)} was never called with a known input shape; pass example inputs that reach it.")
-        if site.num_features < 2:
+        channels = require_channels(site)
+        if channels < 2:
             raise Refusal(f"{where(site)} has one channel, which LayerNorm over channels would turn into zeros; use --to frozen or keep it.")
-        layout = "features" if site.input_rank == 2 else "channels_first"
-        return {"num_channels": site.num_features, "layout": layout, **common_params(site)}, ""
+        layout = "features" if site.input_rank == 2 else "channels_first"  # unreached: the channel form serves (N, C) too
+        return {"num_channels": channels, "layout": layout, **common_params(site)}, ""
 
     def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
         channels, eps, affine = int(params["num_channels"]), float(params["eps"]), bool(params["affine"])
         new: nn.Module
         if params.get("layout") == "features":
-            new = LayerNorm(channels, eps=eps, affine=affine)
+            new = nn.LayerNorm(channels, eps=eps, elementwise_affine=affine, **factory(bn))
+            set_attributes(new, num_features=channels)  # what code around a BatchNorm reads
         else:
-            new = ChannelLayerNorm(channels, eps=eps, affine=affine)
+            new = ChannelLayerNorm(channels, eps=eps, affine=affine, **factory(bn))
         return carry_affine(bn, new)
+
+    def takeover_base(self, params: Mapping[str, Any]) -> type:
+        return LayerNormTakeover if params.get("layout") == "features" else ChannelLayerNormTakeover
+
+    def prepare_takeover(self, module: nn.Module, params: Mapping[str, Any]) -> None:
+        drop_statistics(module)
+        channels, affine = int(params["num_channels"]), bool(params["affine"])
+        set_attributes(module, eps=float(params["eps"]))
+        if isinstance(module, nn.LayerNorm):
+            set_attributes(module, normalized_shape=(channels,), elementwise_affine=affine)
+        else:
+            set_attributes(module, num_channels=channels, affine=affine)
 
     def function(self, params: Mapping[str, Any], call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         return channel_layer_norm, (call.input, call.weight, call.bias, float(params["eps"]), int(params["num_channels"]))
 
     def normalize(self, params: Mapping[str, Any], x: torch.Tensor) -> torch.Tensor | None:
         return channel_layer_norm(x, None, None, float(params["eps"]), int(params["num_channels"]))
+
+    def params_from_module(self, module: nn.Module) -> dict[str, Any] | None:
+        if isinstance(module, ChannelLayerNorm):
+            return {"num_channels": module.num_channels, "layout": "channels_first", "eps": module.eps, "affine": module.affine}
+        if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+            channels = module.normalized_shape[0]
+            return {"num_channels": channels, "layout": "features", "eps": module.eps, "affine": module.elementwise_affine}
+        return None
 
     def source_call(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
         """`nn.LayerNorm(C)` on (N, C) features (plain torch), else the channel LayerNorm."""
@@ -157,3 +219,4 @@ class LayerNormTarget(Target):
 
 
 TARGET = LayerNormTarget()
+ChannelLayerNormTakeover.target = LayerNormTakeover.target = TARGET

@@ -26,8 +26,12 @@ from .base import (
     carry_affine,
     common_params,
     copy_tensors,
+    factory,
+    require_channels,
+    set_attributes,
     where,
 )
+from .takeover import TakenOver
 
 
 def sync_batch_norm(
@@ -50,6 +54,23 @@ def sync_batch_norm(
     return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
+def _synchronisation_problem() -> str:
+    """Why a SyncBatchNorm could not synchronise in this process ("" when it can, or when no
+    process group runs: then it is a plain BatchNorm, as torch documents)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ""
+    backend = str(dist.get_backend())
+    if backend == "gloo" or not torch.cuda.is_available():
+        return f"a {backend} process group is running{'' if torch.cuda.is_available() else ' on a machine without a GPU'}"
+    return ""
+
+
+class SyncTakeover(TakenOver, nn.SyncBatchNorm):
+    """Where torch's BatchNorm was in a taken-over subclass: a SyncBatchNorm (it keeps BatchNorm's semantics)."""
+
+    label = "SyncBatchNorm"
+
+
 class SyncBatchNormTarget(Target):
     name = "syncbn"
     summary = "SyncBatchNorm: batch statistics reduced across devices (keeps BatchNorm semantics)"
@@ -63,11 +84,16 @@ class SyncBatchNormTarget(Target):
     }
 
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
-        if site.num_features is None or site.input_shape is None:
-            raise Refusal(f"{where(site)} was never called with a known input shape; pass example inputs that reach it.")
+        channels = require_channels(site)
+        problem = _synchronisation_problem()
+        if problem:
+            raise Refusal(
+                f"{where(site)} cannot become a SyncBatchNorm here: {problem}, and torch synchronises BatchNorm statistics only for "
+                "GPU tensors (NCCL), so its first training step would raise; use --to groupnorm (no communication) or run on GPUs."
+            )
         if site.kind not in (SiteKind.MODULE, SiteKind.SUBCLASS):
             raise Refusal(f"{where(site)} is a {site.kind} site; SyncBatchNorm replaces only BatchNorm modules, use groupnorm or layernorm.")
-        params = {"num_features": site.num_features, "momentum": site.momentum, "track_running_stats": site.track_running_stats}
+        params = {"num_features": channels, "momentum": site.momentum, "track_running_stats": site.track_running_stats}
         return {**params, **common_params(site)}, ""
 
     def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
@@ -78,6 +104,7 @@ class SyncBatchNormTarget(Target):
             momentum=None if momentum is None else float(momentum),
             affine=bool(params["affine"]),
             track_running_stats=bool(params.get("track_running_stats", True)),
+            **factory(bn),
         )
         copy_tensors(bn, new, ("running_mean", "running_var", "num_batches_tracked"))
         return carry_affine(bn, new)
@@ -93,8 +120,13 @@ class SyncBatchNormTarget(Target):
     def source_class(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
         return SourceCode(call.namespace + "SyncBatchNorm", call.imports)
 
-    def prepare_subclass(self, bn: _BatchNorm, params: Mapping[str, Any]) -> None:
+    def takeover_base(self, params: Mapping[str, Any]) -> type:
+        return SyncTakeover
+
+    def prepare_takeover(self, module: nn.Module, params: Mapping[str, Any]) -> None:
         """The subclass keeps its statistics and bookkeeping: only the reduction is synchronised."""
+        set_attributes(module, process_group=None)  # the default group, as nn.SyncBatchNorm's own default
 
 
 TARGET = SyncBatchNormTarget()
+SyncTakeover.target = TARGET
