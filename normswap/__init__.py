@@ -32,6 +32,7 @@ _API = {
     "convert": ".conversion",
     "export_onnx": ".export",
     "fix_source": ".fix",
+    "from_pretrained": ".pretrained",
     "heal": ".calibration",
     "lint": ".linter",
     "load_converted": ".pipeline",
@@ -57,6 +58,7 @@ __all__ = [
     "convert",
     "export_onnx",
     "fix_source",
+    "from_pretrained",
     "heal",
     "lint",
     "load_converted",
@@ -87,6 +89,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .linter import lint
     from .pipeline import load_converted
     from .plan import Plan, PlanEntry
+    from .pretrained import from_pretrained
     from .report import Report
     from .rewrite import apply_plan
     from .sites import Site

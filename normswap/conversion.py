@@ -210,7 +210,7 @@ def convert_with(
     freeze_costly = options.freeze_costly
     rewritten = rewrite_model(model, example_inputs, context, options.plan_request, plan=plan, inplace=inplace and freeze_costly is None)
     if calibration_data is None:
-        return Conversion.of(rewritten)
+        return _recorded(Conversion.of(rewritten))
     batches = check_batches(calibration_data)
     check_model_accepts(original, batches)
     if freeze_costly is not None and options.to == "auto" and plan is None:
@@ -220,15 +220,37 @@ def convert_with(
             rewritten = rewrite_model(model, example_inputs, context, options.plan_request, plan=frozen, inplace=inplace)
     outcome = calibrate_and_heal(rewritten.model, original, rewritten.plan, batches, options.heal, options.device, options.attribution_samples)
     conversion = Conversion.of(rewritten)
-    return dataclasses.replace(
-        conversion,
-        calibration=outcome.fits,
-        attribution=outcome.attribution,
-        healing=outcome.healing,
-        drift=outcome.drift,
-        notes=[*conversion.notes, *outcome.notes],
-        timings={**conversion.timings, "calibrate": outcome.seconds},
+    return _recorded(
+        dataclasses.replace(
+            conversion,
+            calibration=outcome.fits,
+            attribution=outcome.attribution,
+            healing=outcome.healing,
+            drift=outcome.drift,
+            notes=[*conversion.notes, *outcome.notes],
+            timings={**conversion.timings, "calibrate": outcome.seconds},
+        )
     )
+
+
+CONFIG_KEY = "normswap_plan"  # where a Hugging Face model's config holds its plan
+
+
+def record_plan(model: nn.Module, plan: Plan) -> bool:
+    """Write `plan` into the model's Hugging Face config, if it has one (True when it has)."""
+    config = getattr(model, "config", None)
+    if config is None or not callable(getattr(config, "to_dict", None)) or not callable(getattr(config, "save_pretrained", None)):
+        return False
+    setattr(config, CONFIG_KEY, plan.to_dict())
+    return True
+
+
+def _recorded(conversion: Conversion) -> Conversion:
+    """A Hugging Face model carries its plan in its config: `save_pretrained` then writes it, and
+    `normswap.from_pretrained` rebuilds the converted architecture from it."""
+    if record_plan(conversion.model, conversion.plan):
+        conversion.notes.append(f"the plan is recorded in model.config.{CONFIG_KEY}: save_pretrained keeps it, normswap.from_pretrained reads it")
+    return conversion
 
 
 def _freeze_costly(plan: Plan, sites: list[Site], costs: list[SiteCost], threshold: float, options: PlanOptions) -> Plan:

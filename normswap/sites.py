@@ -317,13 +317,19 @@ class _BatchNormCallCounter(TorchFunctionMode):
 
 def probe(module: nn.Module, input_shape: tuple[int, ...] | None) -> Probe:
     """Run a copy of `module` (only its own training flag set; dropout and other stochastic
-    submodules stay in eval mode) on random inputs of `input_shape`. Unknown shape: assume the
-    worst."""
+    submodules stay in eval mode) on random inputs of `input_shape`. Its parameters are set to
+    random values first: a zero-initialised affine (timm's `zero_init_last` on a residual
+    branch's last norm) maps every input to the same output and would hide the batch statistics.
+    Unknown shape: assume the worst."""
     if input_shape is None or len(input_shape) < 2:
         return Probe(True, True)
     copy_ = copy.deepcopy(module).eval()
     reference = next(iter(copy_.parameters()), None)
     generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in copy_.parameters():
+            if parameter.is_floating_point() and not parameter.is_meta:
+                parameter.copy_(torch.rand(parameter.shape, generator=generator) + 0.5)
     x = torch.randn((3, *input_shape[1:]), generator=generator) * 2 + 1
     if reference is not None:
         x = x.to(device=reference.device, dtype=reference.dtype)

@@ -192,13 +192,21 @@ def gc_paused() -> Iterator[None]:
 _STATE_DICTS = ("_parameters", "_buffers", "_modules")
 
 
+def _tables(module: nn.Module) -> tuple[str, ...]:
+    """The dict-valued tables of a module restored by content (the same objects stay, so users'
+    hook handles keep working): parameters, buffers, submodules and every hook table. A forward
+    that registers hooks on its first call and marks that in an attribute (transformers' output
+    recorders do) must lose both, or the next call registers them twice."""
+    return (*_STATE_DICTS, *(key for key, value in module.__dict__.items() if "hook" in key and isinstance(value, dict)))
+
+
 @contextlib.contextmanager
 def preserved(model: nn.Module) -> Iterator[None]:
-    """Restore the model's training flags, instance attributes, classes and buffers on exit."""
+    """Restore the model's training flags, instance attributes, hooks, classes and buffers on exit."""
     saved = []
     for module in model.modules():
         state = dict(module.__dict__)
-        for key in _STATE_DICTS:
+        for key in _tables(module):
             state[key] = dict(module.__dict__[key])
         buffers = {
             name: b.detach().clone()
@@ -211,14 +219,15 @@ def preserved(model: nn.Module) -> Iterator[None]:
     finally:
         for module, cls, state, buffers in saved:
             module.__class__ = cls
-            for key in _STATE_DICTS:
+            tables = [key for key in _tables(module) if key in state]
+            for key in tables:
                 module.__dict__[key].clear()
                 module.__dict__[key].update(state[key])
             for key in list(module.__dict__):
                 if key not in state:
                     del module.__dict__[key]
             for key, value in state.items():
-                if key not in _STATE_DICTS:
+                if key not in tables:
                     module.__dict__[key] = value
             with torch.no_grad():
                 for name, value in buffers.items():

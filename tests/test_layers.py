@@ -39,7 +39,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("normswap.linter", "normswap.fix"),
     ("normswap.loader",),
     ("normswap.checkpoint", "normswap.config", "normswap.outputs"),
-    ("normswap.pipeline",),
+    ("normswap.pipeline", "normswap.pretrained"),
     ("normswap.cli",),
 )
 ROOT_MODULES = ("normswap", "normswap.__main__", "normswap._entry")  # the public API and the entry points sit above everything
