@@ -99,18 +99,18 @@ def test_safe_fixes_only_without_unsafe(project: Path) -> None:
         torch.testing.assert_close(fresh.train()(x), model.eval()(x), rtol=1e-5, atol=1e-5)  # frozen keeps the function
 
 
-def test_several_widths_at_one_line_get_an_expression_of_the_channel_argument(project: Path) -> None:
+def test_computed_widths_get_the_group_count_rule_in_plain_torch(project: Path) -> None:
+    """A width computed in the code (a helper's argument, `cin * k`) may be any width in another
+    model: the fix calls the helper it defines in the file, which applies the rule; only a
+    literal width keeps a literal group count. Nothing imports normswap."""
     path = copy_case(project, "helpers")
     model, x, _ = built(path)
     fixes = fix_source(model, x, context=context_for("helpers"), root=project, unsafe=True)
     by_line = {e.line: e for e in fixes.edits}
-    assert by_line[9].new == "nn.GroupNorm({16: 1, 32: 2, 64: 4}[cout], cout)" and by_line[9].sites == (
-        "features.0.1",
-        "features.1.1",
-        "features.2.1",
-    )
-    assert by_line[13].new == "nn.GroupNorm(4, channels, eps=1e-3)"  # all the same width: a literal
-    assert by_line[28].new == "normswap.nn.GroupNormBN(cin * k, groups={64: 4, 128: 8})"  # not a name: the drop-in's mapping
+    assert by_line[9].new == "_group_norm(cout)" and by_line[9].sites == ("features.0.1", "features.1.1", "features.2.1")
+    assert by_line[13].new == "_group_norm(channels, eps=1e-3)"  # one width in this model, any width in another
+    assert by_line[28].new == "_group_norm(cin * k)"  # an expression is written once, as it was
+    assert {e.imports for e in fixes.edits} == {("torch",)} and "import normswap" not in fixes.review[0].after
 
 
 def test_norm_layer_values_follow_positional_and_forwarded_arguments(project: Path) -> None:
@@ -118,12 +118,12 @@ def test_norm_layer_values_follow_positional_and_forwarded_arguments(project: Pa
     model, x, _ = built(path)
     fixes = fix_source(model, x, context=context_for("torchvision_style"), root=project, unsafe=True)
     (edit,) = fixes.edits
-    assert (edit.line, edit.old, edit.new) == (67, "nn.BatchNorm2d", "normswap.nn.GroupNormBN")
+    assert (edit.line, edit.old, edit.new) == (67, "nn.BatchNorm2d", "_group_norm")
     assert len(edit.sites) == 8  # the stem, both blocks' norms (positional and keyword) and the downsample
     assert any("torchvision_style.py:83" in note and "isinstance" in note for note in fixes.notes)
     coarse = fix_source(model, x, context=context_for("torchvision_style"), root=project, unsafe=True, channels_per_group=4)
-    assert coarse.edits[0].new == "functools.partial(normswap.nn.GroupNormBN, groups={16: 4, 32: 8})"
-    assert coarse.edits[0].imports == ("functools", "normswap.nn")
+    assert coarse.edits[0].new == "functools.partial(_group_norm, channels_per_group=4)"  # the rule the plan was made with
+    assert coarse.edits[0].imports == ("functools", "torch")
 
 
 def test_a_norm_class_passed_by_the_caller_is_fixed_at_the_caller(project: Path) -> None:
@@ -133,7 +133,7 @@ def test_a_norm_class_passed_by_the_caller_is_fixed_at_the_caller(project: Path)
     path.write_text(path.read_text().replace("return resnet_tiny(num_classes=5)", "return resnet_tiny(num_classes=5, norm_layer=nn.BatchNorm2d)"))
     model, x, _ = built(path)
     (edit,) = fix_source(model, x, context=context_for("torchvision_style"), root=project, unsafe=True).edits
-    assert (edit.line, edit.new) == (127, "normswap.nn.GroupNormBN")
+    assert (edit.line, edit.new) == (127, "_group_norm")
 
 
 def test_functional_call_becomes_the_functional_norm(project: Path) -> None:
@@ -279,10 +279,8 @@ def test_suggestions_cover_whole_lines_and_import_insertions(project: Path) -> N
     model, x, _ = built(path)
     fixes = fix_source(model, x, context=context_for("helpers"), root=project, unsafe=True)
     suggestions = fixes.suggestions()
-    imports = [s for s in suggestions if not s.edits]
-    assert [(s.hunk.start, s.hunk.end, s.hunk.old, s.hunk.text) for s in imports] == [
-        (5, 5, "import torch.nn as nn\n", "import torch.nn as nn\nimport normswap.nn\n")
-    ]
+    (helper,) = [s for s in suggestions if not s.edits]  # the function the fix defines, after the imports
+    assert (helper.hunk.start, helper.hunk.end) == (7, 7) and "\ndef _group_norm(num_features, eps=1e-5," in helper.hunk.text
     lines = (CASES / "helpers.py").read_text().splitlines(keepends=True)
     applied = list(lines)
     for suggestion in sorted(suggestions, key=lambda s: s.hunk.start, reverse=True):  # each suggestion replaces its lines
@@ -301,8 +299,7 @@ def test_drop_in_classes_take_batchnorm_arguments() -> None:
         assert keyword.weight.dtype == torch.float64 and keyword.weight.shape == (32,)
     assert GroupNormBN(64).num_groups == 4 and GroupNormBN(64, groups=8).num_groups == 8
     assert GroupNormBN(128, groups={64: 2, 128: 8}).num_groups == 8
-    with pytest.raises(ValueError, match=r"no group count for 32 channels"):
-        GroupNormBN(32, groups={64: 2})
+    assert GroupNormBN(512, groups={64: 2}).num_groups == 32  # a width the mapping lacks gets the rule, never an error
     with pytest.raises(ValueError, match="track_running_stats=False has nothing to freeze"):
         FrozenBatchNorm(8, track_running_stats=False)
     x = torch.randn(2, 32, 4, 4)
@@ -351,10 +348,9 @@ def test_batchnorm_spelt_through_its_module_becomes_torch_nn(project: Path) -> N
     assert [type(m).__name__ for m in load(path).build()][1:] == ["GroupNorm", "GroupNorm"]  # batchnorm.GroupNorm does not exist
 
 
-def test_a_file_that_binds_the_name_normswap_is_not_given_a_shadowed_import(project: Path) -> None:
-    source = b"""import torch.nn as nn
+SHADOWED = """import torch.nn as nn
 
-normswap = {"enabled": True}
+{binding}
 
 
 def build(norm_layer=nn.BatchNorm2d):
@@ -363,9 +359,26 @@ def build(norm_layer=nn.BatchNorm2d):
 
 INPUT_SHAPE = (2, 3, 8, 8)
 """
-    path, fixes = _fixed(project, "shadow.py", source)
+
+
+@pytest.mark.parametrize(
+    ("binding", "finetune", "reason"),
+    [
+        ('normswap = {"enabled": True}', True, "the fix names `normswap`, but shadow.py:3 binds `normswap` to something else; rename that"),
+        ("torch = None", False, "the fix names `torch`, but shadow.py:3 binds `torch` to something else; rename that"),
+        ("_group_norm = None", False, "the fix defines the function `_group_norm`, but shadow.py:3 binds `_group_norm` already; rename that"),
+    ],
+    ids=["normswap", "torch", "helper"],
+)
+def test_a_name_the_fix_needs_that_the_file_binds_is_not_shadowed(project: Path, binding: str, finetune: bool, reason: str) -> None:
+    """frozen names normswap.nn, groupnorm's helper names torch and itself."""
+    source = SHADOWED.format(binding=binding).encode()
+    path = project / "shadow.py"
+    path.write_bytes(source)
+    model, x, _ = built(path)
+    fixes = fix_source(model, x, context=normswap.Context(batch_size=2, finetune=finetune), root=project, apply=True, unsafe=True)
     assert fixes.edits == [] and path.read_bytes() == source
-    assert [u.reason for u in fixes.unfixable] == ["the fix names `normswap`, but shadow.py:3 binds `normswap` to something else; rename that"]
+    assert [u.reason for u in fixes.unfixable] == [reason]
 
 
 def test_crlf_files_and_byte_order_marks_are_kept(project: Path) -> None:
@@ -376,4 +389,4 @@ def test_crlf_files_and_byte_order_marks_are_kept(project: Path) -> None:
     path, fixes = _fixed(project, "bom.py", source.replace(b"\n", b"\r\n"))
     written = path.read_bytes()
     assert len(fixes.edits) == 1 and written.startswith(b"\xef\xbb\xbf")
-    assert b"\nimport normswap.nn" in written and b"\n" not in written.replace(b"\r\n", b"")  # every line ends in CRLF, the added import too
+    assert b"\r\n\r\n\r\ndef _group_norm(" in written and b"\n" not in written.replace(b"\r\n", b"")  # every line ends in CRLF, the added helper too

@@ -70,12 +70,13 @@ def fix_source(
     require_type(plan, Plan, "plan", "fix_source", "read one with normswap.Plan.from_json(text)")
     context = context or Context()
     analysis = analyze(model, example_inputs, context)
+    options: PlanOptions | None = None  # a given plan's options are read off its group counts
     if plan is None:
         options = PlanOptions(max_groups=max_groups, channels_per_group=channels_per_group)
         plan = make_plan(analysis.sites, analysis.findings, context, "auto", options, keep_sites=keep, strict=False)
     else:
         plan.check(analysis.sites)
-    fixes = plan_fixes([FixJob(model, analysis.sites, plan)], Path(root), unsafe)
+    fixes = plan_fixes([FixJob(model, analysis.sites, plan, options=options)], Path(root), unsafe)
     if apply:
         fixes.apply()
     return fixes

@@ -139,6 +139,16 @@ class SourceFile:
                 return self.positions[node].start.line
         return None
 
+    def defines(self, name: str, text: str) -> bool:
+        """Whether the module defines the function `name` exactly as `text` (a helper an earlier
+        fix added)."""
+        wanted = "\n".join(line.rstrip() for line in text.strip().splitlines())
+        for statement in self.module.body:
+            if isinstance(statement, cst.FunctionDef) and statement.name.value == name:
+                written = statement.with_changes(leading_lines=())
+                return "\n".join(line.rstrip() for line in self.module.code_for_node(written).strip().splitlines()) == wanted
+        return False
+
     def batchnorm_classes(self, node: cst.CSTNode) -> set[str]:
         """The torch BatchNorm classes `node` may name (`torch.nn.BatchNorm2d` for `nn.BatchNorm2d`,
         `BN` imported as such, `torch.nn.BatchNorm2d` written out)."""
