@@ -16,7 +16,9 @@ from torch import nn
 import normswap
 
 CASES = Path(__file__).parent / "fix_cases"
-FIXED = ["direct", "aliases", "recurrent", "helpers", "torchvision_style", "norm_layer_values", "functional"]
+# shaped like public repositories, each with SIBLINGS: the other models the file builds
+REPOSITORIES = ["pix2pix_networks"]
+FIXED = ["direct", "aliases", "recurrent", "helpers", "torchvision_style", "norm_layer_values", "functional", *REPOSITORIES]
 _modules = itertools.count()
 
 

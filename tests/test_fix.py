@@ -390,3 +390,91 @@ def test_crlf_files_and_byte_order_marks_are_kept(project: Path) -> None:
     written = path.read_bytes()
     assert len(fixes.edits) == 1 and written.startswith(b"\xef\xbb\xbf")
     assert b"\r\n\r\n\r\ndef _group_norm(" in written and b"\n" not in written.replace(b"\r\n", b"")  # every line ends in CRLF, the added helper too
+
+
+FACTORIES = """import functools
+
+import torch.nn as nn
+
+NORM_LAYERS = {{"batch": nn.BatchNorm2d, "instance": nn.InstanceNorm2d}}
+
+
+def norm_by_name(kind):
+    return {{"batch": functools.partial(nn.BatchNorm2d, eps=1e-3), "none": nn.Identity}}[kind]
+
+
+def norm_from_table(kind):
+    return NORM_LAYERS[kind]
+
+
+def make_norm(kind):
+{factory}
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, norm_layer=None):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm = norm_layer(cout)
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+def build():
+    norm_layer = make_norm("batch")
+    return nn.Sequential(Block(3, 16, norm_layer), Block(16, 32, norm_layer=norm_layer))
+
+
+INPUT_SHAPE = (2, 3, 8, 8)
+"""
+
+
+@pytest.mark.parametrize(
+    ("factory", "rewritten"),
+    [
+        ("    return norm_by_name(kind)", "functools.partial(_group_norm, eps=1e-3)"),  # a dict lookup inside the factory
+        ("    return norm_from_table(kind)", 'NORM_LAYERS = {"batch": _group_norm, "instance": nn.InstanceNorm2d}'),  # a module-level table
+        ("    layer = nn.BatchNorm2d if kind == 'batch' else nn.Identity\n    return layer", "layer = _group_norm if kind"),
+    ],
+    ids=["dict-in-factory", "module-table", "local-branch"],
+)
+def test_norm_classes_returned_by_factories_are_followed(project: Path, factory: str, rewritten: str) -> None:
+    path, fixes = _fixed(project, "factories.py", FACTORIES.format(factory=factory).encode())
+    assert fixes.unfixable == [] and len(fixes.edits) == 1 and len(fixes.edits[0].sites) == 2
+    assert rewritten in path.read_text()
+    fresh = load(path).build()
+    assert [type(m.norm).__name__ for m in fresh] == ["GroupNorm", "GroupNorm"]
+
+
+@pytest.mark.parametrize(
+    ("factory", "reason"),
+    [
+        (
+            "    return getattr(nn, 'BatchNorm2d')",
+            "the trail breaks at factories.py:17, where `getattr(nn, 'BatchNorm2d')` calls `getattr`, which is not a Python function normswap can read",
+        ),
+        (
+            "    return functools.partial(nn.BatchNorm2d, eps=1e-3) if kind == 'batch' else nn.BatchNorm2d",
+            "`functools.partial(nn.BatchNorm2d, eps=1e-3) if kind == 'b...` may hold any of 2 BatchNorm2d classes (factories.py:17), "
+            "and normswap cannot tell which one built this layer",
+        ),
+    ],
+    ids=["getattr", "two-candidates"],
+)
+def test_where_the_trail_breaks_the_reason_names_the_line(project: Path, factory: str, reason: str) -> None:
+    source = FACTORIES.format(factory=factory).encode()
+    path, fixes = _fixed(project, "factories.py", source)
+    assert fixes.edits == [] and path.read_bytes() == source
+    assert {u.site for u in fixes.unfixable} == {"0.norm", "1.norm"}
+    assert reason in fixes.unfixable[0].reason, fixes.unfixable[0].reason
+
+
+def test_a_factory_in_an_installed_package_is_named_where_the_trail_leaves_the_project(project: Path, zoo: Path) -> None:
+    (zoo / "tinyzoo" / "norms.py").write_text("import torch.nn as nn\n\n\ndef get_norm(kind):\n    return nn.BatchNorm2d\n")
+    source = FACTORIES.format(factory="    from tinyzoo.norms import get_norm\n\n    return get_norm(kind)").encode()  # imported where it is used
+    path, fixes = _fixed(project, "factories.py", source)
+    assert fixes.edits == [] and path.read_bytes() == source
+    assert "the trail breaks at factories.py:19, where `get_norm(kind)` calls `get_norm`, defined in tinyzoo/norms.py, outside the project" in (
+        fixes.unfixable[0].reason
+    )

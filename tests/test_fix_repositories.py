@@ -1,0 +1,46 @@
+"""`lint --fix` on code shaped like public repositories (tests/fix_cases/: the CIFAR model zoo,
+YOLOv5's common.py, pix2pix's networks.py, PyTorch's DCGAN example, DeepSpeech's SequenceWise,
+a U-Net package): after fixing the source for one model, every other model the file builds (other
+widths, sizes, variants: each case's SIBLINGS) still builds and is exactly what `convert` makes of
+that model built from the original file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import normswap
+from fixcases import CASES, REPOSITORIES, built, context_for, copy_case, load
+from normswap.fix import fix_source
+
+
+def _assert_builds_what_convert_makes(fixed: nn.Module, original: nn.Module, x: torch.Tensor, context: normswap.Context, label: str) -> None:
+    """`fixed` (built from the fixed file) has the state-dict keys of convert(`original`), loads
+    its weights strictly and computes its outputs: 1e-6, as both run the same torch kernels on
+    the same weights (only a reduction order could differ)."""
+    converted = normswap.convert(original, x, context=context).model
+    assert sorted(fixed.state_dict()) == sorted(converted.state_dict()), label
+    fixed.load_state_dict(converted.state_dict())
+    for mode in (False, True):  # the new norms do not depend on the mode
+        fixed.train(mode)
+        converted.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(fixed(x), converted(x), rtol=1e-6, atol=1e-6, msg=lambda m: f"{label}: {m}")
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fixed.modules()), label
+
+
+@pytest.mark.parametrize("case", REPOSITORIES)
+def test_every_model_built_from_the_fixed_file_equals_convert_at_its_own_widths(project: Path, case: str) -> None:
+    path = copy_case(project, case)
+    model, x, module = built(path)
+    fixes = fix_source(model, x, context=context_for(case), root=project, apply=True, unsafe=True)
+    assert fixes.unfixable == [] and fixes.edits
+    assert "import normswap" not in path.read_text()  # plain torch: the fixed file runs without normswap
+    for label, (factory, shape) in module.SIBLINGS.items():
+        torch.manual_seed(0)
+        original = getattr(load(CASES / f"{case}.py"), factory)()
+        fixed = getattr(load(path), factory)()  # a KeyError here was the bug: a table of the linted model's widths
+        _assert_builds_what_convert_makes(fixed, original, torch.randn(*shape), context_for(case), f"{case}: {label}")
