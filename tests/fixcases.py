@@ -17,7 +17,7 @@ import normswap
 
 CASES = Path(__file__).parent / "fix_cases"
 # shaped like public repositories, each with SIBLINGS: the other models the file builds
-REPOSITORIES = ["pix2pix_networks"]
+REPOSITORIES = ["cifar_resnet", "cifar_densenet", "yolo_common", "pix2pix_networks", "dcgan", "deepspeech"]
 FIXED = ["direct", "aliases", "recurrent", "helpers", "torchvision_style", "norm_layer_values", "functional", *REPOSITORIES]
 _modules = itertools.count()
 

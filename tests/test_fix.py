@@ -478,3 +478,43 @@ def test_a_factory_in_an_installed_package_is_named_where_the_trail_leaves_the_p
     assert "the trail breaks at factories.py:19, where `get_norm(kind)` calls `get_norm`, defined in tinyzoo/norms.py, outside the project" in (
         fixes.unfixable[0].reason
     )
+
+
+NAME_MATCHES = b"""import torch.nn as nn
+
+
+def init(model):
+    for name, m in model.named_modules():
+        if type(m).__name__ == "BatchNorm2d":
+            nn.init.ones_(m.weight)
+        if m.__class__.__name__ in ("BatchNorm1d", "BatchNorm2d"):
+            nn.init.zeros_(m.bias)
+    decay = [p for name, p in model.named_parameters() if "bn" not in name]
+    print("BatchNorm layers:", len(decay))  # a message, not a test of a name
+    return decay
+
+
+def build():
+    model = nn.Sequential(nn.Conv2d(3, 24, 1), nn.BatchNorm2d(24))
+    init(model)
+    return model
+
+
+INPUT_SHAPE = (2, 3, 8, 8)
+"""
+
+
+def test_code_that_picks_batchnorm_by_name_gets_a_note_with_its_line(project: Path) -> None:
+    path, fixes = _fixed(project, "by_name.py", NAME_MATCHES)
+    by_line = {int(note.split(":")[1].split(" ")[0]): note for note in fixes.notes if "picks layers by a name" in note}
+    assert sorted(by_line) == [6, 8, 10]  # the class-name tests and the 'bn' parameter filter, not the message
+    assert 'by_name.py:6 picks layers by a name that means BatchNorm (`if type(m).__name__ == "BatchNorm2d":`)' in by_line[6]
+    assert "GroupNorm" in [type(m).__name__ for m in load(path).build()]
+
+
+def test_the_diff_of_a_file_without_a_final_newline_ends_in_one(project: Path) -> None:
+    last = b"import torch\n\nINPUT_SHAPE = (2, 3, 8, 8)\n\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 24, 1), torch.nn.BatchNorm2d(24))"
+    _, fixes = _fixed(project, "last_line.py", last)
+    diff = fixes.files[0].diff()
+    assert diff.endswith("torch.nn.GroupNorm(1, 24))\n\\ No newline at end of file\n")  # as `diff` and git write it
+    assert "BatchNorm2d(24))\n\\ No newline at end of file\n+" in diff  # the old and new last lines do not run together

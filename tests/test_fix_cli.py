@@ -324,3 +324,31 @@ def test_fix_the_source_convert_the_checkpoint_and_train_on(project: Path) -> No
     loss.backward()
     optimizer.step()
     assert fixed.bn1.weight.grad is not None and torch.isfinite(fixed(x)).all()
+
+
+def test_name_based_matches_are_noted_in_the_diff_and_after_the_fix(project: Path) -> None:
+    copy_case(project, "dcgan")
+    args = ["dcgan.py:build", "--input-shape", "2,100,1,1", "--batch-size", "2", "--unsafe-fixes"]
+    note = 'dcgan.py:20 picks layers by a name that means BatchNorm (`elif classname.find("BatchNorm") != -1:`)'
+    diff = lint(*args, "--diff")
+    assert diff.exit_code == 1 and f"\nnote: {note}" in diff.stderr and diff.stderr.endswith("\n")
+    assert "note: dcgan.py:70 still names nn.BatchNorm2d (`nn.BatchNorm2d(ndf * 2),`): no model of this run builds its layers there" in diff.stderr
+    fixed = lint(*args, "--fix")
+    assert fixed.exit_code == 0 and f"fix note: {note}" in fixed.stdout
+
+
+def test_each_model_of_a_run_counts_its_own_sites(project: Path) -> None:
+    """ResNet26 and ResNet50 share every Bottleneck line: each model's summary counts its own
+    sites (it printed the 53 sites of both for the 29-site model)."""
+    copy_case(project, "cifar_resnet")
+    result = lint(
+        "cifar_resnet.py:ResNet26", "cifar_resnet.py:ResNet50", "--input-shape", "2,3,32,32", "--batch-size", "2", "--fix", "--unsafe-fixes"
+    )
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if "BatchNorm site(s)" in line or line.startswith("fixed:")]
+    assert lines == [
+        "cifar_resnet.py:ResNet26: 29 BatchNorm site(s), 29 finding(s) fixed by --fix, none left (captured with fx)",
+        "fixed: 29 sites in cifar_resnet.py",
+        "cifar_resnet.py:ResNet50: 53 BatchNorm site(s), 53 finding(s) fixed by --fix, none left (captured with fx)",
+        "fixed: 53 sites in cifar_resnet.py",
+    ]

@@ -6,14 +6,20 @@ that model built from the original file."""
 
 from __future__ import annotations
 
+import importlib
+import shutil
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
+from click.testing import CliRunner
 from torch import nn
 
 import normswap
 from fixcases import CASES, REPOSITORIES, built, context_for, copy_case, load
+from normswap.cli import main
 from normswap.fix import fix_source
 
 
@@ -44,3 +50,29 @@ def test_every_model_built_from_the_fixed_file_equals_convert_at_its_own_widths(
         original = getattr(load(CASES / f"{case}.py"), factory)()
         fixed = getattr(load(path), factory)()  # a KeyError here was the bug: a table of the linted model's widths
         _assert_builds_what_convert_makes(fixed, original, torch.randn(*shape), context_for(case), f"{case}: {label}")
+
+
+def _import_fresh(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    for loaded in [m for m in sys.modules if m == name.split(".")[0] or m.startswith(name.split(".")[0] + ".")]:
+        monkeypatch.delitem(sys.modules, loaded)
+    return importlib.import_module(name)
+
+
+def test_a_package_module_is_named_by_its_dotted_form_and_fixed_through_it(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A U-Net package (`from .unet_parts import *`): the path form cannot import it and says
+    which dotted form can; the dotted form fixes the parts module, and the other variant of the
+    model (bilinear: other widths) equals convert's."""
+    shutil.copytree(CASES / "unet", project / "unet")
+    args = ["--input-shape", "2,3,32,32", "-k", "width=8", "--batch-size", "2"]
+    by_path = CliRunner().invoke(main, ["lint", "unet/unet_model.py:UNet", *args])
+    assert by_path.exit_code == 2
+    assert "attempted relative import with no known parent package; 'unet/unet_model.py' is a module of the package 'unet': " in by_path.stderr
+    assert by_path.stderr.rstrip().endswith("name it by its dotted form, 'unet.unet_model:UNet'.")
+    original = _import_fresh("unet.unet_model", monkeypatch).UNet(bilinear=True, width=12)
+    fixed = CliRunner().invoke(main, ["lint", "unet.unet_model:UNet", *args, "--fix", "--unsafe-fixes"])
+    assert fixed.exit_code == 0, fixed.output
+    assert "fixed: 18 sites in unet/unet_parts.py" in fixed.stdout
+    parts = (project / "unet" / "unet_parts.py").read_text()
+    assert "            _group_norm(mid_channels),\n" in parts and "            _group_norm(out_channels),\n" in parts
+    sibling = _import_fresh("unet.unet_model", monkeypatch).UNet(bilinear=True, width=12)
+    _assert_builds_what_convert_makes(sibling, original, torch.randn(2, 3, 32, 32), normswap.Context(batch_size=2), "U-Net, bilinear, width 12")

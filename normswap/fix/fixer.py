@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import libcst as cst
 from torch import nn
 
 from ..plan import Plan, PlanEntry
@@ -289,8 +290,17 @@ def _rewrite_files(chosen: list[tuple[Spot, SourceCode, Edit]], result: SourceFi
         for node in source.batchnorm_names():
             if not any(node is r or source.contains(r, node) for r in replaced):
                 line = source.line_of(node)
-                result.notes.append(
-                    f"{name}:{line} still names {source.code(node)} (`{source.lines[line - 1].strip()}`): "
-                    "check whether it should name the new class too (an isinstance test in an init loop, say)"
-                )
+                parent = source.parents.get(node)
+                if isinstance(parent, cst.Call) and parent.func is node:
+                    why = "no model of this run builds its layers there; lint the models that do to fix it too"
+                else:
+                    why = "check whether it should name the new class too (an isinstance test in an init loop, say)"
+                result.notes.append(f"{name}:{line} still names {source.code(node)} (`{source.lines[line - 1].strip()}`): {why}")
+    for source in files.read() if chosen else ():
+        for line in source.name_matches():
+            result.notes.append(
+                f"{files.relative(source.path)}:{line} picks layers by a name that means BatchNorm (`{source.lines[line - 1].strip()}`): "
+                "the layers the fix rewrites are no longer BatchNorm (their attribute names stay), so check what it should match now "
+                "(a weight init or a parameter-group rule, say)"
+            )
     result.edits.sort(key=lambda e: (e.path, e.line, e.column))

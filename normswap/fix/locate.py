@@ -75,6 +75,10 @@ class Files:
         """`path` relative to the project root (POSIX separators)."""
         return Path(path).resolve().relative_to(self.root).as_posix()
 
+    def read(self) -> list[SourceFile]:
+        """Every project file read so far (those on the calls that built the layers), by path."""
+        return sorted((f for f in self._parsed.values() if isinstance(f, SourceFile)), key=lambda f: str(f.path))
+
     def get(self, path: str) -> SourceFile:
         """The parsed file; FixError when it cannot be read or parsed."""
         key = str(Path(path).resolve())
