@@ -76,3 +76,40 @@ def test_a_package_module_is_named_by_its_dotted_form_and_fixed_through_it(proje
     assert "            _group_norm(mid_channels),\n" in parts and "            _group_norm(out_channels),\n" in parts
     sibling = _import_fresh("unet.unet_model", monkeypatch).UNet(bilinear=True, width=12)
     _assert_builds_what_convert_makes(sibling, original, torch.randn(2, 3, 32, 32), normswap.Context(batch_size=2), "U-Net, bilinear, width 12")
+
+
+def test_a_sequence_flattened_into_the_batch_is_no_batch_of_one() -> None:
+    """DeepSpeech's SequenceWise BatchNorm sees (T*N, H): at one sample per device it still has
+    T values per channel and training runs, so NS104 stays silent; the MNIST-RNN example's
+    BatchNorm1d on the last step's (N, H) does raise there, and NS104 says so."""
+    deepspeech = load(CASES / "deepspeech.py")
+    model, x = deepspeech.build(), torch.randn(*deepspeech.INPUT_SHAPE)
+    report = normswap.lint(model, x, normswap.Context(batch_size=1))
+    flattened = {s.name: s for s in report.sites if s.flavour == "BatchNorm1d"}
+    assert {s.input_shape for s in flattened.values()} == {(12, 64)} and {s.rows_per_sample for s in flattened.values()} == {6}
+    assert [f for f in report.findings if f.code == "NS104"] == [] and report.exit_code() == 0
+    one = deepspeech.build().train()
+    one(torch.randn(1, *deepspeech.INPUT_SHAPE[1:])).sum().backward()  # the claim itself: a batch of one trains
+
+    small = normswap.lint(model, x, normswap.Context(batch_size=2))
+    (message,) = {f.message for f in small.findings if f.code == "NS103" and f.site_name == "rnns.1.batch_norm.module"}
+    assert message == (
+        "'rnns.1.batch_norm.module' estimates its statistics from 2 sample(s) per device, 12 rows of 6 per sample, "
+        "which are steps of the same samples (threshold 16); they will be noisy."
+    )
+
+    class MnistRNN(nn.Module):  # pytorch/examples mnist_rnn: BatchNorm1d on the last step's output
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(input_size=28, hidden_size=64, batch_first=True)
+            self.batchnorm = nn.BatchNorm1d(64)
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            output, _ = self.rnn(x.reshape(-1, 28, 28))
+            return self.fc(self.batchnorm(output[:, -1, :]))
+
+    (error,) = [f for f in normswap.lint(MnistRNN(), torch.randn(2, 1, 28, 28), normswap.Context(batch_size=1)).findings if f.code == "NS104"]
+    assert error.site_name == "batchnorm" and "training raises ValueError" in error.message
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        MnistRNN().train()(torch.randn(1, 1, 28, 28))
