@@ -145,6 +145,18 @@ def test_functional_call_becomes_the_functional_norm(project: Path) -> None:
     assert frozen.new == "F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, 1e-3)" and frozen.safe
 
 
+def test_a_functional_channel_layer_norm_is_plain_torch_and_computes_what_convert_does(project: Path) -> None:
+    path = copy_case(project, "functional")
+    model, x, _ = built(path)
+    converted = normswap.convert(model, x, to="layernorm")
+    (edit,) = fix_source(model, x, plan=converted.plan, root=project, apply=True, unsafe=True).edits
+    assert edit.new == "F.layer_norm(x.movedim(1, -1), (32,), self.weight, self.bias, 1e-3).movedim(-1, 1)" and edit.imports == ()
+    fresh = load(path).build()
+    fresh.load_state_dict(converted.model.state_dict())
+    with torch.no_grad():  # the same permutation and kernel as normswap's channel_layer_norm: 1e-6
+        torch.testing.assert_close(fresh(x), converted.model(x), rtol=1e-6, atol=1e-6)
+
+
 def test_unfixable_sites_say_why_and_nothing_is_edited(project: Path) -> None:
     subclass = copy_case(project, "subclass")
     model, x, _ = built(subclass)

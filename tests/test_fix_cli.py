@@ -352,3 +352,17 @@ def test_each_model_of_a_run_counts_its_own_sites(project: Path) -> None:
         "cifar_resnet.py:ResNet50: 53 BatchNorm site(s), 53 finding(s) fixed by --fix, none left (captured with fx)",
         "fixed: 53 sites in cifar_resnet.py",
     ]
+
+
+def test_a_shared_helper_fixed_for_one_model_serves_another_linted_later(project: Path) -> None:
+    """yolov5n's fix rewrites the Conv line every YOLOv5 size builds; yolov5s, linted on its own
+    afterwards, builds (it raised KeyError: 512 on a table of yolov5n's widths), has nothing left
+    to fix, and equals convert's yolov5s (tests/test_fix_repositories.py checks the numbers)."""
+    path = copy_case(project, "yolo_common")
+    args = ["--input-shape", "2,3,64,64", "--batch-size", "2", "--fix", "--unsafe-fixes"]
+    first = lint("yolo_common.py:yolov5n", *args)
+    assert first.exit_code == 0 and "fixed: 33 sites in yolo_common.py" in first.stdout
+    assert "        self.bn = _group_norm(c2)\n" in path.read_text()
+    second = lint("yolo_common.py:yolov5s", *args)
+    assert second.exit_code == 0, second.output
+    assert second.stdout.startswith("yolo_common.py:yolov5s: 0 BatchNorm site(s), no findings")
