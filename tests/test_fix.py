@@ -5,6 +5,7 @@ weights, convert's outputs; a second run changes nothing."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -530,3 +531,43 @@ def test_the_diff_of_a_file_without_a_final_newline_ends_in_one(project: Path) -
     diff = fixes.files[0].diff()
     assert diff.endswith("torch.nn.GroupNorm(1, 24))\n\\ No newline at end of file\n")  # as `diff` and git write it
     assert "BatchNorm2d(24))\n\\ No newline at end of file\n+" in diff  # the old and new last lines do not run together
+
+
+@pytest.mark.parametrize(("max_groups", "channels_per_group"), [(32, 16), (8, 16), (32, 4), (32, 1), (16, 8)])
+def test_the_helper_written_into_the_source_is_converts_group_count_rule(max_groups: int, channels_per_group: int) -> None:
+    """The `_group_norm` a fix defines gives every width the count `convert` plans (where no
+    group is degenerate, as on any map of two or more values per channel)."""
+    from normswap.targets.groupnorm import GROUP_NORM_HELPER, HELPER_SOURCE, choose_num_groups
+
+    namespace: dict = {"torch": torch}
+    exec(HELPER_SOURCE, namespace)
+    helper = namespace[GROUP_NORM_HELPER]
+    for channels in range(1, 1025):
+        layer = helper(channels, max_groups=max_groups, channels_per_group=channels_per_group)
+        assert isinstance(layer, nn.GroupNorm) and layer.num_channels == channels
+        assert layer.num_groups == choose_num_groups(channels, 2, max_groups, channels_per_group)[0], channels
+    momentum_ignored = helper(64, 1e-3, 0.01, False, True, None, torch.float64)  # BatchNorm's positional order
+    assert (momentum_ignored.eps, momentum_ignored.affine, momentum_ignored.num_groups) == (1e-3, False, 4)
+
+
+def test_group_counts_no_rule_gives_are_refused_for_computed_widths(project: Path) -> None:
+    """A plan edited by hand (16 channels in 4 groups, 32 in 2): no `max_groups` /
+    `channels_per_group` gives both, so no code gives other widths theirs; a plan made with
+    --channels-per-group 4 is written as that rule."""
+    path = copy_case(project, "helpers")
+    model, x, _ = built(path)
+    document = json.loads(normswap.convert(model, x, context=context_for("helpers")).plan.to_json())
+    for entry in document["sites"]:
+        if entry["name"] == "features.0.1":
+            entry["params"]["num_groups"] = 4
+    edited = normswap.Plan.from_json(json.dumps(document))
+    fixes = fix_source(model, x, plan=edited, root=project, unsafe=True)
+    refused = {u.site: u.reason for u in fixes.unfixable}
+    assert set(refused) == {"features.0.1", "features.1.1", "features.2.1"}
+    assert refused["features.0.1"].startswith(
+        "the plan's group counts for `cout` (16 channels: 4, 32 channels: 2, 64 channels: 4) follow no rule of the form "
+        "'the largest divisor up to G groups with at least K channels per group'"
+    )
+    coarse = normswap.convert(model, x, context=context_for("helpers"), channels_per_group=4).plan
+    by_line = {e.line: e.new for e in fix_source(model, x, plan=coarse, root=project, unsafe=True).edits}
+    assert by_line[9] == "_group_norm(cout, channels_per_group=4)"  # read off the plan's own counts
