@@ -18,24 +18,9 @@ from click.testing import CliRunner
 from torch import nn
 
 import normswap
-from fixcases import CASES, REPOSITORIES, built, context_for, copy_case, load
+from fixcases import CASES, REPOSITORIES, assert_builds_what_convert_makes, built, context_for, copy_case, load
 from normswap.cli import main
 from normswap.fix import fix_source
-
-
-def _assert_builds_what_convert_makes(fixed: nn.Module, original: nn.Module, x: torch.Tensor, context: normswap.Context, label: str) -> None:
-    """`fixed` (built from the fixed file) has the state-dict keys of convert(`original`), loads
-    its weights strictly and computes its outputs: 1e-6, as both run the same torch kernels on
-    the same weights (only a reduction order could differ)."""
-    converted = normswap.convert(original, x, context=context).model
-    assert sorted(fixed.state_dict()) == sorted(converted.state_dict()), label
-    fixed.load_state_dict(converted.state_dict())
-    for mode in (False, True):  # the new norms do not depend on the mode
-        fixed.train(mode)
-        converted.train(mode)
-        with torch.no_grad():
-            torch.testing.assert_close(fixed(x), converted(x), rtol=1e-6, atol=1e-6, msg=lambda m: f"{label}: {m}")
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fixed.modules()), label
 
 
 @pytest.mark.parametrize("case", REPOSITORIES)
@@ -49,7 +34,7 @@ def test_every_model_built_from_the_fixed_file_equals_convert_at_its_own_widths(
         torch.manual_seed(0)
         original = getattr(load(CASES / f"{case}.py"), factory)()
         fixed = getattr(load(path), factory)()  # a KeyError here was the bug: a table of the linted model's widths
-        _assert_builds_what_convert_makes(fixed, original, torch.randn(*shape), context_for(case), f"{case}: {label}")
+        assert_builds_what_convert_makes(fixed, original, torch.randn(*shape), context_for(case), f"{case}: {label}")
 
 
 def _import_fresh(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
@@ -75,7 +60,7 @@ def test_a_package_module_is_named_by_its_dotted_form_and_fixed_through_it(proje
     parts = (project / "unet" / "unet_parts.py").read_text()
     assert "            _group_norm(mid_channels),\n" in parts and "            _group_norm(out_channels),\n" in parts
     sibling = _import_fresh("unet.unet_model", monkeypatch).UNet(bilinear=True, width=12)
-    _assert_builds_what_convert_makes(sibling, original, torch.randn(2, 3, 32, 32), normswap.Context(batch_size=2), "U-Net, bilinear, width 12")
+    assert_builds_what_convert_makes(sibling, original, torch.randn(2, 3, 32, 32), normswap.Context(batch_size=2), "U-Net, bilinear, width 12")
 
 
 def test_a_sequence_flattened_into_the_batch_is_no_batch_of_one() -> None:
