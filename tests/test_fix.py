@@ -562,3 +562,14 @@ def test_group_counts_no_rule_gives_are_refused_for_computed_widths(project: Pat
     coarse = normswap.convert(model, x, context=context_for("helpers"), channels_per_group=4).plan
     by_line = {e.line: e.new for e in fix_source(model, x, plan=coarse, root=project, unsafe=True).edits}
     assert by_line[9] == "_group_norm(cout, channels_per_group=4)"  # read off the plan's own counts
+
+
+def test_a_second_fix_of_a_file_reuses_the_helper_the_first_added(project: Path) -> None:
+    path = copy_case(project, "helpers")
+    model, x, _ = built(path)
+    first = fix_source(model, x, context=context_for("helpers"), root=project, apply=True, unsafe=True, keep=("mix_norms.0", "mix_norms.1"))
+    assert first.unfixable == [] and "nn.BatchNorm2d(channels, eps=1e-3)" in path.read_text()
+    again, x, _ = built(path)
+    second = fix_source(again, x, context=context_for("helpers"), root=project, apply=True, unsafe=True)
+    assert [e.new for e in second.edits] == ["_group_norm(channels, eps=1e-3)"] and second.unfixable == []
+    assert path.read_text() == (CASES / "helpers.fixed.py").read_text()  # one helper, as a single run writes it
