@@ -573,3 +573,37 @@ def test_a_second_fix_of_a_file_reuses_the_helper_the_first_added(project: Path)
     second = fix_source(again, x, context=context_for("helpers"), root=project, apply=True, unsafe=True)
     assert [e.new for e in second.edits] == ["_group_norm(channels, eps=1e-3)"] and second.unfixable == []
     assert path.read_text() == (CASES / "helpers.fixed.py").read_text()  # one helper, as a single run writes it
+
+
+def test_a_class_attribute_set_in_a_base_class_is_where_the_trail_breaks(project: Path) -> None:
+    source = b"""import torch.nn as nn
+
+
+class Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm_layer = nn.BatchNorm2d
+
+
+class Net(Base):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.bn = self.norm_layer(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def build():
+    return Net()
+
+
+INPUT_SHAPE = (2, 3, 4, 4)
+"""
+    path, fixes = _fixed(project, "inherited.py", source)
+    assert fixes.edits == [] and path.read_bytes() == source
+    ((unfixable,),) = [fixes.unfixable]
+    assert unfixable.reason.endswith(
+        "the trail breaks at inherited.py:14, where `self.norm_layer` is set nowhere in its class that normswap can read (a base class, setattr)"
+    )

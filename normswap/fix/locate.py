@@ -232,7 +232,10 @@ class _Resolver:
                 self._broke(k, node, "is bound to nothing normswap can read here (a loop variable, a global set elsewhere, a star import)")
             return result
         if isinstance(node, cst.Attribute) and isinstance(node.value, cst.Name) and node.value.value == "self":
-            return self.attribute(node.attr.value, k)
+            result = self.attribute(node.attr.value, k)
+            if result is None:
+                self._broke(k, node, "is set nowhere in its class that normswap can read (a base class, setattr)")
+            return result
         if isinstance(node, cst.Subscript):  # `NORM_LAYERS[kind]`: the mapping's values
             return self.expression(node.value, k)
         if isinstance(node, cst.Call):
