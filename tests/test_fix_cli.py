@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -366,3 +367,26 @@ def test_a_shared_helper_fixed_for_one_model_serves_another_linted_later(project
     second = lint("yolo_common.py:yolov5s", *args)
     assert second.exit_code == 0, second.output
     assert second.stdout.startswith("yolo_common.py:yolov5s: 0 BatchNorm site(s), no findings")
+
+
+def test_a_factory_in_another_project_file_is_followed_and_fixed_there(project: Path) -> None:
+    """`norms.get_norm_layer(norm)` (a module of the project, imported by the model's file)
+    returns the partial: the fix lands in norms.py, with the helper beside it."""
+    (project / "norms.py").write_text(
+        "import functools\n\nimport torch.nn as nn\n\n\ndef get_norm_layer(norm_type='batch'):\n"
+        "    if norm_type == 'batch':\n        return functools.partial(nn.BatchNorm2d, affine=True, track_running_stats=True)\n"
+        "    return nn.Identity\n"
+    )
+    (project / "model.py").write_text(
+        "import torch.nn as nn\n\nimport norms\n\n\nclass Net(nn.Module):\n    def __init__(self, width=16, norm='batch'):\n"
+        "        super().__init__()\n        norm_layer = norms.get_norm_layer(norm)\n        self.conv = nn.Conv2d(3, width, 3)\n"
+        "        self.bn = norm_layer(width)\n\n    def forward(self, x):\n        return self.bn(self.conv(x))\n"
+    )
+    try:
+        result = lint("model.py:Net", "--input-shape", "2,3,8,8", "--batch-size", "2", "--fix", "--unsafe-fixes")
+    finally:
+        sys.modules.pop("norms", None)  # imported by the model's file from this test's project
+    assert result.exit_code == 0 and "fixed: 1 site in norms.py" in result.stdout
+    fixed = (project / "norms.py").read_text()
+    assert "        return functools.partial(_group_norm, affine=True, track_running_stats=True)\n" in fixed and "\ndef _group_norm(" in fixed
+    assert (project / "model.py").read_text().count("BatchNorm") == 0

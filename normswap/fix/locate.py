@@ -464,7 +464,8 @@ def _loaded(source: SourceFile, func: cst.CSTNode, dotted: str) -> object | None
                     value = getattr(value, part, None)
                 if value is not None:
                     return value
-    running = next((m for m in list(sys.modules.values()) if os.path.abspath(getattr(m, "__file__", None) or "") == str(source.path)), None)
+    path = os.path.realpath(source.path)
+    running = next((m for m in list(sys.modules.values()) if os.path.realpath(getattr(m, "__file__", None) or "/") == path), None)
     value = running
     for part in dotted.split(".") if running is not None else ():
         value = getattr(value, part, None)
