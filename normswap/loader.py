@@ -181,7 +181,8 @@ def _import_target(spec: str) -> tuple[Any, str]:
             import_spec.loader.exec_module(module)
         except (Exception, SystemExit) as exc:  # the user's file failed to import (or exited): one sentence, with the cause
             sys.modules.pop(module_name, None)
-            raise ModelLoadError(f"Importing '{location}' failed: {_failure(exc)}.") from exc
+            hint = _dotted_hint(path, attribute) if isinstance(exc, ImportError) else ""
+            raise ModelLoadError(f"Importing '{location}' failed: {_failure(exc)}{hint}.") from exc
         finally:
             sys.path.remove(str(path.resolve().parent))
     else:
@@ -215,6 +216,22 @@ def model_importable(spec: str) -> Iterator[None]:
         yield
     finally:
         sys.path.remove(folder)
+
+
+def _dotted_hint(path: Path, attribute: str) -> str:
+    """'; it is a module of the package `unet`: ...': for a file inside a package (its folder has
+    an __init__.py), whose own imports (relative ones above all) work only when it is imported
+    as part of its package."""
+    resolved = path.resolve()
+    package = resolved.parent
+    if not (package / "__init__.py").is_file():
+        return ""
+    while (package.parent / "__init__.py").is_file():
+        package = package.parent
+    dotted = ".".join(resolved.relative_to(package.parent).with_suffix("").parts)
+    folder = os.path.relpath(package.parent)
+    where = "" if folder == "." else f" from the folder that holds it ({folder})"
+    return f"; '{path}' is a module of the package '{package.name}': name it by its dotted form, '{dotted}:{attribute}'{where}"
 
 
 def _failure(exc: BaseException) -> str:

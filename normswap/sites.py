@@ -67,6 +67,9 @@ class Site:
     # tensors of the layer the model's forward reads directly (`self.bn.running_var`; FX graph only)
     read_attributes: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
+    # rows of the layer's dim 0 per sample of the model's batch: 1 when dim 0 is the batch, T for a
+    # (T, N, H) sequence flattened to (T*N, H); None when dim 0 is no multiple of the batch (unknown)
+    rows_per_sample: int | None = None
 
     def __post_init__(self) -> None:
         self.kind = SiteKind(self.kind)  # a plain string from an API caller becomes the enum
@@ -143,6 +146,9 @@ def discover(model: nn.Module, captured: Capture) -> list[Site]:
             sites.append(_functional_site(name, calls))
         else:
             sites.append(_module_site(model, modules[first.module], name, calls))
+    batch = next((shape[0] for shape in captured.input_shapes if shape), None)  # the example inputs' batch (first input, dim 0)
+    for site in sites:
+        site.rows_per_sample = rows_per_sample(site.input_shape, batch)
     sites.extend(_unreached_sites(model, modules, set(grouped)))
     parameter_names = _parameter_names(model)
     for site in sites:
@@ -150,6 +156,15 @@ def discover(model: nn.Module, captured: Capture) -> list[Site]:
         if site.producer_module is not None and site.producer_module in modules:
             site.producer_weights_problem = weights_problem(modules[site.producer_module], site.producer_module, parameter_names)
     return sites
+
+
+def rows_per_sample(input_shape: tuple[int, ...] | None, batch: int | None) -> int | None:
+    """How many rows of a layer's input (its dim 0) each sample of the model's batch makes, read
+    off the shape captured at the example batch: 1 for a batch-first layer, T for DeepSpeech's
+    SequenceWise (T*N, H); None when dim 0 is not a whole multiple of the batch."""
+    if not input_shape or not batch or input_shape[0] % batch:
+        return None
+    return input_shape[0] // batch
 
 
 def _parameter_names(model: nn.Module) -> dict[int, list[str]]:

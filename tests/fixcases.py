@@ -16,7 +16,9 @@ from torch import nn
 import normswap
 
 CASES = Path(__file__).parent / "fix_cases"
-FIXED = ["direct", "aliases", "recurrent", "helpers", "torchvision_style", "norm_layer_values", "functional"]
+# shaped like public repositories, each with SIBLINGS: the other models the file builds
+REPOSITORIES = ["cifar_resnet", "cifar_densenet", "yolo_common", "pix2pix_networks", "dcgan", "deepspeech"]
+FIXED = ["direct", "aliases", "recurrent", "helpers", "torchvision_style", "norm_layer_values", "functional", *REPOSITORIES]
 _modules = itertools.count()
 
 
@@ -77,3 +79,18 @@ def built(path: Path) -> tuple[nn.Module, torch.Tensor, ModuleType]:
 
 def copy_case(project: Path, case: str) -> Path:
     return Path(shutil.copy(CASES / f"{case}.py", project / f"{case}.py"))
+
+
+def assert_builds_what_convert_makes(fixed: nn.Module, original: nn.Module, x: torch.Tensor, context: normswap.Context, label: str) -> None:
+    """`fixed` (built from the fixed file) has the state-dict keys of convert(`original`), loads
+    its weights strictly and computes its outputs: 1e-6, as both run the same torch kernels on
+    the same weights (only a reduction order could differ)."""
+    converted = normswap.convert(original, x, context=context).model
+    assert sorted(fixed.state_dict()) == sorted(converted.state_dict()), label
+    fixed.load_state_dict(converted.state_dict())
+    for mode in (False, True):  # the new norms do not depend on the mode
+        fixed.train(mode)
+        converted.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(fixed(x), converted(x), rtol=1e-6, atol=1e-6, msg=lambda m: f"{label}: {m}")
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fixed.modules()), label

@@ -189,6 +189,12 @@ CLI_CASES: list[tuple[str, Setup | None, list[str], str]] = [
     ("module-missing", None, ["lint", "nosuch.module:build", *SHAPE], "Module 'nosuch.module' not found"),
     ("file-syntax-error", _write("broken.py", "def f(:\n"), ["lint", "broken.py:f", *SHAPE], "Importing 'broken.py' failed: SyntaxError"),
     (
+        "package-module-as-path",
+        lambda work: [_write(name, text)(work) for name, text in (("pkg/__init__.py", ""), ("pkg/mod.py", "from .parts import Net\n"))],
+        ["lint", "pkg/mod.py:Net", *SHAPE],
+        "attempted relative import with no known parent package; 'pkg/mod.py' is a module of the package 'pkg': name it by its dotted form, 'pkg.mod:Net'.",
+    ),
+    (
         "module-raises",
         _write("raises.py", "raise RuntimeError('no GPU here')\n"),
         ["lint", "raises:build", *SHAPE],

@@ -5,6 +5,7 @@ weights, convert's outputs; a second run changes nothing."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 import normswap
-from fixcases import CASES, FIXED, built, context_for, copy_case, load
+from fixcases import CASES, FIXED, assert_builds_what_convert_makes, built, context_for, copy_case, load
 from normswap.fix import FixError, fix_source
 
 
@@ -44,16 +45,7 @@ def test_fixed_source_builds_what_convert_produces(project: Path, case: str) -> 
     model, x, _ = built(path)
     context = context_for(case)
     fix_source(model, x, context=context, root=project, apply=True, unsafe=True)
-    converted = normswap.convert(model, x, context=context).model
-    fresh = load(path).build()
-    assert sorted(fresh.state_dict()) == sorted(converted.state_dict())
-    fresh.load_state_dict(converted.state_dict())
-    for mode in ("eval", "train"):  # the new norms do not depend on the mode
-        fresh.train(mode == "train")
-        converted.train(mode == "train")
-        with torch.no_grad():
-            torch.testing.assert_close(fresh(x), converted(x), rtol=1e-6, atol=1e-6)
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fresh.modules())
+    assert_builds_what_convert_makes(load(path).build(), model, x, context, case)
 
 
 def test_the_issue_example_line(project: Path) -> None:
@@ -99,18 +91,18 @@ def test_safe_fixes_only_without_unsafe(project: Path) -> None:
         torch.testing.assert_close(fresh.train()(x), model.eval()(x), rtol=1e-5, atol=1e-5)  # frozen keeps the function
 
 
-def test_several_widths_at_one_line_get_an_expression_of_the_channel_argument(project: Path) -> None:
+def test_computed_widths_get_the_group_count_rule_in_plain_torch(project: Path) -> None:
+    """A width computed in the code (a helper's argument, `cin * k`) may be any width in another
+    model: the fix calls the helper it defines in the file, which applies the rule; only a
+    literal width keeps a literal group count. Nothing imports normswap."""
     path = copy_case(project, "helpers")
     model, x, _ = built(path)
     fixes = fix_source(model, x, context=context_for("helpers"), root=project, unsafe=True)
     by_line = {e.line: e for e in fixes.edits}
-    assert by_line[9].new == "nn.GroupNorm({16: 1, 32: 2, 64: 4}[cout], cout)" and by_line[9].sites == (
-        "features.0.1",
-        "features.1.1",
-        "features.2.1",
-    )
-    assert by_line[13].new == "nn.GroupNorm(4, channels, eps=1e-3)"  # all the same width: a literal
-    assert by_line[28].new == "normswap.nn.GroupNormBN(cin * k, groups={64: 4, 128: 8})"  # not a name: the drop-in's mapping
+    assert by_line[9].new == "_group_norm(cout)" and by_line[9].sites == ("features.0.1", "features.1.1", "features.2.1")
+    assert by_line[13].new == "_group_norm(channels, eps=1e-3)"  # one width in this model, any width in another
+    assert by_line[28].new == "_group_norm(cin * k)"  # an expression is written once, as it was
+    assert {e.imports for e in fixes.edits} == {("torch",)} and "import normswap" not in fixes.review[0].after
 
 
 def test_norm_layer_values_follow_positional_and_forwarded_arguments(project: Path) -> None:
@@ -118,12 +110,12 @@ def test_norm_layer_values_follow_positional_and_forwarded_arguments(project: Pa
     model, x, _ = built(path)
     fixes = fix_source(model, x, context=context_for("torchvision_style"), root=project, unsafe=True)
     (edit,) = fixes.edits
-    assert (edit.line, edit.old, edit.new) == (67, "nn.BatchNorm2d", "normswap.nn.GroupNormBN")
+    assert (edit.line, edit.old, edit.new) == (67, "nn.BatchNorm2d", "_group_norm")
     assert len(edit.sites) == 8  # the stem, both blocks' norms (positional and keyword) and the downsample
     assert any("torchvision_style.py:83" in note and "isinstance" in note for note in fixes.notes)
     coarse = fix_source(model, x, context=context_for("torchvision_style"), root=project, unsafe=True, channels_per_group=4)
-    assert coarse.edits[0].new == "functools.partial(normswap.nn.GroupNormBN, groups={16: 4, 32: 8})"
-    assert coarse.edits[0].imports == ("functools", "normswap.nn")
+    assert coarse.edits[0].new == "functools.partial(_group_norm, channels_per_group=4)"  # the rule the plan was made with
+    assert coarse.edits[0].imports == ("functools", "torch")
 
 
 def test_a_norm_class_passed_by_the_caller_is_fixed_at_the_caller(project: Path) -> None:
@@ -133,7 +125,7 @@ def test_a_norm_class_passed_by_the_caller_is_fixed_at_the_caller(project: Path)
     path.write_text(path.read_text().replace("return resnet_tiny(num_classes=5)", "return resnet_tiny(num_classes=5, norm_layer=nn.BatchNorm2d)"))
     model, x, _ = built(path)
     (edit,) = fix_source(model, x, context=context_for("torchvision_style"), root=project, unsafe=True).edits
-    assert (edit.line, edit.new) == (127, "normswap.nn.GroupNormBN")
+    assert (edit.line, edit.new) == (127, "_group_norm")
 
 
 def test_functional_call_becomes_the_functional_norm(project: Path) -> None:
@@ -143,6 +135,18 @@ def test_functional_call_becomes_the_functional_norm(project: Path) -> None:
     assert edit.new == "F.group_norm(x, 2, self.weight, self.bias, 1e-3)"
     frozen = fix_source(model, x, context=normswap.Context(batch_size=2, finetune=True), root=project).edits[0]
     assert frozen.new == "F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, 1e-3)" and frozen.safe
+
+
+def test_a_functional_channel_layer_norm_is_plain_torch_and_computes_what_convert_does(project: Path) -> None:
+    path = copy_case(project, "functional")
+    model, x, _ = built(path)
+    converted = normswap.convert(model, x, to="layernorm")
+    (edit,) = fix_source(model, x, plan=converted.plan, root=project, apply=True, unsafe=True).edits
+    assert edit.new == "F.layer_norm(x.movedim(1, -1), (32,), self.weight, self.bias, 1e-3).movedim(-1, 1)" and edit.imports == ()
+    fresh = load(path).build()
+    fresh.load_state_dict(converted.model.state_dict())
+    with torch.no_grad():  # the same permutation and kernel as normswap's channel_layer_norm: 1e-6
+        torch.testing.assert_close(fresh(x), converted.model(x), rtol=1e-6, atol=1e-6)
 
 
 def test_unfixable_sites_say_why_and_nothing_is_edited(project: Path) -> None:
@@ -279,10 +283,8 @@ def test_suggestions_cover_whole_lines_and_import_insertions(project: Path) -> N
     model, x, _ = built(path)
     fixes = fix_source(model, x, context=context_for("helpers"), root=project, unsafe=True)
     suggestions = fixes.suggestions()
-    imports = [s for s in suggestions if not s.edits]
-    assert [(s.hunk.start, s.hunk.end, s.hunk.old, s.hunk.text) for s in imports] == [
-        (5, 5, "import torch.nn as nn\n", "import torch.nn as nn\nimport normswap.nn\n")
-    ]
+    (helper,) = [s for s in suggestions if not s.edits]  # the function the fix defines, after the imports
+    assert (helper.hunk.start, helper.hunk.end) == (7, 7) and "\ndef _group_norm(num_features, eps=1e-5," in helper.hunk.text
     lines = (CASES / "helpers.py").read_text().splitlines(keepends=True)
     applied = list(lines)
     for suggestion in sorted(suggestions, key=lambda s: s.hunk.start, reverse=True):  # each suggestion replaces its lines
@@ -301,8 +303,7 @@ def test_drop_in_classes_take_batchnorm_arguments() -> None:
         assert keyword.weight.dtype == torch.float64 and keyword.weight.shape == (32,)
     assert GroupNormBN(64).num_groups == 4 and GroupNormBN(64, groups=8).num_groups == 8
     assert GroupNormBN(128, groups={64: 2, 128: 8}).num_groups == 8
-    with pytest.raises(ValueError, match=r"no group count for 32 channels"):
-        GroupNormBN(32, groups={64: 2})
+    assert GroupNormBN(512, groups={64: 2}).num_groups == 32  # a width the mapping lacks gets the rule, never an error
     with pytest.raises(ValueError, match="track_running_stats=False has nothing to freeze"):
         FrozenBatchNorm(8, track_running_stats=False)
     x = torch.randn(2, 32, 4, 4)
@@ -351,10 +352,9 @@ def test_batchnorm_spelt_through_its_module_becomes_torch_nn(project: Path) -> N
     assert [type(m).__name__ for m in load(path).build()][1:] == ["GroupNorm", "GroupNorm"]  # batchnorm.GroupNorm does not exist
 
 
-def test_a_file_that_binds_the_name_normswap_is_not_given_a_shadowed_import(project: Path) -> None:
-    source = b"""import torch.nn as nn
+SHADOWED = """import torch.nn as nn
 
-normswap = {"enabled": True}
+{binding}
 
 
 def build(norm_layer=nn.BatchNorm2d):
@@ -363,9 +363,26 @@ def build(norm_layer=nn.BatchNorm2d):
 
 INPUT_SHAPE = (2, 3, 8, 8)
 """
-    path, fixes = _fixed(project, "shadow.py", source)
+
+
+@pytest.mark.parametrize(
+    ("binding", "finetune", "reason"),
+    [
+        ('normswap = {"enabled": True}', True, "the fix names `normswap`, but shadow.py:3 binds `normswap` to something else; rename that"),
+        ("torch = None", False, "the fix names `torch`, but shadow.py:3 binds `torch` to something else; rename that"),
+        ("_group_norm = None", False, "the fix defines the function `_group_norm`, but shadow.py:3 binds `_group_norm` already; rename that"),
+    ],
+    ids=["normswap", "torch", "helper"],
+)
+def test_a_name_the_fix_needs_that_the_file_binds_is_not_shadowed(project: Path, binding: str, finetune: bool, reason: str) -> None:
+    """frozen names normswap.nn, groupnorm's helper names torch and itself."""
+    source = SHADOWED.format(binding=binding).encode()
+    path = project / "shadow.py"
+    path.write_bytes(source)
+    model, x, _ = built(path)
+    fixes = fix_source(model, x, context=normswap.Context(batch_size=2, finetune=finetune), root=project, apply=True, unsafe=True)
     assert fixes.edits == [] and path.read_bytes() == source
-    assert [u.reason for u in fixes.unfixable] == ["the fix names `normswap`, but shadow.py:3 binds `normswap` to something else; rename that"]
+    assert [u.reason for u in fixes.unfixable] == [reason]
 
 
 def test_crlf_files_and_byte_order_marks_are_kept(project: Path) -> None:
@@ -376,4 +393,217 @@ def test_crlf_files_and_byte_order_marks_are_kept(project: Path) -> None:
     path, fixes = _fixed(project, "bom.py", source.replace(b"\n", b"\r\n"))
     written = path.read_bytes()
     assert len(fixes.edits) == 1 and written.startswith(b"\xef\xbb\xbf")
-    assert b"\nimport normswap.nn" in written and b"\n" not in written.replace(b"\r\n", b"")  # every line ends in CRLF, the added import too
+    assert b"\r\n\r\n\r\ndef _group_norm(" in written and b"\n" not in written.replace(b"\r\n", b"")  # every line ends in CRLF, the added helper too
+
+
+FACTORIES = """import functools
+
+import torch.nn as nn
+
+NORM_LAYERS = {{"batch": nn.BatchNorm2d, "instance": nn.InstanceNorm2d}}
+
+
+def norm_by_name(kind):
+    return {{"batch": functools.partial(nn.BatchNorm2d, eps=1e-3), "none": nn.Identity}}[kind]
+
+
+def norm_from_table(kind):
+    return NORM_LAYERS[kind]
+
+
+def make_norm(kind):
+{factory}
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, norm_layer=None):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm = norm_layer(cout)
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+def build():
+    norm_layer = make_norm("batch")
+    return nn.Sequential(Block(3, 16, norm_layer), Block(16, 32, norm_layer=norm_layer))
+
+
+INPUT_SHAPE = (2, 3, 8, 8)
+"""
+
+
+@pytest.mark.parametrize(
+    ("factory", "rewritten"),
+    [
+        ("    return norm_by_name(kind)", "functools.partial(_group_norm, eps=1e-3)"),  # a dict lookup inside the factory
+        ("    return norm_from_table(kind)", 'NORM_LAYERS = {"batch": _group_norm, "instance": nn.InstanceNorm2d}'),  # a module-level table
+        ("    layer = nn.BatchNorm2d if kind == 'batch' else nn.Identity\n    return layer", "layer = _group_norm if kind"),
+    ],
+    ids=["dict-in-factory", "module-table", "local-branch"],
+)
+def test_norm_classes_returned_by_factories_are_followed(project: Path, factory: str, rewritten: str) -> None:
+    path, fixes = _fixed(project, "factories.py", FACTORIES.format(factory=factory).encode())
+    assert fixes.unfixable == [] and len(fixes.edits) == 1 and len(fixes.edits[0].sites) == 2
+    assert rewritten in path.read_text()
+    fresh = load(path).build()
+    assert [type(m.norm).__name__ for m in fresh] == ["GroupNorm", "GroupNorm"]
+
+
+@pytest.mark.parametrize(
+    ("factory", "reason"),
+    [
+        (
+            "    return getattr(nn, 'BatchNorm2d')",
+            "the trail breaks at factories.py:17, where `getattr(nn, 'BatchNorm2d')` calls `getattr`, which is not a Python function normswap can read",
+        ),
+        (
+            "    return functools.partial(nn.BatchNorm2d, eps=1e-3) if kind == 'batch' else nn.BatchNorm2d",
+            "`functools.partial(nn.BatchNorm2d, eps=1e-3) if kind == 'b...` may hold any of 2 BatchNorm2d classes (factories.py:17), "
+            "and normswap cannot tell which one built this layer",
+        ),
+    ],
+    ids=["getattr", "two-candidates"],
+)
+def test_where_the_trail_breaks_the_reason_names_the_line(project: Path, factory: str, reason: str) -> None:
+    source = FACTORIES.format(factory=factory).encode()
+    path, fixes = _fixed(project, "factories.py", source)
+    assert fixes.edits == [] and path.read_bytes() == source
+    assert {u.site for u in fixes.unfixable} == {"0.norm", "1.norm"}
+    assert reason in fixes.unfixable[0].reason, fixes.unfixable[0].reason
+
+
+def test_a_factory_in_an_installed_package_is_named_where_the_trail_leaves_the_project(project: Path, zoo: Path) -> None:
+    (zoo / "tinyzoo" / "norms.py").write_text("import torch.nn as nn\n\n\ndef get_norm(kind):\n    return nn.BatchNorm2d\n")
+    source = FACTORIES.format(factory="    from tinyzoo.norms import get_norm\n\n    return get_norm(kind)").encode()  # imported where it is used
+    path, fixes = _fixed(project, "factories.py", source)
+    assert fixes.edits == [] and path.read_bytes() == source
+    assert "the trail breaks at factories.py:19, where `get_norm(kind)` calls `get_norm`, defined in tinyzoo/norms.py, outside the project" in (
+        fixes.unfixable[0].reason
+    )
+
+
+NAME_MATCHES = b"""import torch.nn as nn
+
+
+def init(model):
+    for name, m in model.named_modules():
+        if type(m).__name__ == "BatchNorm2d":
+            nn.init.ones_(m.weight)
+        if m.__class__.__name__ in ("BatchNorm1d", "BatchNorm2d"):
+            nn.init.zeros_(m.bias)
+    decay = [p for name, p in model.named_parameters() if "bn" not in name]
+    print("BatchNorm layers:", len(decay))  # a message, not a test of a name
+    return decay
+
+
+def build():
+    model = nn.Sequential(nn.Conv2d(3, 24, 1), nn.BatchNorm2d(24))
+    init(model)
+    return model
+
+
+INPUT_SHAPE = (2, 3, 8, 8)
+"""
+
+
+def test_code_that_picks_batchnorm_by_name_gets_a_note_with_its_line(project: Path) -> None:
+    path, fixes = _fixed(project, "by_name.py", NAME_MATCHES)
+    by_line = {int(note.split(":")[1].split(" ")[0]): note for note in fixes.notes if "picks layers by a name" in note}
+    assert sorted(by_line) == [6, 8, 10]  # the class-name tests and the 'bn' parameter filter, not the message
+    assert 'by_name.py:6 picks layers by a name that means BatchNorm (`if type(m).__name__ == "BatchNorm2d":`)' in by_line[6]
+    assert "GroupNorm" in [type(m).__name__ for m in load(path).build()]
+
+
+def test_the_diff_of_a_file_without_a_final_newline_ends_in_one(project: Path) -> None:
+    last = b"import torch\n\nINPUT_SHAPE = (2, 3, 8, 8)\n\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 24, 1), torch.nn.BatchNorm2d(24))"
+    _, fixes = _fixed(project, "last_line.py", last)
+    diff = fixes.files[0].diff()
+    assert diff.endswith("torch.nn.GroupNorm(1, 24))\n\\ No newline at end of file\n")  # as `diff` and git write it
+    assert "BatchNorm2d(24))\n\\ No newline at end of file\n+" in diff  # the old and new last lines do not run together
+
+
+@pytest.mark.parametrize(("max_groups", "channels_per_group"), [(32, 16), (8, 16), (32, 4), (32, 1), (16, 8)])
+def test_the_helper_written_into_the_source_is_converts_group_count_rule(max_groups: int, channels_per_group: int) -> None:
+    """The `_group_norm` a fix defines gives every width the count `convert` plans (where no
+    group is degenerate, as on any map of two or more values per channel)."""
+    from normswap.targets.groupnorm import GROUP_NORM_HELPER, HELPER_SOURCE, choose_num_groups
+
+    namespace: dict = {"torch": torch}
+    exec(HELPER_SOURCE, namespace)
+    helper = namespace[GROUP_NORM_HELPER]
+    for channels in range(1, 1025):
+        layer = helper(channels, max_groups=max_groups, channels_per_group=channels_per_group)
+        assert isinstance(layer, nn.GroupNorm) and layer.num_channels == channels
+        assert layer.num_groups == choose_num_groups(channels, 2, max_groups, channels_per_group)[0], channels
+    momentum_ignored = helper(64, 1e-3, 0.01, False, True, None, torch.float64)  # BatchNorm's positional order
+    assert (momentum_ignored.eps, momentum_ignored.affine, momentum_ignored.num_groups) == (1e-3, False, 4)
+
+
+def test_group_counts_no_rule_gives_are_refused_for_computed_widths(project: Path) -> None:
+    """A plan edited by hand (16 channels in 4 groups, 32 in 2): no `max_groups` /
+    `channels_per_group` gives both, so no code gives other widths theirs; a plan made with
+    --channels-per-group 4 is written as that rule."""
+    path = copy_case(project, "helpers")
+    model, x, _ = built(path)
+    document = json.loads(normswap.convert(model, x, context=context_for("helpers")).plan.to_json())
+    for entry in document["sites"]:
+        if entry["name"] == "features.0.1":
+            entry["params"]["num_groups"] = 4
+    edited = normswap.Plan.from_json(json.dumps(document))
+    fixes = fix_source(model, x, plan=edited, root=project, unsafe=True)
+    refused = {u.site: u.reason for u in fixes.unfixable}
+    assert set(refused) == {"features.0.1", "features.1.1", "features.2.1"}
+    assert refused["features.0.1"].startswith(
+        "the plan's group counts for `cout` (16 channels: 4, 32 channels: 2, 64 channels: 4) follow no rule of the form "
+        "'the largest divisor up to G groups with at least K channels per group'"
+    )
+    coarse = normswap.convert(model, x, context=context_for("helpers"), channels_per_group=4).plan
+    by_line = {e.line: e.new for e in fix_source(model, x, plan=coarse, root=project, unsafe=True).edits}
+    assert by_line[9] == "_group_norm(cout, channels_per_group=4)"  # read off the plan's own counts
+
+
+def test_a_second_fix_of_a_file_reuses_the_helper_the_first_added(project: Path) -> None:
+    path = copy_case(project, "helpers")
+    model, x, _ = built(path)
+    first = fix_source(model, x, context=context_for("helpers"), root=project, apply=True, unsafe=True, keep=("mix_norms.0", "mix_norms.1"))
+    assert first.unfixable == [] and "nn.BatchNorm2d(channels, eps=1e-3)" in path.read_text()
+    again, x, _ = built(path)
+    second = fix_source(again, x, context=context_for("helpers"), root=project, apply=True, unsafe=True)
+    assert [e.new for e in second.edits] == ["_group_norm(channels, eps=1e-3)"] and second.unfixable == []
+    assert path.read_text() == (CASES / "helpers.fixed.py").read_text()  # one helper, as a single run writes it
+
+
+def test_a_class_attribute_set_in_a_base_class_is_where_the_trail_breaks(project: Path) -> None:
+    source = b"""import torch.nn as nn
+
+
+class Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm_layer = nn.BatchNorm2d
+
+
+class Net(Base):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.bn = self.norm_layer(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def build():
+    return Net()
+
+
+INPUT_SHAPE = (2, 3, 4, 4)
+"""
+    path, fixes = _fixed(project, "inherited.py", source)
+    assert fixes.edits == [] and path.read_bytes() == source
+    ((unfixable,),) = [fixes.unfixable]
+    assert unfixable.reason.endswith(
+        "the trail breaks at inherited.py:14, where `self.norm_layer` is set nowhere in its class that normswap can read (a base class, setattr)"
+    )

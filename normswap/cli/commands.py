@@ -179,6 +179,8 @@ def _print_diff(fixes: SourceFixes) -> int:
     if fixes.unfixable:
         summary += f"; {len(fixes.unfixable)} site(s) not fixable in source (see `normswap lint`)"
     click.echo(summary, err=True)
+    for note in fixes.notes if diff else ():
+        click.echo(f"note: {note}", err=True)
     return 1 if diff else 0
 
 

@@ -70,9 +70,10 @@ def fix_source(
     require_type(plan, Plan, "plan", "fix_source", "read one with normswap.Plan.from_json(text)")
     context = context or Context()
     analysis = analyze(model, example_inputs, context)
-    request = PlanRequest("auto", PlanOptions(max_groups=max_groups, channels_per_group=channels_per_group), tuple(keep))
-    plan = resolve_plan(analysis.sites, analysis.findings, context, plan, request, strict=False)
-    fixes = plan_fixes([FixJob(model, analysis.sites, plan)], Path(root), unsafe)
+    options = PlanOptions(max_groups=max_groups, channels_per_group=channels_per_group)
+    given = plan is not None  # a given plan's options are read off its group counts
+    plan = resolve_plan(analysis.sites, analysis.findings, context, plan, PlanRequest("auto", options, tuple(keep)), strict=False)
+    fixes = plan_fixes([FixJob(model, analysis.sites, plan, options=None if given else options)], Path(root), unsafe)
     if apply:
         fixes.apply()
     return fixes

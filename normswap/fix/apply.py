@@ -60,9 +60,11 @@ class FileFix:
         return self.before != self.after
 
     def diff(self) -> str:
+        """A unified diff; a last line without a newline is marked as `diff` marks it, so that no
+        two lines run together and the diff ends in a newline."""
         name = self.relative
         lines = difflib.unified_diff(physical_lines(self.before), physical_lines(self.after), f"a/{name}", f"b/{name}")
-        return "".join(lines)
+        return "".join(line if line.endswith(("\n", "\r")) else f"{line}\n\\ No newline at end of file\n" for line in lines)
 
     def hunks(self) -> list[Hunk]:
         old, new = physical_lines(self.before), physical_lines(self.after)

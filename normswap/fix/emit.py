@@ -9,13 +9,14 @@ track_running_stats).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import libcst as cst
 
 from .. import targets
 from ..plan import PlanEntry
-from ..targets.base import SourceCall, SourceCode
+from ..targets.base import PlanOptions, SourceCall, SourceCode
 from .locate import CALL, VALUE, Spot
 
 BATCHNORM_PARAMETERS = ("num_features", "eps", "momentum", "affine", "track_running_stats", "device", "dtype")
@@ -24,9 +25,9 @@ F_BATCH_NORM = ("input", "running_mean", "running_var", "weight", "bias", "train
 TORCH_BATCH_NORM = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled")
 
 
-def replacement(spot: Spot, entries: Sequence[PlanEntry]) -> SourceCode | str:
-    """The code replacing `spot` for every entry built there, or why one replacement cannot
-    serve them all."""
+def replacement(spot: Spot, entries: Sequence[PlanEntry], options: PlanOptions | None = None) -> SourceCode | str:
+    """The code replacing `spot` for every entry built there (planned with `options`, when
+    known), or why one replacement cannot serve them all."""
     chosen = {entry.target for entry in entries}
     if len(chosen) != 1:
         plans = ", ".join(f"{e.name}: {e.target}" for e in entries)
@@ -35,12 +36,12 @@ def replacement(spot: Spot, entries: Sequence[PlanEntry]) -> SourceCode | str:
     params = [entry.params for entry in entries]
     if spot.kind == VALUE:
         namespace, imports = _torch_nn(spot, spot.node)
-        return target.source_class(SourceCall({}, namespace, imports), params)
+        return target.source_class(SourceCall({}, namespace, imports, options=options), params)
     call = spot.node
     assert isinstance(call, cst.Call)  # CALL and FUNCTIONAL spots are calls
     if spot.kind == CALL:
         found = _constructor(spot, call, params, target.name)
-        return found if isinstance(found, str) else target.source_call(found, params)
+        return found if isinstance(found, str) else target.source_call(dataclasses.replace(found, options=options), params)
     if len({repr(sorted(p.items())) for p in params}) != 1:
         return "the calls made here have different plans; make them on separate lines"
     found = _functional(spot, call)

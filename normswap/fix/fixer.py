@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import libcst as cst
 from torch import nn
 
 from ..plan import Plan, PlanEntry
 from ..sites import Site
 from ..source import construction_of
-from ..targets.base import SourceCode
+from ..targets.base import PlanOptions, SourceCode
 from .apply import FileFix, Hunk, check_writable, write
 from .emit import is_safe, replacement
 from .locate import Files, Spot, Unfixable, locate
@@ -28,13 +29,16 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FixJob:
     """One model to fix: its sites, the plan to write into its source, and which sites to fix
-    (`only`; None: every site the plan converts). `label` names it in multi-model runs."""
+    (`only`; None: every site the plan converts). `label` names it in multi-model runs;
+    `options`: what the plan was made with, when known (a group-count rule written into the
+    source follows them)."""
 
     model: nn.Module
     sites: Sequence[Site]
     plan: Plan
     label: str = ""
     only: Collection[str] | None = None
+    options: PlanOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class Edit:
     imports: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
     hunk: Hunk | None = None
+    members: tuple[tuple[str, str], ...] = ()  # (model label, site) for every site in `sites`
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -138,9 +143,10 @@ class SourceFixes:
         return found
 
     def for_model(self, label: str) -> SourceFixes:
-        """The part of the fixes that concerns one model of a multi-model run."""
+        """The part of the fixes that concerns one model of a multi-model run: its edits, each
+        listing only this model's sites."""
         return SourceFixes(
-            edits=[e for e in self.edits if label in e.models],
+            edits=[dataclasses.replace(e, sites=tuple(site for model, site in e.members if model == label)) for e in self.edits if label in e.models],
             unfixable=[u for u in self.unfixable if u.model == label],
             files=self.files,
             review=self.review,
@@ -181,6 +187,7 @@ class _Member:
     site: Site
     entry: PlanEntry
     wanted: bool
+    options: PlanOptions | None = None
 
 
 def plan_fixes(jobs: Sequence[FixJob], root: Path, unsafe: bool = False) -> SourceFixes:
@@ -205,7 +212,7 @@ def plan_fixes(jobs: Sequence[FixJob], root: Path, unsafe: bool = False) -> Sour
                     result.unfixable.append(Unfixable(site.name, found.reason, found.location, job.label))
                 continue
             spots.setdefault(found.key, found)
-            members.setdefault(found.key, []).append(_Member(job.label, site, entry, wanted))
+            members.setdefault(found.key, []).append(_Member(job.label, site, entry, wanted, job.options))
     chosen: list[tuple[Spot, SourceCode, Edit]] = []
     several = len(jobs) > 1
     for key, group in members.items():
@@ -229,12 +236,16 @@ def _edit(spot: Spot, group: list[_Member], result: SourceFixes, files: Files, s
         names = ", ".join(f"{m.label}:{m.site.name}" if several else m.site.name for m in others[:4]) + (", ..." if len(others) > 4 else "")
         code = f"{location_text} also builds {names}, which this run leaves as BatchNorm; build them on separate lines or give them the same plan"
     else:
-        code = replacement(spot, [m.entry for m in wanted])
+        code = replacement(spot, [m.entry for m in wanted], wanted[0].options)
         for module in code.imports if not isinstance(code, str) else ():
             root = module.split(".")[0]
             line = spot.file.rebinding(root)
             if line is not None:
                 code = f"the fix names `{root}`, but {files.relative(spot.file.path)}:{line} binds `{root}` to something else; rename that"
+        for name, text in code.helpers if not isinstance(code, str) else ():
+            line = spot.file.rebinding(name)
+            if line is not None and not spot.file.defines(name, text):
+                code = f"the fix defines the function `{name}`, but {files.relative(spot.file.path)}:{line} binds `{name}` already; rename that"
     if isinstance(code, str):
         for member in wanted:
             result.unfixable.append(Unfixable(member.site.name, code, member.site.defined_at, member.label))
@@ -253,6 +264,7 @@ def _edit(spot: Spot, group: list[_Member], result: SourceFixes, files: Files, s
         safe=is_safe(target),
         imports=code.imports,
         models=tuple(dict.fromkeys(m.label for m in wanted)),
+        members=tuple((m.label, m.site.name) for m in wanted),
     )
     return spot, code, edit
 
@@ -278,8 +290,17 @@ def _rewrite_files(chosen: list[tuple[Spot, SourceCode, Edit]], result: SourceFi
         for node in source.batchnorm_names():
             if not any(node is r or source.contains(r, node) for r in replaced):
                 line = source.line_of(node)
-                result.notes.append(
-                    f"{name}:{line} still names {source.code(node)} (`{source.lines[line - 1].strip()}`): "
-                    "check whether it should name the new class too (an isinstance test in an init loop, say)"
-                )
+                parent = source.parents.get(node)
+                if isinstance(parent, cst.Call) and parent.func is node:
+                    why = "no model of this run builds its layers there; lint the models that do to fix it too"
+                else:
+                    why = "check whether it should name the new class too (an isinstance test in an init loop, say)"
+                result.notes.append(f"{name}:{line} still names {source.code(node)} (`{source.lines[line - 1].strip()}`): {why}")
+    for source in files.read() if chosen else ():
+        for line in source.name_matches():
+            result.notes.append(
+                f"{files.relative(source.path)}:{line} picks layers by a name that means BatchNorm (`{source.lines[line - 1].strip()}`): "
+                "the layers the fix rewrites are no longer BatchNorm (their attribute names stay), so check what it should match now "
+                "(a weight init or a parameter-group rule, say)"
+            )
     result.edits.sort(key=lambda e: (e.path, e.line, e.column))

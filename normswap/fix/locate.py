@@ -75,6 +75,10 @@ class Files:
         """`path` relative to the project root (POSIX separators)."""
         return Path(path).resolve().relative_to(self.root).as_posix()
 
+    def read(self) -> list[SourceFile]:
+        """Every project file read so far (those on the calls that built the layers), by path."""
+        return sorted((f for f in self._parsed.values() if isinstance(f, SourceFile)), key=lambda f: str(f.path))
+
     def get(self, path: str) -> SourceFile:
         """The parsed file; FixError when it cannot be read or parsed."""
         key = str(Path(path).resolve())
@@ -95,11 +99,13 @@ class _Refused(Exception):
 
 @dataclass(frozen=True)
 class _Frame:
-    """One call on the stack that built a layer: the file and the call node executing."""
+    """One call on the stack that built a layer: the file and the call node executing. A function
+    followed without running it (a factory whose return value is the norm class) has a frame
+    whose node is the expression being evaluated and no span."""
 
     source: SourceFile
-    node: cst.Call
-    span: CodeSpan
+    node: cst.CSTNode
+    span: CodeSpan | None
 
     @property
     def function(self) -> cst.FunctionDef | None:
@@ -132,8 +138,9 @@ def locate(site: Site, module: nn.Module | None, construction: Construction | No
     try:
         frames = _frames(site, construction, files)
         first = frames[0]
+        assert isinstance(first.node, cst.Call)  # a recorded frame runs a call
         if not _builds(first.source, first.node.func, module):
-            return _value_reference(site, frames, module)
+            return _value_reference(frames, module, files)
         return Spot(CALL, first.source, first.node)
     except _Refused as refusal:
         return Unfixable(site.name, str(refusal), site.built_from or site.defined_at)
@@ -178,41 +185,65 @@ def _builds(source: SourceFile, reference: cst.CSTNode, module: nn.Module) -> bo
 # --- a class passed as a value ---------------------------------------------------------------
 
 
-def _value_reference(site: Site, frames: list[_Frame], module: nn.Module) -> Spot:
+def _value_reference(frames: list[_Frame], module: nn.Module, files: Files) -> Spot:
     """The torch BatchNorm class reference a value-callee (`norm_layer(c)`) was bound to."""
-    callee = frames[0].node.func
-    found = _Resolver(frames, module).expression(callee, 0)
+    call = frames[0].node
+    assert isinstance(call, cst.Call)
+    resolver = _Resolver(frames, module, files)
+    found = resolver.expression(call.func, 0)
     if found is None:
+        trail = f": the trail breaks at {resolver.trail[0]}" if resolver.trail else ""
         raise _Refused(
-            f"built by `{frames[0].source.code(callee)}(...)`, and the BatchNorm class bound to it was not found along the calls that built it"
+            f"built by `{frames[0].source.code(call.func)}(...)`, and the BatchNorm class bound to it was not found along the calls that built it{trail}"
         )
     return Spot(VALUE, *found)
 
 
 _UNKNOWN = object()
+_MAX_FOLLOWED = 8  # functions followed into (factories returning factories), and module-level aliases of aliases
+_CONSTANTS = {"None", "True", "False"}
+_Found = tuple[SourceFile, cst.CSTNode]
 
 
 class _Resolver:
-    """Follows a name back to the torch BatchNorm class reference it holds, frame by frame."""
+    """Follows a name back to the torch BatchNorm class reference it holds, frame by frame, into
+    the functions that return it (`get_norm_layer('batch')`) and the mappings it is looked up in.
+    `trail` collects where the search hit something it cannot follow, first (deepest) first."""
 
-    def __init__(self, frames: list[_Frame], module: nn.Module) -> None:
+    def __init__(self, frames: list[_Frame], module: nn.Module, files: Files, depth: int = 0, trail: list[str] | None = None) -> None:
         self.frames = frames
         self.module = module
+        self.files = files
+        self.depth = depth
+        self.trail = trail if trail is not None else []
         self.seen: set[tuple[str, int]] = set()
 
-    def expression(self, node: cst.CSTNode, k: int) -> tuple[SourceFile, cst.CSTNode] | None:
+    def expression(self, node: cst.CSTNode, k: int) -> _Found | None:
         """The reference `node`, evaluated in frame `k`, holds."""
         source = self.frames[k].source
-        for reference in source.batchnorm_references(node):
-            if _builds(source, reference, self.module):
-                return source, reference
+        found = [reference for reference in source.batchnorm_references(node) if _builds(source, reference, self.module)]
+        if found:
+            return self._one([(source, reference) for reference in found], source.code(node))
         if isinstance(node, cst.Name):
-            return self.name(node.value, k)
+            if node.value in _CONSTANTS:
+                return None
+            result = self.name(node.value, k)
+            if result is None:
+                self._broke(k, node, "is bound to nothing normswap can read here (a loop variable, a global set elsewhere, a star import)")
+            return result
         if isinstance(node, cst.Attribute) and isinstance(node.value, cst.Name) and node.value.value == "self":
-            return self.attribute(node.attr.value, k)
+            result = self.attribute(node.attr.value, k)
+            if result is None:
+                self._broke(k, node, "is set nowhere in its class that normswap can read (a base class, setattr)")
+            return result
+        if isinstance(node, cst.Subscript):  # `NORM_LAYERS[kind]`: the mapping's values
+            return self.expression(node.value, k)
+        if isinstance(node, cst.Call):
+            return self.returned(node, k)
+        self._broke(k, node, "is an expression normswap does not evaluate")
         return None
 
-    def name(self, name: str, k: int) -> tuple[SourceFile, cst.CSTNode] | None:
+    def name(self, name: str, k: int) -> _Found | None:
         if (name, k) in self.seen:
             return None
         self.seen.add((name, k))
@@ -225,13 +256,14 @@ class _Resolver:
             # an argument the caller passed wins over the default (None falls through to it)
             passed = self._passed(function, frame.source, parameter, k + 1)
             if passed is _UNKNOWN:
+                self._broke(k + 1, self.frames[k + 1].node, f"passes `{name}` in a mapping (**kwargs) normswap cannot read")
                 return None
             if isinstance(passed, tuple) and not (isinstance(passed[0], cst.Name) and passed[0].value == "None"):
                 return self.expression(*passed)
-        for value in _assigned(function.body, name):  # `if norm_layer is None: norm_layer = nn.BatchNorm2d`
-            found = self.expression(value, k)
-            if found is not None:
-                return found
+        # `if norm_layer is None: norm_layer = nn.BatchNorm2d`; a factory's branches
+        assigned = [found for value in _assigned(function.body, name) if (found := self.expression(value, k)) is not None]
+        if assigned:
+            return self._one(assigned, name)
         if parameter is not None and parameter.default is not None:
             return self.expression(parameter.default, k)
         return self._module_level(name, k)
@@ -242,6 +274,7 @@ class _Resolver:
         -> `_resnet(..., **kwargs)` -> `ResNet(..., **kwargs)`); None when nothing is passed,
         _UNKNOWN when a mapping normswap cannot see may hold it."""
         call = self.frames[j].node
+        assert isinstance(call, cst.Call)  # a caller's frame runs a call
         argument = _argument(call, function, source, parameter)
         if argument is not None:
             return argument, j
@@ -252,21 +285,25 @@ class _Resolver:
                 return None
             caller = self.frames[j].function
             forwarded = caller.params.star_kwarg if caller is not None else None
-            if len(spread) > 1 or not (
-                isinstance(spread[0].value, cst.Name) and isinstance(forwarded, cst.Param) and forwarded.name.value == spread[0].value.value
+            span = self.frames[j].span
+            if (
+                len(spread) > 1
+                or span is None
+                or not (isinstance(spread[0].value, cst.Name) and isinstance(forwarded, cst.Param) and forwarded.name.value == spread[0].value.value)
             ):
                 return _UNKNOWN
-            if name not in self.frames[j].span.kwargs_keys:
+            if name not in span.kwargs_keys:
                 return None  # the forwarded mapping did not hold it when the model was built
             if j + 1 >= len(self.frames):
                 return _UNKNOWN
             j += 1
             call = self.frames[j].node
+            assert isinstance(call, cst.Call)
             keyword = next((a.value for a in call.args if a.keyword is not None and a.keyword.value == name), None)
             if keyword is not None:
                 return keyword, j
 
-    def attribute(self, attr: str, k: int) -> tuple[SourceFile, cst.CSTNode] | None:
+    def attribute(self, attr: str, k: int) -> _Found | None:
         """`self.<attr>`: its assignments in the class, each evaluated in the frame running the
         method that holds it (ResNet.__init__ calling _make_layer), else as written."""
         if (f"self.{attr}", k) in self.seen:
@@ -289,18 +326,159 @@ class _Resolver:
                     return found
         return None
 
-    def _module_level(self, name: str, k: int) -> tuple[SourceFile, cst.CSTNode] | None:
-        """A module-level alias: `Norm = nn.BatchNorm2d`."""
+    def returned(self, call: cst.Call, k: int) -> _Found | None:
+        """What the function `call` calls returns (a factory: `get_norm_layer(norm_type='batch')`),
+        each `return` evaluated in the function with the call's arguments."""
+        if self.depth >= _MAX_FOLLOWED:
+            self._broke(k, call, "returns it through more nested functions than normswap follows")
+            return None
+        callee = self._callee(call.func, k)
+        if isinstance(callee, str):
+            self._broke(k, call, callee)
+            return None
+        source, function = callee
+        found = []
+        for value in _returns(function):
+            # the function's own frame, then the caller's with this call running, then the rest
+            frames = [_Frame(source, value, None), _Frame(self.frames[k].source, call, None), *self.frames[k + 1 :]]
+            result = _Resolver(frames, self.module, self.files, self.depth + 1, self.trail).expression(value, 0)
+            if result is not None:
+                found.append(result)
+        if not found:
+            where = f"{self.files.relative(source.path)}:{source.line_of(function)}"
+            self._broke(k, call, f"calls `{function.name.value}` ({where}), which returns no {type(self.module).__name__} class normswap can see")
+            return None
+        return self._one(found, source.code(call))
+
+    def _callee(self, func: cst.CSTNode, k: int) -> tuple[SourceFile, cst.FunctionDef] | str:
+        """The function definition a call's callee names, or why normswap does not follow it."""
+        frame = self.frames[k]
+        source = frame.source
+        if isinstance(func, cst.Name):
+            scopes: list[cst.CSTNode] = [frame.function.body] if frame.function is not None else []
+            for scope in (*scopes, source.module):
+                for statement in getattr(scope, "body", ()):
+                    if isinstance(statement, cst.FunctionDef) and statement.name.value == func.value:
+                        return source, statement
+        elif isinstance(func, cst.Attribute) and isinstance(func.value, cst.Name) and func.value.value == "self":
+            klass = next(source.enclosing(frame.node, cst.ClassDef), None)
+            for statement in getattr(getattr(klass, "body", None), "body", ()):
+                if isinstance(statement, cst.FunctionDef) and statement.name.value == func.attr.value:
+                    return source, statement
+        return _imported_function(source, func, self.files)
+
+    def _module_level(self, name: str, k: int) -> _Found | None:
+        """A module-level binding: `Norm = nn.BatchNorm2d`, `NORMS = {...}`, `Norm = make_norm()`."""
         source = self.frames[k].source
         for statement in source.module.body:
             for small in getattr(statement, "body", ()) if isinstance(statement, cst.SimpleStatementLine) else ():
                 if isinstance(small, cst.Assign) and len(small.targets) == 1:
                     target = small.targets[0].target
-                    if isinstance(target, cst.Name) and target.value == name:
-                        for reference in source.batchnorm_references(small.value):
-                            if _builds(source, reference, self.module):
-                                return source, reference
+                    if isinstance(target, cst.Name) and target.value == name and self.depth < _MAX_FOLLOWED:
+                        module_frame = [_Frame(source, small.value, None)]
+                        found = _Resolver(module_frame, self.module, self.files, self.depth + 1, self.trail).expression(small.value, 0)
+                        if found is not None:
+                            return found
         return None
+
+    def _one(self, found: list[_Found], what: str) -> _Found:
+        """The one reference among `found`; several distinct ones: the layer could come from any."""
+        distinct = list({id(node): (source, node) for source, node in found}.values())
+        if len(distinct) > 1:
+            places = ", ".join(dict.fromkeys(f"{self.files.relative(source.path)}:{source.line_of(node)}" for source, node in distinct))
+            raise _Refused(
+                f"`{_short(what)}` may hold any of {len(distinct)} {type(self.module).__name__} classes ({places}), "
+                "and normswap cannot tell which one built this layer; give each its own name"
+            )
+        return distinct[0]
+
+    def _broke(self, k: int, node: cst.CSTNode, why: str) -> None:
+        source = self.frames[k].source
+        self.trail.append(f"{self.files.relative(source.path)}:{source.line_of(node)}, where `{_short(source.code(node))}` {why}")
+
+
+def _short(code: str, limit: int = 60) -> str:
+    code = " ".join(code.split())
+    return code if len(code) <= limit else code[: limit - 3] + "..."
+
+
+def _returns(function: cst.FunctionDef) -> list[cst.BaseExpression]:
+    """The values `function` returns, not those of functions or classes nested in it."""
+    found: list[cst.BaseExpression] = []
+
+    class Collect(cst.CSTVisitor):
+        def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
+            return node is function
+
+        def visit_Lambda(self, node: cst.Lambda) -> bool:
+            return False
+
+        def visit_ClassDef(self, node: cst.ClassDef) -> bool:
+            return False
+
+        def visit_Return(self, node: cst.Return) -> None:
+            if node.value is not None:
+                found.append(node.value)
+
+    function.visit(Collect())
+    return found
+
+
+def _imported_function(source: SourceFile, func: cst.CSTNode, files: Files) -> tuple[SourceFile, cst.FunctionDef] | str:
+    """A function the file reaches by a name or a dotted path (`from .norms import get_norm`,
+    `networks.get_norm_layer`), found through the loaded modules."""
+    dotted = _dotted(func)
+    if dotted is None:
+        return "calls something normswap does not follow (only functions named directly)"
+    value = _loaded(source, func, dotted)
+    code = getattr(getattr(value, "__func__", value), "__code__", None)
+    if value is None:
+        return f"calls `{dotted}`, which is not a function normswap finds in the project (defined in this file, or imported into it)"
+    if not isinstance(code, types.CodeType):
+        return f"calls `{dotted}`, which is not a Python function normswap can read"
+    if not files.inside(code.co_filename):
+        return f"calls `{dotted}`, defined in {relative_path(code.co_filename)}, outside the project, which normswap does not follow"
+    try:
+        defined = files.get(code.co_filename)
+    except FixError as exc:
+        return f"calls `{dotted}`, whose file cannot be read ({str(exc).rstrip('.')})"
+    if defined.fingerprint(code.co_qualname, code.co_firstlineno) != code_fingerprint(code):
+        return f"calls `{dotted}`, whose file {relative_path(code.co_filename)} changed since the model was built"
+    candidates = [node for node, where in defined.positions.items() if isinstance(node, cst.FunctionDef) and node.name.value == code.co_name]
+    following = [node for node in candidates if defined.positions[node].start.line >= code.co_firstlineno]
+    if not following:
+        return f"calls `{dotted}`, whose definition normswap cannot find in {relative_path(code.co_filename)}"
+    return defined, min(following, key=lambda node: defined.positions[node].start.line)
+
+
+def _loaded(source: SourceFile, func: cst.CSTNode, dotted: str) -> object | None:
+    """What `func` names at run time: through the file's imports (`tinyzoo.norms.get_norm`) in
+    the loaded modules, else through the loaded module that runs this file."""
+    for qualified in sorted(source.qualified(func)):
+        parts = qualified.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            module = sys.modules.get(".".join(parts[:cut]))
+            if module is not None:
+                value: object = module
+                for part in parts[cut:]:
+                    value = getattr(value, part, None)
+                if value is not None:
+                    return value
+    path = os.path.realpath(source.path)
+    running = next((m for m in list(sys.modules.values()) if os.path.realpath(getattr(m, "__file__", None) or "/") == path), None)
+    value = running
+    for part in dotted.split(".") if running is not None else ():
+        value = getattr(value, part, None)
+    return value
+
+
+def _dotted(node: cst.CSTNode) -> str | None:
+    if isinstance(node, cst.Name):
+        return node.value
+    if isinstance(node, cst.Attribute):
+        head = _dotted(node.value)
+        return f"{head}.{node.attr.value}" if head is not None else None
+    return None
 
 
 def _parameter(function: cst.FunctionDef, name: str) -> cst.Param | None:

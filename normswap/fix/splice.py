@@ -5,22 +5,26 @@ thousand-line file; the parse normswap already has answers the same questions.)"
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 
 import libcst as cst
 
 from ..targets.base import SourceCode
 from .locate import Spot
-from .source_file import BATCHNORM_CLASSES, FixError, SourceFile
+from .source_file import BATCHNORM_CLASSES, FixError, SourceFile, physical_lines
 
 
 def rewrite(source: SourceFile, spots: Sequence[tuple[Spot, SourceCode]]) -> str:
-    """`source`'s text with every spot replaced, the imports the new code needs added, and
-    `from torch.nn import BatchNorm2d [as BN]` imports nothing uses any more trimmed."""
+    """`source`'s text with every spot replaced, the imports and helper functions the new code
+    needs added, and `from torch.nn import BatchNorm2d [as BN]` imports nothing uses any more
+    trimmed."""
     replaced = [spot.node for spot, _ in spots]
     edits = [(*source.char_range(spot.node), code.text) for spot, code in spots]
     edits += _trimmed_imports(source, replaced)
-    edits += _added_imports(source, sorted({name for _, code in spots for name in code.imports}))
+    helpers = {name: text for _, code in spots for name, text in code.helpers if not source.defines(name, text)}
+    users = [spot.node for spot, code in spots if code.helpers]
+    edits += _added_code(source, sorted({name for _, code in spots for name in code.imports}), helpers, users)
     text = source.text
     for start, end, new in sorted(edits, key=lambda edit: (edit[0], edit[1]), reverse=True):
         text = text[:start] + new + text[end:]
@@ -41,19 +45,37 @@ def _top_level_imports(source: SourceFile) -> list[tuple[cst.SimpleStatementLine
     return found
 
 
-def _added_imports(source: SourceFile, modules: Sequence[str]) -> list[tuple[int, int, str]]:
-    """`import X` lines for the modules the new code names and the file does not bind yet,
-    after the last top-level import (else after the docstring, else at the top)."""
+def _added_code(source: SourceFile, modules: Sequence[str], helpers: Mapping[str, str], users: Sequence[cst.CSTNode]) -> list[tuple[int, int, str]]:
+    """`import X` lines for the modules the new code names and the file does not bind yet, after
+    the last top-level import (else after the docstring, else at the top), then the helper
+    functions it calls, two blank lines apart; a helper goes before the first top-level
+    statement that uses it when that statement comes earlier (`Norm = _group_norm` runs at import)."""
     imports = _top_level_imports(source)
     bound = {source.code(alias.name) for _, node in imports if isinstance(node, cst.Import) for alias in node.names if alias.asname is None}
     bound_roots = {name.split(".")[0] for name in bound}
     missing = [m for m in modules if not (m in bound or ("." not in m and m in bound_roots))]
-    if not missing:
+    if not missing and not helpers:
         return []
     anchor: cst.CSTNode | None = imports[-1][0] if imports else _docstring(source)
     offset = source.char_range(anchor, whole_lines=True)[1] if anchor is not None else 0
     newline = source.module.default_newline  # a CRLF file gets CRLF import lines
-    return [(offset, offset, "".join(f"import {m}{newline}" for m in missing))]
+    added = "".join(f"import {m}{newline}" for m in missing)
+    definitions = [text.replace("\n", newline) for text in helpers.values()]
+    first_use = min((source.char_range(_top_level(source, node), whole_lines=True)[0] for node in users), default=offset)
+    if definitions and first_use < offset:
+        return [(offset, offset, added), (first_use, first_use, "".join(d + newline * 2 for d in definitions))]
+    if not definitions:
+        return [(offset, offset, added)]
+    following = re.match(r"(?:[ \t]*(?:\r\n|\r|\n))*", source.text[offset:])
+    blank = len(physical_lines(following.group())) if following else 0
+    return [(offset, offset, added + "".join(newline * 2 + d for d in definitions) + newline * max(0, 2 - blank))]
+
+
+def _top_level(source: SourceFile, node: cst.CSTNode) -> cst.CSTNode:
+    """The module-level statement that holds `node`."""
+    while (parent := source.parents.get(node)) is not None and not isinstance(parent, cst.Module):
+        node = parent
+    return node
 
 
 def _docstring(source: SourceFile) -> cst.CSTNode | None:

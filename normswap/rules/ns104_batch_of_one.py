@@ -43,6 +43,12 @@ class BatchOfOne(Rule):
             return self.skip("does not use batch statistics in training")
         if site.spatial_size is None or site.spatial_size > 1:
             return self.skip(f"input {shape_text(site)} has several values per channel")
+        rows = site.rows_per_sample or 1
+        if rows > 1:
+            return self.skip(
+                f"input {shape_text(site)} holds {rows} rows per sample of the model's batch (dim 0 is not the batch, "
+                f"e.g. a flattened sequence): a batch of one still gives {rows} values per channel"
+            )
         return self.finding(
             site,
             f"'{site.name}' sees one value per channel at batch size 1 (input {shape_text(site)}): training raises ValueError.",

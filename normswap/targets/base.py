@@ -93,10 +93,12 @@ COMMON_PARAMS: dict[str, Param] = {"eps": Param(ParamKind.FLOAT, positive=True),
 
 @dataclass(frozen=True)
 class SourceCode:
-    """Code a source fix writes, and the modules it needs imported."""
+    """Code a source fix writes, the modules it needs imported, and the module-level functions it
+    calls that the fix defines in the file (name, definition), once per file."""
 
     text: str
     imports: tuple[str, ...] = ()
+    helpers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,13 +106,15 @@ class SourceCall:
     """How the user's source builds or calls BatchNorm, for a target to write its own form:
     each argument's code by parameter name (a constructor's `num_features`, `eps`, `affine`...;
     a functional call's `input`, `running_mean`...), how the file reaches the torch namespace
-    the call used (`nn.`, `F.`), and the whole call as written."""
+    the call used (`nn.`, `F.`), the whole call as written, and the options the plan was made
+    with (a rule written into the source must give every width what the plan gives)."""
 
     arguments: Mapping[str, str]
     namespace: str
     imports: tuple[str, ...] = ()
     written: str = ""
     callee: str = ""
+    options: PlanOptions | None = None  # what the plan was made with, when known
 
     def keywords(self, renames: Mapping[str, str] | None = None) -> str:
         """', eps=1e-3, affine=False': the arguments that keep their meaning, as written."""

@@ -23,7 +23,6 @@ from .base import (
     COMMON_PARAMS,
     DEFAULT_CHANNELS_PER_GROUP,
     DEFAULT_MAX_GROUPS,
-    NORMSWAP_NN,
     Param,
     ParamKind,
     PlanOptions,
@@ -149,9 +148,9 @@ class GroupNormBN(GroupNorm):
     `norm_layer=nn.BatchNorm2d` did.
 
     Args:
-        groups: the group count, or a mapping from channel count to group count (what
-            `normswap lint --fix` writes when one line builds layers of several widths); None:
-            the rule, with `max_groups` and `channels_per_group`.
+        groups: the group count, or a mapping from channel count to group count (what earlier
+            versions of `normswap lint --fix` wrote; a width it does not list gets the rule);
+            None: the rule, with `max_groups` and `channels_per_group`.
     """
 
     def __init__(
@@ -169,9 +168,7 @@ class GroupNormBN(GroupNorm):
         channels_per_group: int = DEFAULT_CHANNELS_PER_GROUP,
     ) -> None:
         if isinstance(groups, Mapping):
-            if num_features not in groups:
-                raise ValueError(f"GroupNormBN: no group count for {num_features} channels in {dict(groups)}.")
-            groups = groups[num_features]
+            groups = groups.get(num_features)  # another model built from the same line: the rule
         if groups is None:
             # two values per channel at least: whatever the map size, C/G channels per group
             groups, _ = choose_num_groups(num_features, 2, max_groups, channels_per_group)
@@ -230,31 +227,88 @@ class GroupNormTarget(Target):
         return {"num_groups": module.num_groups, "num_channels": module.num_channels, "eps": module.eps, "affine": module.affine}
 
     def source_call(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
-        """`nn.GroupNorm(G, C, eps=...)`; layers of several widths built at one line: the group
-        count indexed by the channel argument, or the BatchNorm-signature drop-in with a mapping."""
+        """`nn.GroupNorm(G, C, eps=...)` for a literal width; for a width computed in the code,
+        `_group_norm(C, ...)`, a plain-torch helper the fix defines in the file, which applies
+        the group-count rule at whatever width the code builds."""
         mapping = _group_counts(params)
         if isinstance(mapping, str):
             return mapping
         channels, keywords = call.arguments["num_features"], call.keywords()
-        if len(set(mapping.values())) == 1:
+        if _is_constant(channels) and len(mapping) == 1:  # the code builds one width only
             return SourceCode(f"{call.namespace}GroupNorm({next(iter(mapping.values()))}, {channels}{keywords})", call.imports)
-        if _is_plain(channels):
-            return SourceCode(f"{call.namespace}GroupNorm({mapping}[{channels}], {channels}{keywords})", call.imports)
-        return SourceCode(f"{NORMSWAP_NN}.GroupNormBN({channels}{keywords}, groups={mapping})", (NORMSWAP_NN,))
+        rule = group_rule(mapping, call.options)
+        if rule is None:
+            return _no_rule(mapping, f"`{channels}`")
+        return SourceCode(f"{GROUP_NORM_HELPER}({channels}{keywords}{_rule_keywords(rule)})", ("torch",), ((GROUP_NORM_HELPER, HELPER_SOURCE),))
 
     def source_class(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+        """The same helper, which takes BatchNorm's constructor arguments, as the class value."""
         mapping = _group_counts(params)
         if isinstance(mapping, str):
             return mapping
-        if all(choose_num_groups(c, 2)[0] == g for c, g in mapping.items()):  # the drop-in's own rule gives them all
-            return SourceCode(f"{NORMSWAP_NN}.GroupNormBN", (NORMSWAP_NN,))
-        return SourceCode(f"functools.partial({NORMSWAP_NN}.GroupNormBN, groups={mapping})", ("functools", NORMSWAP_NN))
+        rule = group_rule(mapping, call.options)
+        if rule is None:
+            return _no_rule(mapping, "this norm class")
+        keywords = _rule_keywords(rule)
+        helper = ((GROUP_NORM_HELPER, HELPER_SOURCE),)
+        if keywords:
+            return SourceCode(f"functools.partial({GROUP_NORM_HELPER}{keywords})", ("functools", "torch"), helper)
+        return SourceCode(GROUP_NORM_HELPER, ("torch",), helper)
 
     def source_function(self, call: SourceCall, params: Mapping[str, Any]) -> SourceCode | str:
         arguments = call.arguments
         weight, bias = arguments.get("weight", "None"), arguments.get("bias", "None")
         eps = arguments.get("eps", repr(float(params["eps"])))
         return SourceCode(f"{call.namespace}group_norm({arguments['input']}, {int(params['num_groups'])}, {weight}, {bias}, {eps})", call.imports)
+
+
+# The function `lint --fix` defines in a file whose BatchNorm is built at computed widths: plain
+# torch (the file needs no normswap), BatchNorm's constructor arguments (it also replaces a norm
+# class passed as a value), and `choose_num_groups`' rule at any width (tests check they agree).
+GROUP_NORM_HELPER = "_group_norm"
+HELPER_SOURCE = f'''def {GROUP_NORM_HELPER}(num_features, eps=1e-5, momentum=None, affine=True, track_running_stats=None,
+                device=None, dtype=None, *, max_groups={DEFAULT_MAX_GROUPS}, channels_per_group={DEFAULT_CHANNELS_PER_GROUP}):
+    """torch.nn.GroupNorm taking BatchNorm's arguments (written by `normswap lint --fix`; momentum
+    and track_running_stats mean nothing to it). The group count is the one `normswap convert`
+    chooses: the largest divisor of num_features up to max_groups that leaves at least
+    channels_per_group channels per group, else one group."""
+    groups = [g for g in range(1, max_groups + 1)
+              if num_features % g == 0 and num_features // g >= channels_per_group]
+    return torch.nn.GroupNorm(max(groups, default=1), num_features, eps=eps, affine=affine,
+                              device=device, dtype=dtype)
+'''
+
+
+def group_rule(mapping: Mapping[int, int], preferred: PlanOptions | None = None) -> PlanOptions | None:
+    """Options under which `choose_num_groups`' rule gives every width in `mapping` its group count
+    (`preferred` first, then the defaults, then those the counts themselves suggest); None when
+    no such rule exists (a plan edited by hand, say)."""
+    candidates = [preferred] if preferred is not None else []
+    candidates.append(PlanOptions())
+    suggested_groups = sorted({DEFAULT_MAX_GROUPS, *mapping.values()}, reverse=True)
+    suggested_widths = sorted({DEFAULT_CHANNELS_PER_GROUP, *(c // g for c, g in mapping.items())}, reverse=True)
+    candidates += [PlanOptions(g, k) for g in suggested_groups for k in suggested_widths]
+    for options in candidates:
+        # two values per channel: no grouping is degenerate, as at any map size the code may build
+        if all(choose_num_groups(c, 2, options.max_groups, options.channels_per_group)[0] == g for c, g in mapping.items()):
+            return options
+    return None
+
+
+def _rule_keywords(options: PlanOptions) -> str:
+    """', max_groups=8': the helper's keywords that differ from its defaults."""
+    defaults = PlanOptions()
+    return "".join(
+        f", {name}={getattr(options, name)}" for name in ("max_groups", "channels_per_group") if getattr(options, name) != getattr(defaults, name)
+    )
+
+
+def _no_rule(mapping: Mapping[int, int], what: str) -> str:
+    return (
+        f"the plan's group counts for {what} ({', '.join(f'{c} channels: {g}' for c, g in mapping.items())}) follow no rule of the form "
+        "'the largest divisor up to G groups with at least K channels per group', so no code gives other widths theirs; "
+        "plan with --groups / --channels-per-group instead of editing group counts"
+    )
 
 
 def _group_counts(params: Sequence[Mapping[str, Any]]) -> dict[int, int] | str:
@@ -267,9 +321,9 @@ def _group_counts(params: Sequence[Mapping[str, Any]]) -> dict[int, int] | str:
     return dict(sorted(mapping.items()))
 
 
-def _is_plain(code: str) -> bool:
-    """A name, attribute or number: an expression that may be written twice."""
-    return re.fullmatch(r"[A-Za-z_][\w.]*|\d+", code.strip()) is not None
+def _is_constant(code: str) -> bool:
+    """A width written as a number or arithmetic of numbers: the code builds that width only."""
+    return re.fullmatch(r"[\d\s+\-*/%()]+", code) is not None and any(c.isdigit() for c in code)
 
 
 TARGET = GroupNormTarget()

@@ -6,6 +6,7 @@ features of (N, C); BatchNorm's per-channel affine carried over.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -211,11 +212,16 @@ class LayerNormTarget(Target):
         return SourceCode(f"{NORMSWAP_NN}.ChannelLayerNorm", (NORMSWAP_NN,))  # (N, C) too: plain LayerNorm there
 
     def source_function(self, call: SourceCall, params: Mapping[str, Any]) -> SourceCode | str:
+        """`F.layer_norm` in plain torch: over the features of (N, C), or with the channels moved
+        last and back for (N, C, *) (the permutation `channel_layer_norm` makes)."""
         arguments = call.arguments
         weight, bias = arguments.get("weight", "None"), arguments.get("bias", "None")
         eps = arguments.get("eps", repr(float(params["eps"])))
-        text = f"{NORMSWAP_NN}.channel_layer_norm({arguments['input']}, {weight}, {bias}, {eps}, {int(params['num_channels'])})"
-        return SourceCode(text, (NORMSWAP_NN,))
+        x, shape = arguments["input"], f"({int(params['num_channels'])},)"
+        if params.get("layout") == "features":
+            return SourceCode(f"{call.namespace}layer_norm({x}, {shape}, {weight}, {bias}, {eps})", call.imports)
+        x = x if re.fullmatch(r"[A-Za-z_][\w.]*", x) else f"({x})"  # `.movedim` binds tighter than any operator in it
+        return SourceCode(f"{call.namespace}layer_norm({x}.movedim(1, -1), {shape}, {weight}, {bias}, {eps}).movedim(-1, 1)", call.imports)
 
 
 TARGET = LayerNormTarget()

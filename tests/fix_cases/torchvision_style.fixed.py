@@ -8,7 +8,18 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import normswap.nn
+
+
+def _group_norm(num_features, eps=1e-5, momentum=None, affine=True, track_running_stats=None,
+                device=None, dtype=None, *, max_groups=32, channels_per_group=16):
+    """torch.nn.GroupNorm taking BatchNorm's arguments (written by `normswap lint --fix`; momentum
+    and track_running_stats mean nothing to it). The group count is the one `normswap convert`
+    chooses: the largest divisor of num_features up to max_groups that leaves at least
+    channels_per_group channels per group, else one group."""
+    groups = [g for g in range(1, max_groups + 1)
+              if num_features % g == 0 and num_features // g >= channels_per_group]
+    return torch.nn.GroupNorm(max(groups, default=1), num_features, eps=eps, affine=affine,
+                              device=device, dtype=dtype)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -65,7 +76,7 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         if norm_layer is None:
-            norm_layer = normswap.nn.GroupNormBN
+            norm_layer = _group_norm
         self._norm_layer = norm_layer
         self.inplanes = 16
         self.dilation = 1

@@ -1,0 +1,100 @@
+"""`lint --fix` on code shaped like public repositories (tests/fix_cases/: the CIFAR model zoo,
+YOLOv5's common.py, pix2pix's networks.py, PyTorch's DCGAN example, DeepSpeech's SequenceWise,
+a U-Net package): after fixing the source for one model, every other model the file builds (other
+widths, sizes, variants: each case's SIBLINGS) still builds and is exactly what `convert` makes of
+that model built from the original file."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import normswap
+from fixcases import CASES, REPOSITORIES, assert_builds_what_convert_makes, built, context_for, copy_case, load
+from normswap.cli import main
+from normswap.fix import fix_source
+
+
+@pytest.mark.parametrize("case", REPOSITORIES)
+def test_every_model_built_from_the_fixed_file_equals_convert_at_its_own_widths(project: Path, case: str) -> None:
+    path = copy_case(project, case)
+    model, x, module = built(path)
+    fixes = fix_source(model, x, context=context_for(case), root=project, apply=True, unsafe=True)
+    assert fixes.unfixable == [] and fixes.edits
+    assert "import normswap" not in path.read_text()  # plain torch: the fixed file runs without normswap
+    for label, (factory, shape) in module.SIBLINGS.items():
+        torch.manual_seed(0)
+        original = getattr(load(CASES / f"{case}.py"), factory)()
+        fixed = getattr(load(path), factory)()  # a KeyError here was the bug: a table of the linted model's widths
+        assert_builds_what_convert_makes(fixed, original, torch.randn(*shape), context_for(case), f"{case}: {label}")
+
+
+def _import_fresh(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    for loaded in [m for m in sys.modules if m == name.split(".")[0] or m.startswith(name.split(".")[0] + ".")]:
+        monkeypatch.delitem(sys.modules, loaded)
+    return importlib.import_module(name)
+
+
+def test_a_package_module_is_named_by_its_dotted_form_and_fixed_through_it(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A U-Net package (`from .unet_parts import *`): the path form cannot import it and says
+    which dotted form can; the dotted form fixes the parts module, and the other variant of the
+    model (bilinear: other widths) equals convert's."""
+    shutil.copytree(CASES / "unet", project / "unet")
+    args = ["--input-shape", "2,3,32,32", "-k", "width=8", "--batch-size", "2"]
+    by_path = CliRunner().invoke(main, ["lint", "unet/unet_model.py:UNet", *args])
+    assert by_path.exit_code == 2
+    assert "attempted relative import with no known parent package; 'unet/unet_model.py' is a module of the package 'unet': " in by_path.stderr
+    assert by_path.stderr.rstrip().endswith("name it by its dotted form, 'unet.unet_model:UNet'.")
+    original = _import_fresh("unet.unet_model", monkeypatch).UNet(bilinear=True, width=12)
+    fixed = CliRunner().invoke(main, ["lint", "unet.unet_model:UNet", *args, "--fix", "--unsafe-fixes"])
+    assert fixed.exit_code == 0, fixed.output
+    assert "fixed: 18 sites in unet/unet_parts.py" in fixed.stdout
+    parts = (project / "unet" / "unet_parts.py").read_text()
+    assert "            _group_norm(mid_channels),\n" in parts and "            _group_norm(out_channels),\n" in parts
+    sibling = _import_fresh("unet.unet_model", monkeypatch).UNet(bilinear=True, width=12)
+    assert_builds_what_convert_makes(sibling, original, torch.randn(2, 3, 32, 32), normswap.Context(batch_size=2), "U-Net, bilinear, width 12")
+
+
+def test_a_sequence_flattened_into_the_batch_is_no_batch_of_one() -> None:
+    """DeepSpeech's SequenceWise BatchNorm sees (T*N, H): at one sample per device it still has
+    T values per channel and training runs, so NS104 stays silent; the MNIST-RNN example's
+    BatchNorm1d on the last step's (N, H) does raise there, and NS104 says so."""
+    deepspeech = load(CASES / "deepspeech.py")
+    model, x = deepspeech.build(), torch.randn(*deepspeech.INPUT_SHAPE)
+    report = normswap.lint(model, x, normswap.Context(batch_size=1))
+    flattened = {s.name: s for s in report.sites if s.flavour == "BatchNorm1d"}
+    assert {s.input_shape for s in flattened.values()} == {(12, 64)} and {s.rows_per_sample for s in flattened.values()} == {6}
+    assert [f for f in report.findings if f.code == "NS104"] == [] and report.exit_code() == 0
+    one = deepspeech.build().train()
+    one(torch.randn(1, *deepspeech.INPUT_SHAPE[1:])).sum().backward()  # the claim itself: a batch of one trains
+
+    small = normswap.lint(model, x, normswap.Context(batch_size=2))
+    (message,) = {f.message for f in small.findings if f.code == "NS103" and f.site_name == "rnns.1.batch_norm.module"}
+    assert message == (
+        "'rnns.1.batch_norm.module' estimates its statistics from 2 sample(s) per device, 12 rows of 6 per sample, "
+        "which are steps of the same samples (threshold 16); they will be noisy."
+    )
+
+    class MnistRNN(nn.Module):  # pytorch/examples mnist_rnn: BatchNorm1d on the last step's output
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(input_size=28, hidden_size=64, batch_first=True)
+            self.batchnorm = nn.BatchNorm1d(64)
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            output, _ = self.rnn(x.reshape(-1, 28, 28))
+            return self.fc(self.batchnorm(output[:, -1, :]))
+
+    (error,) = [f for f in normswap.lint(MnistRNN(), torch.randn(2, 1, 28, 28), normswap.Context(batch_size=1)).findings if f.code == "NS104"]
+    assert error.site_name == "batchnorm" and "training raises ValueError" in error.message
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        MnistRNN().train()(torch.randn(1, 1, 28, 28))
