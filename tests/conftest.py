@@ -1,7 +1,13 @@
+import importlib.util
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The ecosystem tier (tests/ecosystem) runs where the real libraries are installed (README:
+# Testing); the fast tier's torch build cannot import torchvision, so it does not collect them.
+ECOSYSTEM = ("timm", "torchvision", "transformers", "opacus", "lightning")
+collect_ignore = [] if all(importlib.util.find_spec(name) for name in ECOSYSTEM) else ["ecosystem"]
 
 
 def pytest_addoption(parser) -> None:

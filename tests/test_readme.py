@@ -44,3 +44,11 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert len(commands) == 2, "the README's two commands"
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert commands[1] in ci.splitlines()
+
+
+def test_ci_runs_the_readme_ecosystem_command_after_the_main_one() -> None:
+    commands = re.findall(r"```bash\n(.*?)\n```", _section("Testing"))
+    assert len(commands) == 1 and "-m ecosystem" in commands[0], "the ecosystem tier's command"
+    lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    main = re.findall(r"```bash\n(.*?)\n```", _section("Two commands"))[1]
+    assert lines.index(commands[0]) > lines.index(main)

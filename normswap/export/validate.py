@@ -68,6 +68,21 @@ class Validation:
     def passed(self) -> bool:
         return self.fidelity_passed and self.residual_passed and self.independence_passed
 
+    def summary(self) -> str:
+        """The verdict in one line: 'validation passed: onnxruntime vs PyTorch max abs error ...;
+        batch-independent; 0 BatchNormalization op(s) in ONNX'."""
+        worst = max(self.outputs, key=lambda c: c.max_abs, default=None)
+        detail = f"max abs error {worst.max_abs:.3g} at batch {worst.batch_size}" if worst else "no outputs"
+        verdict = "passed" if self.passed else "FAILED"
+        modes = (("eval", self.batch_independent_eval), ("train", self.batch_independent_train))
+        if all(ok is None for _, ok in modes):
+            independence = "batch independence not checked"
+        elif all(ok is not False for _, ok in modes):
+            independence = "batch-independent"
+        else:
+            independence = "batch-dependent in " + " and ".join(m for m, ok in modes if ok is False)
+        return f"validation {verdict}: onnxruntime vs PyTorch {detail}; {independence}; {self.residual_onnx_ops} BatchNormalization op(s) in ONNX"
+
 
 @dataclass
 class _Run:

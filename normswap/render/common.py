@@ -11,7 +11,6 @@ from ..rules import CATALOGUE, FixSafety, Rule
 
 if TYPE_CHECKING:
     from ..calibration import Drift, SiteCost
-    from ..export import Validation
     from ..report import Report
     from ..rules import Finding
 
@@ -115,21 +114,6 @@ def recommended_action(report: Report) -> str:
         command = commands.fix if any(not edit.safe for edit in fixes.edits) else commands.fix.removesuffix(" --unsafe-fixes")
         lines.append(f"  the source:     {command}   ({plural(len(fixes.edits), 'edit')} in {', '.join(files)})")
     return "\n".join(lines)
-
-
-def validation_summary(validation: Validation) -> str:
-    """'validation passed: onnxruntime vs PyTorch max abs error ... ; batch-independent; 0 BatchNormalization op(s) in ONNX'."""
-    worst = max(validation.outputs, key=lambda c: c.max_abs, default=None)
-    detail = f"max abs error {worst.max_abs:.3g} at batch {worst.batch_size}" if worst else "no outputs"
-    verdict = "passed" if validation.passed else "FAILED"
-    modes = (("eval", validation.batch_independent_eval), ("train", validation.batch_independent_train))
-    if all(ok is None for _, ok in modes):
-        independence = "batch independence not checked"
-    elif all(ok is not False for _, ok in modes):
-        independence = "batch-independent"
-    else:
-        independence = "batch-dependent in " + " and ".join(m for m, ok in modes if ok is False)
-    return f"validation {verdict}: onnxruntime vs PyTorch {detail}; {independence}; {validation.residual_onnx_ops} BatchNormalization op(s) in ONNX"
 
 
 def drift_summary(drift: Drift) -> str:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import cost_text, fix_counts, location_text, plural, recommended_action, unfixable_groups, validation_summary
+from .common import cost_text, fix_counts, location_text, plural, recommended_action, unfixable_groups
 from .text import summary_line
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def _conversion(section: ConversionSection | None, notes: list[str]) -> list[str
 
 def _validation(validation: Validation) -> str:
     lines = [
-        f"**{validation_summary(validation)}**",
+        f"**{validation.summary()}**",
         "",
         "| Batch | Output | Scale | Max abs | Max rel | Model's own rounding | atol | Result |",
         "|---|---|---|---|---|---|---|---|",

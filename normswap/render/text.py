@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from .common import cost_text, drift_summary, fix_counts, location_text, plural, recommended_action, statistics, unfixable_groups, validation_summary
+from .common import cost_text, drift_summary, fix_counts, location_text, plural, recommended_action, statistics, unfixable_groups
 
 if TYPE_CHECKING:
     from ..report import Report
@@ -132,7 +132,7 @@ def _conversion(console: Console, report: Report) -> None:
         plan = section.plan
         console.print("plan: " + ", ".join(f"{n} {t}" for t, n in plan.counts().items()) if len(plan) else "plan: nothing to convert")
         if section.validation is not None:
-            console.print(validation_summary(section.validation), soft_wrap=True)
+            console.print(section.validation.summary(), soft_wrap=True)
         if section.calibration:
             fits = ", ".join(f"{fit.name} R² {fit.r2:.3f}" for fit in section.calibration)
             console.print(f"calibration: {fits}", soft_wrap=True)
