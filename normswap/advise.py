@@ -51,14 +51,3 @@ def advise(
             else:
                 skipped.setdefault(site.name, []).append(result)
     return findings, skipped
-
-
-def most_severe(findings: Iterable[Finding]) -> Finding | None:
-    """The most severe finding that proposes a fix; ties go to catalogue order (stable)."""
-    best = None
-    for finding in findings:
-        if finding.remedy is None:
-            continue
-        if best is None or finding.severity.rank > best.severity.rank:
-            best = finding
-    return best

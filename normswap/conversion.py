@@ -40,9 +40,9 @@ class ConvertOptions:
         "auto",
         "--to",
         help="Replacement target: auto (per site, from the findings), "
-        + "; ".join(f"{t.name}: {t.summary}" for t in targets.REGISTRY if t.name != "keep")
+        + "; ".join(f"{t.name}: {t.summary}" for t in targets.registered() if t.converts)
         + ".",
-        choices=lambda: targets.CHOICES,
+        choices=targets.choices,
         show_default=True,
     )
     max_groups: int = option(DEFAULT_MAX_GROUPS, "--groups", help="Largest GroupNorm group count.", value_type=int, minimum=1, show_default=True)
@@ -161,7 +161,7 @@ def convert(
     Args:
         model: the model; not modified unless `inplace=True`.
         example_inputs: a tensor or tuple of tensors the model runs on (batch first).
-        to: "auto" (per site, from the findings) or a target name (`normswap.targets.NAMES`);
+        to: "auto" (per site, from the findings) or a target name (`normswap.targets.choices()`);
             default: `options.to`, "auto".
         context: how the model is trained / served (drives "auto").
         inplace: rewrite `model` itself instead of a copy.

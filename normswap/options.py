@@ -27,8 +27,8 @@ class OptionSpec:
     config_key: its key in `[tool.normswap]` (None: command line only); `config_aliases` other
         accepted spellings.
     value_type: the click value type: int, float, str or bool (a flag).
-    choices: the accepted values (a callable is read when the CLI is built, so a registry can
-        supply them).
+    choices: the accepted values (a callable is read each time they are checked, so a registry
+        can supply them).
     minimum, maximum: an accepted range (numbers); `open_minimum` / `open_maximum` exclude the bound.
     finite: refuse nan and inf.
     multiple: repeatable on the command line (a tuple field).

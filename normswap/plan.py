@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ from typing import Any
 from . import targets
 from .errors import PlanError
 from .sites import KINDS, Site, SiteKind
+from .targets.base import NoParams
 
 PLAN_VERSION = 1
 
@@ -21,7 +22,9 @@ class PlanEntry:
 
     name: str
     target: str
-    params: dict[str, Any] = field(default_factory=dict)
+    # given as a plain mapping (a plan file's), checked and typed on construction: then the
+    # target's parameter dataclass, which is a mapping too
+    params: Mapping[str, Any] = field(default_factory=NoParams)
     reason: str = ""
     kind: SiteKind = SiteKind.MODULE
     # tensors of the layer the model's forward reads directly (`self.bn.running_var`): the
@@ -29,16 +32,25 @@ class PlanEntry:
     read_by_forward: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.target not in targets.NAMES:
-            raise PlanError(f"Plan entry '{self.name}' has unknown target '{self.target}'; use one of {', '.join(targets.NAMES)}.")
+        if self.target not in targets.names():
+            raise PlanError(f"Plan entry '{self.name}' has unknown target '{self.target}'; use one of {', '.join(targets.names())}.")
         if self.kind not in KINDS:
             raise PlanError(f"Plan entry '{self.name}' has unknown kind '{self.kind}'; use one of {', '.join(KINDS)}.")
         self.kind = SiteKind(self.kind)
+        target = targets.get(self.target)
+        if not isinstance(self.params, target.params_type):
+            target.check(self.name, self.params)  # types, ranges, required and unknown parameters
+            self.params = target.typed(self.params)
+
+    @property
+    def uses_batch_statistics(self) -> bool:
+        """Whether the site still normalizes with batch statistics under this entry."""
+        return targets.get(self.target).uses_batch_statistics(self.params)
 
     @property
     def converts(self) -> bool:
         """True when the entry replaces BatchNorm semantics (frozen counts: the batch dependence goes)."""
-        return self.target != "keep"
+        return targets.get(self.target).converts
 
     @property
     def keeps_batchnorm_op(self) -> bool:
@@ -80,7 +92,7 @@ class Plan:
 
     def counts(self) -> dict[str, int]:
         """Number of sites per target, in registry order."""
-        return {t: n for t in targets.NAMES if (n := sum(1 for e in self.entries if e.target == t))}
+        return {t: n for t in targets.names() if (n := sum(1 for e in self.entries if e.target == t))}
 
     def check(self, sites: Sequence[Site] = ()) -> None:
         """Check every entry, against its site when `sites` are given (then the plan must name

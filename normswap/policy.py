@@ -1,19 +1,73 @@
-"""Policy: turn sites, findings and a requested target into a Plan, one reasoned entry per site."""
+"""Policy: the target that suits each site in a context, and the Plan made from sites, findings and a
+requested target, one reasoned entry per site."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import targets
-from .advise import most_severe
 from .context import Context
 from .errors import PlanError
 from .plan import Plan, PlanEntry
-from .rules import Finding
 from .sites import Site, SiteKind
 from .targets import PlanOptions, Refusal
+
+if TYPE_CHECKING:  # the rules ask policy for each site's natural target
+    from .rules import Finding
+
+
+def over_sequence(site: Site, context: Context) -> bool:
+    """The site normalizes (N, C, L) steps of a sequence: a BatchNorm1d on a rank-3 input, or any
+    rank-3 input when the context says the inputs are sequences."""
+    return site.input_rank == 3 and (context.sequence or site.flavour.endswith("1d"))
+
+
+def natural_target(site: Site, context: Context | None = None) -> tuple[str, str]:
+    """The replacement that suits the site in this context, with the reason: the best choice for
+    the site, which a finding's fix never replaces with a worse one.
+
+    Keeping the function wins wherever it is batch-independent: BatchNorm on the model's raw
+    inputs (data standardization) stays frozen in every context; inference only folds or
+    freezes; small-batch fine-tuning freezes. Otherwise the data decides: recurrence, sequences
+    and (N, C) features get LayerNorm, feature maps GroupNorm.
+    """
+    context = context or Context()
+    rank = site.input_rank
+    statistics = site.track_running_stats and not site.batch_dependent_eval
+    if site.feeds_from_input and statistics:
+        return "frozen", "normalizes the model's raw inputs (data standardization): frozen keeps the learned statistics"
+    if context.inference_only and statistics:
+        if targets.fold.TARGET.can_fold(site):
+            return ("fold", "inference only: with running statistics BatchNorm is a fixed affine; fold keeps it at no cost")
+        why = "inference only: with running statistics BatchNorm is a fixed affine; frozen keeps it exactly"
+        if site.producer_weights_problem:  # it follows a layer fold would have used: say why not
+            why += f" (no fold into {site.producer_module}, {site.producer_weights_problem})"
+        return "frozen", why
+    if context.finetune and statistics and (context.batch_size is None or context.batch_size < context.small_batch_threshold):
+        return "frozen", "fine-tuning a pretrained model with small batches: frozen keeps the pretrained statistics"
+    if site.call_count > 1 and (rank is None or rank <= 3):
+        return ("layernorm", f"applied {site.call_count} times per forward (recurrence): LayerNorm normalizes each step on its own")
+    if over_sequence(site, context):
+        return "layernorm", "normalizes a (N, C, L) sequence: channel LayerNorm per time step"
+    if rank == 2:
+        return "layernorm", "(N, C) features: LayerNorm over the features of each sample"
+    if rank is None and site.flavour.endswith("1d"):
+        return "layernorm", "a BatchNorm1d normalizes (N, C) features or (N, C, L) steps: LayerNorm over the channels serves both"
+    return "groupnorm", "convolutional feature map: GroupNorm (Wu & He 2018)"
+
+
+def most_severe(findings: Iterable[Finding]) -> Finding | None:
+    """The most severe finding that proposes a fix; ties go to catalogue order (stable)."""
+    best = None
+    for finding in findings:
+        if finding.remedy is None:
+            continue
+        if best is None or finding.severity.rank > best.severity.rank:
+            best = finding
+    return best
 
 
 def make_plan(
@@ -36,8 +90,8 @@ def make_plan(
             statistics by hand, a custom look-alike, a site the explicit target and its fallback
             refuse). With `strict=False` such a site is kept instead, with the reason.
     """
-    if to not in targets.CHOICES:
-        raise PlanError(f"Unknown target '{to}'; use one of {', '.join(targets.CHOICES)}.")
+    if to not in targets.choices():
+        raise PlanError(f"Unknown target '{to}'; use one of {', '.join(targets.choices())}.")
     unknown = sorted(set(keep_sites) - {site.name for site in sites})
     if unknown:
         raise PlanError(
@@ -173,18 +227,23 @@ def explicit_entry(site: Site, target: str, reason: str, options: PlanOptions) -
 
 def _auto_entry(site: Site, findings: list[Finding], context: Context, options: PlanOptions) -> PlanEntry:
     """The site's natural target in this context (what every finding's fix proposes, so lint and
-    convert agree), the reason led by the most severe finding; then LayerNorm and frozen."""
-    target, why = targets.natural_target(site, context)
+    convert agree), the reason led by the most severe finding; where it refuses the site, the
+    targets it falls back to (`auto_fallback`, else `fallback`) in turn."""
+    target, why = natural_target(site, context)
     deciding = most_severe(findings)
     if deciding is not None:
         why = f"{deciding.code} {deciding.name}: {why}"
     if not site.reached:
         why = f"{_unreached(site)}; {why}"
-    candidates = [(target, why), ("layernorm", "fallback: LayerNorm over channels"), ("frozen", "fallback: frozen statistics")]
-    problems = []
-    for candidate, reason in candidates:
+    candidate: str | None = target
+    reason, tried, problems = why, [], []
+    while candidate is not None and candidate not in tried:
+        tried.append(candidate)
         try:
             return entry_for(site, candidate, reason, options)
-        except Refusal as exc:
-            problems.append(str(exc))
+        except Refusal as refusal:
+            problems.append(str(refusal))
+        refused = targets.get(candidate)
+        candidate = refused.auto_fallback or refused.fallback
+        reason = f"{why}; fell back to {candidate}: {problems[-1]}"
     raise Refusal(f"No replacement fits layer '{site.name}': {problems[0]}")

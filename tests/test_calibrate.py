@@ -304,3 +304,20 @@ def test_functional_sites_are_calibrated(target: str) -> None:
     assert [f.name for f in conversion.calibration] == ["batch_norm"]
     assert conversion.drift["calibrated"].mean_abs < conversion.drift["swap"].mean_abs
     assert 0.0 < conversion.calibration[0].r2 <= 1.0
+
+
+@pytest.mark.parametrize("model_name", ["subclass", "timm_norm_act"])
+@pytest.mark.parametrize("target", ["groupnorm", "layernorm"])
+def test_subclass_sites_are_calibrated(model_name: str, target: str) -> None:
+    # a subclass normalizes in `super().forward(x)` (SubclassBN) or in its own F.batch_norm call
+    # (timm): calibration sees the normalization's input either way
+    from models import build, build_real, input_for
+
+    model = (build if model_name == "subclass" else build_real)(model_name).eval()
+    data = [input_for(model_name, batch=16) * (1 + i) for i in range(4)]
+    conversion = normswap.convert(model, data[0], to=target, calibration_data=data)
+    converted = {entry.name for entry in conversion.plan.converted}
+    assert converted and {fit.name for fit in conversion.calibration} == converted
+    assert all(0.0 < fit.r2 <= 1.0 for fit in conversion.calibration)
+    for name in converted:  # the fitted affine was written into the converted layer
+        assert not torch.equal(conversion.model.get_submodule(name).weight, model.get_submodule(name).weight)

@@ -24,9 +24,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("normswap.targets",),
     ("normswap.nn",),
     ("normswap.plan",),
+    ("normswap.policy",),  # each site's natural target, which the rules' remedies propose
     ("normswap.rules",),
     ("normswap.advise",),
-    ("normswap.policy",),
     ("normswap.analysis",),
     ("normswap.passes",),
     ("normswap.postcondition",),

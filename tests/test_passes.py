@@ -67,7 +67,7 @@ def test_rewrite_functional_without_functional_entries_is_a_no_op() -> None:
 
 
 def test_rewrite_functional_needs_a_graph_and_the_named_node() -> None:
-    plan = Plan([PlanEntry("batch_norm_7", "groupnorm", {"num_groups": 2, "num_channels": 8, "eps": 1e-5}, kind="functional")])
+    plan = Plan([PlanEntry("batch_norm_7", "groupnorm", {"num_groups": 2, "num_channels": 8, "eps": 1e-5, "affine": True}, kind="functional")])
     with pytest.raises(PlanError, match="symbolically traced graph"):
         RewriteFunctionalBatchNorm(plan)(build("functional"))
     with pytest.raises(PlanError, match="batch_norm_7"):

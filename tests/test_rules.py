@@ -147,11 +147,11 @@ def test_fix_safety_is_stated() -> None:
 
 
 def test_sequence_context_reads_rank3_inputs_as_time_steps() -> None:
-    from normswap import targets
+    from normswap import policy
 
     sync = site(flavour="SyncBatchNorm", input_shape=(8, 64, 100))
-    assert targets.natural_target(sync, Context())[0] == "groupnorm"  # a 1-D feature map, as far as anyone knows
-    assert targets.natural_target(sync, Context(sequence=True))[0] == "layernorm"  # --sequence: per time step
+    assert policy.natural_target(sync, Context())[0] == "groupnorm"  # a 1-D feature map, as far as anyone knows
+    assert policy.natural_target(sync, Context(sequence=True))[0] == "layernorm"  # --sequence: per time step
     assert not fires("NS102", sync)
     finding = RULES["NS102"].check(sync, Context(sequence=True))
     assert isinstance(finding, Finding) and "padded steps" in finding.message and finding.remedy.target == "layernorm"
@@ -183,18 +183,18 @@ def test_sequence_context_reads_rank3_inputs_as_time_steps() -> None:
     ],
 )
 def test_natural_target_in_context(overrides: dict, ctx: Context, expected: str) -> None:
-    from normswap import targets
+    from normswap import policy
 
-    assert targets.natural_target(site(**overrides), ctx)[0] == expected
+    assert policy.natural_target(site(**overrides), ctx)[0] == expected
 
 
 def test_every_fix_is_the_natural_target() -> None:
     # a finding never replaces the site's natural target with a worse one: they are the same
-    from normswap import targets
+    from normswap import policy
 
     s = site(feeds_from_input=True)
     for ctx in (Context(batch_size=2), Context(differential_privacy=True), Context(world_size=4)):
         for rule in CATALOGUE:
             result = rule.check(s, ctx)
             if isinstance(result, Finding) and result.remedy is not None:
-                assert result.remedy.target == targets.natural_target(s, ctx)[0] == "frozen", (rule.code, ctx)
+                assert result.remedy.target == policy.natural_target(s, ctx)[0] == "frozen", (rule.code, ctx)

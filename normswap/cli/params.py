@@ -4,7 +4,7 @@ the user gave on the command line."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -25,8 +25,27 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
+class _ChoiceOf(click.Choice):
+    """A choice read from its source each time it is used: `--to` accepts a target registered
+    after the CLI was built (normswap.targets.register in a plugin or a test)."""
+
+    def __init__(self, read: Callable[[], Sequence[str]]) -> None:
+        self._read = read
+        super().__init__(list(read()))
+
+    @property
+    def choices(self) -> Sequence[str]:
+        return tuple(self._read())
+
+    @choices.setter
+    def choices(self, value: Sequence[str]) -> None:  # click's __init__ assigns it
+        pass
+
+
 def _click_type(item: DeclaredOption) -> Any:
     spec = item.spec
+    if callable(spec.choices):
+        return _ChoiceOf(spec.choices)
     choices = spec.choice_values()
     if choices is not None:
         return click.Choice(list(choices))

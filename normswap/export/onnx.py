@@ -132,7 +132,7 @@ def export_onnx_with_info(
     external = weight_bytes > EXTERNAL_DATA_BYTES
     note = ""
     with preserved(model), contextlib.ExitStack() as forms:
-        for registered in targets.REGISTRY:  # the form each target's modules export in (e.g. GroupNorm's faster one)
+        for registered in targets.registered():  # the form each target's modules export in (e.g. GroupNorm's faster one)
             forms.enter_context(registered.export_context(model, opset))
         model.eval()
         model = _exportable(model, inputs)

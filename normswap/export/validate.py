@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import targets
 from ..calibration.device import placed, resolve_device, to_device
 from ..calibration.drift import Drift, DriftAccumulator, eval_outputs
 from ..errors import ValidationError
@@ -318,9 +317,7 @@ def _residual_messages(residual: list[str], ops: int, allowed: bool) -> list[str
 
 def _independence_required(plan: Plan | None) -> bool:
     """Batch independence is part of the verdict when the plan leaves no batch statistics."""
-    return plan is not None and all(
-        not targets.get(e.target).batch_statistics or e.params.get("batch_independent") or e.params.get("unused") for e in plan
-    )
+    return plan is not None and all(not entry.uses_batch_statistics for entry in plan)
 
 
 def _independence(

@@ -10,7 +10,8 @@ track_running_stats).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import libcst as cst
 
@@ -69,7 +70,7 @@ def _torch_nn(spot: Spot, func: cst.CSTNode) -> tuple[str, tuple[str, ...]]:
     return "torch.nn.", ("torch",)
 
 
-def _constructor(spot: Spot, call: cst.Call, params: Sequence[dict], target: str) -> SourceCall | str:
+def _constructor(spot: Spot, call: cst.Call, params: Sequence[Mapping[str, Any]], target: str) -> SourceCall | str:
     lazy = any("Lazy" in name for name in spot.file.batchnorm_classes(call.func))
     arguments = _bound(call, LAZY_BATCHNORM_PARAMETERS if lazy else BATCHNORM_PARAMETERS, spot)
     if arguments is None:

@@ -21,7 +21,7 @@ from .apply import FileFix, Hunk, check_writable, write
 from .emit import is_safe, replacement
 from .locate import Files, Spot, Unfixable, locate
 from .source_file import FixError, physical_lines
-from .splice import rewrite
+from .splice import spliced
 
 logger = logging.getLogger(__name__)
 
@@ -279,9 +279,9 @@ def _rewrite_files(chosen: list[tuple[Spot, SourceCode, Edit]], result: SourceFi
         all_spots = [(spot, code) for spot, code, _ in items]
         selected = [(spot, code) for spot, code, edit in items if edit.safe or result.unsafe]
         name = files.relative(path)
-        review = FileFix(path, source.text, rewrite(source, all_spots), name)
+        review = FileFix(path, source.text, spliced(source, all_spots), name)
         result.review.append(review)
-        result.files.append(FileFix(path, source.text, rewrite(source, selected) if selected else source.text, name))
+        result.files.append(FileFix(path, source.text, spliced(source, selected) if selected else source.text, name))
         hunks = review.hunks()
         for _, _, edit in items:
             hunk = next((h for h in hunks if h.start <= edit.line <= max(h.end, h.start)), None)

@@ -15,7 +15,7 @@ from .locate import Spot
 from .source_file import BATCHNORM_CLASSES, FixError, SourceFile, physical_lines
 
 
-def rewrite(source: SourceFile, spots: Sequence[tuple[Spot, SourceCode]]) -> str:
+def spliced(source: SourceFile, spots: Sequence[tuple[Spot, SourceCode]]) -> str:
     """`source`'s text with every spot replaced, the imports and helper functions the new code
     needs added, and `from torch.nn import BatchNorm2d [as BN]` imports nothing uses any more
     trimmed."""

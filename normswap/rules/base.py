@@ -7,7 +7,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .. import targets
+from .. import policy, targets
 from ..context import Context
 from ..sites import Site
 
@@ -97,7 +97,7 @@ class Rule:
         return Skip(self.code, reason)
 
     def natural_remedy(self, site: Site, context: Context) -> Remedy:
-        target, why = targets.natural_target(site, context)
+        target, why = policy.natural_target(site, context)
         return Remedy(target, targets.get(target).keeps_function, f"replace with {target}: {why}")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import targets
+from .. import policy
 from ..context import Context
 from ..sites import Site
 from .base import Finding, FixSafety, Rule, Severity, Skip, shape_text
@@ -42,7 +42,7 @@ class BatchNormOverSequence(Rule):
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if site.input_rank != 3:
             return self.skip(f"input {shape_text(site)} is not an (N, C, L) sequence")
-        if not targets.over_sequence(site, context):
+        if not policy.over_sequence(site, context):
             return self.skip(f"a {site.flavour} on a rank-3 input, not known to be a sequence (pass --sequence)")
         if site.call_count > 1:
             return self.skip("reported as batchnorm-in-recurrence (NS101)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import targets
+from .. import policy
 from ..context import Context
 from ..errors import PlanError
 from ..sites import Site
@@ -45,7 +45,7 @@ class DegenerateGroups(Rule):
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if site.num_features is None or site.spatial_size is None:
             return self.skip("input shape unknown")
-        target, _ = targets.natural_target(site, context)
+        target, _ = policy.natural_target(site, context)
         if target != "groupnorm":
             return self.skip(f"the replacement used here is {target}, which has no groups")
         channels = site.num_features

@@ -5,12 +5,15 @@ whether it keeps the original function or batch statistics."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
+import functools
+import inspect
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import torch
 from torch import nn
@@ -88,7 +91,68 @@ class Param:
         return None
 
 
-COMMON_PARAMS: dict[str, Param] = {"eps": Param(ParamKind.FLOAT, positive=True), "affine": Param(ParamKind.BOOL)}
+def param(kind: ParamKind, *, required: bool = True, positive: bool = False, choices: tuple[str, ...] = ()) -> Any:
+    """A field of a target's parameter dataclass, with the Param spec plan files are checked
+    against (an optional parameter is None when a plan does not give it)."""
+    metadata = {"param": Param(kind, required, positive, choices)}
+    return dataclasses.field(metadata=metadata) if required else dataclasses.field(default=None, metadata=metadata)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetParams(Mapping[str, Any]):
+    """A target's plan parameters, typed; also a read-only mapping of the parameters a plan gives
+    (what plan.json holds: required fields, and optional ones that are set)."""
+
+    @classmethod
+    def specs(cls) -> dict[str, Param]:
+        """Each parameter's spec, the target's own parameters first (the order plan.json shows)."""
+        return _specs(cls)
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any]) -> Self:
+        """The typed parameters of checked plan values (`Target.check`); ints read as ints."""
+        if isinstance(values, cls):
+            return values
+        typed = {}
+        for name, spec in cls.specs().items():
+            value = values.get(name)
+            if value is not None and spec.kind is ParamKind.INT:
+                value = int(value)
+            elif value is not None and spec.kind in (ParamKind.FLOAT, ParamKind.OPTIONAL_FLOAT):
+                value = float(value)
+            typed[name] = value
+        return cls(**typed)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.specs() or (getattr(self, key) is None and not self.specs()[key].required):
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([name for name, spec in self.specs().items() if spec.required or getattr(self, name) is not None])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+@functools.cache
+def _specs(params_type: type[TargetParams]) -> dict[str, Param]:
+    fields = {f.name: f for f in dataclasses.fields(params_type)}
+    own_first = [name for klass in params_type.__mro__ for name in inspect.get_annotations(klass) if name in fields]
+    return {name: fields[name].metadata["param"] for name in dict.fromkeys(own_first)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoParams(TargetParams):
+    """A target that takes no parameters."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NormParams(TargetParams):
+    """What every normalization target keeps of the BatchNorm: its eps and whether it has an affine."""
+
+    eps: float = param(ParamKind.FLOAT, positive=True)
+    affine: bool = param(ParamKind.BOOL)
 
 
 @dataclass(frozen=True)
@@ -127,18 +191,38 @@ class SourceCall:
 NORMSWAP_NN = "normswap.nn"  # where the drop-ins live, for fixed source code
 
 
-class Target:
-    """Base class of a replacement for BatchNorm; one subclass per module of this package."""
+P = TypeVar("P", bound=TargetParams)
+
+
+class Target(Generic[P]):
+    """Base class of a replacement for BatchNorm; one subclass per module of this package. `P`:
+    its parameter dataclass (`params_type`); its methods take the parameters of one plan entry."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     keeps_function: ClassVar[bool] = False  # the eval-mode function is kept exactly (a safe fix)
     batch_statistics: ClassVar[bool] = False  # the result still normalizes with batch statistics
     keeps_batchnorm_op: ClassVar[bool] = False  # its ONNX export may hold BatchNormalization ops
-    fallback: ClassVar[str | None] = None  # used where this target refuses a site, when it does
+    converts: ClassVar[bool] = True  # it replaces the BatchNorm's semantics (keep does not); `--to` offers it
+    fallback: ClassVar[str | None] = None  # takes a site this one refuses, keeping what was asked for (fold -> frozen)
+    # under auto, the next candidate where this target refuses a site (default: `fallback`)
+    auto_fallback: ClassVar[str | None] = None
     calibrated: ClassVar[bool] = False  # `normalize` is defined: calibration fits its affine
     absorbs_affine: ClassVar[bool] = False  # the site's affine moves into another layer (fold), not into its replacement
-    parameters: ClassVar[Mapping[str, Param]] = {}
+    params_type: type[P]
+
+    @property
+    def parameters(self) -> dict[str, Param]:
+        """Each plan parameter's spec, read off the parameter dataclass."""
+        return self.params_type.specs()
+
+    def typed(self, params: Mapping[str, Any]) -> P:
+        """A plan entry's parameters as this target's dataclass (checked first by `check`)."""
+        return self.params_type.of(params)
+
+    def uses_batch_statistics(self, params: P) -> bool:
+        """Whether a site planned this way still normalizes with batch statistics."""
+        return self.batch_statistics
 
     # --- planning -------------------------------------------------------------------------
 
@@ -193,23 +277,23 @@ class Target:
 
     # --- rewriting ------------------------------------------------------------------------
 
-    def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
+    def module(self, bn: _BatchNorm, params: P) -> nn.Module:
         """The replacement for a torch BatchNorm module, built in its dtype and on its device,
         with its weights carried over."""
         raise PlanError(f"Target '{self.name}' does not build a module.")
 
-    def takeover_base(self, params: Mapping[str, Any]) -> type:
+    def takeover_base(self, params: P) -> type:
         """The class that stands where torch's BatchNorm was when a BatchNorm subclass is taken
         over (see takeover.py): a TakenOver module of this target's kind whose `forward(x)`
         computes the target (what the subclass's `super().forward(x)` reaches)."""
         raise PlanError(f"Target '{self.name}' cannot take over a BatchNorm subclass.")
 
-    def function(self, params: Mapping[str, Any], call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    def function(self, params: P, call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         """The functional form: (a module-level function, its arguments) computing this target
         from the arguments of one `batch_norm` call. Values may be tensors or graph nodes."""
         raise PlanError(f"Target '{self.name}' has no functional form.")
 
-    def prepare_takeover(self, module: nn.Module, params: Mapping[str, Any]) -> None:
+    def prepare_takeover(self, module: nn.Module, params: P) -> None:
         """Adjust a taken-over subclass instance (it holds the BatchNorm's state) to its new class.
 
         Default (per-sample normalizations): drop the running statistics, which no longer mean
@@ -222,7 +306,7 @@ class Target:
         modules export in); nothing by default."""
         return contextlib.nullcontext()
 
-    def absorb(self, model: nn.Module, site_name: str, statistics: Any, params: Mapping[str, Any]) -> None:
+    def absorb(self, model: nn.Module, site_name: str, statistics: Any, params: P) -> None:
         """Change other parts of `model` before the site is replaced (fold changes its producer).
 
         `statistics` has the site's running_mean, running_var, weight and bias: the BatchNorm
@@ -233,23 +317,23 @@ class Target:
     # Each returns the code, or a sentence saying why this target has no such form. `params`:
     # the plan parameters of every site built at that place in the source (one or several).
 
-    def source_call(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+    def source_call(self, call: SourceCall, params: Sequence[P]) -> SourceCode | str:
         """What replaces a BatchNorm constructor call (`nn.BatchNorm2d(64, eps=1e-3)`)."""
         return f"the {self.name} target has no form in source code"
 
-    def source_class(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+    def source_class(self, call: SourceCall, params: Sequence[P]) -> SourceCode | str:
         """What replaces a BatchNorm class passed as a value (`norm_layer=nn.BatchNorm2d`): a
         class or factory taking BatchNorm's constructor arguments."""
         return f"the {self.name} target has no form in source code"
 
-    def source_function(self, call: SourceCall, params: Mapping[str, Any]) -> SourceCode | str:
+    def source_function(self, call: SourceCall, params: P) -> SourceCode | str:
         """What replaces a functional `batch_norm(input, running_mean, running_var, weight, bias,
         training, momentum, eps)` call (arguments by those names)."""
         return f"the {self.name} target has no form in source code"
 
     # --- calibration ----------------------------------------------------------------------
 
-    def normalize(self, params: Mapping[str, Any], x: torch.Tensor) -> torch.Tensor | None:
+    def normalize(self, params: P, x: torch.Tensor) -> torch.Tensor | None:
         """The replacement's output before its per-channel affine (calibration fits that affine);
         None when the target is not calibrated (it keeps the function, or has no affine)."""
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from ..capture.tracer import BatchNormArgs
 from ..errors import PlanError
 from ..sites import Site, SiteKind
 from ..torchutil import tensor_attribute
-from .base import Param, ParamKind, PlanOptions, Refusal, SourceCall, SourceCode, Target, drop_statistics, set_attributes, where
+from .base import ParamKind, PlanOptions, Refusal, SourceCall, SourceCode, Target, TargetParams, drop_statistics, param, set_attributes, where
 from .takeover import TakenOver
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -43,13 +44,20 @@ class FoldedTakeover(TakenOver, nn.Module):
         return x
 
 
-class FoldTarget(Target):
+@dataclass(frozen=True, kw_only=True)
+class FoldParams(TargetParams):
+    into: str = param(ParamKind.STR)  # the producer: the conv / linear layer that absorbs the BatchNorm
+    num_features: int = param(ParamKind.INT, positive=True)
+    eps: float = param(ParamKind.FLOAT, positive=True)
+
+
+class FoldTarget(Target[FoldParams]):
     name = "fold"
     summary = "fold into the preceding conv / linear weights (inference only; same function, no cost)"
     keeps_function = True
     absorbs_affine = True
     fallback = "frozen"
-    parameters = {"into": Param(ParamKind.STR), "num_features": Param(ParamKind.INT, positive=True), "eps": Param(ParamKind.FLOAT, positive=True)}
+    params_type = FoldParams
 
     def can_fold(self, site: Site) -> bool:
         try:
@@ -84,9 +92,9 @@ class FoldTarget(Target):
                 "a BatchNorm folds only into the layer that produces its input."
             )
 
-    def absorb(self, model: nn.Module, site_name: str, statistics: Any, params: Mapping[str, Any]) -> None:
+    def absorb(self, model: nn.Module, site_name: str, statistics: Any, params: FoldParams) -> None:
         try:
-            producer = model.get_submodule(str(params["into"]))
+            producer = model.get_submodule(params.into)
         except AttributeError:
             raise PlanError(f"Plan entry '{site_name}' (fold) folds into '{params['into']}', which this model does not have.") from None
         if not isinstance(producer, (_ConvNd, nn.Linear)):
@@ -94,28 +102,28 @@ class FoldTarget(Target):
                 f"Plan entry '{site_name}' (fold) folds into '{params['into']}', a {type(producer).__name__}, not a conv or linear layer."
             )
         channels = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
-        if channels != int(params["num_features"]):
+        if channels != params.num_features:
             raise PlanError(f"Plan entry '{site_name}' (fold): '{params['into']}' has {channels} outputs, the BatchNorm {params['num_features']}.")
-        fold_into(producer, statistics, float(params["eps"]))
+        fold_into(producer, statistics, params.eps)
 
-    def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
+    def module(self, bn: _BatchNorm, params: FoldParams) -> nn.Module:
         return nn.Identity()
 
-    def function(self, params: Mapping[str, Any], call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    def function(self, params: FoldParams, call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         return unchanged, (call.input,)
 
-    def source_call(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+    def source_call(self, call: SourceCall, params: Sequence[FoldParams]) -> SourceCode | str:
         return "fold changes the weights of the layer before it, not the code: convert the checkpoint (`normswap convert --to fold`)"
 
     source_class = source_call
 
-    def source_function(self, call: SourceCall, params: Mapping[str, Any]) -> SourceCode | str:
+    def source_function(self, call: SourceCall, params: FoldParams) -> SourceCode | str:
         return self.source_call(call, [params])
 
-    def takeover_base(self, params: Mapping[str, Any]) -> type:
+    def takeover_base(self, params: FoldParams) -> type:
         return FoldedTakeover
 
-    def prepare_takeover(self, module: nn.Module, params: Mapping[str, Any]) -> None:
+    def prepare_takeover(self, module: nn.Module, params: FoldParams) -> None:
         drop_statistics(module)
         set_attributes(module, affine=False)
         module.register_parameter("weight", None)

@@ -5,7 +5,8 @@ y = (x - running_mean) / sqrt(running_var + eps) * w + b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,9 +18,8 @@ from ..capture.tracer import BatchNormArgs
 from ..sites import Site
 from ..torchutil import Replacement
 from .base import (
-    COMMON_PARAMS,
     NORMSWAP_NN,
-    Param,
+    NormParams,
     ParamKind,
     PlanOptions,
     Refusal,
@@ -30,6 +30,7 @@ from .base import (
     common_params,
     copy_tensors,
     factory,
+    param,
     require_channels,
     set_attributes,
     where,
@@ -93,12 +94,17 @@ class FrozenTakeover(TakenOver, FrozenBatchNorm):
     label = "FrozenBatchNorm"
 
 
-class FrozenTarget(Target):
+@dataclass(frozen=True, kw_only=True)
+class FrozenParams(NormParams):
+    num_features: int = param(ParamKind.INT, positive=True)
+
+
+class FrozenTarget(Target[FrozenParams]):
     name = "frozen"
     summary = "BatchNorm's eval function with fixed statistics, in train mode too (keeps the function)"
     keeps_function = True
     keeps_batchnorm_op = True
-    parameters = {"num_features": Param(ParamKind.INT, positive=True), **COMMON_PARAMS}
+    params_type = FrozenParams
 
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
         channels = require_channels(site)
@@ -108,12 +114,12 @@ class FrozenTarget(Target):
             )
         return {"num_features": channels, **common_params(site)}, ""
 
-    def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
-        new = FrozenBatchNorm(int(params["num_features"]), eps=float(params["eps"]), affine=bool(params["affine"]), **factory(bn))
+    def module(self, bn: _BatchNorm, params: FrozenParams) -> nn.Module:
+        new = FrozenBatchNorm(params.num_features, eps=params.eps, affine=params.affine, **factory(bn))
         copy_tensors(bn, new, ("running_mean", "running_var"))
         return carry_affine(bn, new, trainable=False)
 
-    def takeover_base(self, params: Mapping[str, Any]) -> type:
+    def takeover_base(self, params: FrozenParams) -> type:
         return FrozenTakeover
 
     def params_from_module(self, module: nn.Module) -> dict[str, Any] | None:
@@ -121,18 +127,18 @@ class FrozenTarget(Target):
             return None
         return {"num_features": module.num_features, "eps": module.eps, "affine": module.affine}
 
-    def function(self, params: Mapping[str, Any], call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    def function(self, params: FrozenParams, call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         if call.running_mean is None or call.running_var is None:
             raise Refusal("this batch_norm call has no running statistics to freeze; use groupnorm or layernorm")
-        return frozen_batch_norm, (call.input, call.running_mean, call.running_var, call.weight, call.bias, float(params["eps"]))
+        return frozen_batch_norm, (call.input, call.running_mean, call.running_var, call.weight, call.bias, params.eps)
 
-    def source_call(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+    def source_call(self, call: SourceCall, params: Sequence[FrozenParams]) -> SourceCode | str:
         return SourceCode(f"{NORMSWAP_NN}.FrozenBatchNorm({call.arguments['num_features']}{call.keywords()})", (NORMSWAP_NN,))
 
-    def source_class(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+    def source_class(self, call: SourceCall, params: Sequence[FrozenParams]) -> SourceCode | str:
         return SourceCode(f"{NORMSWAP_NN}.FrozenBatchNorm", (NORMSWAP_NN,))
 
-    def source_function(self, call: SourceCall, params: Mapping[str, Any]) -> SourceCode | str:
+    def source_function(self, call: SourceCall, params: FrozenParams) -> SourceCode | str:
         """BatchNorm's eval function, plain torch: `batch_norm(..., training=False, momentum=0.0, eps)`."""
         arguments = call.arguments
         mean, var = arguments.get("running_mean"), arguments.get("running_var")
@@ -142,10 +148,10 @@ class FrozenTarget(Target):
         eps = arguments.get("eps", repr(float(params["eps"])))
         return SourceCode(f"{call.namespace}batch_norm({arguments['input']}, {mean}, {var}, {weight}, {bias}, False, 0.0, {eps})", call.imports)
 
-    def prepare_takeover(self, module: nn.Module, params: Mapping[str, Any]) -> None:
+    def prepare_takeover(self, module: nn.Module, params: FrozenParams) -> None:
         # statistics stay (they are the function); the step counter and the affine stop moving
         module.register_buffer("num_batches_tracked", None)
-        set_attributes(module, eps=float(params["eps"]), affine=bool(params["affine"]))
+        set_attributes(module, eps=params.eps, affine=params.affine)
         for name in ("weight", "bias"):
             parameter = getattr(module, name)
             if parameter is not None:

@@ -8,6 +8,7 @@ import contextvars
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,10 +21,9 @@ from ..errors import PlanError
 from ..sites import Site
 from ..torchutil import Replacement
 from .base import (
-    COMMON_PARAMS,
     DEFAULT_CHANNELS_PER_GROUP,
     DEFAULT_MAX_GROUPS,
-    Param,
+    NormParams,
     ParamKind,
     PlanOptions,
     Refusal,
@@ -34,6 +34,7 @@ from .base import (
     common_params,
     drop_statistics,
     factory,
+    param,
     require_channels,
     set_attributes,
     where,
@@ -175,11 +176,18 @@ class GroupNormBN(GroupNorm):
         super().__init__(int(groups), num_features, eps=eps, affine=affine, device=device, dtype=dtype)
 
 
-class GroupNormTarget(Target):
+@dataclass(frozen=True, kw_only=True)
+class GroupNormParams(NormParams):
+    num_groups: int = param(ParamKind.INT, positive=True)
+    num_channels: int = param(ParamKind.INT, positive=True)
+
+
+class GroupNormTarget(Target[GroupNormParams]):
     name = "groupnorm"
     summary = "GroupNorm(G, C): per sample over groups of channels (convolutional feature maps)"
     calibrated = True
-    parameters = {"num_groups": Param(ParamKind.INT, positive=True), "num_channels": Param(ParamKind.INT, positive=True), **COMMON_PARAMS}
+    auto_fallback = "layernorm"  # a map GroupNorm would zero may still have channels to normalize
+    params_type = GroupNormParams
 
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
         channels = require_channels(site)
@@ -198,35 +206,33 @@ class GroupNormTarget(Target):
                 f"Plan entry '{site_name}' (groupnorm): num_groups {params['num_groups']} does not divide num_channels {params['num_channels']}."
             )
 
-    def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
-        groups, channels = int(params["num_groups"]), int(params["num_channels"])
-        new = nn.GroupNorm(groups, channels, eps=float(params["eps"]), affine=bool(params["affine"]), **factory(bn))
-        set_attributes(new, num_features=channels)  # what code around a BatchNorm reads
+    def module(self, bn: _BatchNorm, params: GroupNormParams) -> nn.Module:
+        new = nn.GroupNorm(params.num_groups, params.num_channels, eps=params.eps, affine=params.affine, **factory(bn))
+        set_attributes(new, num_features=params.num_channels)  # what code around a BatchNorm reads
         return carry_affine(bn, new)
 
-    def takeover_base(self, params: Mapping[str, Any]) -> type:
+    def takeover_base(self, params: GroupNormParams) -> type:
         return GroupNormTakeover
 
-    def prepare_takeover(self, module: nn.Module, params: Mapping[str, Any]) -> None:
+    def prepare_takeover(self, module: nn.Module, params: GroupNormParams) -> None:
         drop_statistics(module)
-        channels = int(params["num_channels"])
-        set_attributes(module, num_groups=int(params["num_groups"]), num_channels=channels, eps=float(params["eps"]), affine=bool(params["affine"]))
+        set_attributes(module, num_groups=params.num_groups, num_channels=params.num_channels, eps=params.eps, affine=params.affine)
 
     def export_context(self, model: nn.Module, opset: int) -> contextlib.AbstractContextManager[None]:
         return exporting(model, opset)
 
-    def function(self, params: Mapping[str, Any], call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        return group_norm, (call.input, int(params["num_groups"]), call.weight, call.bias, float(params["eps"]))
+    def function(self, params: GroupNormParams, call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return group_norm, (call.input, params.num_groups, call.weight, call.bias, params.eps)
 
-    def normalize(self, params: Mapping[str, Any], x: torch.Tensor) -> torch.Tensor | None:
-        return F.group_norm(x, int(params["num_groups"]), None, None, float(params["eps"]))
+    def normalize(self, params: GroupNormParams, x: torch.Tensor) -> torch.Tensor | None:
+        return F.group_norm(x, params.num_groups, None, None, params.eps)
 
     def params_from_module(self, module: nn.Module) -> dict[str, Any] | None:
         if not isinstance(module, nn.GroupNorm):
             return None
         return {"num_groups": module.num_groups, "num_channels": module.num_channels, "eps": module.eps, "affine": module.affine}
 
-    def source_call(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+    def source_call(self, call: SourceCall, params: Sequence[GroupNormParams]) -> SourceCode | str:
         """`nn.GroupNorm(G, C, eps=...)` for a literal width; for a width computed in the code,
         `_group_norm(C, ...)`, a plain-torch helper the fix defines in the file, which applies
         the group-count rule at whatever width the code builds."""
@@ -241,7 +247,7 @@ class GroupNormTarget(Target):
             return _no_rule(mapping, f"`{channels}`")
         return SourceCode(f"{GROUP_NORM_HELPER}({channels}{keywords}{_rule_keywords(rule)})", ("torch",), ((GROUP_NORM_HELPER, HELPER_SOURCE),))
 
-    def source_class(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+    def source_class(self, call: SourceCall, params: Sequence[GroupNormParams]) -> SourceCode | str:
         """The same helper, which takes BatchNorm's constructor arguments, as the class value."""
         mapping = _group_counts(params)
         if isinstance(mapping, str):
@@ -255,7 +261,7 @@ class GroupNormTarget(Target):
             return SourceCode(f"functools.partial({GROUP_NORM_HELPER}{keywords})", ("functools", "torch"), helper)
         return SourceCode(GROUP_NORM_HELPER, ("torch",), helper)
 
-    def source_function(self, call: SourceCall, params: Mapping[str, Any]) -> SourceCode | str:
+    def source_function(self, call: SourceCall, params: GroupNormParams) -> SourceCode | str:
         arguments = call.arguments
         weight, bias = arguments.get("weight", "None"), arguments.get("bias", "None")
         eps = arguments.get("eps", repr(float(params["eps"])))

@@ -7,7 +7,8 @@ features of (N, C); BatchNorm's per-channel affine carried over.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,9 +20,8 @@ from ..capture.tracer import BatchNormArgs
 from ..sites import Site
 from ..torchutil import Replacement
 from .base import (
-    COMMON_PARAMS,
     NORMSWAP_NN,
-    Param,
+    NormParams,
     ParamKind,
     PlanOptions,
     Refusal,
@@ -32,6 +32,7 @@ from .base import (
     common_params,
     drop_statistics,
     factory,
+    param,
     require_channels,
     set_attributes,
     where,
@@ -148,15 +149,19 @@ class LayerNorm(Replacement, nn.LayerNorm):
         self.num_features = num_features
 
 
-class LayerNormTarget(Target):
+@dataclass(frozen=True, kw_only=True)
+class LayerNormParams(NormParams):
+    num_channels: int = param(ParamKind.INT, positive=True)
+    # "features": LayerNorm(C) over (N, C); "channels_first" (or not given): over dim 1 at every position
+    layout: str | None = param(ParamKind.STR, required=False, choices=("features", "channels_first"))
+
+
+class LayerNormTarget(Target[LayerNormParams]):
     name = "layernorm"
     summary = "LayerNorm over channels, per sample and position (sequences, recurrence, (N, C) features)"
     calibrated = True
-    parameters = {
-        "num_channels": Param(ParamKind.INT, positive=True),
-        "layout": Param(ParamKind.STR, required=False, choices=("features", "channels_first")),
-        **COMMON_PARAMS,
-    }
+    auto_fallback = "frozen"  # one channel: nothing per sample to normalize, the statistics may remain
+    params_type = LayerNormParams
 
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
         channels = require_channels(site)
@@ -165,33 +170,31 @@ class LayerNormTarget(Target):
         layout = "features" if site.input_rank == 2 else "channels_first"  # unreached: the channel form serves (N, C) too
         return {"num_channels": channels, "layout": layout, **common_params(site)}, ""
 
-    def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
-        channels, eps, affine = int(params["num_channels"]), float(params["eps"]), bool(params["affine"])
+    def module(self, bn: _BatchNorm, params: LayerNormParams) -> nn.Module:
         new: nn.Module
-        if params.get("layout") == "features":
-            new = nn.LayerNorm(channels, eps=eps, elementwise_affine=affine, **factory(bn))
-            set_attributes(new, num_features=channels)  # what code around a BatchNorm reads
+        if params.layout == "features":
+            new = nn.LayerNorm(params.num_channels, eps=params.eps, elementwise_affine=params.affine, **factory(bn))
+            set_attributes(new, num_features=params.num_channels)  # what code around a BatchNorm reads
         else:
-            new = ChannelLayerNorm(channels, eps=eps, affine=affine, **factory(bn))
+            new = ChannelLayerNorm(params.num_channels, eps=params.eps, affine=params.affine, **factory(bn))
         return carry_affine(bn, new)
 
-    def takeover_base(self, params: Mapping[str, Any]) -> type:
-        return LayerNormTakeover if params.get("layout") == "features" else ChannelLayerNormTakeover
+    def takeover_base(self, params: LayerNormParams) -> type:
+        return LayerNormTakeover if params.layout == "features" else ChannelLayerNormTakeover
 
-    def prepare_takeover(self, module: nn.Module, params: Mapping[str, Any]) -> None:
+    def prepare_takeover(self, module: nn.Module, params: LayerNormParams) -> None:
         drop_statistics(module)
-        channels, affine = int(params["num_channels"]), bool(params["affine"])
-        set_attributes(module, eps=float(params["eps"]))
+        set_attributes(module, eps=params.eps)
         if isinstance(module, nn.LayerNorm):
-            set_attributes(module, normalized_shape=(channels,), elementwise_affine=affine)
+            set_attributes(module, normalized_shape=(params.num_channels,), elementwise_affine=params.affine)
         else:
-            set_attributes(module, num_channels=channels, affine=affine)
+            set_attributes(module, num_channels=params.num_channels, affine=params.affine)
 
-    def function(self, params: Mapping[str, Any], call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        return channel_layer_norm, (call.input, call.weight, call.bias, float(params["eps"]), int(params["num_channels"]))
+    def function(self, params: LayerNormParams, call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return channel_layer_norm, (call.input, call.weight, call.bias, params.eps, params.num_channels)
 
-    def normalize(self, params: Mapping[str, Any], x: torch.Tensor) -> torch.Tensor | None:
-        return channel_layer_norm(x, None, None, float(params["eps"]), int(params["num_channels"]))
+    def normalize(self, params: LayerNormParams, x: torch.Tensor) -> torch.Tensor | None:
+        return channel_layer_norm(x, None, None, params.eps, params.num_channels)
 
     def params_from_module(self, module: nn.Module) -> dict[str, Any] | None:
         if isinstance(module, ChannelLayerNorm):
@@ -201,17 +204,17 @@ class LayerNormTarget(Target):
             return {"num_channels": channels, "layout": "features", "eps": module.eps, "affine": module.elementwise_affine}
         return None
 
-    def source_call(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+    def source_call(self, call: SourceCall, params: Sequence[LayerNormParams]) -> SourceCode | str:
         """`nn.LayerNorm(C)` on (N, C) features (plain torch), else the channel LayerNorm."""
         channels = call.arguments["num_features"]
         if all(entry.get("layout") == "features" for entry in params):
             return SourceCode(f"{call.namespace}LayerNorm({channels}{call.keywords({'affine': 'elementwise_affine'})})", call.imports)
         return SourceCode(f"{NORMSWAP_NN}.ChannelLayerNorm({channels}{call.keywords()})", (NORMSWAP_NN,))
 
-    def source_class(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+    def source_class(self, call: SourceCall, params: Sequence[LayerNormParams]) -> SourceCode | str:
         return SourceCode(f"{NORMSWAP_NN}.ChannelLayerNorm", (NORMSWAP_NN,))  # (N, C) too: plain LayerNorm there
 
-    def source_function(self, call: SourceCall, params: Mapping[str, Any]) -> SourceCode | str:
+    def source_function(self, call: SourceCall, params: LayerNormParams) -> SourceCode | str:
         """`F.layer_norm` in plain torch: over the features of (N, C), or with the channels moved
         last and back for (N, C, *) (the permutation `channel_layer_norm` makes)."""
         arguments = call.arguments

@@ -3,7 +3,8 @@ process group in training (single-device and eval: plain BatchNorm)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,8 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..capture.tracer import BatchNormArgs
 from ..sites import Site, SiteKind
 from .base import (
-    COMMON_PARAMS,
-    Param,
+    NormParams,
     ParamKind,
     PlanOptions,
     Refusal,
@@ -27,6 +27,7 @@ from .base import (
     common_params,
     copy_tensors,
     factory,
+    param,
     require_channels,
     set_attributes,
     where,
@@ -71,17 +72,19 @@ class SyncTakeover(TakenOver, nn.SyncBatchNorm):
     label = "SyncBatchNorm"
 
 
-class SyncBatchNormTarget(Target):
+@dataclass(frozen=True, kw_only=True)
+class SyncBatchNormParams(NormParams):
+    num_features: int = param(ParamKind.INT, positive=True)
+    momentum: float | None = param(ParamKind.OPTIONAL_FLOAT)  # None: a cumulative average, as in torch
+    track_running_stats: bool | None = param(ParamKind.BOOL, required=False)  # not given: true
+
+
+class SyncBatchNormTarget(Target[SyncBatchNormParams]):
     name = "syncbn"
     summary = "SyncBatchNorm: batch statistics reduced across devices (keeps BatchNorm semantics)"
     batch_statistics = True
     keeps_batchnorm_op = True
-    parameters = {
-        "num_features": Param(ParamKind.INT, positive=True),
-        "momentum": Param(ParamKind.OPTIONAL_FLOAT),
-        "track_running_stats": Param(ParamKind.BOOL, required=False),
-        **COMMON_PARAMS,
-    }
+    params_type = SyncBatchNormParams
 
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
         channels = require_channels(site)
@@ -96,34 +99,33 @@ class SyncBatchNormTarget(Target):
         params = {"num_features": channels, "momentum": site.momentum, "track_running_stats": site.track_running_stats}
         return {**params, **common_params(site)}, ""
 
-    def module(self, bn: _BatchNorm, params: Mapping[str, Any]) -> nn.Module:
-        momentum = params.get("momentum")
+    def module(self, bn: _BatchNorm, params: SyncBatchNormParams) -> nn.Module:
         new = nn.SyncBatchNorm(
-            int(params["num_features"]),
-            eps=float(params["eps"]),
-            momentum=None if momentum is None else float(momentum),
-            affine=bool(params["affine"]),
-            track_running_stats=bool(params.get("track_running_stats", True)),
+            params.num_features,
+            eps=params.eps,
+            momentum=params.momentum,
+            affine=params.affine,
+            track_running_stats=params.track_running_stats is not False,
             **factory(bn),
         )
         copy_tensors(bn, new, ("running_mean", "running_var", "num_batches_tracked"))
         return carry_affine(bn, new)
 
-    def function(self, params: Mapping[str, Any], call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    def function(self, params: SyncBatchNormParams, call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         args = (call.input, call.running_mean, call.running_var, call.weight, call.bias, call.training, call.momentum, call.eps)
         return sync_batch_norm, args
 
-    def source_call(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+    def source_call(self, call: SourceCall, params: Sequence[SyncBatchNormParams]) -> SourceCode | str:
         """The same call with SyncBatchNorm as the class (its arguments are BatchNorm's)."""
         return SourceCode(call.namespace + "SyncBatchNorm" + call.written[len(call.callee) :], call.imports)
 
-    def source_class(self, call: SourceCall, params: Sequence[Mapping[str, Any]]) -> SourceCode | str:
+    def source_class(self, call: SourceCall, params: Sequence[SyncBatchNormParams]) -> SourceCode | str:
         return SourceCode(call.namespace + "SyncBatchNorm", call.imports)
 
-    def takeover_base(self, params: Mapping[str, Any]) -> type:
+    def takeover_base(self, params: SyncBatchNormParams) -> type:
         return SyncTakeover
 
-    def prepare_takeover(self, module: nn.Module, params: Mapping[str, Any]) -> None:
+    def prepare_takeover(self, module: nn.Module, params: SyncBatchNormParams) -> None:
         """The subclass keeps its statistics and bookkeeping: only the reduction is synchronised."""
         set_attributes(module, process_group=None)  # the default group, as nn.SyncBatchNorm's own default
 

@@ -41,15 +41,40 @@ class TakenOver(Replacement):
     # set on each converted class: the BatchNorm subclass it was built from, and its takeover base
     source: ClassVar[type]
     base: ClassVar[type]
-    normswap_params: dict[str, Any]
+    normswap_params: Any  # its target's parameters
     # calibration sets this to see the input of each normalization
     normswap_observer: Callable[[torch.Tensor], None] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if TakenOver in cls.__bases__:  # a takeover base: its forward is what `super().forward(x)` reaches
+            cls.forward = _observing(cls.forward)  # type: ignore[attr-defined]
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         cls = type(self)
         if not hasattr(cls, "source"):  # a takeover base used directly: an ordinary module
             return super().__reduce_ex__(protocol)
         return (_rebuild, (cls.source, cls.base), self.__dict__)
+
+
+def _observing(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """A takeover base's forward that shows calibration its input: a subclass calling
+    `super().forward(x)` normalizes there, not in a batch_norm call the mode below sees (and
+    any batch_norm call inside, e.g. a frozen BatchNorm's, is the same normalization)."""
+
+    @functools.wraps(forward)
+    def observed(self: TakenOver, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        observer = self.normswap_observer
+        if observer is None:
+            return forward(self, x, *args, **kwargs)
+        observer(x)
+        self.normswap_observer = None
+        try:
+            return forward(self, x, *args, **kwargs)
+        finally:
+            self.normswap_observer = observer
+
+    return observed
 
 
 class _TakeOver(TorchFunctionMode):
@@ -183,6 +208,6 @@ def take_over(bn: _BatchNorm, target: Any, params: Mapping[str, Any], name: str)
         value = getattr(bn, tensor_name).detach().clone()
         state["_parameters"][tensor_name] = nn.Parameter(value, requires_grad=chains[tensor_name].original.requires_grad)
     new.__dict__.update(state)
-    new.normswap_params = dict(params)
+    new.normswap_params = params
     target.prepare_takeover(new, params)
     return new
