@@ -1,75 +1,83 @@
-"""Calibration and healing: top-1 agreement with the original and accuracy on held-out generated
-data (3,000 samples, never seen by training, calibration or healing) for the swap alone, the
-calibrated and the healed model with the default HealOptions(); mean over three trained seeds.
-Also the GroupNorm grouping policy: one channel per group (the old default), 4 and 16 (the new
-default) channels per group."""
+"""What calibration costs: its time divided by one forward pass of the original over the same
+data, and the activations it holds, on the ResNet-50 layout (53 sites), a chain of 3x3
+convolutions as deep (53 sites) and 10x as deep (530 sites), and a chain of 530 layers whose 1x1
+convolutions on 8 channels cost less than a site's statistics (the worst case); lockstep (now)
+against layer by layer from the input (before: time grows with sites x depth).
+
+    python benchmarks/bench_calibration.py            # both methods (layer by layer takes minutes)
+    python benchmarks/bench_calibration.py --now-only # lockstep only
+
+One CPU thread, 4 unlabeled batches of 16, groupnorm, no attribution; times are medians of 3 runs
+(1 for layer by layer, which is not run on the 530-site chains: hours).
+"""
 
 from __future__ import annotations
 
+import argparse
+import copy
+import functools
+import resource
 import statistics
-import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import torch
 
 import normswap
-from synthetic import SequenceRNN, ShapesNet, TabularMLP, accuracy, agreement, sequence_dataset, shapes_dataset, tabular_dataset, train
+from nets import ConvChain, DeepChain, ResNet50, trained_statistics
+from normswap.calibration.fit import calibrate_sites
 
-SEEDS = (0, 1, 2)
-CASES = [
-    # name, model, dataset, (training steps, lr), convert kwargs
-    ("shapes conv-BN -> auto (GroupNorm, 16 ch/group)", lambda: ShapesNet(16), shapes_dataset, (300, 3e-3), {"to": "auto"}),
-    ("shapes conv-BN -> GroupNorm, 4 ch/group", lambda: ShapesNet(16), shapes_dataset, (300, 3e-3), {"to": "groupnorm", "channels_per_group": 4}),
-    (
-        "shapes conv-BN -> GroupNorm, <=32 groups (old)",
-        lambda: ShapesNet(16),
-        shapes_dataset,
-        (300, 3e-3),
-        {"to": "groupnorm", "channels_per_group": 1},
-    ),
-    ("shapes conv-BN -> LayerNorm", lambda: ShapesNet(16), shapes_dataset, (300, 3e-3), {"to": "layernorm"}),
-    ("sequence RNN, BN reused x12 -> auto (LayerNorm)", SequenceRNN, sequence_dataset, (1000, 5e-3), {"to": "auto"}),
-    ("tabular MLP, input BN only -> auto (frozen)", lambda: TabularMLP(hidden_norm=False), tabular_dataset, (1500, 3e-3), {"to": "auto"}),
-    ("tabular MLP, input + hidden BN -> auto", TabularMLP, tabular_dataset, (1500, 3e-3), {"to": "auto"}),
+# name, model, batch shape, layer by layer measured
+CASES: list[tuple[str, Callable[[], torch.nn.Module], tuple[int, ...], bool]] = [
+    ("ResNet-50 layout, 53 sites, 64x64", lambda: ResNet50(), (16, 3, 64, 64), True),
+    ("3x3 conv chain, 53 sites, 32ch 16x16", lambda: ConvChain(53), (16, 32, 16, 16), True),
+    ("3x3 conv chain, 530 sites, 32ch 16x16", lambda: ConvChain(530), (16, 32, 16, 16), False),
+    ("1x1 conv chain, 530 sites, 8ch x 2048", lambda: DeepChain(530), (16, 8, 2048), False),
 ]
-STAGES = ("original", "swap", "calibrated", "healed")
+BATCHES = 4
 
 
-def run_case(build, dataset, steps: int, lr: float, kwargs: dict, seed: int) -> dict[str, tuple[float, float]]:
-    x, y = dataset(3000, seed=0)
-    xt, yt = dataset(3000, seed=1)  # held out
-    torch.manual_seed(seed)
-    model = train(build(), x, y, steps=steps, lr=lr, seed=seed)
-    batches = [x[i : i + 64] for i in range(0, 1024, 64)]  # 1,024 unlabeled training inputs
-    models = {
-        "original": model,
-        "swap": normswap.convert(model, x[:8], **kwargs).model,
-        "calibrated": normswap.convert(model, x[:8], calibration_data=batches, **kwargs).model,
-        "healed": normswap.convert(model, x[:8], calibration_data=batches, heal=normswap.HealOptions(), **kwargs).model,
-    }
-    return {stage: (agreement(m, model, xt), accuracy(m, xt, yt)) for stage, m in models.items()}
-
-
-def main(only: str = "") -> dict:
-    results = {}
-    print(f"{'model':<50} {'stage':<11} {'agreement':>9} {'accuracy':>9} {'vs original':>11}   (mean of seeds {SEEDS})")
-    for name, build, dataset, (steps, lr), kwargs in CASES:
-        if only not in name:
-            continue
+def _seconds(run: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
         start = time.perf_counter()
-        runs = [run_case(build, dataset, steps, lr, kwargs, seed) for seed in SEEDS]
-        results[name] = runs
-        original = statistics.mean(run["original"][1] for run in runs)
-        for stage in STAGES:
-            agree = statistics.mean(run[stage][0] for run in runs)
-            acc = statistics.mean(run[stage][1] for run in runs)
-            worst = min(run[stage][1] - run["original"][1] for run in runs)
-            print(f"{name:<50} {stage:<11} {agree:9.1%} {acc:9.1%} {(acc - original) * 100:+10.1f}pt   worst seed {worst * 100:+.1f}pt")
-        print(f"{'':<50} ({time.perf_counter() - start:.0f} s for {len(SEEDS)} seeds)", flush=True)
-    return results
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _forward(original: torch.nn.Module, data: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for batch in data:
+            original(batch)
+
+
+def _calibrate(conversion: normswap.Conversion, original: torch.nn.Module, data: list[torch.Tensor], layer_by_layer: bool, held: list[int]) -> None:
+    model = copy.deepcopy(conversion.model)
+    result = calibrate_sites(model, original, data, conversion.plan, device="cpu", layer_by_layer=layer_by_layer)
+    held.append(result.held_bytes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--now-only", action="store_true", help="skip the layer-by-layer method (minutes)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"{'model':<42} {'method':<15} {'forward':>8} {'calibration':>11} {'ratio':>7} {'held activations':>17}")
+    for name, build, shape, before in CASES:
+        torch.manual_seed(0)
+        original = trained_statistics(build(), shape)
+        data = [torch.randn(shape) for _ in range(BATCHES)]
+        conversion = normswap.convert(original, data[0], to="groupnorm")
+        one_pass = _seconds(functools.partial(_forward, original, data), 3)
+        methods = [("lockstep (now)", False, 3)] + ([("layer by layer", True, 1)] if before and not args.now_only else [])
+        for method, layer_by_layer, repeats in methods:
+            held: list[int] = []
+            seconds = _seconds(functools.partial(_calibrate, conversion, original, data, layer_by_layer, held), repeats)
+            memory = "one forward" if layer_by_layer else f"{max(held) / 2**20:.0f} MiB"
+            print(f"{name:<42} {method:<15} {one_pass:7.2f}s {seconds:10.2f}s {seconds / one_pass:6.1f}x {memory:>17}", flush=True)
+    print(f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "")  # optional: only the cases whose name contains it
+    main()

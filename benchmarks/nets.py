@@ -104,6 +104,19 @@ class DeepChain(nn.Module):
         return self.blocks(x)
 
 
+class ConvChain(nn.Module):
+    """`sites` blocks of Conv2d(c, c, 3) -> BatchNorm2d(c) -> ReLU: a plain deep chain whose layers
+    cost what real convolutions cost."""
+
+    def __init__(self, sites: int, channels: int = 32) -> None:
+        super().__init__()
+        blocks = [nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()) for _ in range(sites)]
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
 def trained_statistics(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     """Give BatchNorm non-trivial running statistics (one train-mode pass), return in eval mode."""
     with torch.no_grad():

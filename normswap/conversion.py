@@ -81,6 +81,17 @@ class ConvertOptions:
         minimum=0,
         show_default=True,
     )
+    calibration_memory: float | None = option(
+        None,
+        "--calibration-memory",
+        help="GiB of activations calibration may hold at once, all batches together (default: half the memory available); "
+        "batches past it are run again from the input at each site.",
+        value_type=float,
+        minimum=0,
+        open_minimum=True,
+        finite=True,
+        metavar="GIB",
+    )
     device: str | torch.device | None = option(
         "auto",
         "--device",
@@ -176,7 +187,9 @@ def convert(
             GPU when there is one), freeze_costly (with `to="auto"` and calibration data: freeze
             each site with running statistics whose conversion alone, calibrated, loses more
             than this fraction of top-1 agreement or cosine similarity), attribution_samples
-            (calibration inputs used to measure what each site costs alone; 0: not measured).
+            (calibration inputs used to measure what each site costs alone; 0: not measured),
+            calibration_memory (GiB of activations calibration holds at once; default: half
+            the memory available).
 
     Returns:
         Conversion with `.model` (the user's module tree with swapped submodules, or an
@@ -218,7 +231,10 @@ def convert_with(
         frozen = _freeze_costly(rewritten.plan, rewritten.sites, costs, freeze_costly, options.plan_options)
         if frozen is not rewritten.plan or inplace:  # the first rewrite was on a copy
             rewritten = rewrite_model(model, example_inputs, context, options.plan_request, plan=frozen, inplace=inplace)
-    outcome = calibrate_and_heal(rewritten.model, original, rewritten.plan, batches, options.heal, options.device, options.attribution_samples)
+    memory_limit = None if options.calibration_memory is None else int(options.calibration_memory * 2**30)
+    outcome = calibrate_and_heal(
+        rewritten.model, original, rewritten.plan, batches, options.heal, options.device, options.attribution_samples, memory_limit
+    )
     conversion = Conversion.of(rewritten)
     return _recorded(
         dataclasses.replace(

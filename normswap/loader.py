@@ -20,6 +20,7 @@ from torch import nn
 from .errors import ConfigError, ModelLoadError
 from .options import option
 from .source import recording_construction
+from .torchutil import available_memory
 
 
 @dataclass(frozen=True)
@@ -107,21 +108,6 @@ def parse_input_spec(text: str | Sequence[int]) -> InputSpec:
             raise ConfigError(f"Unknown input dtype '{dtype_text}' in '{text}'; use one of {', '.join(DTYPES)}.")
         dtype = DTYPES[dtype_text.strip().lower()]
     return InputSpec(parse_shape(shape_text), dtype)
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux MemAvailable; else free pages), or None."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def check_input_memory(specs: Sequence[InputSpec | Sequence[int]]) -> None:

@@ -308,3 +308,18 @@ def pickle_globals(path: Path, limit: int = 200_000) -> list[str]:
         return list(dict.fromkeys(n for n in names if not n.startswith(("torch.", "collections.OrderedDict", "_codecs.", "builtins.set"))))
     except Exception:  # noqa: BLE001 - only for the message: a file pickletools cannot walk gets none
         return []
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable; else free pages), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -189,6 +189,19 @@ def test_calibration_batch_size_sets_the_batches(work: Path) -> None:
     assert report(work)["calibration"][0]["samples"] == 64 * 8 * 8  # every sample, whatever the batching
 
 
+def test_calibration_memory_bounds_the_held_batches(work: Path) -> None:
+    _calibration(work)
+    args = [*CONVERT, "--no-onnx", "--to", "groupnorm", "--calibration-data", "calib.pt", "--calibration-batch-size", "16", "-q"]
+    assert run(*args).exit_code == 0
+    roomy = report(work)
+    assert not any("run again from the input" in note for note in roomy["notes"])
+    assert run(*args, "--calibration-memory", "1e-9", "--force").exit_code == 0  # about one byte: one batch held at a time
+    tight = report(work)
+    assert any("3 of 4 batches were run again from the input" in note for note in tight["notes"])
+    assert tight["calibration"] == roomy["calibration"]  # the same fits
+    assert run(*args, "--calibration-memory", "0", "--force").exit_code == 2
+
+
 def test_quiet_prints_nothing_and_device_cpu_runs_on_the_cpu(work: Path) -> None:
     result = run(*CONVERT, "--no-onnx", "--device", "cpu", "-q")
     assert result.exit_code == 0 and result.stdout == "" and result.stderr == ""

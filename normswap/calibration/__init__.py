@@ -17,7 +17,7 @@ from .attribution import DEFAULT_SAMPLES, SiteCost, site_costs
 from .data import FORMATS, batches_from_tensor, check_batches, check_model_accepts, load_calibration_tensor
 from .device import DEVICE_CHOICES, placed, resolve_device, to_device
 from .drift import Drift, measure_drift
-from .fit import SiteFit, calibrate
+from .fit import Calibration, SiteFit, calibrate, calibrate_sites
 from .healing import HealResult, heal
 from .options import HealOptions
 
@@ -42,13 +42,16 @@ def calibrate_and_heal(
     options: HealOptions | None = None,
     device: str | torch.device | None = "auto",
     attribution_samples: int = DEFAULT_SAMPLES,
+    memory_limit: int | None = None,
 ) -> CalibrationOutcome:
     """Calibrate `converted` toward `original`, then heal it when `options` is given (and its
     steps are not 0), on `device`; measure what each site costs alone on `attribution_samples`
-    inputs (0: not measured) and the drift after each stage; all on the calibration data."""
+    inputs (0: not measured) and the drift after each stage; all on the calibration data.
+    `memory_limit` bounds the activations calibration holds (bytes; default: half of what is
+    available)."""
     timings = Timings()
     with timings.measure("calibrate"):
-        outcome = _calibrate_and_heal(converted, original, plan, data, options, resolve_device(device), attribution_samples)
+        outcome = _calibrate_and_heal(converted, original, plan, data, options, resolve_device(device), attribution_samples, memory_limit)
     outcome.seconds = timings.seconds["calibrate"]
     return outcome
 
@@ -61,6 +64,7 @@ def _calibrate_and_heal(
     options: HealOptions | None,
     where: torch.device,
     attribution_samples: int,
+    memory_limit: int | None,
 ) -> CalibrationOutcome:
     outcome = CalibrationOutcome()
     batches = [to_device(b, where) for b in check_batches(data)]
@@ -69,7 +73,9 @@ def _calibrate_and_heal(
             outcome.attribution = site_costs(original, plan, batches, samples=attribution_samples)
         outcome.drift["swap"] = measure_drift(original, converted, batches)
         if any(e.converts and targets.get(e.target).calibrated for e in plan):  # frozen / fold keep the function
-            outcome.fits = calibrate(converted, original, batches, plan, device=where)
+            calibration = calibrate_sites(converted, original, batches, plan, device=where, memory_limit=memory_limit)
+            outcome.fits = calibration.fits
+            outcome.notes.extend(calibration.notes)
             outcome.drift["calibrated"] = measure_drift(original, converted, batches)
         if options is not None and options.steps != 0:
             outcome.healing = heal(converted, original, batches, options, device=where)
@@ -82,6 +88,7 @@ def _calibrate_and_heal(
 __all__ = [
     "DEVICE_CHOICES",
     "FORMATS",
+    "Calibration",
     "CalibrationOutcome",
     "Drift",
     "HealOptions",
@@ -91,6 +98,7 @@ __all__ = [
     "batches_from_tensor",
     "calibrate",
     "calibrate_and_heal",
+    "calibrate_sites",
     "check_batches",
     "check_model_accepts",
     "heal",

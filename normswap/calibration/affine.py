@@ -1,0 +1,168 @@
+"""The sites calibration fits: where each one's affine lives, what it normalizes and what it is
+fitted to, and how to watch both while a model runs."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
+
+from .. import targets
+from ..capture.tracer import BATCH_NORM_FUNCTIONS, BatchNormArgs
+from ..errors import CalibrationError
+from ..passes.rewrite_functional import SITE_META
+from ..plan import PlanEntry
+from ..sites import SiteKind
+from ..targets.takeover import TakenOver
+from ..torchutil import tensor_attribute
+from .stats import AffineFit
+
+
+class Stop(Exception):
+    """Raised from a hook to end a forward pass once what was wanted has been seen."""
+
+
+@dataclass
+class AffineSite:
+    """One converted site to calibrate: the converted layer's affine, and the original BatchNorm
+    (module sites, fitted to its eval-mode output) or None (functional sites: fitted to the
+    output of the original call, traced in eval mode)."""
+
+    entry: PlanEntry
+    weight: torch.Tensor
+    bias: torch.Tensor
+    batchnorm: _BatchNorm | None
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def functional(self) -> bool:
+        return self.batchnorm is None
+
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """z: the new layer's normalization of `x`, before its affine."""
+        z = targets.get(self.entry.target).normalize(self.entry.params, x)
+        if z is None:
+            raise CalibrationError(f"Target '{self.entry.target}' of '{self.name}' is not calibrated.")
+        return z
+
+    def target(self, seen: torch.Tensor) -> torch.Tensor:
+        """y: for a module site, the original BatchNorm's eval-mode output on its input `seen`;
+        for a functional site, `seen` is already the original call's output."""
+        return seen if self.batchnorm is None else original_batchnorm_output(self.batchnorm, seen)
+
+    def set_affine(self, fit: AffineFit) -> None:
+        self.weight.copy_(fit.scale.to(self.weight.dtype))
+        self.bias.copy_(fit.shift.to(self.bias.dtype))
+
+
+def module_site(entry: PlanEntry, converted: nn.Module, original: nn.Module) -> AffineSite:
+    old, new = original.get_submodule(entry.name), converted.get_submodule(entry.name)
+    weight, bias = tensor_attribute(new, "weight"), tensor_attribute(new, "bias")
+    if not isinstance(old, _BatchNorm):
+        raise CalibrationError(f"Layer '{entry.name}' of the original model is a {type(old).__name__}, not a BatchNorm.")
+    if weight is None or bias is None:
+        raise CalibrationError(f"Layer '{entry.name}' has no affine parameters (affine=False) to calibrate.")
+    return AffineSite(entry, weight, bias, old)
+
+
+def functional_site(entry: PlanEntry, converted: fx.GraphModule, original_graph: fx.GraphModule) -> AffineSite:
+    """A rewritten functional call; weight and bias keep their attribute names through the rewrite."""
+    new, old = converted_calls(converted, entry), original_calls(original_graph, entry)
+    if not new or not old:
+        raise CalibrationError(f"Functional site '{entry.name}' is not in the converted graph; calibrate the model convert() returned.")
+    call = BatchNormArgs.of_node(old[0])
+    if not all(isinstance(v, fx.Node) and v.op == "get_attr" for v in (call.weight, call.bias)):
+        raise CalibrationError(f"Functional site '{entry.name}' has no weight/bias attributes to calibrate.")
+    return AffineSite(entry, _attribute(converted, call.weight.target), _attribute(converted, call.bias.target), None)
+
+
+def converted_calls(graph_module: fx.GraphModule, entry: PlanEntry) -> list[fx.Node]:
+    """The nodes computing the converted site: its replacement call (functional, tagged by the
+    rewrite pass) or each call of its module (a module reused at every time step has several)."""
+    if entry.kind is SiteKind.FUNCTIONAL:
+        return [n for n in graph_module.graph.nodes if n.meta.get(SITE_META) == entry.name]
+    return [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == entry.name]
+
+
+def original_calls(graph_module: fx.GraphModule, entry: PlanEntry) -> list[fx.Node]:
+    """The nodes computing the original site in a trace of the original model."""
+    if entry.kind is SiteKind.FUNCTIONAL:
+        return [n for n in graph_module.graph.nodes if n.name == entry.name]
+    return [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == entry.name]
+
+
+def _attribute(root: nn.Module, target: str) -> torch.Tensor:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def original_batchnorm_output(module: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """The original BatchNorm's eval-mode normalization (with affine, without any subclass extras)."""
+    mean, var = tensor_attribute(module, "running_mean"), tensor_attribute(module, "running_var")
+    weight, bias = tensor_attribute(module, "weight"), tensor_attribute(module, "bias")
+    return F.batch_norm(x, mean, var, weight, bias, mean is None, 0.0, module.eps)
+
+
+class BatchNormInputs(TorchFunctionMode):
+    """Collects the input of every batch_norm call made while `inside[0]` is true (a BatchNorm
+    subclass may transform x before its call), raising Stop after `calls` of them."""
+
+    def __init__(self, inside: list[bool], seen: list[torch.Tensor], calls: int) -> None:
+        super().__init__()
+        self.inside, self.seen, self.calls = inside, seen, calls
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in BATCH_NORM_FUNCTIONS and self.inside[0]:
+            self.seen.append(BatchNormArgs.of(func, args, kwargs).input.detach())
+            if len(self.seen) >= self.calls:
+                raise Stop  # nothing downstream is needed
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def observing(module: nn.Module, seen: list[torch.Tensor], calls: int) -> Iterator[None]:
+    """Records what the converted layer `module` normalizes on each call, raising Stop after
+    `calls`: its input, or for a subclass whose normalization was taken over, the input of that
+    normalization."""
+
+    def observe(x: torch.Tensor) -> None:
+        seen.append(x.detach())
+        if len(seen) >= calls:
+            raise Stop
+
+    if isinstance(module, TakenOver):
+        module.normswap_observer = observe
+        try:
+            yield
+        finally:
+            module.normswap_observer = None
+    else:
+        handle = module.register_forward_pre_hook(lambda m, a: observe(a[0]))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def concatenated(seen: list[torch.Tensor], name: str) -> torch.Tensor:
+    if not seen:
+        raise CalibrationError(f"Layer '{name}' is never called on the calibration inputs.")
+    return seen[0] if len(seen) == 1 else torch.cat(seen)  # a module reused at every time step contributes every step
+
+
+def computes_batch_norm_alone(module: nn.Module) -> bool:
+    """The module's output is its eval-mode batch_norm and nothing else: torch's own forward and no
+    forward hook that could change the output (a subclass may add an activation)."""
+    return type(module).forward is _BatchNorm.forward and not module._forward_hooks

@@ -1,0 +1,91 @@
+"""Calibration layer by layer from the input: for each site and batch, both models run from the
+input up to that site. Time grows with depth × sites; it needs no graph, so it serves models
+torch.fx cannot trace (captured by torch.export or hooks)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import fx, nn
+
+from ..errors import CalibrationError
+from .affine import AffineSite, BatchNormInputs, Stop, concatenated, converted_calls, observing, original_calls
+from .stats import ChannelSums
+
+
+def _run_until_stop(model: nn.Module, inputs: tuple) -> None:
+    with contextlib.suppress(Stop):
+        model(*inputs)
+
+
+def call_counts(model: nn.Module, names: list[str], inputs: tuple) -> dict[str, int]:
+    """How many times forward calls each of the modules `names` on `inputs`."""
+    counts = dict.fromkeys(names, 0)
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: counts.__setitem__(n, counts[n] + 1)) for n in names]
+    try:
+        model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
+def original_inputs(model: nn.Module, name: str, inputs: tuple, calls: int) -> torch.Tensor:
+    """What the original BatchNorm `name` normalized in its first `calls` batch_norm calls."""
+    module = model.get_submodule(name)
+    inside: list[bool] = [False]
+    seen: list[torch.Tensor] = []
+    handles = [
+        module.register_forward_pre_hook(lambda m, a: inside.__setitem__(0, True)),
+        module.register_forward_hook(lambda m, a, o: inside.__setitem__(0, False)),
+    ]
+    try:
+        with BatchNormInputs(inside, seen, calls):
+            _run_until_stop(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return concatenated(seen, name)
+
+
+def converted_inputs(model: nn.Module, name: str, inputs: tuple, calls: int) -> torch.Tensor:
+    """What the converted layer `name` normalizes in its first `calls` calls."""
+    seen: list[torch.Tensor] = []
+    with observing(model.get_submodule(name), seen, calls):
+        _run_until_stop(model, inputs)
+    return concatenated(seen, name)
+
+
+def _node_arguments(graph_module: fx.GraphModule, node: fx.Node, inputs: tuple) -> tuple[tuple, dict]:
+    """Run the graph until `node` and return its evaluated arguments."""
+    found: list[tuple[tuple, dict]] = []
+
+    class Until(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            if n is node:
+                found.append(self.fetch_args_kwargs_from_env(n))
+                raise Stop  # (the Interpreter rewrites exception args, so the payload lives outside)
+            return super().run_node(n)
+
+    try:
+        Until(graph_module).run(*inputs)
+    except Stop:
+        return found[0]
+    raise CalibrationError(f"Graph node '{node.name}' was not reached on the calibration inputs.")
+
+
+def layer_pair(
+    site: AffineSite, converted: nn.Module, original: nn.Module, original_graph: fx.GraphModule | None, batch: tuple, calls: int
+) -> ChannelSums:
+    """The sums of one batch for `site`, each model run from the input to the site."""
+    if site.functional:
+        assert isinstance(converted, fx.GraphModule) and original_graph is not None
+        args, _ = _node_arguments(converted, converted_calls(converted, site.entry)[0], batch)
+        old = original_calls(original_graph, site.entry)[0]
+        old_args, old_kwargs = _node_arguments(original_graph, old, batch)
+        original_call = old.target
+        assert callable(original_call)
+        return ChannelSums.of(site.normalized(args[0]), original_call(*old_args, **old_kwargs))  # traced in eval mode: running statistics
+    z = site.normalized(converted_inputs(converted, site.name, batch, calls))
+    return ChannelSums.of(z, site.target(original_inputs(original, site.name, batch, calls)))
