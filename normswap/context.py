@@ -64,9 +64,6 @@ class Context:
         """A copy with some fields changed (None values are ignored, so CLI flags can be passed as-is)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_mapping(cls, data: dict[str, Any], where: str = "context") -> Context:
         """Build from a mapping (e.g. `[tool.normswap]`), rejecting unknown keys by name."""

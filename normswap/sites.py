@@ -110,28 +110,6 @@ class Site:
         """Where to point a reader: the construction line, else the first call line."""
         return self.defined_at or (self.called_at[0] if self.called_at else None)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "flavour": self.flavour,
-            "num_features": self.num_features,
-            "input_shape": list(self.input_shape) if self.input_shape is not None else None,
-            "affine": self.affine,
-            "track_running_stats": self.track_running_stats,
-            "eps": self.eps,
-            "momentum": self.momentum,
-            "call_count": self.call_count,
-            "owner": self.owner,
-            "producers": list(self.producers),
-            "consumers": list(self.consumers),
-            "defined_at": self.defined_at.to_dict() if self.defined_at else None,
-            "built_from": self.built_from.to_dict() if self.built_from else None,
-            "called_at": [loc.to_dict() for loc in self.called_at],
-            "batch_dependent_train": self.batch_dependent_train,
-            "batch_dependent_eval": self.batch_dependent_eval,
-        }
-
 
 def discover(model: nn.Module, captured: Capture) -> list[Site]:
     """Group the captured calls into Sites (in first-call order) and describe each."""

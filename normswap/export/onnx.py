@@ -48,17 +48,6 @@ class ExportInfo:
     batch_inputs: tuple[int, ...] = ()
     note: str = ""  # why the batch axis is fixed, when it is
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path.name,
-            "exporter": self.exporter,
-            "opset": self.opset,
-            "dynamic_batch": self.dynamic_batch,
-            "batch_inputs": list(self.batch_inputs),
-            "external_data": self.external_data,
-            "note": self.note,
-        }
-
 
 def check_opset(opset: int) -> int:
     """`opset` when this installation can export and check it.

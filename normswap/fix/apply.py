@@ -26,9 +26,6 @@ class Hunk:
     old: str
     text: str
 
-    def to_dict(self) -> dict:
-        return {"start_line": self.start, "end_line": self.end, "old": self.old, "new": self.text}
-
     def covering(self, before: str) -> Hunk:
         """The same change as a replacement of at least one whole line (a review suggestion
         cannot insert between lines): an insertion takes the line above it (or below, at the

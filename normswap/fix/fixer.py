@@ -8,7 +8,6 @@ import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import libcst as cst
 from torch import nn
@@ -61,19 +60,6 @@ class Edit:
     models: tuple[str, ...] = ()
     hunk: Hunk | None = None
     members: tuple[tuple[str, str], ...] = ()  # (model label, site) for every site in `sites`
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "start": {"line": self.line, "column": self.column},
-            "end": {"line": self.end_line, "column": self.end_column},
-            "old": self.old,
-            "new": self.new,
-            "sites": list(self.sites),
-            "target": self.target,
-            "safety": "safe" if self.safe else "unsafe",
-            "imports": list(self.imports),
-        }
 
 
 @dataclass
@@ -154,15 +140,6 @@ class SourceFixes:
             applied=self.applied,
             notes=self.notes,
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "applied": self.applied,
-            "unsafe_fixes": self.unsafe,
-            "edits": [edit.to_dict() | {"applied": self.applied and (edit.safe or self.unsafe)} for edit in self.edits],
-            "unfixable": [u.to_dict() for u in self.unfixable],
-            "notes": list(self.notes),
-        }
 
 
 @dataclass(frozen=True)

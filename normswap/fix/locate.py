@@ -57,9 +57,6 @@ class Unfixable:
     location: SourceLocation | None = None
     model: str = ""
 
-    def to_dict(self) -> dict:
-        return {"site": self.site, "reason": self.reason, "location": self.location.to_dict() if self.location else None}
-
 
 class Files:
     """The project's files, parsed once each; normswap edits nothing outside `root`."""

@@ -5,12 +5,13 @@ validation, a drift and a site's cost."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..rules import CATALOGUE, FixSafety, Rule
 
 if TYPE_CHECKING:
     from ..calibration import Drift, SiteCost
+    from ..fix import Edit, SourceFixes
     from ..report import Report
     from ..rules import Finding
 
@@ -69,28 +70,34 @@ def statistics(report: Report) -> list[RuleCount]:
     return sorted(rows, key=lambda row: (-row.count, row.code))
 
 
-def fix_counts(fixes: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FixCounts:
+    """What the source fixes of a run did: edits, sites and files applied (0 and none when
+    nothing was written), and the unsafe edits held back with the sites they would fix."""
+
+    applied: int
+    applied_sites: int
+    applied_files: tuple[str, ...]
+    held_back: int
+    held_back_sites: int
+
+
+def fix_counts(fixes: SourceFixes) -> FixCounts:
     selected, held = fixes.selected, fixes.held_back
 
-    def sites(edits: list) -> int:
+    def sites(edits: list[Edit]) -> int:
         return len({site for edit in edits for site in edit.sites})
 
-    def files(edits: list) -> list[str]:
-        return list(dict.fromkeys(edit.path for edit in edits))
-
-    return {
-        "applied": len(selected) if fixes.applied else 0,
-        "applied_sites": sites(selected) if fixes.applied else 0,
-        "applied_files": files(selected) if fixes.applied else [],
-        "selected": len(selected),
-        "selected_sites": sites(selected),
-        "selected_files": files(selected),
-        "held_back": len(held),
-        "held_back_sites": sites(held),
-    }
+    return FixCounts(
+        applied=len(selected) if fixes.applied else 0,
+        applied_sites=sites(selected) if fixes.applied else 0,
+        applied_files=tuple(dict.fromkeys(edit.path for edit in selected)) if fixes.applied else (),
+        held_back=len(held),
+        held_back_sites=sites(held),
+    )
 
 
-def unfixable_groups(fixes: Any) -> list[tuple[str, str]]:
+def unfixable_groups(fixes: SourceFixes) -> list[tuple[str, str]]:
     """Sites no source edit fixes, grouped by reason: ('bn1, layer1.0.bn1, ... (20)', reason)."""
     by_reason: dict[str, list[str]] = {}
     for item in fixes.unfixable:

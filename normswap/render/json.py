@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ..context import Context
     from ..export import Validation
     from ..export.tolerance import OutputCheck
+    from ..fix import Edit, SourceFixes, Unfixable
     from ..report import ConversionSection, LintSection, Report
     from ..rules import Finding, Remedy
     from ..sites import Site
@@ -162,6 +163,36 @@ def _recommended(section: LintSection | None) -> dict[str, Any] | None:
     return {"auto": dict(section.auto_plan), "planned_by": section.planned_by, "commands": commands}
 
 
+def _edit(edit: Edit, applied: bool) -> dict[str, Any]:
+    return {
+        "path": edit.path,
+        "start": {"line": edit.line, "column": edit.column},
+        "end": {"line": edit.end_line, "column": edit.end_column},
+        "old": edit.old,
+        "new": edit.new,
+        "sites": list(edit.sites),
+        "target": edit.target,
+        "safety": "safe" if edit.safe else "unsafe",
+        "imports": list(edit.imports),
+        "applied": applied,
+    }
+
+
+def _unfixable(unfixable: Unfixable) -> dict[str, Any]:
+    return {"site": unfixable.site, "reason": unfixable.reason, "location": _location(unfixable.location)}
+
+
+def source_fixes_to_dict(fixes: SourceFixes) -> dict[str, Any]:
+    """`lint --fix`'s edits (each marked applied or not), the sites no edit fixes, and the notes."""
+    return {
+        "applied": fixes.applied,
+        "unsafe_fixes": fixes.unsafe,
+        "edits": [_edit(edit, fixes.applied and (edit.safe or fixes.unsafe)) for edit in fixes.edits],
+        "unfixable": [_unfixable(u) for u in fixes.unfixable],
+        "notes": list(fixes.notes),
+    }
+
+
 def report_to_dict(report: Report) -> dict[str, Any]:
     remaining = {id(f) for f in report.remaining_findings()}
     conversion = report.conversion
@@ -180,7 +211,7 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         "manifest": dict(sorted(conversion.manifest.items())) if conversion is not None else {},
         # lint: what `--to auto` would convert, the commands that do it, and the source edits
         "recommended": _recommended(report.lint) if conversion is None else None,
-        "fixes": report.fixes.to_dict() if report.fixes is not None else None,
+        "fixes": source_fixes_to_dict(report.fixes) if report.fixes is not None else None,
     }
 
 

@@ -125,7 +125,7 @@ def _fixes(report: Report) -> list[str]:
     counts = fix_counts(fixes)
     lines = ["#### Fixes", ""]
     if fixes.applied:
-        lines += [f"Applied to {plural(counts['applied_sites'], 'site')} in {', '.join(f'`{p}`' for p in counts['applied_files'])}.", ""]
+        lines += [f"Applied to {plural(counts.applied_sites, 'site')} in {', '.join(f'`{p}`' for p in counts.applied_files)}.", ""]
     for suggestion in fixes.suggestions():
         hunk = suggestion.hunk
         span = f"line {hunk.start}" if hunk.start == hunk.end else f"lines {hunk.start}-{hunk.end}"

@@ -158,11 +158,11 @@ def _fixes(console: Console, report: Report, detailed: bool) -> None:
         return
     counts = fix_counts(fixes)
     if fixes.applied:
-        if counts["applied"]:
-            console.print(f"fixed: {plural(counts['applied_sites'], 'site')} in {', '.join(counts['applied_files'])}", soft_wrap=True)
-        if counts["held_back"]:
+        if counts.applied:
+            console.print(f"fixed: {plural(counts.applied_sites, 'site')} in {', '.join(counts.applied_files)}", soft_wrap=True)
+        if counts.held_back:
             console.print(
-                f"not applied: {plural(counts['held_back'], 'unsafe edit')} for {plural(counts['held_back_sites'], 'site')} (add --unsafe-fixes)",
+                f"not applied: {plural(counts.held_back, 'unsafe edit')} for {plural(counts.held_back_sites, 'site')} (add --unsafe-fixes)",
                 soft_wrap=True,
             )
     if detailed:
