@@ -40,11 +40,12 @@ def natural_target(site: Site, context: Context | None = None) -> tuple[str, str
     if site.feeds_from_input and statistics:
         return "frozen", "normalizes the model's raw inputs (data standardization): frozen keeps the learned statistics"
     if context.inference_only and statistics:
-        if targets.fold.TARGET.can_fold(site):
+        refusal = targets.fold.TARGET.refusal(site)
+        if refusal is None:
             return ("fold", "inference only: with running statistics BatchNorm is a fixed affine; fold keeps it at no cost")
         why = "inference only: with running statistics BatchNorm is a fixed affine; frozen keeps it exactly"
-        if site.producer_weights_problem:  # it follows a layer fold would have used: say why not
-            why += f" (no fold into {site.producer_module}, {site.producer_weights_problem})"
+        if site.producer_module is not None:  # it follows a layer fold could have used: say why not
+            why += f" (no fold: {refusal})"
         return "frozen", why
     if context.finetune and statistics and (context.batch_size is None or context.batch_size < context.small_batch_threshold):
         return "frozen", "fine-tuning a pretrained model with small batches: frozen keeps the pretrained statistics"

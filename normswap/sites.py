@@ -62,6 +62,7 @@ class Site:
     producer_exclusive: bool = False  # that output feeds nothing else and the module runs once
     # why the producer's weights cannot absorb a fold ("" when they can): recomputed, shared...
     producer_weights_problem: str = ""
+    hooked: bool = False  # forward hooks or pre-hooks on the BatchNorm itself (they see its input and output)
     # batch-dependent without any batch_norm call normswap could take over (statistics by hand)
     normalizes_by_hand: bool = False
     # tensors of the layer the model's forward reads directly (`self.bn.running_var`; FX graph only)
@@ -129,10 +130,12 @@ def discover(model: nn.Module, captured: Capture) -> list[Site]:
         site.rows_per_sample = rows_per_sample(site.input_shape, batch)
     sites.extend(_unreached_sites(model, modules, set(grouped)))
     parameter_names = _parameter_names(model)
+    graph_reads = {str(n.target) for n in captured.graph_module.graph.nodes if n.op == "get_attr"} if captured.graph_module is not None else set()
     for site in sites:
         site.read_attributes = captured.attribute_reads.get(site.name, ())
         if site.producer_module is not None and site.producer_module in modules:
-            site.producer_weights_problem = weights_problem(modules[site.producer_module], site.producer_module, parameter_names)
+            producer = modules[site.producer_module]
+            site.producer_weights_problem = weights_problem(producer, site.producer_module, parameter_names, graph_reads)
     return sites
 
 
@@ -153,11 +156,17 @@ def _parameter_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def weights_problem(producer: nn.Module, name: str, parameter_names: dict[int, list[str]]) -> str:
+def weights_problem(producer: nn.Module, name: str, parameter_names: dict[int, list[str]], graph_reads: set[str] | None = None) -> str:
     """Why folding a BatchNorm into `producer` would not keep the model's function ("" when it
-    would): its weight must be a plain leaf Parameter of its own, used by nothing else."""
+    would): its weight must be a plain leaf Parameter of its own, used by nothing else (no other
+    layer, no read of it in forward), and no forward hook may see the output it folds into."""
     from torch.nn.utils import parametrize
 
+    if producer._forward_hooks:
+        return "whose output a forward hook sees (it would see the folded output)"
+    read = sorted(a for a in ("weight", "bias") if f"{name}.{a}" in (graph_reads or set()))
+    if read:
+        return f"whose {read[0]} forward also reads directly ({name}.{read[0]}): folding would change that use too"
     if parametrize.is_parametrized(producer):
         return "whose weight is computed by a parametrization (weight_norm / spectral_norm), which would overwrite the folded weight"
     for attribute in ("weight", "bias"):
@@ -228,6 +237,7 @@ def _module_fields(model: nn.Module, module: nn.Module, name: str, input_shape: 
         "defined_at": construction_site(model, name),
         "built_from": built_from(module),
         "overrides_forward": is_bn and not torch_class and getattr(module_class(module), "forward", None) is not _BatchNorm.forward,
+        "hooked": bool(module._forward_hooks or module._forward_pre_hooks),
         "submodules": tuple(f"{child} ({type(m).__name__})" for child, m in module.named_children() if child != "parametrizations")
         if not torch_class
         else (),

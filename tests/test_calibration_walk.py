@@ -141,3 +141,19 @@ def test_attribution_from_the_site_equals_a_copy_per_site(name: str, target: str
             assert now is not None and before is not None
             assert now.top1_agreement == before.top1_agreement
             assert now.cosine == pytest.approx(before.cosine, abs=1e-6) and now.mean_abs == pytest.approx(before.mean_abs, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize(("name", "target"), [("resnet", "groupnorm"), ("functional", "layernorm"), ("unrolled_rnn", "layernorm")])
+def test_drift_read_off_the_walk_equals_running_both_models(name: str, target: str) -> None:
+    from normswap.calibration.drift import measure_drift
+
+    model, conversion, data = _converted(name, target)
+    memory = {"roomy": None, "tight": 1}
+    for limit in memory.values():  # batches dropped at a cut run to the outputs from the input
+        calibrated = copy.deepcopy(conversion.model)
+        walked = calibrate_sites(calibrated, model, data, conversion.plan, device="cpu", memory_limit=limit, drift=True)
+        measured = measure_drift(model, calibrated, [(x,) for x in data])
+        assert walked.drift is not None and walked.drift.samples == measured.samples == 8 * len(data)
+        assert walked.drift.cosine == pytest.approx(measured.cosine, abs=1e-6)
+        assert walked.drift.mean_abs == pytest.approx(measured.mean_abs, rel=1e-4, abs=1e-7)
+        assert walked.drift.top1_agreement == measured.top1_agreement

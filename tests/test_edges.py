@@ -68,13 +68,62 @@ class TiedWeights(nn.Module):
         return self.decode(torch.relu(self.bn(self.encode(x))))
 
 
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+class WeightReadInForward(ConvBN):
+    """The producer's weight is also used directly in forward (a second, weight-shared branch)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + nn.functional.conv1d(x, self.conv.weight, padding=1)
+
+
+class HookedProducer(ConvBN):
+    """A forward hook on the producer (feature extraction that also shifts the output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv.register_forward_hook(lambda module, args, output: output + 1)
+
+
+class HookedBatchNorm(ConvBN):
+    """A forward pre-hook on the BatchNorm: it rescales the BatchNorm's input, which a fold removes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+
+
+class TrainingBranch(nn.Module):
+    """One convolution feeding a train-only BatchNorm and, in eval mode, another one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.bn_train, self.bn = nn.BatchNorm1d(8), nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_train(self.conv(x)) if self.training else self.bn(self.conv(x))
+
+
 @pytest.mark.parametrize(
     ("model", "x", "reason"),
     [
         (WeightNormed, torch.randn(4, 4, 10), "recomputed before every call"),
         (TiedWeights, torch.randn(4, 8), "shared with decode.weight (tied weights)"),
+        (WeightReadInForward, torch.randn(4, 4, 10), "forward also reads directly (conv.weight)"),
+        (HookedProducer, torch.randn(4, 4, 10), "whose output a forward hook sees"),
+        (HookedBatchNorm, torch.randn(4, 4, 10), "has forward hooks"),
+        (TrainingBranch, torch.randn(4, 4, 10), "also used elsewhere, in train or eval mode"),
     ],
-    ids=["legacy-weight-norm", "tied-weights"],
+    ids=["legacy-weight-norm", "tied-weights", "weight-read-in-forward", "hooked-producer", "hooked-batchnorm", "training-branch"],
 )
 def test_fold_refuses_a_producer_whose_weights_are_not_its_own(model: type, x: torch.Tensor, reason: str) -> None:
     original = _trained(model(), x)
@@ -82,7 +131,7 @@ def test_fold_refuses_a_producer_whose_weights_are_not_its_own(model: type, x: t
         normswap.convert(original, x, to="fold"),
         normswap.convert(original, x, context=normswap.Context(inference_only=True)),
     ):
-        entry = conversion.plan.get("bn")
+        entry = conversion.plan.get("bn_train" if model is TrainingBranch else "bn")
         assert entry.target == "frozen" and reason in entry.reason  # fell back, saying why
         _same(conversion.model, original, x)  # the eval function, exactly
         _same(conversion.model, original, x)  # and again: nothing recomputed the weights in between

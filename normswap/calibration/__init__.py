@@ -73,10 +73,10 @@ def _calibrate_and_heal(
             outcome.attribution = site_costs(original, plan, batches, samples=attribution_samples)
         outcome.drift["swap"] = measure_drift(original, converted, batches)
         if any(e.converts and targets.get(e.target).calibrated for e in plan):  # frozen / fold keep the function
-            calibration = calibrate_sites(converted, original, batches, plan, device=where, memory_limit=memory_limit)
+            calibration = calibrate_sites(converted, original, batches, plan, device=where, memory_limit=memory_limit, drift=True)
             outcome.fits = calibration.fits
             outcome.notes.extend(calibration.notes)
-            outcome.drift["calibrated"] = measure_drift(original, converted, batches)
+            outcome.drift["calibrated"] = calibration.drift or measure_drift(original, converted, batches)
         if options is not None and options.steps != 0:
             outcome.healing = heal(converted, original, batches, options, device=where)
             if outcome.healing.best_heldout_loss >= outcome.healing.initial_heldout_loss:

@@ -31,6 +31,7 @@ from ..torchutil import available_memory, preserved, require_module, require_typ
 from .affine import AffineSite, converted_calls, functional_site, module_site, original_calls
 from .data import check_batches, check_model_accepts
 from .device import placed, resolve_device, to_device
+from .drift import Drift, DriftAccumulator
 from .layerwise import call_counts, layer_pair
 from .lockstep import LocatedSite, fit_in_lockstep
 from .stats import AffineFit, ChannelSums, fit_affine
@@ -58,6 +59,7 @@ class Calibration:
     fits: list[SiteFit] = field(default_factory=list)
     walked: bool = True  # both graphs walked in lockstep (else layer by layer from the input)
     held_bytes: int = 0  # the most activations the walk held at once, all batches and both models
+    drift: Drift | None = None  # the calibrated model against the original, when asked for and walked
     notes: list[str] = field(default_factory=list)  # a fallback or a memory limit, and what it costs
 
 
@@ -102,9 +104,12 @@ def calibrate_sites(
     device: str | torch.device | None = "auto",
     memory_limit: int | None = None,
     layer_by_layer: bool = False,
+    drift: bool = False,
 ) -> Calibration:
     """`calibrate`, saying how: `memory_limit` (bytes; default half the memory available) bounds
-    the activations the walk holds; `layer_by_layer` forces the method for models fx cannot trace."""
+    the activations the walk holds; `layer_by_layer` forces the method for models fx cannot trace;
+    `drift` also measures the calibrated model against the original where the walk can (its
+    cursors run on to the outputs)."""
     require_module(converted, "calibrate")
     require_module(original, "calibrate")
     require_type(plan, Plan, "plan", "calibrate")
@@ -130,8 +135,12 @@ def calibrate_sites(
                 )
         if located is not None:
             limit = memory_limit if memory_limit is not None else _default_memory_limit(where)
-            walked = fit_in_lockstep(located, converted_graph, original_graph, batches, limit, lambda site, sums: _set_fit(site, sums, result))
+            accumulator = DriftAccumulator() if drift else None
+            walked = fit_in_lockstep(
+                located, converted_graph, original_graph, batches, limit, lambda site, sums: _set_fit(site, sums, result), accumulator
+            )
             result.held_bytes = walked.peak_bytes
+            result.drift = accumulator.result() if accumulator is not None else None
             if walked.recomputed:
                 result.notes.append(
                     f"calibration held at most {walked.peak_bytes / 2**30:.2f} GiB of activations (limit {limit / 2**30:.2f} GiB): "

@@ -21,7 +21,9 @@ import torch
 from torch import fx, nn
 
 from ..errors import CalibrationError
+from ..torchutil import flat_outputs
 from .affine import AffineSite, BatchNormInputs, Stop, computes_batch_norm_alone, concatenated, observing
+from .drift import DriftAccumulator, batch_samples
 from .stats import AffineFit, ChannelSums
 from .walk import Cursor
 
@@ -113,9 +115,12 @@ def fit_in_lockstep(
     batches: Sequence[tuple],
     memory_limit: int,
     fitted: Callable[[AffineSite, ChannelSums], AffineFit],
+    drift: DriftAccumulator | None = None,
 ) -> Walked:
     """Fit `sites` (in the order their first calls run) on every batch; `fitted` turns a site's
-    sums into its fit and sets it."""
+    sums into its fit and sets it. With `drift`, the cursors then run on to the outputs, which
+    it accumulates: the calibrated model against the original, at the cost of the layers after
+    the last site."""
     unfitted = {located.site.name for located in sites}
     watched: dict[fx.Node, AffineSite] = {}
     original_nodes = list(original.graph.nodes)
@@ -126,10 +131,14 @@ def fit_in_lockstep(
     held_bytes = [0] * len(batches)
     dropped: set[int] = set()
     walked = Walked()
+
+    def cursors(i: int) -> _Batch:
+        return held[i] or _Batch(Cursor(converted, batches[i]), _OriginalCursor(original, batches[i], watched, unfitted))
+
     for located in sites:
         sums: ChannelSums | None = None
-        for i, inputs in enumerate(batches):
-            batch = held[i] or _Batch(Cursor(converted, inputs), _OriginalCursor(original, inputs, watched, unfitted))
+        for i in range(len(batches)):
+            batch = cursors(i)
             z = located.site.normalized(_normalized_input(batch.converted, located))
             part = ChannelSums.of(z, batch.original.recorded(located))
             sums = part if sums is None else sums + part
@@ -146,4 +155,12 @@ def fit_in_lockstep(
         fitted(located.site, sums)
         unfitted.discard(located.site.name)
     walked.recomputed = len(dropped)
+    if drift is not None:
+        for i, inputs in enumerate(batches):
+            batch, held[i] = cursors(i), None
+            drift.add(_outputs(batch.original.finish()), _outputs(batch.converted.finish()), batch_samples(inputs))
     return walked
+
+
+def _outputs(value: object) -> list[torch.Tensor]:
+    return [t.detach().float() for t in flat_outputs(value)]

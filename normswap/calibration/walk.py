@@ -98,6 +98,10 @@ class _SiteLeaves(BatchNormTracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
 
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
+        # without the user's source line of each BatchNorm call: calibration never reports it
+        return fx.Tracer.create_node(self, kind, target, args, kwargs, name, type_expr)
+
 
 def traced(model: nn.Module, leaves: set[str]) -> fx.GraphModule:
     """`model` as a graph whose module sites `leaves` are single call_module nodes; a model that

@@ -61,7 +61,45 @@ def capture_fx(model: nn.Module, inputs: tuple) -> Capture:
             calls.append(_fx_call(node, modules, module_calls, module=None))
     if any(call.module is None for call in calls):
         _record_eval_training_flags(model, calls)
+    if any(call.producer_exclusive for call in calls):
+        _require_exclusive_in_eval(model, calls)
     return Capture("fx", calls, graph_module, attribute_reads=_attribute_reads(graph_module, modules))
+
+
+def _exclusive_producers(graph_module: fx.GraphModule) -> set[tuple[str, str]]:
+    """(BatchNorm call, producer module) pairs of a graph where the producer runs once and its
+    output feeds that call alone: what folding the call into the producer needs."""
+    runs: dict[str, int] = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            runs[str(node.target)] = runs.get(str(node.target), 0) + 1
+    modules = dict(graph_module.named_modules())
+    pairs = set()
+    for node in graph_module.graph.nodes:
+        module_call = node.op == "call_module" and is_batchnorm_like(modules[node.target])
+        if not (module_call or is_batch_norm_call(node)) or not node.all_input_nodes:
+            continue
+        source = node.all_input_nodes[0]
+        if source.op == "call_module" and len(source.users) == 1 and runs[str(source.target)] == 1:
+            pairs.add((str(node.target) if module_call else node.name, str(source.target)))
+    return pairs
+
+
+def _require_exclusive_in_eval(model: nn.Module, calls: list[BatchNormCall]) -> None:
+    """Fold serves inference, so a producer must be exclusive in the eval-mode graph too: a
+    forward that picks its BatchNorm by `self.training` may feed one convolution to a train-only
+    BatchNorm and to another one in eval (a model fx cannot trace in eval mode folds nothing)."""
+    was_training = model.training
+    model.eval()
+    try:
+        exclusive = _exclusive_producers(trace(model))
+    except Exception:  # noqa: BLE001 - the user's forward in eval mode: not traceable means no fold
+        exclusive = set()
+    finally:
+        model.train(was_training)
+    for call in calls:
+        if call.producer_exclusive and (call.name, call.producer_module) not in exclusive:
+            call.producer_exclusive = False
 
 
 def _attribute_reads(graph_module: fx.GraphModule, modules: dict[str, nn.Module]) -> dict[str, tuple[str, ...]]:

@@ -59,25 +59,30 @@ class FoldTarget(Target[FoldParams]):
     fallback = "frozen"
     params_type = FoldParams
 
-    def can_fold(self, site: Site) -> bool:
+    def refusal(self, site: Site) -> str | None:
+        """Why `site` cannot be folded (None: it can)."""
         try:
             self.plan(site, PlanOptions())
-        except Refusal:
-            return False
-        return True
+        except Refusal as refusal:
+            return str(refusal)
+        return None
 
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
         if site.kind is SiteKind.LOOKALIKE:
             raise Refusal(f"{where(site)} is not a torch BatchNorm")
         if not site.track_running_stats or site.batch_dependent_eval:
             raise Refusal(f"{where(site)} has no running statistics to fold")
+        if site.hooked:
+            raise Refusal(f"{where(site)} has forward hooks, which would see the folded layer's input and output instead of its own")
         if site.call_count != 1:
             raise Refusal(f"{where(site)} runs {site.call_count} times per forward; one set of weights cannot absorb it")
         if site.producer_module is None or not site.producers or not _FOLDABLE_TYPE.search(site.producers[0]):
             producer = site.producers[0] if site.producers else "an unknown producer (no FX graph)"
             raise Refusal(f"{where(site)} follows {producer}, not a convolution or linear layer")
         if not site.producer_exclusive:
-            raise Refusal(f"{where(site)} follows {site.producers[0]}, whose output is also used elsewhere (or which runs more than once)")
+            raise Refusal(
+                f"{where(site)} follows {site.producers[0]}, whose output is also used elsewhere, in train or eval mode (or which runs more than once)"
+            )
         if site.producer_weights_problem:
             raise Refusal(f"{where(site)} follows {site.producers[0]}, {site.producer_weights_problem}")
         if "(Linear)" in site.producers[0] and site.input_rank != 2:
