@@ -11,7 +11,16 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-BENCHMARKS = ("bench_lint", "bench_scaling", "bench_convert", "bench_memory", "bench_latency", "bench_formulations", "bench_calibration")
+BENCHMARKS = (
+    "bench_lint",
+    "bench_scaling",
+    "bench_convert",
+    "bench_memory",
+    "bench_latency",
+    "bench_formulations",
+    "bench_calibration",
+    "bench_heal_step",
+)
 
 print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
 failed = []
