@@ -20,6 +20,7 @@ BENCHMARKS = (
     "bench_formulations",
     "bench_calibration_quality",
     "bench_calibration",
+    "bench_heal_step",
 )
 
 print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 
 from .calibration import batches_from_tensor, check_model_accepts, load_calibration_tensor
 from .checkpoint import Checkpoint, finite_state_dict, fit_to_model, load_checkpoint, save_weights
@@ -27,6 +26,7 @@ from .plan import Plan
 from .render.plot import plot_attribution, plot_available
 from .report import ConversionSection, Report, model_definition
 from .rewrite import apply_plan
+from .terminal import silenced, stderr_console
 from .torchutil import Timings
 
 
@@ -109,7 +109,7 @@ class Steps:
     """Progress for the steps of a job: a spinner on a terminal, nothing when quiet; each step timed."""
 
     def __init__(self, quiet: bool) -> None:
-        self.console = Console(stderr=True, highlight=False)
+        self.console = stderr_console()  # the console healing's progress bar draws on too: it nests under the spinner
         self.quiet = quiet or not self.console.is_terminal
         self.timings = Timings()
 
@@ -117,7 +117,8 @@ class Steps:
     def step(self, name: str) -> Iterator[None]:
         with self.timings.measure(name):
             if self.quiet:
-                yield
+                with silenced(self.console):  # --quiet holds for what the step draws itself (healing's bar)
+                    yield
             else:
                 with self.console.status(f"{name}..."):
                     yield

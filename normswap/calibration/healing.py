@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 from torch import nn
@@ -24,6 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import targets
 from ..errors import CalibrationError, ConfigError
+from ..terminal import stderr_console
 from ..torchutil import flat_outputs, preserved, require_module, require_type
 from .data import check_batches, check_model_accepts
 from .device import device_of, placed, resolve_device, to_device
@@ -140,8 +142,9 @@ def _heal(
         converted.eval()  # statistics and dropout fixed: only the chosen parameters move
         stopping = _EarlyStopping(converted, judge(), options.patience)
         eval_every = options.resolved_eval_every(steps)
-        show = progress if progress is not None else (os.isatty(2) and world == 1)
-        with _progress_bar(show) as bar:
+        console = stderr_console()
+        show = progress if progress is not None else (console.is_terminal and not console.quiet and world == 1)
+        with _progress_bar(show, console) as bar:
             task = bar.add_task("heal", total=steps, drift=f"held-out loss {stopping.initial:.4g}")
             step = 0
             for step in range(1, steps + 1):
@@ -256,10 +259,12 @@ class _StepsPerSecond(ProgressColumn):
         return Text(f"{task.speed:.1f} steps/s" if task.speed is not None else "")
 
 
-def _progress_bar(show: bool) -> Progress:
-    """Steps done of all, steps per second, the held-out loss and the time left."""
+def _progress_bar(show: bool, console: Console) -> Progress:
+    """Steps done of all, steps per second, the held-out loss and the time left, drawn on
+    `console` (normswap's standard-error console: where the terminal check looks, and where a
+    spinner the bar nests under draws). Its task needs a `drift` field."""
     columns = (TextColumn("heal"), BarColumn(), MofNCompleteColumn(), _StepsPerSecond(), TextColumn("{task.fields[drift]}"), TimeRemainingColumn())
-    return Progress(*columns, disable=not show, transient=True)
+    return Progress(*columns, console=console, disable=not show, transient=True)
 
 
 def world_size() -> int:
