@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Bottom to top. Modules on one line are independent of each other.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("normswap._version", "normswap.errors"),
-    ("normswap.options", "normswap.torchutil"),
+    ("normswap.options", "normswap.torchutil", "normswap.terminal"),
     ("normswap.source", "normswap.context", "normswap.files"),
     ("normswap.capture",),
     ("normswap.sites",),
