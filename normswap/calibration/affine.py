@@ -4,6 +4,7 @@ fitted to, and how to watch both while a model runs."""
 from __future__ import annotations
 
 import contextlib
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -75,9 +76,9 @@ def module_site(entry: PlanEntry, converted: nn.Module, original: nn.Module) -> 
     return AffineSite(entry, weight, bias, old)
 
 
-def functional_site(entry: PlanEntry, converted: fx.GraphModule, original_graph: fx.GraphModule) -> AffineSite:
-    """A rewritten functional call; weight and bias keep their attribute names through the rewrite."""
-    new, old = converted_calls(converted, entry), original_calls(original_graph, entry)
+def functional_site(entry: PlanEntry, converted: fx.GraphModule, new: list[fx.Node], old: list[fx.Node]) -> AffineSite:
+    """A rewritten functional call (its `new` nodes in the converted graph, its `old` ones in a
+    trace of the original); weight and bias keep their attribute names through the rewrite."""
     if not new or not old:
         raise CalibrationError(f"Functional site '{entry.name}' is not in the converted graph; calibrate the model convert() returned.")
     call = BatchNormArgs.of_node(old[0])
@@ -86,19 +87,31 @@ def functional_site(entry: PlanEntry, converted: fx.GraphModule, original_graph:
     return AffineSite(entry, _attribute(converted, call.weight.target), _attribute(converted, call.bias.target), None)
 
 
-def converted_calls(graph_module: fx.GraphModule, entry: PlanEntry) -> list[fx.Node]:
-    """The nodes computing the converted site: its replacement call (functional, tagged by the
-    rewrite pass) or each call of its module (a module reused at every time step has several)."""
-    if entry.kind is SiteKind.FUNCTIONAL:
-        return [n for n in graph_module.graph.nodes if n.meta.get(SITE_META) == entry.name]
-    return [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == entry.name]
+class CallIndex:
+    """Where each site is called in one graph, read in one pass: the call nodes of each module,
+    the replacement nodes the rewrite pass tagged, and every node by name."""
 
+    def __init__(self, graph_module: fx.GraphModule) -> None:
+        self.modules: dict[str, list[fx.Node]] = defaultdict(list)
+        self.tagged: dict[str, list[fx.Node]] = defaultdict(list)
+        self.named: dict[str, fx.Node] = {}
+        for node in graph_module.graph.nodes:
+            if node.op == "call_module":
+                self.modules[str(node.target)].append(node)
+            if SITE_META in node.meta:
+                self.tagged[node.meta[SITE_META]].append(node)
+            self.named[node.name] = node
 
-def original_calls(graph_module: fx.GraphModule, entry: PlanEntry) -> list[fx.Node]:
-    """The nodes computing the original site in a trace of the original model."""
-    if entry.kind is SiteKind.FUNCTIONAL:
-        return [n for n in graph_module.graph.nodes if n.name == entry.name]
-    return [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == entry.name]
+    def converted(self, entry: PlanEntry) -> list[fx.Node]:
+        """The nodes computing the converted site: its replacement call (functional, tagged by
+        the rewrite pass) or each call of its module (a module reused at every time step has several)."""
+        return self.tagged.get(entry.name, []) if entry.kind is SiteKind.FUNCTIONAL else self.modules.get(entry.name, [])
+
+    def original(self, entry: PlanEntry) -> list[fx.Node]:
+        """The nodes computing the original site in a trace of the original model."""
+        if entry.kind is SiteKind.FUNCTIONAL:
+            return [self.named[entry.name]] if entry.name in self.named else []
+        return self.modules.get(entry.name, [])
 
 
 def _attribute(root: nn.Module, target: str) -> torch.Tensor:

@@ -30,7 +30,7 @@ from ..plan import Plan, PlanEntry
 from ..rewrite import apply_plan
 from ..sites import SiteKind
 from ..torchutil import flat_outputs, is_torch_class, preserved
-from .affine import AffineSite, computes_batch_norm_alone, observing, original_calls
+from .affine import AffineSite, CallIndex, computes_batch_norm_alone, observing
 from .device import device_of
 from .drift import Drift, DriftAccumulator, batch_samples, eval_outputs, measure_drift
 from .fit import calibrate
@@ -108,6 +108,7 @@ class _Downstream:
     def __init__(self, original: nn.Module, graph: torch.fx.GraphModule, batches: list[tuple]) -> None:
         self.original, self.graph, self.batches = original, graph, batches
         self.positions = {node: i for i, node in enumerate(graph.graph.nodes)}
+        self.calls = CallIndex(graph)
         self.references = [eval_outputs(original, inputs) for inputs in batches]
         self.cursors = [Cursor(graph, inputs) for inputs in batches]
 
@@ -125,12 +126,12 @@ class _Downstream:
         return cls(original, graph, batches)
 
     def order(self, entry: PlanEntry) -> int:
-        calls = original_calls(self.graph, entry)
+        calls = self.calls.original(entry)
         return self.positions[calls[0]] if calls else len(self.positions)
 
     def cost(self, entry: PlanEntry, calibrate_it: bool) -> SiteCost | None:
         """The site's cost from the activations at it, or None where only a copy can tell."""
-        calls = original_calls(self.graph, entry)
+        calls = self.calls.original(entry)
         batchnorm = self.original.get_submodule(entry.name) if entry.kind is not SiteKind.FUNCTIONAL else None
         if (
             len(calls) != 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -32,16 +33,17 @@ def check_batches(batches: Iterable[Any]) -> list[tuple]:
     return checked
 
 
-def check_model_accepts(model: nn.Module, batches: Sequence[tuple], source: str | None = None) -> None:
+def check_model_accepts(model: nn.Module, batches: Sequence[tuple], source: str | None = None, *, restore: bool = True) -> None:
     """Run `model` (eval mode, no gradients, state restored) once per distinct batch layout
     (shapes past the batch axis, dtypes), so that data the model cannot take is one sentence
     here rather than a torch error from deep inside calibration, attribution or healing.
 
-    `source` names the file the batches came from, for the message.
+    `source` names the file the batches came from, for the message; `restore=False` leaves the
+    restoring to a caller that already does it.
     """
     seen: set[tuple] = set()
     where = device_of(model)
-    with preserved(model), torch.no_grad():
+    with preserved(model) if restore else contextlib.nullcontext(), torch.no_grad():
         model.eval()
         for index, batch in enumerate(batches):
             layout = tuple((tuple(x.shape[1:]), x.dtype) if isinstance(x, torch.Tensor) else type(x) for x in batch)
@@ -49,7 +51,10 @@ def check_model_accepts(model: nn.Module, batches: Sequence[tuple], source: str 
                 continue
             seen.add(layout)
             try:
-                model(*to_device(batch, where))
+                with contextlib.suppress(Exception):  # one sample tells most data apart at a fraction of the cost
+                    model(*to_device(_first_sample(batch), where))
+                    continue
+                model(*to_device(batch, where))  # a model that needs the whole batch (a fixed batch size), or the error
             except Exception as exc:  # the user's model on the user's data: whatever it raises is the data's problem
                 shapes = ", ".join(str(tuple(x.shape)) for x in batch if isinstance(x, torch.Tensor))
                 what = f"Calibration data '{source}' of shape {shapes} (per batch)" if source else f"Calibration batch {index} of shape {shapes}"
@@ -57,6 +62,12 @@ def check_model_accepts(model: nn.Module, batches: Sequence[tuple], source: str 
                 raise CalibrationError(
                     f"{what} does not fit the model: {cause}; give inputs the model accepts, batch first, like the example inputs."
                 ) from exc
+
+
+def _first_sample(batch: tuple) -> tuple:
+    """The batch cut to its first sample: every tensor whose first dimension is the batch's."""
+    size = next((x.shape[0] for x in batch if isinstance(x, torch.Tensor) and x.dim()), None)
+    return tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == size else x for x in batch)
 
 
 def _reason(exc: Exception, path: Path) -> str:

@@ -50,16 +50,23 @@ def device_of(module: nn.Module) -> torch.device:
     return next((t.device for t in itertools.chain(module.parameters(), module.buffers())), torch.device("cpu"))
 
 
+def _all_on(module: nn.Module, device: torch.device) -> bool:
+    """Every tensor of `module` is on `device` already (then `.to()`, which rebuilds every
+    parameter slot, is skipped)."""
+    return all(t.device == device for t in itertools.chain(module.parameters(), module.buffers()))
+
+
 @contextlib.contextmanager
 def placed(device: torch.device, *modules: nn.Module) -> Iterator[None]:
     """`modules` on `device` for the block, each back on its own device afterwards."""
     origins = [device_of(module) for module in modules]
+    moved = [(module, origin) for module, origin in zip(modules, origins, strict=True) if not _all_on(module, device)]
     try:
-        for module in modules:
+        for module, _ in moved:
             module.to(device)
         yield
     finally:
-        for module, origin in zip(modules, origins, strict=True):
+        for module, origin in moved:
             module.to(origin)
 
 

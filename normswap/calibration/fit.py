@@ -13,6 +13,7 @@ the result says so.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from ..errors import CalibrationError
 from ..plan import Plan, PlanEntry
 from ..sites import SiteKind
 from ..torchutil import available_memory, preserved, require_module, require_type
-from .affine import AffineSite, converted_calls, functional_site, module_site, original_calls
+from .affine import AffineSite, CallIndex, functional_site, module_site
 from .data import check_batches, check_model_accepts
 from .device import placed, resolve_device, to_device
 from .drift import Drift, DriftAccumulator
@@ -120,7 +121,7 @@ def calibrate_sites(
     if not entries:
         raise CalibrationError("The converted model has no GroupNorm / LayerNorm sites to calibrate (frozen sites keep the function already).")
     with placed(where, converted, original), preserved(original), preserved(converted), torch.no_grad():
-        check_model_accepts(original, batches)
+        check_model_accepts(original, batches, restore=False)  # restored with the rest below
         original.eval()
         converted.eval()
         result = Calibration()
@@ -149,6 +150,8 @@ def calibrate_sites(
         else:
             result.walked = False
             _fit_layer_by_layer(entries, converted, original, batches, result)
+    for note in result.notes:
+        log.info(note)
     return result
 
 
@@ -161,23 +164,36 @@ def _located(entries: list[PlanEntry], converted: nn.Module, original: nn.Module
     leaves = {e.name for e in entries if e.kind is not SiteKind.FUNCTIONAL}
     try:
         original_graph = traced(original, leaves)
-        converted_graph = converted if isinstance(converted, fx.GraphModule) else traced(converted, leaves)
+        converted_graph = converted if isinstance(converted, fx.GraphModule) else _same_graph(converted, original, original_graph, leaves)
     except Exception as exc:  # the user's forward, traced symbolically: any failure means "not traceable"
         raise _NoWalk(f"torch.fx cannot trace {type(original).__name__}: {one_line(exc)}") from exc
     converted_positions = {node: i for i, node in enumerate(converted_graph.graph.nodes)}
     original_positions = {node: i for i, node in enumerate(original_graph.graph.nodes)}
+    converted_index, original_index = CallIndex(converted_graph), CallIndex(original_graph)
     located = []
     for entry in entries:
-        new, old = converted_calls(converted_graph, entry), original_calls(original_graph, entry)
+        new, old = converted_index.converted(entry), original_index.original(entry)
         if not new or len(new) != len(old):
             raise _NoWalk(f"layer '{entry.name}' is called {len(old)} times in the traced original and {len(new)} in the converted model")
         if entry.kind is SiteKind.FUNCTIONAL:
-            site, module = functional_site(entry, converted_graph, original_graph), None
+            site, module = functional_site(entry, converted_graph, new, old), None
         else:
             site, module = module_site(entry, converted, original), converted_graph.get_submodule(entry.name)
         located.append(LocatedSite(site, [converted_positions[n] for n in new], [original_positions[n] for n in old], module))
     located.sort(key=lambda s: s.converted[0])  # the order forward reaches them: upstream sites fitted first
     return located, converted_graph, original_graph
+
+
+def _same_graph(converted: nn.Module, original: nn.Module, original_graph: fx.GraphModule, leaves: set[str]) -> fx.GraphModule:
+    """The converted model's graph. Where convert only swapped modules (same class, same forward,
+    every site a leaf under the same name) it is the original's graph calling the converted
+    modules, which saves tracing the model a second time."""
+    if type(converted) is type(original):
+        try:
+            return fx.GraphModule(converted, copy.deepcopy(original_graph.graph), type(converted).__name__)
+        except AttributeError:  # a module the original's graph calls is not in the converted model
+            pass
+    return traced(converted, leaves)
 
 
 def _default_memory_limit(where: torch.device) -> int:
@@ -198,7 +214,7 @@ def _fit_layer_by_layer(entries: list[PlanEntry], converted: nn.Module, original
         if entry.kind is SiteKind.FUNCTIONAL:
             if not isinstance(converted, fx.GraphModule) or original_graph is None:
                 raise CalibrationError(f"Functional site '{entry.name}' needs the fx.GraphModule that convert() returned.")
-            site = functional_site(entry, converted, original_graph)
+            site = functional_site(entry, converted, CallIndex(converted).converted(entry), CallIndex(original_graph).original(entry))
         else:
             site = module_site(entry, converted, original)
         sums: ChannelSums | None = None

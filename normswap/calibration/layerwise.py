@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import CalibrationError
-from .affine import AffineSite, BatchNormInputs, Stop, concatenated, converted_calls, observing, original_calls
+from .affine import AffineSite, BatchNormInputs, CallIndex, Stop, concatenated, observing
 from .stats import ChannelSums
 
 
@@ -81,8 +81,8 @@ def layer_pair(
     """The sums of one batch for `site`, each model run from the input to the site."""
     if site.functional:
         assert isinstance(converted, fx.GraphModule) and original_graph is not None
-        args, _ = _node_arguments(converted, converted_calls(converted, site.entry)[0], batch)
-        old = original_calls(original_graph, site.entry)[0]
+        args, _ = _node_arguments(converted, CallIndex(converted).converted(site.entry)[0], batch)
+        old = CallIndex(original_graph).original(site.entry)[0]
         old_args, old_kwargs = _node_arguments(original_graph, old, batch)
         original_call = old.target
         assert callable(original_call)

@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import CalibrationError
+from ..targets.takeover import TakenOver
 from ..torchutil import flat_outputs
 from .affine import AffineSite, BatchNormInputs, Stop, computes_batch_norm_alone, concatenated, observing
 from .drift import DriftAccumulator, batch_samples
@@ -89,13 +90,19 @@ class _Batch:
         return self.converted.live_bytes() + self.original.live_bytes()
 
 
+def _observed_inside(module: nn.Module) -> bool:
+    """What the layer normalizes shows only when it runs: a taken-over subclass may transform its
+    input first, and a forward pre-hook (the user's, carried over) rewrites it."""
+    return isinstance(module, TakenOver) or bool(module._forward_pre_hooks)
+
+
 def _normalized_input(cursor: Cursor, located: LocatedSite) -> torch.Tensor:
     """What the converted site normalizes on this batch, at every call, with the layers upstream
     as they are now. The cursor stops before the site's first call: its output waits for the fit."""
     cursor.run_to(located.converted[0])
     seen: list[torch.Tensor] = []
-    if located.module is None:
-        args, _ = cursor.arguments()
+    if located.module is None or (len(located.converted) == 1 and not _observed_inside(located.module)):
+        args, _ = cursor.arguments()  # what the layer normalizes is its input
         seen.append(args[0].detach())
     elif len(located.converted) == 1:
         args, kwargs = cursor.arguments()
