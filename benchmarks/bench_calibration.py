@@ -56,7 +56,13 @@ def _forward(original: torch.nn.Module, data: list[torch.Tensor]) -> None:
             original(batch)
 
 
-def _measure(name: str, build: Callable[[], torch.nn.Module], shape: tuple[int, ...], batches: int, methods: list[tuple[str, bool, int]]) -> None:
+def _measure(
+    name: str,
+    build: Callable[[], torch.nn.Module],
+    shape: tuple[int, ...],
+    batches: int,
+    methods: list[tuple[str, bool, int]],
+) -> None:
     torch.manual_seed(0)
     original = trained_statistics(build(), shape)
     data = [torch.randn(shape) for _ in range(batches)]
@@ -66,11 +72,18 @@ def _measure(name: str, build: Callable[[], torch.nn.Module], shape: tuple[int, 
         held: list[int] = []
 
         def calibrate(model: torch.nn.Module, layer_by_layer: bool = layer_by_layer, held: list[int] = held) -> None:
-            held.append(calibrate_sites(model, original, data, conversion.plan, device="cpu", layer_by_layer=layer_by_layer).held_bytes)
+            held.append(
+                calibrate_sites(
+                    model, original, data, conversion.plan, device="cpu", layer_by_layer=layer_by_layer
+                ).held_bytes
+            )
 
         seconds = _seconds(calibrate, repeats, lambda: copy.deepcopy(conversion.model))  # the copy is not timed
         memory = "one forward" if layer_by_layer else f"{max(held) / 2**20:.0f} MiB"
-        print(f"{name:<42} {method:<15} {one_pass:7.2f}s {seconds:10.2f}s {seconds / one_pass:6.1f}x {memory:>17}", flush=True)
+        print(
+            f"{name:<42} {method:<15} {one_pass:7.2f}s {seconds:10.2f}s {seconds / one_pass:6.1f}x {memory:>17}",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -81,7 +94,9 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"{'model':<42} {'method':<15} {'forward':>8} {'calibration':>11} {'ratio':>7} {'held activations':>17}")
     for name, build, shape, before in CASES:
-        methods = [("lockstep (now)", False, 3)] + ([("layer by layer", True, 1)] if before and not args.now_only else [])
+        methods = [("lockstep (now)", False, 3)] + (
+            [("layer by layer", True, 1)] if before and not args.now_only else []
+        )
         _measure(name, build, shape, args.batches, methods)
     print(f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
 

@@ -15,13 +15,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import torch
 
 import normswap
-from synthetic import SequenceRNN, ShapesNet, TabularMLP, accuracy, agreement, sequence_dataset, shapes_dataset, tabular_dataset, train
+from synthetic import (
+    SequenceRNN,
+    ShapesNet,
+    TabularMLP,
+    accuracy,
+    agreement,
+    sequence_dataset,
+    shapes_dataset,
+    tabular_dataset,
+    train,
+)
 
 SEEDS = (0, 1, 2)
 CASES = [
     # name, model, dataset, (training steps, lr), convert kwargs
-    ("shapes conv-BN -> auto (GroupNorm, 16 ch/group)", lambda: ShapesNet(16), shapes_dataset, (300, 3e-3), {"to": "auto"}),
-    ("shapes conv-BN -> GroupNorm, 4 ch/group", lambda: ShapesNet(16), shapes_dataset, (300, 3e-3), {"to": "groupnorm", "channels_per_group": 4}),
+    (
+        "shapes conv-BN -> auto (GroupNorm, 16 ch/group)",
+        lambda: ShapesNet(16),
+        shapes_dataset,
+        (300, 3e-3),
+        {"to": "auto"},
+    ),
+    (
+        "shapes conv-BN -> GroupNorm, 4 ch/group",
+        lambda: ShapesNet(16),
+        shapes_dataset,
+        (300, 3e-3),
+        {"to": "groupnorm", "channels_per_group": 4},
+    ),
     (
         "shapes conv-BN -> GroupNorm, <=32 groups (old)",
         lambda: ShapesNet(16),
@@ -31,7 +53,13 @@ CASES = [
     ),
     ("shapes conv-BN -> LayerNorm", lambda: ShapesNet(16), shapes_dataset, (300, 3e-3), {"to": "layernorm"}),
     ("sequence RNN, BN reused x12 -> auto (LayerNorm)", SequenceRNN, sequence_dataset, (1000, 5e-3), {"to": "auto"}),
-    ("tabular MLP, input BN only -> auto (frozen)", lambda: TabularMLP(hidden_norm=False), tabular_dataset, (1500, 3e-3), {"to": "auto"}),
+    (
+        "tabular MLP, input BN only -> auto (frozen)",
+        lambda: TabularMLP(hidden_norm=False),
+        tabular_dataset,
+        (1500, 3e-3),
+        {"to": "auto"},
+    ),
     ("tabular MLP, input + hidden BN -> auto", TabularMLP, tabular_dataset, (1500, 3e-3), {"to": "auto"}),
 ]
 STAGES = ("original", "swap", "calibrated", "healed")
@@ -66,7 +94,9 @@ def main(only: str = "") -> dict:
             agree = statistics.mean(run[stage][0] for run in runs)
             acc = statistics.mean(run[stage][1] for run in runs)
             worst = min(run[stage][1] - run["original"][1] for run in runs)
-            print(f"{name:<50} {stage:<11} {agree:9.1%} {acc:9.1%} {(acc - original) * 100:+10.1f}pt   worst seed {worst * 100:+.1f}pt")
+            print(
+                f"{name:<50} {stage:<11} {agree:9.1%} {acc:9.1%} {(acc - original) * 100:+10.1f}pt   worst seed {worst * 100:+.1f}pt"
+            )
         print(f"{'':<50} ({time.perf_counter() - start:.0f} s for {len(SEEDS)} seeds)", flush=True)
     return results
 

@@ -71,9 +71,17 @@ def foldable_sites(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
 
     graph_module = trace(model)
     modules = dict(graph_module.named_modules())
-    sites = [n for n in graph_module.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], nn.modules.batchnorm._BatchNorm)]
+    sites = [
+        n
+        for n in graph_module.graph.nodes
+        if n.op == "call_module" and isinstance(modules[n.target], nn.modules.batchnorm._BatchNorm)
+    ]
     linear = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-    foldable = sum(1 for n in sites if n.users and all(u.op == "call_module" and isinstance(modules[u.target], linear) for u in n.users))
+    foldable = sum(
+        1
+        for n in sites
+        if n.users and all(u.op == "call_module" and isinstance(modules[u.target], linear) for u in n.users)
+    )
     return foldable, len(sites)
 
 
@@ -132,14 +140,25 @@ def main() -> None:
             finally:
                 gn_target.GroupNorm.forward, norms.channel_layer_norm = NORMSWAP_GN, DEFAULT_LN
             ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
-            norm_ops = "+".join(op for op in ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "ReduceMean") if ops.get(op))
+            norm_ops = "+".join(
+                op
+                for op in ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "ReduceMean")
+                if ops.get(op)
+            )
             paths[label] = path
-            notes[label] = f"|torch diff| {error:.1e}, onnxruntime {'ok' if validation.fidelity_passed else 'WRONG'}, {norm_ops}"
-        timing = {1: interleaved_latency(paths, 1, rounds=8, runs=8), 8: interleaved_latency(paths, 8, rounds=3, runs=3)}
+            notes[label] = (
+                f"|torch diff| {error:.1e}, onnxruntime {'ok' if validation.fidelity_passed else 'WRONG'}, {norm_ops}"
+            )
+        timing = {
+            1: interleaved_latency(paths, 1, rounds=8, runs=8),
+            8: interleaved_latency(paths, 8, rounds=3, runs=3),
+        }
         for label in paths:
             t1, t8 = timing[1][label], timing[8][label]
             b1, b8 = timing[1]["BatchNorm original"], timing[8]["BatchNorm original"]
-            print(f"  {label:<40} b1 {t1 * 1000:7.2f} ms x{t1 / b1:.2f}   b8 {t8 * 1000:7.2f} ms x{t8 / b8:.2f}   {notes[label]}")
+            print(
+                f"  {label:<40} b1 {t1 * 1000:7.2f} ms x{t1 / b1:.2f}   b8 {t8 * 1000:7.2f} ms x{t8 / b8:.2f}   {notes[label]}"
+            )
 
 
 if __name__ == "__main__":

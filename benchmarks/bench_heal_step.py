@@ -97,18 +97,39 @@ def per_step(case: Case, original: nn.Module, converted: nn.Module, batches: lis
         if i >= WARMUP:
             bare.append(b)
             heal.append(h)
-    return Figures(statistics.median(bare), statistics.median(heal), statistics.median(h / b for b, h in zip(bare, heal, strict=True)))
+    return Figures(
+        statistics.median(bare),
+        statistics.median(heal),
+        statistics.median(h / b for b, h in zip(bare, heal, strict=True)),
+    )
 
 
-def whole_run(case: Case, original: nn.Module, converted: nn.Module, batches: list[torch.Tensor], rounds: int = 3) -> Figures:
+def whole_run(
+    case: Case, original: nn.Module, converted: nn.Module, batches: list[torch.Tensor], rounds: int = 3
+) -> Figures:
     """`heal()` from start to end divided by its steps, against as many bare steps."""
     bare, heal = [], []
     for _ in range(rounds):
-        bare.append(timed(functools.partial(bare_steps, copy.deepcopy(converted).eval(), original, batches, case.heal_steps)) / case.heal_steps)
+        bare.append(
+            timed(functools.partial(bare_steps, copy.deepcopy(converted).eval(), original, batches, case.heal_steps))
+            / case.heal_steps
+        )
         # patience: every run takes all its steps, so the division is by the steps taken
-        run = functools.partial(normswap.heal, copy.deepcopy(converted), original, batches, steps=case.heal_steps, patience=10**6, progress=False)
+        run = functools.partial(
+            normswap.heal,
+            copy.deepcopy(converted),
+            original,
+            batches,
+            steps=case.heal_steps,
+            patience=10**6,
+            progress=False,
+        )
         heal.append(timed(run) / case.heal_steps)
-    return Figures(statistics.median(bare), statistics.median(heal), statistics.median(h / b for b, h in zip(bare, heal, strict=True)))
+    return Figures(
+        statistics.median(bare),
+        statistics.median(heal),
+        statistics.median(h / b for b, h in zip(bare, heal, strict=True)),
+    )
 
 
 def main(names: tuple[str, ...] = ("small",)) -> dict[str, tuple[Figures, Figures]]:

@@ -22,7 +22,9 @@ def latency(path: Path, batch: int, repeats: int = 15) -> float:
     options.intra_op_num_threads = 2
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)}
+    feed = {
+        session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
+    }
     for _ in range(3):
         session.run(None, feed)
     times = []
@@ -42,7 +44,10 @@ def main(repeats: int = 15) -> dict:
             variants = {"original (BatchNorm)": model}
             for target in ("groupnorm", "layernorm", "fold"):
                 variants[target] = normswap.convert(model, x, to=target).model
-            paths = {label: normswap.export_onnx(m, x, Path(folder) / f"{name}-{i}.onnx") for i, (label, m) in enumerate(variants.items())}
+            paths = {
+                label: normswap.export_onnx(m, x, Path(folder) / f"{name}-{i}.onnx")
+                for i, (label, m) in enumerate(variants.items())
+            }
             for batch in (1, 8):
                 base = latency(paths["original (BatchNorm)"], batch, repeats)
                 for label, path in paths.items():

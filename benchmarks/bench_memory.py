@@ -74,10 +74,14 @@ def main() -> dict:
             normswap.validate_onnx(conversion.model, path, x, original=model, plan=conversion.plan)
         steps["validate (with its session)"] = peak.peak
     overall = max(steps.values()) - start
-    print(f"peak memory, ResNet-50 layout, input 2x3x224x224: parameters {params:.0f} MiB, one eval forward's activations {activations:.0f} MiB")
+    print(
+        f"peak memory, ResNet-50 layout, input 2x3x224x224: parameters {params:.0f} MiB, one eval forward's activations {activations:.0f} MiB"
+    )
     for name, value in steps.items():
         print(f"  {name:<32} peak RSS {value - start:7.0f} MiB above the start of convert")
-    print(f"  overall growth {overall:.0f} MiB = {(overall - activations) / params:.1f}x parameters + one forward's activations (target < 3x)")
+    print(
+        f"  overall growth {overall:.0f} MiB = {(overall - activations) / params:.1f}x parameters + one forward's activations (target < 3x)"
+    )
     return {"growth_over_params": (overall - activations) / params}
 
 

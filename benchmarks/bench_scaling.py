@@ -35,7 +35,9 @@ def main(sizes: tuple[int, ...] = (100, 1000, 10000)) -> dict:
         print(f"  {sites:>6} {lint_time:8.3f} {rewrite:10.4f} {convert_time:10.3f}   {detail}")
     for small, large in itertools.pairwise(sizes):
         (l1, r1, c1, _), (l2, r2, c2, _) = results[small], results[large]
-        print(f"  x{large // small} sites ({small} -> {large}): lint x{l2 / l1:.1f}, rewrite x{r2 / r1:.1f}, convert x{c2 / c1:.1f}")
+        print(
+            f"  x{large // small} sites ({small} -> {large}): lint x{l2 / l1:.1f}, rewrite x{r2 / r1:.1f}, convert x{c2 / c1:.1f}"
+        )
     return results
 
 

@@ -78,7 +78,15 @@ class MobileNetV2(nn.Module):
 
     def __init__(self, classes: int = 1000) -> None:
         super().__init__()
-        config = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+        config = [
+            (1, 16, 1, 1),
+            (6, 24, 2, 2),
+            (6, 32, 3, 2),
+            (6, 64, 4, 2),
+            (6, 96, 3, 1),
+            (6, 160, 3, 2),
+            (6, 320, 1, 1),
+        ]
         layers = [nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6(inplace=True)]
         cin = 32
         for expand, cout, repeats, stride in config:
@@ -98,7 +106,9 @@ class DeepChain(nn.Module):
 
     def __init__(self, sites: int) -> None:
         super().__init__()
-        self.blocks = nn.Sequential(*[nn.Sequential(nn.Conv1d(8, 8, 1), nn.BatchNorm1d(8), nn.ReLU()) for _ in range(sites)])
+        self.blocks = nn.Sequential(
+            *[nn.Sequential(nn.Conv1d(8, 8, 1), nn.BatchNorm1d(8), nn.ReLU()) for _ in range(sites)]
+        )
 
     def forward(self, x):
         return self.blocks(x)
@@ -110,7 +120,10 @@ class ConvChain(nn.Module):
 
     def __init__(self, sites: int, channels: int = 32) -> None:
         super().__init__()
-        blocks = [nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()) for _ in range(sites)]
+        blocks = [
+            nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU())
+            for _ in range(sites)
+        ]
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x):

@@ -22,7 +22,9 @@ from synthetic import ShapesNet, accuracy, shapes_dataset, train  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="normswap-quickstart", help="working directory (default: ./normswap-quickstart)")
+    parser.add_argument(
+        "--out", default="normswap-quickstart", help="working directory (default: ./normswap-quickstart)"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +63,9 @@ def main() -> int:
     import normswap as ns
 
     converted = ns.load_converted(ShapesNet(width=16), out / "converted")
-    print(f"converted model reloaded with normswap.load_converted: held-out accuracy {accuracy(converted, held_out, held_out_labels):.1%}")
+    print(
+        f"converted model reloaded with normswap.load_converted: held-out accuracy {accuracy(converted, held_out, held_out_labels):.1%}"
+    )
     return 0
 
 

@@ -19,7 +19,9 @@ from torch import nn
 def shapes_dataset(n: int, seed: int = 0, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 4, (n,), generator=g)
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
     freq = 0.5 + torch.rand(n, 1, 1, generator=g) * 0.9
     phase = torch.rand(n, 1, 1, generator=g) * 2 * math.pi
     horizontal = torch.sin(ys * freq + phase)
@@ -40,9 +42,15 @@ def sequence_dataset(n: int, seed: int = 0, steps: int = 12, features: int = 6) 
     labels = torch.randint(0, 3, (n,), generator=g)
     t = torch.linspace(0, 1, steps)[None, :, None]
     slope = (0.8 + torch.rand(n, 1, 1, generator=g)) * torch.where(labels == 0, 1.0, -1.0)[:, None, None]
-    trend = torch.where((labels == 2)[:, None, None], torch.sin(t * 12 + torch.rand(n, 1, 1, generator=g) * 6), slope * t * 2)
+    trend = torch.where(
+        (labels == 2)[:, None, None], torch.sin(t * 12 + torch.rand(n, 1, 1, generator=g) * 6), slope * t * 2
+    )
     mixing = torch.rand(n, 1, features, generator=g) + 0.5  # positive: rising stays rising
-    data = trend * mixing + 0.3 * torch.randn(n, steps, features, generator=g) + torch.randn(n, 1, features, generator=g) * 0.5
+    data = (
+        trend * mixing
+        + 0.3 * torch.randn(n, steps, features, generator=g)
+        + torch.randn(n, 1, features, generator=g) * 0.5
+    )
     return data, labels
 
 
@@ -53,7 +61,14 @@ TABULAR_OFFSETS = torch.tensor([6e4, 45.0, 0.02, 10.0, -2e3, 1.0, 500.0, 0.0])
 def tabular_dataset(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, 8, generator=g)  # the standardized features the rule is written in
-    score = torch.stack([z[:, 0] + 0.8 * z[:, 1] * z[:, 2], z[:, 3] - z[:, 4].abs() + 0.5 * z[:, 5], torch.sin(2 * z[:, 6]) + z[:, 7] * z[:, 0]], 1)
+    score = torch.stack(
+        [
+            z[:, 0] + 0.8 * z[:, 1] * z[:, 2],
+            z[:, 3] - z[:, 4].abs() + 0.5 * z[:, 5],
+            torch.sin(2 * z[:, 6]) + z[:, 7] * z[:, 0],
+        ],
+        1,
+    )
     labels = (score + 0.3 * torch.randn(n, 3, generator=g)).argmax(1)
     return z * TABULAR_SCALES + TABULAR_OFFSETS, labels  # what a tabular model receives: raw units
 
@@ -114,7 +129,13 @@ class SequenceRNN(nn.Module):
 
 
 def train(
-    model: nn.Module, data: torch.Tensor, labels: torch.Tensor, steps: int = 300, batch_size: int = 64, lr: float = 3e-3, seed: int = 0
+    model: nn.Module,
+    data: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int = 300,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
 ) -> nn.Module:
     """Plain supervised training with Adam; returns the model in eval mode."""
     torch.manual_seed(seed)

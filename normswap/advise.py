@@ -26,7 +26,8 @@ def select_rules(select: Iterable[str] | None = None, ignore: Iterable[str] | No
     return tuple(
         rule
         for rule in CATALOGUE
-        if (not select or any(rule.code.startswith(p) for p in select)) and not any(rule.code.startswith(p) for p in ignore)
+        if (not select or any(rule.code.startswith(p) for p in select))
+        and not any(rule.code.startswith(p) for p in ignore)
     )
 
 

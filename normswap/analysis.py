@@ -26,7 +26,9 @@ class Analysis:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def analyze(model: nn.Module, example_inputs: Any, context: Context | None = None, rules: Sequence[Rule] = CATALOGUE) -> Analysis:
+def analyze(
+    model: nn.Module, example_inputs: Any, context: Context | None = None, rules: Sequence[Rule] = CATALOGUE
+) -> Analysis:
     """Capture the model, discover its BatchNorm sites and judge them against the context."""
     context = context or Context()
     with gc_paused():

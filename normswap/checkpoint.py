@@ -53,13 +53,17 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
     if path.is_dir():
         raise CheckpointError(f"Checkpoint '{path}' is a directory; give the weights file inside it.")
     if not path.is_file():
-        raise CheckpointError(f"Checkpoint '{path}' is not a regular file (a pipe or device?); give a saved weights file.")
+        raise CheckpointError(
+            f"Checkpoint '{path}' is not a regular file (a pipe or device?); give a saved weights file."
+        )
     if path.stat().st_size == 0:
         raise CheckpointError(f"Checkpoint '{path}' is empty (0 bytes); it was probably not written completely.")
     if path.suffix == ".safetensors":
         return Checkpoint(path, _load_safetensors(path), "safetensors")
     if _looks_like_safetensors(path):
-        raise CheckpointError(f"Checkpoint '{path}' is a safetensors file with another suffix; rename it to end in .safetensors.")
+        raise CheckpointError(
+            f"Checkpoint '{path}' is a safetensors file with another suffix; rename it to end in .safetensors."
+        )
     obj = _load_torch(path, trust)
     if isinstance(obj, nn.Module):
         return Checkpoint(path, dict(obj.state_dict()), "torch", nested_key="<pickled module>")
@@ -94,7 +98,9 @@ def _is_torch_file(path: Path) -> bool:
 
 def _load_torch(path: Path, trust: bool) -> Any:
     if not _is_torch_file(path):
-        raise CheckpointError(f"Checkpoint '{path}' is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle).")
+        raise CheckpointError(
+            f"Checkpoint '{path}' is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)."
+        )
     try:
         return torch.load(str(path), map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
@@ -110,11 +116,19 @@ def _load_torch(path: Path, trust: bool) -> Any:
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         text = _first_line(exc)
-        if "failed finding central directory" in text or isinstance(exc, (EOFError, OSError)) or "truncated" in text.lower():
-            raise CheckpointError(f"Checkpoint '{path}' is truncated or corrupt ({text}); re-save or re-download it.") from exc
+        if (
+            "failed finding central directory" in text
+            or isinstance(exc, (EOFError, OSError))
+            or "truncated" in text.lower()
+        ):
+            raise CheckpointError(
+                f"Checkpoint '{path}' is truncated or corrupt ({text}); re-save or re-download it."
+            ) from exc
         raise CheckpointError(f"Checkpoint '{path}' could not be read as a PyTorch checkpoint ({text}).") from exc
     except Exception as exc:  # any reader failure is the file's problem: one sentence, with the cause
-        raise CheckpointError(f"Checkpoint '{path}' could not be read as a PyTorch checkpoint ({_first_line(exc)}).") from exc
+        raise CheckpointError(
+            f"Checkpoint '{path}' could not be read as a PyTorch checkpoint ({_first_line(exc)})."
+        ) from exc
 
 
 def _first_line(exc: BaseException) -> str:
@@ -123,7 +137,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _is_tensor_mapping(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(k, str) for k in obj) and any(isinstance(v, torch.Tensor) for v in obj.values())
+    return (
+        isinstance(obj, Mapping)
+        and bool(obj)
+        and all(isinstance(k, str) for k in obj)
+        and any(isinstance(v, torch.Tensor) for v in obj.values())
+    )
 
 
 def _find_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -169,12 +188,18 @@ def fit_to_model(checkpoint: Checkpoint, model: nn.Module) -> dict[str, torch.Te
             f"Checkpoint '{checkpoint.path}' holds non-real or integer values where {type(model).__name__} has floating-point tensors: "
             f"{_short(mistyped)}; it is not a checkpoint of this model (or was saved quantized)."
         )
-    nonfinite = sorted(k for k, v in best.items() if k in expected and v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    nonfinite = sorted(
+        k for k, v in best.items() if k in expected and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    )
     if nonfinite:
         raise CheckpointError(
             f"Checkpoint '{checkpoint.path}' holds NaN or infinite values in {_short(nonfinite)}; the training that wrote it diverged, use an earlier checkpoint."
         )
-    negative = sorted(k for k, v in best.items() if k in expected and k.endswith("running_var") and v.is_floating_point() and bool((v < 0).any()))
+    negative = sorted(
+        k
+        for k, v in best.items()
+        if k in expected and k.endswith("running_var") and v.is_floating_point() and bool((v < 0).any())
+    )
     if negative:
         raise CheckpointError(
             f"Checkpoint '{checkpoint.path}' holds negative running variances in {_short(negative)}; a variance cannot be negative, "
@@ -190,7 +215,11 @@ def fit_to_model(checkpoint: Checkpoint, model: nn.Module) -> dict[str, torch.Te
     if missing or unexpected or misshaped:
         parts = [
             f"{label}: {_short(items)}"
-            for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped))
+            for label, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("mis-shaped keys", misshaped),
+            )
             if items
         ]
         raise CheckpointError(

@@ -69,7 +69,9 @@ def load_config(start: Path | None = None) -> Config:
         raise ConfigError(f"{path} is not valid TOML: {exc}.") from exc
     tool = data.get("tool", {})
     if not isinstance(tool, dict):
-        raise ConfigError(f"'tool' in {path} must be a table ([tool.normswap] and the like), not a {type(tool).__name__}.")
+        raise ConfigError(
+            f"'tool' in {path} must be a table ([tool.normswap] and the like), not a {type(tool).__name__}."
+        )
     section = tool.get("normswap")
     if section is None:
         return Config(path=path)
@@ -88,14 +90,18 @@ def load_config(start: Path | None = None) -> Config:
         _check_shape(default_shape, "'input_shape'", where)
     models = section.get("models", [])
     if not isinstance(models, list):
-        raise ConfigError(f"'models' in {where} must be a list of model specs or tables, not a {type(models).__name__}.")
+        raise ConfigError(
+            f"'models' in {where} must be a list of model specs or tables, not a {type(models).__name__}."
+        )
     config.models = [_model_entry(item, where, default_shape) for item in models]
     return config
 
 
 def _check_shape(value: Any, what: str, where: str) -> None:
     """An input shape: "2,3,224,224" (optionally ":int64") or a list of positive integers."""
-    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(d, int) and not isinstance(d, bool) for d in value)):
+    if isinstance(value, str) or (
+        isinstance(value, list) and value and all(isinstance(d, int) and not isinstance(d, bool) for d in value)
+    ):
         return
     raise ConfigError(f'{what} in {where} must be a string such as "2,3,224,224" or a list of integers, not {value!r}.')
 
@@ -112,10 +118,16 @@ def _model_entry(item: Any, where: str, default_shape: Any) -> ModelEntry:
         raise ConfigError(f"Each entry of 'models' in {where} must be a table with a 'model' string.")
     unknown = set(item) - {"model", "kwargs", "input_shape", "input_shapes"}
     if unknown:
-        raise ConfigError(f"Unknown key '{sorted(unknown)[0]}' in model '{item['model']}' of {where}; use model, kwargs, input_shape.")
+        raise ConfigError(
+            f"Unknown key '{sorted(unknown)[0]}' in model '{item['model']}' of {where}; use model, kwargs, input_shape."
+        )
     if "input_shapes" in item and not isinstance(item["input_shapes"], list):
-        raise ConfigError(f"'input_shapes' of model '{item['model']}' in {where} must be a list of shapes, one per input.")
-    shapes = item.get("input_shapes") or ([item["input_shape"]] if "input_shape" in item else ([default_shape] if default_shape else []))
+        raise ConfigError(
+            f"'input_shapes' of model '{item['model']}' in {where} must be a list of shapes, one per input."
+        )
+    shapes = item.get("input_shapes") or (
+        [item["input_shape"]] if "input_shape" in item else ([default_shape] if default_shape else [])
+    )
     if not shapes:
         raise ConfigError(f"Model '{item['model']}' in {where} has no input_shape.")
     for shape in shapes:

@@ -30,15 +30,31 @@ class Context:
         small_batch_threshold: per-device batch sizes below this count as small.
     """
 
-    batch_size: int | None = option(None, "--batch-size", help="Training batch size per device.", config_key="batch_size", value_type=int, minimum=1)
-    world_size: int = option(1, "--world-size", help="Number of data-parallel devices.", config_key="world_size", value_type=int, minimum=1)
+    batch_size: int | None = option(
+        None, "--batch-size", help="Training batch size per device.", config_key="batch_size", value_type=int, minimum=1
+    )
+    world_size: int = option(
+        1, "--world-size", help="Number of data-parallel devices.", config_key="world_size", value_type=int, minimum=1
+    )
     differential_privacy: bool = option(
-        False, "--dp", help="Trained with differential privacy (DP-SGD).", config_key="differential_privacy", config_aliases=("dp",), value_type=bool
+        False,
+        "--dp",
+        help="Trained with differential privacy (DP-SGD).",
+        config_key="differential_privacy",
+        config_aliases=("dp",),
+        value_type=bool,
     )
     inference_only: bool = option(
-        False, "--inference", help="Inference only: never trained again.", config_key="inference_only", config_aliases=("inference",), value_type=bool
+        False,
+        "--inference",
+        help="Inference only: never trained again.",
+        config_key="inference_only",
+        config_aliases=("inference",),
+        value_type=bool,
     )
-    finetune: bool = option(False, "--finetune", help="Fine-tuned from a pretrained checkpoint.", config_key="finetune", value_type=bool)
+    finetune: bool = option(
+        False, "--finetune", help="Fine-tuned from a pretrained checkpoint.", config_key="finetune", value_type=bool
+    )
     sequence: bool = option(False, "--sequence", help="Inputs are sequences.", config_key="sequence", value_type=bool)
     small_batch_threshold: int = option(DEFAULT_SMALL_BATCH, config_key="small_batch_threshold", value_type=int)
 
@@ -53,7 +69,9 @@ class Context:
         if not _is_int(self.world_size) or self.world_size < 1:
             raise ConfigError(f"world_size must be a positive integer, got {self.world_size!r}.")
         if not _is_int(self.small_batch_threshold) or self.small_batch_threshold < 2:
-            raise ConfigError(f"small_batch_threshold must be an integer of at least 2, got {self.small_batch_threshold!r}.")
+            raise ConfigError(
+                f"small_batch_threshold must be an integer of at least 2, got {self.small_batch_threshold!r}."
+            )
 
     @property
     def trains(self) -> bool:

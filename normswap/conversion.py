@@ -13,7 +13,17 @@ from torch import nn
 
 from . import targets
 from .analysis import Analysis
-from .calibration import Drift, HealOptions, HealResult, SiteCost, SiteFit, calibrate_and_heal, check_batches, check_model_accepts, site_costs
+from .calibration import (
+    Drift,
+    HealOptions,
+    HealResult,
+    SiteCost,
+    SiteFit,
+    calibrate_and_heal,
+    check_batches,
+    check_model_accepts,
+    site_costs,
+)
 from .calibration.attribution import DEFAULT_SAMPLES
 from .calibration.device import DEVICE_CHOICES
 from .context import Context
@@ -45,7 +55,14 @@ class ConvertOptions:
         choices=targets.choices,
         show_default=True,
     )
-    max_groups: int = option(DEFAULT_MAX_GROUPS, "--groups", help="Largest GroupNorm group count.", value_type=int, minimum=1, show_default=True)
+    max_groups: int = option(
+        DEFAULT_MAX_GROUPS,
+        "--groups",
+        help="Largest GroupNorm group count.",
+        value_type=int,
+        minimum=1,
+        show_default=True,
+    )
     channels_per_group: int = option(
         DEFAULT_CHANNELS_PER_GROUP,
         "--channels-per-group",
@@ -55,10 +72,17 @@ class ConvertOptions:
         show_default=True,
     )
     keep: tuple[str, ...] = option(
-        (), "--keep", help="Leave this BatchNorm site as it is (repeatable); it keeps its batch statistics.", multiple=True, metavar="LAYER"
+        (),
+        "--keep",
+        help="Leave this BatchNorm site as it is (repeatable); it keeps its batch statistics.",
+        multiple=True,
+        metavar="LAYER",
     )
     heal: HealOptions | None = option(
-        None, "--heal", help="After calibration, distil the converted model toward the original (the measured defaults).", value_type=bool
+        None,
+        "--heal",
+        help="After calibration, distil the converted model toward the original (the measured defaults).",
+        value_type=bool,
     )
     freeze_costly: float | None = option(
         None,
@@ -124,7 +148,9 @@ class ConvertOptions:
         names = [f.name for f in dataclasses.fields(self)]
         unknown = sorted(set(changes) - set(names))
         if unknown:
-            raise TypeError(f"convert() got an unexpected keyword argument '{unknown[0]}'; its settings are: {', '.join(names)}.")
+            raise TypeError(
+                f"convert() got an unexpected keyword argument '{unknown[0]}'; its settings are: {', '.join(names)}."
+            )
         return dataclasses.replace(self, **changes)
 
 
@@ -204,7 +230,9 @@ def convert(
     require_type(plan, Plan, "plan", "convert", "read one with normswap.Plan.from_json(text)")
     require_type(options, ConvertOptions, "options", "convert", "build one with normswap.ConvertOptions(...)")
     options = (options or ConvertOptions()).replace(**settings, **({"to": to} if to is not None else {}))
-    return convert_with(model, example_inputs, context, options, plan=plan, calibration_data=calibration_data, inplace=inplace)
+    return convert_with(
+        model, example_inputs, context, options, plan=plan, calibration_data=calibration_data, inplace=inplace
+    )
 
 
 def convert_with(
@@ -221,7 +249,9 @@ def convert_with(
     materialize_lazy(model, as_input_tuple(example_inputs))  # lazy modules cannot be copied before
     original = copy.deepcopy(model) if inplace and calibration_data is not None else model
     freeze_costly = options.freeze_costly
-    rewritten = rewrite_model(model, example_inputs, context, options.plan_request, plan=plan, inplace=inplace and freeze_costly is None)
+    rewritten = rewrite_model(
+        model, example_inputs, context, options.plan_request, plan=plan, inplace=inplace and freeze_costly is None
+    )
     if calibration_data is None:
         return _recorded(Conversion.of(rewritten))
     batches = check_batches(calibration_data)
@@ -230,10 +260,19 @@ def convert_with(
         costs = site_costs(original, rewritten.plan, batches, samples=options.attribution_samples or DEFAULT_SAMPLES)
         frozen = _freeze_costly(rewritten.plan, rewritten.sites, costs, freeze_costly, options.plan_options)
         if frozen is not rewritten.plan or inplace:  # the first rewrite was on a copy
-            rewritten = rewrite_model(model, example_inputs, context, options.plan_request, plan=frozen, inplace=inplace)
+            rewritten = rewrite_model(
+                model, example_inputs, context, options.plan_request, plan=frozen, inplace=inplace
+            )
     memory_limit = None if options.calibration_memory is None else int(options.calibration_memory * 2**30)
     outcome = calibrate_and_heal(
-        rewritten.model, original, rewritten.plan, batches, options.heal, options.device, options.attribution_samples, memory_limit
+        rewritten.model,
+        original,
+        rewritten.plan,
+        batches,
+        options.heal,
+        options.device,
+        options.attribution_samples,
+        memory_limit,
     )
     conversion = Conversion.of(rewritten)
     return _recorded(
@@ -255,7 +294,11 @@ CONFIG_KEY = "normswap_plan"  # where a Hugging Face model's config holds its pl
 def record_plan(model: nn.Module, plan: Plan) -> bool:
     """Write `plan` into the model's Hugging Face config, if it has one (True when it has)."""
     config = getattr(model, "config", None)
-    if config is None or not callable(getattr(config, "to_dict", None)) or not callable(getattr(config, "save_pretrained", None)):
+    if (
+        config is None
+        or not callable(getattr(config, "to_dict", None))
+        or not callable(getattr(config, "save_pretrained", None))
+    ):
         return False
     setattr(config, CONFIG_KEY, plan.to_dict())
     return True
@@ -265,11 +308,15 @@ def _recorded(conversion: Conversion) -> Conversion:
     """A Hugging Face model carries its plan in its config: `save_pretrained` then writes it, and
     `normswap.from_pretrained` rebuilds the converted architecture from it."""
     if record_plan(conversion.model, conversion.plan):
-        conversion.notes.append(f"the plan is recorded in model.config.{CONFIG_KEY}: save_pretrained keeps it, normswap.from_pretrained reads it")
+        conversion.notes.append(
+            f"the plan is recorded in model.config.{CONFIG_KEY}: save_pretrained keeps it, normswap.from_pretrained reads it"
+        )
     return conversion
 
 
-def _freeze_costly(plan: Plan, sites: list[Site], costs: list[SiteCost], threshold: float, options: PlanOptions) -> Plan:
+def _freeze_costly(
+    plan: Plan, sites: list[Site], costs: list[SiteCost], threshold: float, options: PlanOptions
+) -> Plan:
     """The plan with every site that costs more than `threshold` alone frozen, the reason saying so."""
     by_name = {site.name: site for site in sites}
     changed = {}
@@ -277,7 +324,9 @@ def _freeze_costly(plan: Plan, sites: list[Site], costs: list[SiteCost], thresho
         site = by_name[cost.site]
         if cost.worst <= threshold or not site.track_running_stats or site.batch_dependent_eval:
             continue
-        measure = "top-1 agreement" if (cost.calibrated or cost.swap).top1_agreement is not None else "cosine similarity"
+        measure = (
+            "top-1 agreement" if (cost.calibrated or cost.swap).top1_agreement is not None else "cosine similarity"
+        )
         reason = (
             f"converted alone and calibrated, {cost.target} loses {cost.worst:.1%} {measure} with the original on the calibration data "
             f"(more than --freeze-costly {threshold:.1%}): frozen keeps its function"

@@ -44,14 +44,18 @@ def _umask() -> int:
     return mask
 
 
-def refuse_overwriting(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], option: str = "--output") -> None:
+def refuse_overwriting(
+    output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], option: str = "--output"
+) -> None:
     """OutputError when `output` is (or links to) one of the files the run reads."""
     target = Path(output)
     if not target.exists():
         return
     for given in inputs:
         if given is not None and Path(given).exists() and os.path.samefile(target, given):
-            raise OutputError(f"{option} '{output}' is '{given}', which this run reads; write the report to another file.")
+            raise OutputError(
+                f"{option} '{output}' is '{given}', which this run reads; write the report to another file."
+            )
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

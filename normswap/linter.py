@@ -40,10 +40,18 @@ class LintOptions:
         config_key="format",
         choices=FORMATS,
     )
-    statistics: bool = option(False, "--statistics", help="Print the number of findings per rule instead of the findings.", value_type=bool)
-    output: str | None = option(None, "--output", "-o", help="Write the report to FILE (atomically) instead of stdout.", path="file")
+    statistics: bool = option(
+        False, "--statistics", help="Print the number of findings per rule instead of the findings.", value_type=bool
+    )
+    output: str | None = option(
+        None, "--output", "-o", help="Write the report to FILE (atomically) instead of stdout.", path="file"
+    )
     fail_on: str = option(
-        "error", "--fail-on", help="Exit 1 when findings reach this severity (default: error).", config_key="fail_on", choices=FAIL_ON
+        "error",
+        "--fail-on",
+        help="Exit 1 when findings reach this severity (default: error).",
+        config_key="fail_on",
+        choices=FAIL_ON,
     )
     select: tuple[str, ...] = option(
         (),
@@ -55,7 +63,13 @@ class LintOptions:
         parse=_codes,
     )
     ignore: tuple[str, ...] = option(
-        (), "--ignore", help="Skip these rule codes or prefixes.", config_key="ignore", multiple=True, metavar="CODE", parse=_codes
+        (),
+        "--ignore",
+        help="Skip these rule codes or prefixes.",
+        config_key="ignore",
+        multiple=True,
+        metavar="CODE",
+        parse=_codes,
     )
     fix: bool = option(
         False,
@@ -69,10 +83,24 @@ class LintOptions:
         help="Also apply (with --fix) or show (with --diff) the fixes that change the function: groupnorm, layernorm.",
         value_type=bool,
     )
-    diff: bool = option(False, "--diff", help="Print the fixes as a unified diff and write nothing; exit 1 when a fix is pending.", value_type=bool)
-    plan_path: str | None = option(None, "--plan", help="Fix the source to this plan.json (e.g. convert's) instead of auto's.", path="existing-file")
+    diff: bool = option(
+        False,
+        "--diff",
+        help="Print the fixes as a unified diff and write nothing; exit 1 when a fix is pending.",
+        value_type=bool,
+    )
+    plan_path: str | None = option(
+        None,
+        "--plan",
+        help="Fix the source to this plan.json (e.g. convert's) instead of auto's.",
+        path="existing-file",
+    )
     keep: tuple[str, ...] = option(
-        (), "--keep", help="Leave this BatchNorm site as it is in the fixes and the recommendation (repeatable).", multiple=True, metavar="LAYER"
+        (),
+        "--keep",
+        help="Leave this BatchNorm site as it is in the fixes and the recommendation (repeatable).",
+        multiple=True,
+        metavar="LAYER",
     )
 
     def __post_init__(self) -> None:
@@ -124,7 +152,9 @@ def lint(
     context = context or Context()
     materialize_lazy(model, as_input_tuple(example_inputs))  # a lazy layer has no channel count before its first call
     analysis = analyze(model, example_inputs, context, select_rules(select, ignore))
-    recommended = resolve_plan(analysis.sites, analysis.findings, context, plan, PlanRequest(keep=tuple(keep)), strict=False)
+    recommended = resolve_plan(
+        analysis.sites, analysis.findings, context, plan, PlanRequest(keep=tuple(keep)), strict=False
+    )
     return Report(
         model=name or type(model).__name__,
         capture_method=analysis.capture.method,

@@ -27,7 +27,9 @@ from .torchutil import available_memory
 class ModelOptions:
     """How to build and run the model: the callable's keyword arguments and the example inputs."""
 
-    kwargs: tuple[str, ...] = option((), "-k", help="Keyword argument for the model callable (Python literal).", multiple=True, metavar="KEY=VALUE")
+    kwargs: tuple[str, ...] = option(
+        (), "-k", help="Keyword argument for the model callable (Python literal).", multiple=True, metavar="KEY=VALUE"
+    )
     input_shapes: tuple[str, ...] = option(
         (),
         "--input-shape",
@@ -62,7 +64,9 @@ def parse_shape(text: str | Sequence[int]) -> tuple[int, ...]:
             "e.g. 2,3,224,224 (or 8,128:int64 for token ids)."
         ) from None
     if not shape or any(d < 1 for d in shape):
-        raise ConfigError(f"Input shape '{text}' is malformed; write comma-separated positive integers, batch first, e.g. 2,3,224,224.")
+        raise ConfigError(
+            f"Input shape '{text}' is malformed; write comma-separated positive integers, batch first, e.g. 2,3,224,224."
+        )
     return shape
 
 
@@ -165,7 +169,10 @@ def _import_target(spec: str) -> tuple[Any, str]:
         try:
             sys.modules[module_name] = module
             import_spec.loader.exec_module(module)
-        except (Exception, SystemExit) as exc:  # the user's file failed to import (or exited): one sentence, with the cause
+        except (
+            Exception,
+            SystemExit,
+        ) as exc:  # the user's file failed to import (or exited): one sentence, with the cause
             sys.modules.pop(module_name, None)
             hint = _dotted_hint(path, attribute) if isinstance(exc, ImportError) else ""
             raise ModelLoadError(f"Importing '{location}' failed: {_failure(exc)}{hint}.") from exc
@@ -177,8 +184,13 @@ def _import_target(spec: str) -> tuple[Any, str]:
         try:
             module = importlib.import_module(location)
         except ModuleNotFoundError as exc:
-            raise ModelLoadError(f"Module '{location}' not found ({exc}); check '{spec}' and that the package is importable from here.") from exc
-        except (Exception, SystemExit) as exc:  # the user's module failed to import (or exited): one sentence, with the cause
+            raise ModelLoadError(
+                f"Module '{location}' not found ({exc}); check '{spec}' and that the package is importable from here."
+            ) from exc
+        except (
+            Exception,
+            SystemExit,
+        ) as exc:  # the user's module failed to import (or exited): one sentence, with the cause
             raise ModelLoadError(f"Importing module '{location}' failed: {_failure(exc)}.") from exc
     target: Any = module
     for part in attribute.split("."):
@@ -236,7 +248,9 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None) -> tuple[nn.Modu
     if isinstance(target, nn.Module):
         return target, type(target)
     if not callable(target):
-        raise ModelLoadError(f"'{attribute}' in '{spec}' is a {type(target).__name__}, not a callable that builds a model.")
+        raise ModelLoadError(
+            f"'{attribute}' in '{spec}' is a {type(target).__name__}, not a callable that builds a model."
+        )
     try:
         with recording_construction():
             model = target(**(kwargs or {}))

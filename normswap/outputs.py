@@ -27,7 +27,16 @@ from typing import Any
 from .errors import OutputError
 
 MANIFEST = "report.json"  # its report's "manifest" entry lists every other output with its sha256
-OUTPUT_NAMES = ("model.safetensors", "model.pt", "plan.json", "model.onnx", "model.onnx.data", "report.md", "attribution.png", MANIFEST)
+OUTPUT_NAMES = (
+    "model.safetensors",
+    "model.pt",
+    "plan.json",
+    "model.onnx",
+    "model.onnx.data",
+    "report.md",
+    "attribution.png",
+    MANIFEST,
+)
 
 
 class Interrupted(BaseException):
@@ -49,7 +58,9 @@ def check_output_dir(out_dir: Path, inputs: Sequence[Path | None], force: bool) 
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"Output path '{out_dir}' is a file; give a directory for --out.")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise OutputError(f"Output directory '{out_dir}' already has files; pass --force to replace normswap's outputs in it.")
+        raise OutputError(
+            f"Output directory '{out_dir}' already has files; pass --force to replace normswap's outputs in it."
+        )
     for name in OUTPUT_NAMES:
         slot = out_dir / name
         if slot.exists() and not slot.is_file():
@@ -62,7 +73,9 @@ def check_output_dir(out_dir: Path, inputs: Sequence[Path | None], force: bool) 
         for name in OUTPUT_NAMES:
             slot = out_dir / name
             if slot.exists() and os.path.samefile(given, slot):
-                raise OutputError(f"Output directory '{out_dir}' would replace '{name}', which is the input '{given}'; choose another --out.")
+                raise OutputError(
+                    f"Output directory '{out_dir}' would replace '{name}', which is the input '{given}'; choose another --out."
+                )
     parent = out_dir.resolve().parent
     if not parent.is_dir():
         raise OutputError(f"Cannot create '{out_dir}': directory '{parent}' does not exist.")
@@ -149,7 +162,9 @@ def output_set(out_dir: Path, force: bool = False) -> Iterator[Path]:
         for stale in parent.glob(f".{out_dir.resolve().name}.normswap-*"):  # a killed run's staging (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         if not force and out_dir.is_dir() and any(out_dir.iterdir()):  # filled since the first check
-            raise OutputError(f"Output directory '{out_dir}' already has files; pass --force to replace normswap's outputs in it.")
+            raise OutputError(
+                f"Output directory '{out_dir}' already has files; pass --force to replace normswap's outputs in it."
+            )
         try:
             staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.normswap-", dir=parent))
         except OSError as exc:
@@ -201,7 +216,9 @@ def verified_outputs(out_dir: Path) -> dict[str, Path]:
     """
     manifest_path = out_dir / MANIFEST
     if not manifest_path.is_file():
-        raise OutputError(f"'{out_dir}' has no {MANIFEST}; point to a directory written by `normswap convert` (or convert again).")
+        raise OutputError(
+            f"'{out_dir}' has no {MANIFEST}; point to a directory written by `normswap convert` (or convert again)."
+        )
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))["reports"][0]["manifest"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
@@ -216,7 +233,9 @@ def verified_outputs(out_dir: Path) -> dict[str, Path]:
         if not path.is_file():
             raise OutputError(f"'{out_dir}' lacks '{name}', which its manifest lists; convert again.")
         if sha256(path) != digest:
-            raise OutputError(f"'{path}' is not the file its manifest ({MANIFEST}) lists: it changed after the run; convert again.")
+            raise OutputError(
+                f"'{path}' is not the file its manifest ({MANIFEST}) lists: it changed after the run; convert again."
+            )
     strays = [name for name in OUTPUT_NAMES if name != MANIFEST and name not in manifest and (out_dir / name).exists()]
     if strays:
         raise OutputError(

@@ -48,9 +48,15 @@ class JobOptions:
     """What one `normswap convert` run reads, writes and checks besides the conversion itself
     (every field is an option of the command)."""
 
-    plan_path: str | None = option(None, "--plan", help="Re-apply this saved plan.json instead of planning.", path="existing-file")
-    onnx: bool = option(True, "--no-onnx", help="Skip the ONNX export (and its validation).", value_type=bool, negate=True)
-    validate: bool = option(True, "--no-validate", help="Export but do not validate with onnxruntime.", value_type=bool, negate=True)
+    plan_path: str | None = option(
+        None, "--plan", help="Re-apply this saved plan.json instead of planning.", path="existing-file"
+    )
+    onnx: bool = option(
+        True, "--no-onnx", help="Skip the ONNX export (and its validation).", value_type=bool, negate=True
+    )
+    validate: bool = option(
+        True, "--no-validate", help="Export but do not validate with onnxruntime.", value_type=bool, negate=True
+    )
     atol: float | None = option(
         None,
         "--atol",
@@ -78,10 +84,18 @@ class JobOptions:
     )
     opset: int | None = option(None, "--opset", help="ONNX opset (default 18).", value_type=int, minimum=14)
     calibration_data: str | None = option(
-        None, "--calibration-data", help="Unlabeled inputs (.pt/.npz/.safetensors, first axis = samples) to calibrate the new layers.", path="any"
+        None,
+        "--calibration-data",
+        help="Unlabeled inputs (.pt/.npz/.safetensors, first axis = samples) to calibrate the new layers.",
+        path="any",
     )
     calibration_batch_size: int = option(
-        32, "--calibration-batch-size", help="Batch size for calibration and healing.", value_type=int, minimum=1, show_default=True
+        32,
+        "--calibration-batch-size",
+        help="Batch size for calibration and healing.",
+        value_type=int,
+        minimum=1,
+        show_default=True,
     )
     trust_checkpoint: bool = option(
         False,
@@ -89,7 +103,9 @@ class JobOptions:
         help="Allow a checkpoint that runs code when loaded (a pickled module). Only for files you trust.",
         value_type=bool,
     )
-    force: bool = option(False, "--force", help="Replace normswap's outputs in an existing, non-empty --out.", value_type=bool)
+    force: bool = option(
+        False, "--force", help="Replace normswap's outputs in an existing, non-empty --out.", value_type=bool
+    )
     quiet: bool = option(False, "--quiet", "-q", help="No progress or summary, only errors.", value_type=bool)
     seed: int = 0  # of the example inputs
 
@@ -159,7 +175,11 @@ def convert_checkpoint(
             plan = Plan.read(job.plan_path) if job.plan_path else None
         stage = "trace, plan and rewrite" + (", calibrate and heal" if job.calibration_data else "")
         with steps.step(stage):
-            batches = _calibration_batches(module, job.calibration_data, job.calibration_batch_size) if job.calibration_data else None
+            batches = (
+                _calibration_batches(module, job.calibration_data, job.calibration_batch_size)
+                if job.calibration_data
+                else None
+            )
             conversion = convert_with(module, inputs, context, options, plan=plan, calibration_data=batches)
         section = ConversionSection(
             conversion.plan,
@@ -181,8 +201,12 @@ def convert_checkpoint(
             conversion=section,
         )
         if job.trust_checkpoint:
-            report.notes.append(f"the checkpoint '{checkpoint_path}' was loaded with --trust-checkpoint: code in it was allowed to run")
-        _write_outputs(staging, out_dir, report, section, conversion, module, inputs, checkpoint.weights_name, options, job, steps)
+            report.notes.append(
+                f"the checkpoint '{checkpoint_path}' was loaded with --trust-checkpoint: code in it was allowed to run"
+            )
+        _write_outputs(
+            staging, out_dir, report, section, conversion, module, inputs, checkpoint.weights_name, options, job, steps
+        )
     return ConvertResult(report, conversion, out_dir, steps.timings.seconds)
 
 
@@ -207,13 +231,19 @@ def _write_outputs(
     section.outputs = {"weights": str(out_dir / weights_name), "plan": str(out_dir / "plan.json")}
     if section.attribution:
         if plot_available():
-            plot_attribution(section.attribution, staging / "attribution.png", f"{report.model}: what each site costs on its own")
+            plot_attribution(
+                section.attribution, staging / "attribution.png", f"{report.model}: what each site costs on its own"
+            )
             section.outputs["plot"] = str(out_dir / "attribution.png")
         else:
-            report.notes.append("no chart of the per-site cost: install the plot extra (pip install 'normswap[plot]') for attribution.png")
+            report.notes.append(
+                "no chart of the per-site cost: install the plot extra (pip install 'normswap[plot]') for attribution.png"
+            )
     if job.onnx:
         with steps.step("export ONNX"):
-            onnx_path = export_onnx(conversion.model, inputs, staging / "model.onnx", opset=job.opset, batch_inputs=job.batch_inputs)
+            onnx_path = export_onnx(
+                conversion.model, inputs, staging / "model.onnx", opset=job.opset, batch_inputs=job.batch_inputs
+            )
         section.outputs["onnx"] = str(out_dir / "model.onnx")
         if (staging / "model.onnx.data").exists():
             section.outputs["onnx_data"] = str(out_dir / "model.onnx.data")

@@ -33,7 +33,9 @@ class PlanEntry:
 
     def __post_init__(self) -> None:
         if self.target not in targets.names():
-            raise PlanError(f"Plan entry '{self.name}' has unknown target '{self.target}'; use one of {', '.join(targets.names())}.")
+            raise PlanError(
+                f"Plan entry '{self.name}' has unknown target '{self.target}'; use one of {', '.join(targets.names())}."
+            )
         if self.kind not in KINDS:
             raise PlanError(f"Plan entry '{self.name}' has unknown kind '{self.kind}'; use one of {', '.join(KINDS)}.")
         self.kind = SiteKind(self.kind)
@@ -66,7 +68,13 @@ class PlanEntry:
         targets.get(self.target).check(self.name, self.params, site)
 
     def to_dict(self) -> dict[str, Any]:
-        found = {"name": self.name, "kind": self.kind.value, "target": self.target, "params": dict(self.params), "reason": self.reason}
+        found = {
+            "name": self.name,
+            "kind": self.kind.value,
+            "target": self.target,
+            "params": dict(self.params),
+            "reason": self.reason,
+        }
         return found | ({"read_by_forward": list(self.read_by_forward)} if self.read_by_forward else {})
 
 
@@ -138,17 +146,25 @@ class Plan:
             raise PlanError(f"{where} has plan version {version!r}; this normswap reads version {PLAN_VERSION}.")
         entries = []
         for index, site in enumerate(data["sites"]):
-            if not isinstance(site, dict) or not isinstance(site.get("name"), str) or not isinstance(site.get("target"), str):
+            if (
+                not isinstance(site, dict)
+                or not isinstance(site.get("name"), str)
+                or not isinstance(site.get("target"), str)
+            ):
                 raise PlanError(f"{where}: site #{index} needs at least a 'name' and a 'target' string.")
             params = site.get("params", {})
             if not isinstance(params, dict):
                 raise PlanError(f"{where}: 'params' of site '{site['name']}' must be an object.")
             kind = site.get("kind", "module")
             if kind not in KINDS:
-                raise PlanError(f"Plan entry '{site['name']}' has unknown kind '{kind}'; use one of {', '.join(KINDS)}.")
+                raise PlanError(
+                    f"Plan entry '{site['name']}' has unknown kind '{kind}'; use one of {', '.join(KINDS)}."
+                )
             read = site.get("read_by_forward", [])
             if not isinstance(read, list) or not all(isinstance(a, str) and a.isidentifier() for a in read):
-                raise PlanError(f"{where}: 'read_by_forward' of site '{site['name']}' must be a list of attribute names.")
+                raise PlanError(
+                    f"{where}: 'read_by_forward' of site '{site['name']}' must be a list of attribute names."
+                )
             entries.append(
                 PlanEntry(
                     name=site["name"],

@@ -42,21 +42,34 @@ def natural_target(site: Site, context: Context | None = None) -> tuple[str, str
     if context.inference_only and statistics:
         refusal = targets.fold.TARGET.refusal(site)
         if refusal is None:
-            return ("fold", "inference only: with running statistics BatchNorm is a fixed affine; fold keeps it at no cost")
+            return (
+                "fold",
+                "inference only: with running statistics BatchNorm is a fixed affine; fold keeps it at no cost",
+            )
         why = "inference only: with running statistics BatchNorm is a fixed affine; frozen keeps it exactly"
         if site.producer_module is not None:  # it follows a layer fold could have used: say why not
             why += f" (no fold: {refusal})"
         return "frozen", why
-    if context.finetune and statistics and (context.batch_size is None or context.batch_size < context.small_batch_threshold):
+    if (
+        context.finetune
+        and statistics
+        and (context.batch_size is None or context.batch_size < context.small_batch_threshold)
+    ):
         return "frozen", "fine-tuning a pretrained model with small batches: frozen keeps the pretrained statistics"
     if site.call_count > 1 and (rank is None or rank <= 3):
-        return ("layernorm", f"applied {site.call_count} times per forward (recurrence): LayerNorm normalizes each step on its own")
+        return (
+            "layernorm",
+            f"applied {site.call_count} times per forward (recurrence): LayerNorm normalizes each step on its own",
+        )
     if over_sequence(site, context):
         return "layernorm", "normalizes a (N, C, L) sequence: channel LayerNorm per time step"
     if rank == 2:
         return "layernorm", "(N, C) features: LayerNorm over the features of each sample"
     if rank is None and site.flavour.endswith("1d"):
-        return "layernorm", "a BatchNorm1d normalizes (N, C) features or (N, C, L) steps: LayerNorm over the channels serves both"
+        return (
+            "layernorm",
+            "a BatchNorm1d normalizes (N, C) features or (N, C, L) steps: LayerNorm over the channels serves both",
+        )
     return "groupnorm", "convolutional feature map: GroupNorm (Wu & He 2018)"
 
 
@@ -106,7 +119,11 @@ def make_plan(
     entries = []
     for site in sites:
         if not site.batch_dependent:
-            entries.append(keep(site, "batch-independent: each sample's output does not depend on the batch", batch_independent=True))
+            entries.append(
+                keep(
+                    site, "batch-independent: each sample's output does not depend on the batch", batch_independent=True
+                )
+            )
         elif site.name in keep_sites:
             entries.append(keep(site, "kept on request (--keep): it still normalizes with batch statistics"))
         else:
@@ -114,14 +131,18 @@ def make_plan(
                 entries.append(_replacement(site, by_site.get(site.name, []), context, to, options))
             except Refusal as refusal:
                 if strict:
-                    raise PlanError(f"{refusal} To convert the rest, keep this layer: --keep {site.name} (keep_sites=[...] in the API).") from None
+                    raise PlanError(
+                        f"{refusal} To convert the rest, keep this layer: --keep {site.name} (keep_sites=[...] in the API)."
+                    ) from None
                 entries.append(keep(site, f"cannot be replaced: {refusal}"))
     if to == "auto":
         entries = _unreached_follow_their_line(sites, entries, options)
     return Plan(entries)
 
 
-def _unreached_follow_their_line(sites: Sequence[Site], entries: list[PlanEntry], options: PlanOptions) -> list[PlanEntry]:
+def _unreached_follow_their_line(
+    sites: Sequence[Site], entries: list[PlanEntry], options: PlanOptions
+) -> list[PlanEntry]:
     """An unreached layer built at the same source line as layers the example reached takes their
     target: it has no function of its own to keep, and one line then builds one kind of layer
     (what `lint --fix` writes there)."""
@@ -137,7 +158,12 @@ def _unreached_follow_their_line(sites: Sequence[Site], entries: list[PlanEntry]
         target = reached_targets.get(line) if line is not None and not site.reached and entry.converts else None
         if target is not None and target != entry.target:
             with contextlib.suppress(Refusal):  # where the line's target refuses it, its own target stands
-                entry = entry_for(site, target, f"{_unreached(site)}; built at {site.defined_at} like the reached layers there", options)
+                entry = entry_for(
+                    site,
+                    target,
+                    f"{_unreached(site)}; built at {site.defined_at} like the reached layers there",
+                    options,
+                )
         result.append(entry)
     return result
 

@@ -92,7 +92,9 @@ def batch_statistics_users(model: nn.Module, inputs: tuple, train: bool, owners:
     return watch.owners
 
 
-def check_no_batch_statistics(model: nn.Module, plan: Plan, sites: Sequence[Site], inputs: tuple, original: nn.Module) -> list[str]:
+def check_no_batch_statistics(
+    model: nn.Module, plan: Plan, sites: Sequence[Site], inputs: tuple, original: nn.Module
+) -> list[str]:
     """Raise PlanError when a site the plan made batch-independent still uses batch statistics,
     or when the converted model cannot run where `original` runs.
 
@@ -115,7 +117,12 @@ def check_no_batch_statistics(model: nn.Module, plan: Plan, sites: Sequence[Site
         for user in users:
             site = next((n for n in independent if user == n or user.startswith(f"{n}.")), None)
             if site is not None:
-                _refuse(site, independent[site].target, "train" if train else "eval", "calls batch_norm with batch statistics")
+                _refuse(
+                    site,
+                    independent[site].target,
+                    "train" if train else "eval",
+                    "calls batch_norm with batch statistics",
+                )
     shapes = {s.name: s.input_shape for s in sites}
     for name, entry in independent.items():
         if entry.kind is SiteKind.FUNCTIONAL:
@@ -125,7 +132,12 @@ def check_no_batch_statistics(model: nn.Module, plan: Plan, sites: Sequence[Site
             behaviour = probe(module, shapes.get(name))
             if behaviour.batch_dependent_train or behaviour.batch_dependent_eval:
                 mode = "train" if behaviour.batch_dependent_train else "eval"
-                _refuse(name, entry.target, mode, "computes batch statistics without a batch_norm call normswap can take over")
+                _refuse(
+                    name,
+                    entry.target,
+                    mode,
+                    "computes batch statistics without a batch_norm call normswap can take over",
+                )
     return notes
 
 

@@ -39,7 +39,13 @@ class Rewritten:
 
 
 def rewrite_model(
-    model: nn.Module, example_inputs: Any, context: Context | None, request: PlanRequest, *, plan: Plan | None = None, inplace: bool = False
+    model: nn.Module,
+    example_inputs: Any,
+    context: Context | None,
+    request: PlanRequest,
+    *,
+    plan: Plan | None = None,
+    inplace: bool = False,
 ) -> Rewritten:
     """Analyse `model`, plan (or take `plan`), rewrite, and check the post-condition: `convert`
     without calibration (see there for the arguments)."""
@@ -48,7 +54,9 @@ def rewrite_model(
         return _rewrite(model, as_input_tuple(example_inputs), context or Context(), request, plan, inplace)
 
 
-def _rewrite(model: nn.Module, inputs: tuple, context: Context, request: PlanRequest, plan: Plan | None, inplace: bool) -> Rewritten:
+def _rewrite(
+    model: nn.Module, inputs: tuple, context: Context, request: PlanRequest, plan: Plan | None, inplace: bool
+) -> Rewritten:
     timings = Timings()
     with timings.measure("copy"):
         working = _working_copy(model, inputs, inplace)
@@ -73,7 +81,9 @@ def _rewrite(model: nn.Module, inputs: tuple, context: Context, request: PlanReq
         notes = check_no_batch_statistics(result.model, plan, analysis.sites, inputs, model)
     if out_of_place is not None:
         notes += _out_of_place_notes(result.changes, out_of_place.left)
-    return Rewritten(result.model, plan, analysis.sites, analysis.findings, analysis, result.changes, timings.seconds, notes)
+    return Rewritten(
+        result.model, plan, analysis.sites, analysis.findings, analysis, result.changes, timings.seconds, notes
+    )
 
 
 def _out_of_place_notes(changes: list[str], left: list[str]) -> list[str]:
@@ -117,7 +127,9 @@ def apply_plan(model: nn.Module, plan: Plan, example_inputs: Any = None, inplace
         try:
             target = trace(working).train(was_training)
         except Exception as exc:  # the user's forward cannot be traced: one sentence, with the cause
-            raise PlanError(f"The plan rewrites functional batch_norm calls, but {type(model).__name__} cannot be traced: {exc}.") from exc
+            raise PlanError(
+                f"The plan rewrites functional batch_norm calls, but {type(model).__name__} cannot be traced: {exc}."
+            ) from exc
         working.train(was_training)
     return PassManager(default_passes(plan))(target).model
 
@@ -128,7 +140,9 @@ def _working_copy(model: nn.Module, inputs: tuple | None, inplace: bool) -> nn.M
     if inputs is not None:
         materialize_lazy(model, inputs)
     elif _has_uninitialized(model):
-        raise PlanError(f"{type(model).__name__} has lazy modules that were never run; pass example_inputs to initialize them.")
+        raise PlanError(
+            f"{type(model).__name__} has lazy modules that were never run; pass example_inputs to initialize them."
+        )
     return model if inplace else copy.deepcopy(model)
 
 
@@ -145,11 +159,17 @@ def materialize_lazy(model: nn.Module, inputs: tuple) -> None:
         with torch.no_grad():
             model.eval()(*inputs)
     except Exception as exc:  # the user's model failed: one sentence, with the cause
-        raise CaptureError(f"{type(model).__name__} cannot run on the example inputs to initialize its lazy modules: {exc}.") from exc
+        raise CaptureError(
+            f"{type(model).__name__} cannot run on the example inputs to initialize its lazy modules: {exc}."
+        ) from exc
     finally:
         for module, flag in flags.items():
             module.training = flag
-    left = [name for name, m in model.named_modules() if isinstance(m, LazyModuleMixin) and _has_uninitialized(cast(nn.Module, m))]
+    left = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, LazyModuleMixin) and _has_uninitialized(cast(nn.Module, m))
+    ]
     if left:
         raise PlanError(
             f"Lazy layer '{left[0]}' ({type(model.get_submodule(left[0])).__name__}) was not reached by the example inputs, so it has "

@@ -125,17 +125,25 @@ def discover(model: nn.Module, captured: Capture) -> list[Site]:
             sites.append(_functional_site(name, calls))
         else:
             sites.append(_module_site(model, modules[first.module], name, calls))
-    batch = next((shape[0] for shape in captured.input_shapes if shape), None)  # the example inputs' batch (first input, dim 0)
+    batch = next(
+        (shape[0] for shape in captured.input_shapes if shape), None
+    )  # the example inputs' batch (first input, dim 0)
     for site in sites:
         site.rows_per_sample = rows_per_sample(site.input_shape, batch)
     sites.extend(_unreached_sites(model, modules, set(grouped)))
     parameter_names = _parameter_names(model)
-    graph_reads = {str(n.target) for n in captured.graph_module.graph.nodes if n.op == "get_attr"} if captured.graph_module is not None else set()
+    graph_reads = (
+        {str(n.target) for n in captured.graph_module.graph.nodes if n.op == "get_attr"}
+        if captured.graph_module is not None
+        else set()
+    )
     for site in sites:
         site.read_attributes = captured.attribute_reads.get(site.name, ())
         if site.producer_module is not None and site.producer_module in modules:
             producer = modules[site.producer_module]
-            site.producer_weights_problem = weights_problem(producer, site.producer_module, parameter_names, graph_reads)
+            site.producer_weights_problem = weights_problem(
+                producer, site.producer_module, parameter_names, graph_reads
+            )
     return sites
 
 
@@ -156,7 +164,9 @@ def _parameter_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def weights_problem(producer: nn.Module, name: str, parameter_names: dict[int, list[str]], graph_reads: set[str] | None = None) -> str:
+def weights_problem(
+    producer: nn.Module, name: str, parameter_names: dict[int, list[str]], graph_reads: set[str] | None = None
+) -> str:
     """Why folding a BatchNorm into `producer` would not keep the model's function ("" when it
     would): its weight must be a plain leaf Parameter of its own, used by nothing else (no other
     layer, no read of it in forward), and no forward hook may see the output it folds into."""
@@ -220,7 +230,9 @@ def _common(calls: list[BatchNormCall]) -> dict[str, Any]:
     }
 
 
-def _module_fields(model: nn.Module, module: nn.Module, name: str, input_shape: tuple[int, ...] | None) -> dict[str, Any]:
+def _module_fields(
+    model: nn.Module, module: nn.Module, name: str, input_shape: tuple[int, ...] | None
+) -> dict[str, Any]:
     """The Site fields read off a BatchNorm(-like) module itself."""
     is_bn = isinstance(module, _BatchNorm)
     torch_class = is_torch_class(module)
@@ -236,9 +248,13 @@ def _module_fields(model: nn.Module, module: nn.Module, name: str, input_shape: 
         "owner": name,
         "defined_at": construction_site(model, name),
         "built_from": built_from(module),
-        "overrides_forward": is_bn and not torch_class and getattr(module_class(module), "forward", None) is not _BatchNorm.forward,
+        "overrides_forward": is_bn
+        and not torch_class
+        and getattr(module_class(module), "forward", None) is not _BatchNorm.forward,
         "hooked": bool(module._forward_hooks or module._forward_pre_hooks),
-        "submodules": tuple(f"{child} ({type(m).__name__})" for child, m in module.named_children() if child != "parametrizations")
+        "submodules": tuple(
+            f"{child} ({type(m).__name__})" for child, m in module.named_children() if child != "parametrizations"
+        )
         if not torch_class
         else (),
     }
@@ -254,7 +270,10 @@ def _module_site(model: nn.Module, module: nn.Module, name: str, calls: list[Bat
         site.batch_dependent_eval = not site.track_running_stats
     else:
         behaviour = probe(module, site.input_shape)
-        site.batch_dependent_train, site.batch_dependent_eval = (behaviour.batch_dependent_train, behaviour.batch_dependent_eval)
+        site.batch_dependent_train, site.batch_dependent_eval = (
+            behaviour.batch_dependent_train,
+            behaviour.batch_dependent_eval,
+        )
         site.normalizes_by_hand = behaviour.normalizes_by_hand
         if not site.batch_dependent:
             site.notes.append("output of each sample does not depend on the rest of the batch (a fixed affine)")
@@ -305,7 +324,9 @@ class Probe:
     @property
     def normalizes_by_hand(self) -> bool:
         """Batch-dependent in a mode where it makes no batch_norm call: statistics computed by hand."""
-        return (self.batch_dependent_train and not self.calls_batch_norm_train) or (self.batch_dependent_eval and not self.calls_batch_norm_eval)
+        return (self.batch_dependent_train and not self.calls_batch_norm_train) or (
+            self.batch_dependent_eval and not self.calls_batch_norm_eval
+        )
 
 
 class _BatchNormCallCounter(TorchFunctionMode):

@@ -50,7 +50,9 @@ class SourceLocation:
     @property
     def label(self) -> str:
         """`path:line`, marked when it is not a file of the user's project."""
-        return {"installed": f"{self} (installed package)", "outside": f"{self} (outside the project)"}.get(self.origin, str(self))
+        return {"installed": f"{self} (installed package)", "outside": f"{self} (outside the project)"}.get(
+            self.origin, str(self)
+        )
 
     @property
     def python_module(self) -> str:
@@ -70,7 +72,12 @@ class SourceLocation:
 
     @classmethod
     def from_dict(cls, data: dict) -> SourceLocation:
-        return cls(path=data["path"], line=int(data["line"]), code=data.get("code", ""), origin=str(data.get("origin", "project")))
+        return cls(
+            path=data["path"],
+            line=int(data["line"]),
+            code=data.get("code", ""),
+            origin=str(data.get("origin", "project")),
+        )
 
 
 def repo_root(start: str | None = None) -> Path:
@@ -87,7 +94,9 @@ def _repo_root(start: str) -> Path:
     return here
 
 
-_INSTALLED = tuple(str(Path(p).resolve()) + os.sep for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]} if p)
+_INSTALLED = tuple(
+    str(Path(p).resolve()) + os.sep for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]} if p
+)
 
 
 def origin_of(path: str, root: Path | None = None) -> str:
@@ -95,7 +104,11 @@ def origin_of(path: str, root: Path | None = None) -> str:
     repository), "project" under `root` (default: the repository root), else "outside"."""
     resolved = Path(path).resolve()
     text = str(resolved)
-    if text.startswith(_INSTALLED) or f"{os.sep}site-packages{os.sep}" in text or f"{os.sep}dist-packages{os.sep}" in text:
+    if (
+        text.startswith(_INSTALLED)
+        or f"{os.sep}site-packages{os.sep}" in text
+        or f"{os.sep}dist-packages{os.sep}" in text
+    ):
         return "installed"
     return "project" if resolved.is_relative_to((root or repo_root()).resolve()) else "outside"
 
@@ -128,7 +141,9 @@ def _is_internal(filename: str) -> bool:
 
 
 def _location(filename: str, line: int) -> SourceLocation:
-    return SourceLocation(relative_path(filename), line, linecache.getline(filename, line).strip(), origin=origin_of(filename))
+    return SourceLocation(
+        relative_path(filename), line, linecache.getline(filename, line).strip(), origin=origin_of(filename)
+    )
 
 
 def user_frame_location(skip: int = 1) -> SourceLocation | None:
@@ -186,7 +201,9 @@ def code_fingerprint(code: types.CodeType) -> str:
     digest.update(repr(list(code.co_positions())).encode())
     digest.update(repr((code.co_names, code.co_varnames, code.co_firstlineno)).encode())
     for constant in code.co_consts:
-        digest.update(code_fingerprint(constant).encode() if isinstance(constant, types.CodeType) else repr(constant).encode())
+        digest.update(
+            code_fingerprint(constant).encode() if isinstance(constant, types.CodeType) else repr(constant).encode()
+        )
     return digest.hexdigest()
 
 
@@ -234,7 +251,9 @@ class _CodeCache:
             return None
         path = os.path.abspath(code.co_filename)
         fingerprint = self._fingerprints[code]
-        return CodeSpan(path, line, col, end_line, end_col, code.co_qualname, code.co_firstlineno, fingerprint, _kwargs_keys(frame))
+        return CodeSpan(
+            path, line, col, end_line, end_col, code.co_qualname, code.co_firstlineno, fingerprint, _kwargs_keys(frame)
+        )
 
 
 def _kwargs_keys(frame: types.FrameType) -> tuple[str, ...]:
@@ -343,7 +362,9 @@ def _assignments(cls: type) -> dict[str, tuple[str, int]]:
             continue
         own: dict[str, tuple[str, int]] = {}
         for offset, text in enumerate(lines):
-            match = re.match(r"\s*self\.(\w+)\s*(?::[^=]*)?=(?!=)", text) or re.match(r"\s*self\.add_module\(\s*['\"](\w+)['\"]", text)
+            match = re.match(r"\s*self\.(\w+)\s*(?::[^=]*)?=(?!=)", text) or re.match(
+                r"\s*self\.add_module\(\s*['\"](\w+)['\"]", text
+            )
             if match:
                 own.setdefault(match.group(1), (filename, start + offset))
         found.update(own)  # a subclass's assignment wins over its base's

@@ -85,7 +85,9 @@ def flat_outputs(output: Any) -> list[torch.Tensor]:
     export writes them."""
     leaves, _ = tree_flatten(output)
     return [
-        leaf if isinstance(leaf, torch.Tensor) else torch.as_tensor(leaf) for leaf in leaves if isinstance(leaf, (torch.Tensor, bool, int, float))
+        leaf if isinstance(leaf, torch.Tensor) else torch.as_tensor(leaf)
+        for leaf in leaves
+        if isinstance(leaf, (torch.Tensor, bool, int, float))
     ]
 
 
@@ -114,7 +116,9 @@ def require_type(value: Any, expected: type | tuple[type, ...], argument: str, f
     """TypeError when an API function's `argument` is not of the `expected` type (None passes)."""
     if value is not None and not isinstance(value, expected):
         names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
-        raise TypeError(f"{function}(): {argument} must be a {names}, got {type(value).__name__}{f'; {hint}' if hint else ''}.")
+        raise TypeError(
+            f"{function}(): {argument} must be a {names}, got {type(value).__name__}{f'; {hint}' if hint else ''}."
+        )
 
 
 def resolve_batch_inputs(inputs: Sequence[Any], batch_inputs: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -131,7 +135,9 @@ def resolve_batch_inputs(inputs: Sequence[Any], batch_inputs: Sequence[int] | No
     if batch_inputs is not None:
         wrong = [i for i in batch_inputs if i not in tensors]
         if wrong:
-            raise ValueError(f"batch_inputs {wrong} name no tensor input with a batch axis; the model has {len(inputs)} input(s).")
+            raise ValueError(
+                f"batch_inputs {wrong} name no tensor input with a batch axis; the model has {len(inputs)} input(s)."
+            )
         return tuple(sorted(set(batch_inputs)))
     if not tensors:
         return ()
@@ -197,7 +203,10 @@ def _tables(module: nn.Module) -> tuple[str, ...]:
     hook handles keep working): parameters, buffers, submodules and every hook table. A forward
     that registers hooks on its first call and marks that in an attribute (transformers' output
     recorders do) must lose both, or the next call registers them twice."""
-    return (*_STATE_DICTS, *(key for key, value in module.__dict__.items() if "hook" in key and isinstance(value, dict)))
+    return (
+        *_STATE_DICTS,
+        *(key for key, value in module.__dict__.items() if "hook" in key and isinstance(value, dict)),
+    )
 
 
 @contextlib.contextmanager
@@ -238,7 +247,13 @@ def preserved(model: nn.Module) -> Iterator[None]:
 
 # Loggers whose warnings are expected while normswap tries a capture or an export that may fail
 # (torch.export guard messages, the ONNX exporter's "torchvision is not installed").
-_NOISY_LOGGERS = ("torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.onnx")
+_NOISY_LOGGERS = (
+    "torch.export",
+    "torch._export",
+    "torch.fx.experimental.symbolic_shapes",
+    "torch._dynamo",
+    "torch.onnx",
+)
 
 
 class _DropTorchExportPrints(io.TextIOBase):
@@ -305,7 +320,11 @@ def pickle_globals(path: Path, limit: int = 200_000) -> list[str]:
             elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
                 names.append(f"{strings[-2]}.{strings[-1]}")
         # what torch.save itself writes (tensor rebuilds, OrderedDict) is not foreign code
-        return list(dict.fromkeys(n for n in names if not n.startswith(("torch.", "collections.OrderedDict", "_codecs.", "builtins.set"))))
+        return list(
+            dict.fromkeys(
+                n for n in names if not n.startswith(("torch.", "collections.OrderedDict", "_codecs.", "builtins.set"))
+            )
+        )
     except Exception:  # noqa: BLE001 - only for the message: a file pickletools cannot walk gets none
         return []
 

@@ -5,4 +5,12 @@ from .out_of_place import OutOfPlaceForHooks
 from .rewrite_functional import RewriteFunctionalBatchNorm
 from .swap_modules import SwapBatchNormModules
 
-__all__ = ["OutOfPlaceForHooks", "Pass", "PassError", "PassManager", "PassResult", "RewriteFunctionalBatchNorm", "SwapBatchNormModules"]
+__all__ = [
+    "OutOfPlaceForHooks",
+    "Pass",
+    "PassError",
+    "PassManager",
+    "PassResult",
+    "RewriteFunctionalBatchNorm",
+    "SwapBatchNormModules",
+]

@@ -83,7 +83,9 @@ class PassManager:
             result = _guarded(p, "running", p.call, model)
             if (result.model is model) != p.in_place:
                 declared = "works in place" if p.in_place else "returns a new model"
-                raise PassError(f"Pass {p.name} declares that it {declared}, but it did not; this is a bug in normswap.")
+                raise PassError(
+                    f"Pass {p.name} declares that it {declared}, but it did not; this is a bug in normswap."
+                )
             _guarded(p, "checking its result", p.ensures, result.model)
             model = result.model
             modified |= result.modified

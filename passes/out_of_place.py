@@ -64,7 +64,9 @@ class _Watch(TorchFunctionMode):
             if hasattr(module, "inplace") and isinstance(module.inplace, bool):
                 self.found.flagged[name] = module
             else:
-                self.found.owners.setdefault(name, f"{getattr(func, '__name__', func)} on the output of {self.outputs[id(first)]}")
+                self.found.owners.setdefault(
+                    name, f"{getattr(func, '__name__', func)} on the output of {self.outputs[id(first)]}"
+                )
         return func(*args, **kwargs)
 
 
@@ -114,9 +116,15 @@ def out_of_place_graph(module: nn.Module) -> fx.GraphModule | None:
             node.target = getattr(operator, node.target.__name__.replace("i", "", 1))
         elif node.op == "call_function" and node.kwargs.get("inplace"):
             node.kwargs = {**node.kwargs, "inplace": False}
-        elif node.op == "call_method" and str(node.target).endswith("_") and hasattr(torch.Tensor, str(node.target)[:-1]):
+        elif (
+            node.op == "call_method" and str(node.target).endswith("_") and hasattr(torch.Tensor, str(node.target)[:-1])
+        ):
             node.target = str(node.target)[:-1]
-        elif node.op == "call_function" and (name := getattr(node.target, "__name__", "")).endswith("_") and hasattr(torch, name[:-1]):
+        elif (
+            node.op == "call_function"
+            and (name := getattr(node.target, "__name__", "")).endswith("_")
+            and hasattr(torch, name[:-1])
+        ):
             node.target = getattr(torch, name[:-1])
     graph_module = fx.GraphModule(module, graph, type(module).__name__)
     if set(graph_module.state_dict()) != set(module.state_dict()):
@@ -138,7 +146,9 @@ class OutOfPlaceForHooks(Pass):
         for name, module in found.flagged.items():
             with self.working_on(name):
                 setattr(module, "inplace", False)  # noqa: B010 - a flag of the activation's own class
-                changes.append(f"{name or type(model).__name__}: {type(module).__name__}(inplace=True) -> inplace=False")
+                changes.append(
+                    f"{name or type(model).__name__}: {type(module).__name__}(inplace=True) -> inplace=False"
+                )
         aliases = module_names(model)
         for name, operation in found.owners.items():
             with self.working_on(name):

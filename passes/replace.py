@@ -101,4 +101,6 @@ def _move_parametrizations(old: nn.Module, new: nn.Module, name: str) -> None:
             )
         first = cast(nn.ModuleList, chain)[0]
         parametrize.register_parametrization(new, tensor_name, first, unsafe=True)
-        cast(nn.ModuleDict, new.parametrizations)[tensor_name] = chain  # the original list: its exact stored tensor, every step
+        cast(nn.ModuleDict, new.parametrizations)[tensor_name] = (
+            chain  # the original list: its exact stored tensor, every step
+        )

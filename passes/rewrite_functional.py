@@ -39,7 +39,9 @@ class RewriteFunctionalBatchNorm(Pass):
         names = {n.name for n in model.graph.nodes if is_batch_norm_call(n)}
         missing = sorted(set(self.entries) - names)
         if missing:
-            raise PlanError(f"The plan names functional batch_norm call(s) {', '.join(missing)}, which this model's forward does not make.")
+            raise PlanError(
+                f"The plan names functional batch_norm call(s) {', '.join(missing)}, which this model's forward does not make."
+            )
 
     def call(self, model: fx.GraphModule) -> PassResult:  # type: ignore[override]
         if not self.entries:

@@ -36,9 +36,13 @@ class SwapBatchNormModules(Pass):
                     "re-plan for this model or build the model with the same arguments."
                 ) from None
             if not isinstance(module, _BatchNorm):
-                raise PlanError(f"The plan expects a BatchNorm at '{entry.name}' but the model has a {type(module).__name__} there.")
+                raise PlanError(
+                    f"The plan expects a BatchNorm at '{entry.name}' but the model has a {type(module).__name__} there."
+                )
             if isinstance(module, _LazyNormBase) and module.has_uninitialized_params():
-                raise PlanError(f"Layer '{entry.name}' is a lazy BatchNorm that was never run; pass example_inputs so it can be materialized.")
+                raise PlanError(
+                    f"Layer '{entry.name}' is a lazy BatchNorm that was never run; pass example_inputs so it can be materialized."
+                )
             channels = entry.params.get("num_channels", entry.params.get("num_features"))
             if channels is not None and module.num_features != int(channels):
                 raise PlanError(
@@ -58,7 +62,9 @@ class SwapBatchNormModules(Pass):
                     replacement = take_over(original, target, entry.params, entry.name)
                 else:
                     replacement = target.module(original, entry.params)
-                replace_module(model, aliases[id(original)], original, replacement, entry.read_by_forward, target.absorbs_affine)
+                replace_module(
+                    model, aliases[id(original)], original, replacement, entry.read_by_forward, target.absorbs_affine
+                )
                 changes.append(f"{entry.name}: {type(original).__name__} -> {entry.target}")
         return PassResult(model, bool(changes), changes)
 

@@ -18,7 +18,16 @@ import normswap
 CASES = Path(__file__).parent / "fix_cases"
 # shaped like public repositories, each with SIBLINGS: the other models the file builds
 REPOSITORIES = ["cifar_resnet", "cifar_densenet", "yolo_common", "pix2pix_networks", "dcgan", "deepspeech"]
-FIXED = ["direct", "aliases", "recurrent", "helpers", "torchvision_style", "norm_layer_values", "functional", *REPOSITORIES]
+FIXED = [
+    "direct",
+    "aliases",
+    "recurrent",
+    "helpers",
+    "torchvision_style",
+    "norm_layer_values",
+    "functional",
+    *REPOSITORIES,
+]
 _modules = itertools.count()
 
 
@@ -81,7 +90,9 @@ def copy_case(project: Path, case: str) -> Path:
     return Path(shutil.copy(CASES / f"{case}.py", project / f"{case}.py"))
 
 
-def assert_builds_what_convert_makes(fixed: nn.Module, original: nn.Module, x: torch.Tensor, context: normswap.Context, label: str) -> None:
+def assert_builds_what_convert_makes(
+    fixed: nn.Module, original: nn.Module, x: torch.Tensor, context: normswap.Context, label: str
+) -> None:
     """`fixed` (built from the fixed file) has the state-dict keys of convert(`original`), loads
     its weights strictly and computes its outputs: 1e-6, as both run the same torch kernels on
     the same weights (only a reduction order could differ)."""

@@ -16,7 +16,17 @@ import normswap
 from normswap.errors import CalibrationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from synthetic import SequenceRNN, ShapesNet, TabularMLP, accuracy, agreement, sequence_dataset, shapes_dataset, tabular_dataset, train
+from synthetic import (
+    SequenceRNN,
+    ShapesNet,
+    TabularMLP,
+    accuracy,
+    agreement,
+    sequence_dataset,
+    shapes_dataset,
+    tabular_dataset,
+    train,
+)
 
 HERE = Path(__file__).parent
 
@@ -88,13 +98,19 @@ def tabular():
 
 def test_auto_keeps_input_standardization(tabular) -> None:
     _, model, x, xt, yt = tabular
-    for context in (normswap.Context(), normswap.Context(differential_privacy=True), normswap.Context(batch_size=2, world_size=8)):
+    for context in (
+        normswap.Context(),
+        normswap.Context(differential_privacy=True),
+        normswap.Context(batch_size=2, world_size=8),
+    ):
         conversion = normswap.convert(model, x[:8], context=context)
         assert conversion.plan.get("input_bn").target == "frozen", context
         assert "raw inputs" in conversion.plan.get("input_bn").reason
         # no calibration: within 2 points of the original (measured: the same function, 0 points)
         assert accuracy(conversion.model, xt, yt) >= accuracy(model, xt, yt) - 0.02
-    layernorm = normswap.convert(model, x[:8], to="layernorm").model  # what auto used to do: per-sample LayerNorm of raw units
+    layernorm = normswap.convert(
+        model, x[:8], to="layernorm"
+    ).model  # what auto used to do: per-sample LayerNorm of raw units
     assert accuracy(layernorm, xt, yt) < accuracy(model, xt, yt) - 0.2
 
 
@@ -153,7 +169,10 @@ def test_heal_all_parameters_moves_conv_weights(shapes) -> None:
     [
         (lambda x: [], "is empty"),
         (lambda x: [x[:4].clone().fill_(float("nan"))], "NaN or infinite"),
-        (lambda x: [torch.randn(4, 5, 16, 16)], r"Calibration batch 0 of shape \(4, 5, 16, 16\) does not fit the model: .*expected input"),
+        (
+            lambda x: [torch.randn(4, 5, 16, 16)],
+            r"Calibration batch 0 of shape \(4, 5, 16, 16\) does not fit the model: .*expected input",
+        ),
         (lambda x: [x[:4], torch.randn(4, 3, 9)], r"Calibration batch 1 of shape \(4, 3, 9\) does not fit the model"),
     ],
     ids=["empty", "non-finite", "wrong-shape", "one-bad-batch"],
@@ -163,7 +182,9 @@ def test_bad_calibration_data(shapes, make_data, message: str) -> None:
     with pytest.raises(CalibrationError, match=message):
         normswap.convert(model, x[:8], to="groupnorm", calibration_data=make_data(x))
     with pytest.raises(CalibrationError, match=message):
-        normswap.convert(model, x[:8], to="auto", calibration_data=make_data(x), freeze_costly=0.1)  # attribution runs first there
+        normswap.convert(
+            model, x[:8], to="auto", calibration_data=make_data(x), freeze_costly=0.1
+        )  # attribution runs first there
     converted = normswap.convert(model, x[:8], to="groupnorm")
     with pytest.raises(CalibrationError, match=message):
         normswap.calibrate(converted.model, model, make_data(x), converted.plan)
@@ -229,9 +250,13 @@ def test_cli_calibration_data_files(shapes, tmp_path: Path, suffix: str) -> None
     assert report["drift"]["calibrated"]["cosine"] > report["drift"]["swap"]["cosine"]
     # what each site costs alone: worst first, in json, markdown (with the chart) and text
     costs = [1 - c["calibrated"]["top1_agreement"] for c in report["attribution"]]
-    assert sorted(c["site"] for c in report["attribution"]) == ["bn1", "bn2", "bn3"] and costs == sorted(costs, reverse=True)
+    assert sorted(c["site"] for c in report["attribution"]) == ["bn1", "bn2", "bn3"] and costs == sorted(
+        costs, reverse=True
+    )
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert "#### What each site costs alone" in markdown and "![What each site costs alone](attribution.png)" in markdown
+    assert (
+        "#### What each site costs alone" in markdown and "![What each site costs alone](attribution.png)" in markdown
+    )
     assert (tmp_path / "out" / "attribution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "what each site costs alone" in result.output
 

@@ -59,7 +59,9 @@ def _converted(name: str, target: str):
 
 def _max_difference(a: nn.Module, b: nn.Module) -> float:
     pairs = zip(a.state_dict().items(), b.state_dict().items(), strict=True)
-    return max(float((x.double() - y.double()).abs().max()) if x.is_floating_point() else 0.0 for (_, x), (_, y) in pairs)
+    return max(
+        float((x.double() - y.double()).abs().max()) if x.is_floating_point() else 0.0 for (_, x), (_, y) in pairs
+    )
 
 
 @pytest.mark.parametrize(("name", "target"), CASES)
@@ -70,7 +72,11 @@ def test_lockstep_fits_equal_layer_by_layer(name: str, target: str) -> None:
     layered = calibrate_sites(layered_model, model, data, conversion.plan, device="cpu", layer_by_layer=True)
     assert walked.walked and not walked.notes
     assert not layered.walked
-    assert sorted(f.name for f in walked.fits) == sorted(f.name for f in layered.fits) == sorted(e.name for e in conversion.plan.converted)
+    assert (
+        sorted(f.name for f in walked.fits)
+        == sorted(f.name for f in layered.fits)
+        == sorted(e.name for e in conversion.plan.converted)
+    )
     assert _max_difference(walked_model, conversion.model) > 1e-3  # calibration did change the affines
     assert _max_difference(walked_model, layered_model) <= TOLERANCE
     r2 = {f.name: f.r2 for f in layered.fits}
@@ -83,7 +89,9 @@ def _leaf_calls(model: nn.Module) -> tuple[dict[str, int], list]:
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             counts[name] = 0
-            handles.append(module.register_forward_pre_hook(lambda m, a, name=name: counts.__setitem__(name, counts[name] + 1)))
+            handles.append(
+                module.register_forward_pre_hook(lambda m, a, name=name: counts.__setitem__(name, counts[name] + 1))
+            )
     return counts, handles
 
 
@@ -109,7 +117,10 @@ def test_memory_limit_recomputes_batches_with_the_same_fits() -> None:
     unlimited = calibrate_sites(free, model, data, conversion.plan, device="cpu")
     limited = calibrate_sites(tight, model, data, conversion.plan, device="cpu", memory_limit=1)
     assert not unlimited.notes
-    assert len(limited.notes) == 1 and f"{len(data) - 1} of {len(data)} batches were run again from the input" in limited.notes[0]
+    assert (
+        len(limited.notes) == 1
+        and f"{len(data) - 1} of {len(data)} batches were run again from the input" in limited.notes[0]
+    )
     assert _max_difference(free, tight) == 0.0
 
 
@@ -120,11 +131,14 @@ def test_untraceable_model_is_fitted_layer_by_layer_and_says_so(name: str) -> No
     data = [input_for(name, batch=8) * (1 + i) for i in range(3)]
     conversion = normswap.convert(model, data[0], to="layernorm", calibration_data=data)
     assert conversion.calibration and all(0.0 < f.r2 <= 1.0 for f in conversion.calibration)
-    assert any("running both models from the input" in note and "torch.fx cannot trace" in note for note in conversion.notes)
+    assert any(
+        "running both models from the input" in note and "torch.fx cannot trace" in note for note in conversion.notes
+    )
 
 
 @pytest.mark.parametrize(
-    ("name", "target"), [("resnet", "groupnorm"), ("mobilenet", "groupnorm"), ("mlp", "layernorm"), ("timm_norm_act", "groupnorm")]
+    ("name", "target"),
+    [("resnet", "groupnorm"), ("mobilenet", "groupnorm"), ("mlp", "layernorm"), ("timm_norm_act", "groupnorm")],
 )
 def test_attribution_from_the_site_equals_a_copy_per_site(name: str, target: str) -> None:
     # downstream of each site from the walk's activations (plain BatchNorms), against the site
@@ -140,10 +154,14 @@ def test_attribution_from_the_site_equals_a_copy_per_site(name: str, target: str
         for now, before in ((cost.swap, copied[site].swap), (cost.calibrated, copied[site].calibrated)):
             assert now is not None and before is not None
             assert now.top1_agreement == before.top1_agreement
-            assert now.cosine == pytest.approx(before.cosine, abs=1e-6) and now.mean_abs == pytest.approx(before.mean_abs, rel=1e-5, abs=1e-7)
+            assert now.cosine == pytest.approx(before.cosine, abs=1e-6) and now.mean_abs == pytest.approx(
+                before.mean_abs, rel=1e-5, abs=1e-7
+            )
 
 
-@pytest.mark.parametrize(("name", "target"), [("resnet", "groupnorm"), ("functional", "layernorm"), ("unrolled_rnn", "layernorm")])
+@pytest.mark.parametrize(
+    ("name", "target"), [("resnet", "groupnorm"), ("functional", "layernorm"), ("unrolled_rnn", "layernorm")]
+)
 def test_drift_read_off_the_walk_equals_running_both_models(name: str, target: str) -> None:
     from normswap.calibration.drift import measure_drift
 

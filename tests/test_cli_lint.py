@@ -61,11 +61,27 @@ def test_lint_text_exit_codes(project: Path) -> None:
     assert "nets.py:9" in dp.output  # the line `self.bn = nn.BatchNorm2d(width)`
     warn = run("lint", "nets.py:build", "--input-shape", "2,3,8,8", "--batch-size", "2")
     assert warn.exit_code == 0 and "NS103" in warn.output
-    assert run("lint", "nets.py:build", "--input-shape", "2,3,8,8", "--batch-size", "2", "--fail-on", "warning").exit_code == 1
+    assert (
+        run("lint", "nets.py:build", "--input-shape", "2,3,8,8", "--batch-size", "2", "--fail-on", "warning").exit_code
+        == 1
+    )
 
 
 def test_lint_module_spec_kwargs_and_json_output_file(project: Path) -> None:
-    result = run("lint", "nets:build", "-k", "width=16", "--input-shape", "2,3,8,8", "--world-size", "4", "--format", "json", "-o", "out.json")
+    result = run(
+        "lint",
+        "nets:build",
+        "-k",
+        "width=16",
+        "--input-shape",
+        "2,3,8,8",
+        "--world-size",
+        "4",
+        "--format",
+        "json",
+        "-o",
+        "out.json",
+    )
     assert result.exit_code == 0, result.output
     document = json.loads((project / "out.json").read_text())
     (report,) = document["reports"]
@@ -95,7 +111,19 @@ def test_lint_without_arguments_uses_pyproject(project: Path) -> None:
 
 
 def test_select_ignore_flags(project: Path) -> None:
-    result = run("lint", "nets:build", "--input-shape", "2,3,8,8", "--dp", "--batch-size", "2", "--ignore", "NS106", "--format", "json")
+    result = run(
+        "lint",
+        "nets:build",
+        "--input-shape",
+        "2,3,8,8",
+        "--dp",
+        "--batch-size",
+        "2",
+        "--ignore",
+        "NS106",
+        "--format",
+        "json",
+    )
     codes = [f["code"] for f in json.loads(result.output)["reports"][0]["findings"]]
     assert codes == ["NS103"]
 
@@ -114,7 +142,18 @@ def test_select_ignore_flags(project: Path) -> None:
         (["lint", "nets:build"], "--input-shape is required"),
         (["explain", "NS999"], "Unknown rule 'NS999'"),
     ],
-    ids=["module", "attribute", "not-callable", "not-module", "file", "shape", "cannot-run", "rule-code", "no-shape", "explain"],
+    ids=[
+        "module",
+        "attribute",
+        "not-callable",
+        "not-module",
+        "file",
+        "shape",
+        "cannot-run",
+        "rule-code",
+        "no-shape",
+        "explain",
+    ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(project: Path, args: list[str], message: str) -> None:
     result = CliRunner().invoke(main, args)
@@ -137,7 +176,9 @@ def test_debug_shows_the_traceback(project: Path) -> None:
     plain = CliRunner().invoke(main, ["lint", "nets:missing", "--input-shape", "2,3,8,8"])
     assert plain.exit_code == 2 and isinstance(plain.exception, SystemExit)  # one sentence, no traceback
     debug = CliRunner().invoke(main, ["lint", "nets:missing", "--input-shape", "2,3,8,8", "--debug"])
-    assert isinstance(debug.exception, ModelLoadError) and "has no attribute 'missing'" in str(debug.exception)  # re-raised
+    assert isinstance(debug.exception, ModelLoadError) and "has no attribute 'missing'" in str(
+        debug.exception
+    )  # re-raised
 
 
 def test_rules_and_explain() -> None:
@@ -154,7 +195,10 @@ def test_console_script_and_python_m(project: Path) -> None:
     script = Path(sys.executable).parent / "normswap"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "normswap"]
     result = subprocess.run(
-        [*command, "lint", "nets.py:build", "--input-shape", "2,3,8,8", "--dp", "--format", "sarif"], capture_output=True, text=True, cwd=project
+        [*command, "lint", "nets.py:build", "--input-shape", "2,3,8,8", "--dp", "--format", "sarif"],
+        capture_output=True,
+        text=True,
+        cwd=project,
     )
     assert result.returncode == 1, result.stderr
     assert json.loads(result.stdout)["runs"][0]["results"][0]["ruleId"] == "NS106"

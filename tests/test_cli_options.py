@@ -71,7 +71,10 @@ def test_sequence_says_padded_steps_change_the_statistics(work: Path) -> None:
     args = ["seq:Net", "--input-shape", "2,4,10"]
     plain = next(f for f in lint_json(*args)["findings"] if f["code"] == "NS102")
     sequence = next(f for f in lint_json(*args, "--sequence")["findings"] if f["code"] == "NS102")
-    assert "padded steps" not in plain["message"] and "padded steps of shorter sequences change the statistics" in sequence["message"]
+    assert (
+        "padded steps" not in plain["message"]
+        and "padded steps of shorter sequences change the statistics" in sequence["message"]
+    )
 
 
 def test_fail_on_info_fails_on_an_info_finding(work: Path) -> None:
@@ -128,14 +131,23 @@ def test_channels_per_group_and_groups_shape_the_grouping(work: Path) -> None:
     assert json.loads((work / "out" / "plan.json").read_text())["sites"][0]["params"]["num_groups"] == 1
     assert run(*CONVERT, "--no-onnx", "--to", "groupnorm", "--channels-per-group", "2", "--force", "-q").exit_code == 0
     assert json.loads((work / "out" / "plan.json").read_text())["sites"][0]["params"]["num_groups"] == 4
-    assert run(*CONVERT, "--no-onnx", "--to", "groupnorm", "--channels-per-group", "2", "--groups", "2", "--force", "-q").exit_code == 0
+    assert (
+        run(
+            *CONVERT, "--no-onnx", "--to", "groupnorm", "--channels-per-group", "2", "--groups", "2", "--force", "-q"
+        ).exit_code
+        == 0
+    )
     assert json.loads((work / "out" / "plan.json").read_text())["sites"][0]["params"]["num_groups"] == 2
 
 
 def test_convert_context_flags_reach_the_report_and_the_plan(work: Path) -> None:
     assert run(*CONVERT, "--no-onnx", "--batch-size", "2", "--world-size", "8", "--dp", "-q").exit_code == 0
     document = report(work)
-    assert (document["context"]["batch_size"], document["context"]["world_size"], document["context"]["differential_privacy"]) == (2, 8, True)
+    assert (
+        document["context"]["batch_size"],
+        document["context"]["world_size"],
+        document["context"]["differential_privacy"],
+    ) == (2, 8, True)
     assert {"NS103", "NS105", "NS106"} <= codes(document)
     assert document["plan"]["sites"][0]["reason"].startswith("NS106")  # the most severe finding decides
 
@@ -166,7 +178,18 @@ def test_attribution_samples_zero_measures_nothing(work: Path) -> None:
 def test_heal_options_reach_healing(work: Path, params: str) -> None:
     """(What each choice trains is measured in tests/test_calibrate.py.)"""
     _calibration(work)
-    args = [*CONVERT, "--no-onnx", "--to", "groupnorm", "--calibration-data", "calib.pt", "--heal-steps", "20", "--heal-lr", "1e-2"]
+    args = [
+        *CONVERT,
+        "--no-onnx",
+        "--to",
+        "groupnorm",
+        "--calibration-data",
+        "calib.pt",
+        "--heal-steps",
+        "20",
+        "--heal-lr",
+        "1e-2",
+    ]
     assert run(*args, "--heal-params", params, "-q").exit_code == 0
     healing = report(work)["healing"]
     assert (healing["options"]["params"], healing["options"]["lr"], healing["options"]["steps"]) == (params, 1e-2, 20)
@@ -182,7 +205,17 @@ def test_heal_lr_reaches_healing(work: Path) -> None:
 
 def test_calibration_batch_size_sets_the_batches(work: Path) -> None:
     _calibration(work)
-    args = [*CONVERT, "--no-onnx", "--to", "groupnorm", "--calibration-data", "calib.pt", "--attribution-samples", "0", "-q"]
+    args = [
+        *CONVERT,
+        "--no-onnx",
+        "--to",
+        "groupnorm",
+        "--calibration-data",
+        "calib.pt",
+        "--attribution-samples",
+        "0",
+        "-q",
+    ]
     assert run(*args, "--calibration-batch-size", "64").exit_code == 0
     assert report(work)["calibration"][0]["samples"] == 64 * 8 * 8  # one batch of 64 images, 8x8 values per channel
     assert run(*args, "--calibration-batch-size", "7", "--force").exit_code == 0
@@ -191,11 +224,23 @@ def test_calibration_batch_size_sets_the_batches(work: Path) -> None:
 
 def test_calibration_memory_bounds_the_held_batches(work: Path) -> None:
     _calibration(work)
-    args = [*CONVERT, "--no-onnx", "--to", "groupnorm", "--calibration-data", "calib.pt", "--calibration-batch-size", "16", "-q"]
+    args = [
+        *CONVERT,
+        "--no-onnx",
+        "--to",
+        "groupnorm",
+        "--calibration-data",
+        "calib.pt",
+        "--calibration-batch-size",
+        "16",
+        "-q",
+    ]
     assert run(*args).exit_code == 0
     roomy = report(work)
     assert not any("run again from the input" in note for note in roomy["notes"])
-    assert run(*args, "--calibration-memory", "1e-9", "--force").exit_code == 0  # about one byte: one batch held at a time
+    assert (
+        run(*args, "--calibration-memory", "1e-9", "--force").exit_code == 0
+    )  # about one byte: one batch held at a time
     tight = report(work)
     assert any("3 of 4 batches were run again from the input" in note for note in tight["notes"])
     assert tight["calibration"] == roomy["calibration"]  # the same fits

@@ -81,8 +81,15 @@ def _loaded(work: Path):
 
 
 def test_saved_plan_is_reapplied(work: Path) -> None:
-    assert convert("plain.pt", "--model", "nets:build", *SHAPE, "--out", "first", "--to", "layernorm", "--no-onnx", "-q").exit_code == 0
-    result = convert("plain.pt", "--model", "nets:build", *SHAPE, "--out", "second", "--plan", "first/plan.json", "--no-onnx", "-q")
+    assert (
+        convert(
+            "plain.pt", "--model", "nets:build", *SHAPE, "--out", "first", "--to", "layernorm", "--no-onnx", "-q"
+        ).exit_code
+        == 0
+    )
+    result = convert(
+        "plain.pt", "--model", "nets:build", *SHAPE, "--out", "second", "--plan", "first/plan.json", "--no-onnx", "-q"
+    )
     assert result.exit_code == 0, result.output
     plan = json.loads((work / "second" / "plan.json").read_text())
     assert plan["sites"][0]["target"] == "layernorm"
@@ -133,7 +140,9 @@ def test_pickled_module_needs_trust(work: Path) -> None:
     torch.save(_loaded(work), work / "whole.pt")
     refused = convert("whole.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx")
     assert refused.exit_code == 2 and "--trust-checkpoint" in refused.output
-    trusted = convert("whole.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx", "--trust-checkpoint", "-q")
+    trusted = convert(
+        "whole.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx", "--trust-checkpoint", "-q"
+    )
     assert trusted.exit_code == 0, trusted.output
 
 
@@ -143,18 +152,30 @@ def test_pickled_module_needs_trust(work: Path) -> None:
         (None, ["missing.pt", "--model", "nets:build"], "does not exist"),
         ("empty", ["empty.pt", "--model", "nets:build"], "is empty (0 bytes)"),
         ("truncated", ["truncated.pt", "--model", "nets:build"], "truncated or corrupt"),
-        ("text", ["notes.pt", "--model", "nets:build"], "is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)"),
+        (
+            "text",
+            ["notes.pt", "--model", "nets:build"],
+            "is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)",
+        ),
         ("list", ["list.pt", "--model", "nets:build"], "without model weights"),
         ("badsafetensors", ["bad.safetensors", "--model", "nets:build"], "not a readable safetensors file"),
         (None, ["plain.pt", "--model", "nosuch.module:build"], "Module 'nosuch.module' not found"),
         (None, ["plain.pt", "--model", "nets:nothing"], "has no attribute 'nothing'"),
         (None, ["plain.pt", "--model", "nets:returns_string"], "returned a str, not a torch.nn.Module"),
-        (None, ["plain.pt", "--model", "nets:build", "-k", "width=16"], "mis-shaped keys: bn.bias (checkpoint (8,), model (16,))"),
+        (
+            None,
+            ["plain.pt", "--model", "nets:build", "-k", "width=16"],
+            "mis-shaped keys: bn.bias (checkpoint (8,), model (16,))",
+        ),
         ("extra_key", ["extra.pt", "--model", "nets:build"], "unexpected keys: head.weight"),
         ("missing_key", ["partial.pt", "--model", "nets:build"], "missing keys: fc.bias"),
         ("out_file", ["plain.pt", "--model", "nets:build", "--out", "taken"], "is a file"),
         (None, ["plain.pt", "--model", "nets:build", "--out", "no/such/dir"], "does not exist"),
-        (None, ["plain.pt", "--model", "nets:build", "--input-shape", "2,5,8,8"], "cannot run on example inputs of shape (2, 5, 8, 8)"),
+        (
+            None,
+            ["plain.pt", "--model", "nets:build", "--input-shape", "2,5,8,8"],
+            "cannot run on example inputs of shape (2, 5, 8, 8)",
+        ),
     ],
     ids=[
         "missing",
@@ -201,9 +222,9 @@ def test_bad_input(work: Path, setup: str | None, args: list[str], message: str)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
-    assert sorted(p.name for p in work.iterdir() if not p.name.startswith(".")) == sorted(n for n in before if not n.startswith(".")), (
-        "no partial output"
-    )
+    assert sorted(p.name for p in work.iterdir() if not p.name.startswith(".")) == sorted(
+        n for n in before if not n.startswith(".")
+    ), "no partial output"
     assert not [p for p in work.iterdir() if p.name.startswith(".out.normswap-")]
 
 
@@ -226,5 +247,8 @@ def test_unwritable_output_directory_by_permissions(work: Path, monkeypatch: pyt
 
     monkeypatch.setattr("normswap.outputs.os.access", access)
     result = convert("plain.pt", "--model", "nets:build", *SHAPE, "--out", "locked/out", "--no-onnx")
-    assert result.exit_code == 2 and "Output directory 'locked/out' is not writable; choose another --out." in result.output
+    assert (
+        result.exit_code == 2
+        and "Output directory 'locked/out' is not writable; choose another --out." in result.output
+    )
     assert list(locked.iterdir()) == []

@@ -33,7 +33,20 @@ def test_asking_for_a_gpu_without_one_is_refused_with_a_sentence(tmp_path, monke
     spec = f"{__import__('pathlib').Path(__file__).parent / 'models.py'}:ResNetStyle"
     result = CliRunner().invoke(
         main,
-        ["convert", "ckpt.pt", "--model", spec, "--input-shape", "4,3,12,12", "--out", "out", "--calibration-data", "calib.pt", "--device", "cuda"],
+        [
+            "convert",
+            "ckpt.pt",
+            "--model",
+            spec,
+            "--input-shape",
+            "4,3,12,12",
+            "--out",
+            "out",
+            "--calibration-data",
+            "calib.pt",
+            "--device",
+            "cuda",
+        ],
     )
     assert result.exit_code == 2 and "--device cuda" in result.output and "no GPU" in result.output
     assert not (tmp_path / "out").exists()
@@ -42,7 +55,9 @@ def test_asking_for_a_gpu_without_one_is_refused_with_a_sentence(tmp_path, monke
 def test_calibration_on_the_cpu_leaves_the_models_where_they_were() -> None:
     model = build("resnet")
     data = [input_for("resnet", batch=16) * (1 + i / 4) for i in range(4)]
-    conversion = normswap.convert(model, input_for("resnet"), calibration_data=data, heal=normswap.HealOptions(steps=10), device="cpu")
+    conversion = normswap.convert(
+        model, input_for("resnet"), calibration_data=data, heal=normswap.HealOptions(steps=10), device="cpu"
+    )
     assert device_of(conversion.model) == device_of(model) == torch.device("cpu")
     assert conversion.healing is not None and conversion.healing.steps == 10
 

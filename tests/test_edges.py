@@ -123,7 +123,14 @@ class TrainingBranch(nn.Module):
         (HookedBatchNorm, torch.randn(4, 4, 10), "has forward hooks"),
         (TrainingBranch, torch.randn(4, 4, 10), "also used elsewhere, in train or eval mode"),
     ],
-    ids=["legacy-weight-norm", "tied-weights", "weight-read-in-forward", "hooked-producer", "hooked-batchnorm", "training-branch"],
+    ids=[
+        "legacy-weight-norm",
+        "tied-weights",
+        "weight-read-in-forward",
+        "hooked-producer",
+        "hooked-batchnorm",
+        "training-branch",
+    ],
 )
 def test_fold_refuses_a_producer_whose_weights_are_not_its_own(model: type, x: torch.Tensor, reason: str) -> None:
     original = _trained(model(), x)
@@ -146,7 +153,9 @@ def test_hooks_on_a_batchnorm_carry_over_with_their_flags() -> None:
     reference = original(x)
     features: list[torch.Tensor] = []
     original[1].register_forward_pre_hook(lambda module, args: (args[0] * 2,))  # input rescaling
-    handle = original[1].register_forward_hook(lambda module, args, kwargs, output: features.append(output), with_kwargs=True)
+    handle = original[1].register_forward_hook(
+        lambda module, args, kwargs, output: features.append(output), with_kwargs=True
+    )
     original[1].tag = "exclude-from-weight-decay"  # an attribute code put there
     expected = original(x)
     assert not torch.allclose(expected, reference)  # the pre-hook matters
@@ -178,8 +187,12 @@ def test_a_parametrization_of_the_batchnorm_weight_moves_to_the_replacement() ->
     norm = conversion.model[1]
     assert isinstance(norm, nn.GroupNorm) and parametrize.is_parametrized(norm, "weight")
     assert "1.parametrizations.weight.original" in conversion.model.state_dict()
-    torch.testing.assert_close(norm.parametrizations.weight.original, original[1].parametrizations.weight.original, rtol=0, atol=0)
-    reference = nn.functional.group_norm(original[0](x), norm.num_groups, original[1].weight, original[1].bias, norm.eps)
+    torch.testing.assert_close(
+        norm.parametrizations.weight.original, original[1].parametrizations.weight.original, rtol=0, atol=0
+    )
+    reference = nn.functional.group_norm(
+        original[0](x), norm.num_groups, original[1].weight, original[1].bias, norm.eps
+    )
     torch.testing.assert_close(conversion.model(x), reference, rtol=1e-5, atol=1e-6)
     # fold absorbs the parametrized weight into the convolution: the function stays
     folded = normswap.convert(original, x, to="fold")
@@ -190,7 +203,10 @@ def test_a_parametrization_with_no_place_in_the_replacement_is_refused_by_name()
     x = torch.randn(4, 3, 8, 8)
     original = _trained(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), x)
     parametrize.register_parametrization(original[1], "running_var", Exp())  # statistics kept in log space
-    with pytest.raises(PlanError, match=r"Layer '1' has a parametrization on its running_var \(Exp\), and its replacement has no running_var"):
+    with pytest.raises(
+        PlanError,
+        match=r"Layer '1' has a parametrization on its running_var \(Exp\), and its replacement has no running_var",
+    ):
         normswap.convert(original, x, to="groupnorm")
     _same(normswap.convert(original, x, to="frozen").model, original, x)  # frozen keeps running_var: it moves
 
@@ -257,8 +273,13 @@ def test_an_unreached_lazy_layer_has_no_channel_count_and_is_refused_by_name() -
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.bn(x)
 
-    for call in (lambda: normswap.convert(LazyAux(), torch.randn(4, 8), to="groupnorm"), lambda: normswap.lint(LazyAux(), torch.randn(4, 8))):
-        with pytest.raises(PlanError, match=r"Lazy layer 'aux' \(LazyBatchNorm1d\) was not reached by the example inputs.*reach it"):
+    for call in (
+        lambda: normswap.convert(LazyAux(), torch.randn(4, 8), to="groupnorm"),
+        lambda: normswap.lint(LazyAux(), torch.randn(4, 8)),
+    ):
+        with pytest.raises(
+            PlanError, match=r"Lazy layer 'aux' \(LazyBatchNorm1d\) was not reached by the example inputs.*reach it"
+        ):
             call()
 
 
@@ -332,7 +353,9 @@ def test_a_model_on_the_meta_device_converts_as_a_skeleton() -> None:
 def test_syncbn_under_a_cpu_process_group_is_refused(tmp_path: Path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        with pytest.raises(PlanError, match=r"Layer '1' .*cannot become a SyncBatchNorm here: a gloo process group is running.*GPU"):
+        with pytest.raises(
+            PlanError, match=r"Layer '1' .*cannot become a SyncBatchNorm here: a gloo process group is running.*GPU"
+        ):
             normswap.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), torch.randn(2, 3, 8, 8), to="syncbn")
     finally:
         dist.destroy_process_group()
@@ -340,9 +363,15 @@ def test_syncbn_under_a_cpu_process_group_is_refused(tmp_path: Path) -> None:
 
 def test_a_torchscript_module_is_one_sentence() -> None:
     scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
-    for call in (lambda: normswap.convert(scripted, torch.randn(2, 3, 8, 8)), lambda: normswap.lint(scripted, torch.randn(2, 3, 8, 8))):
+    for call in (
+        lambda: normswap.convert(scripted, torch.randn(2, 3, 8, 8)),
+        lambda: normswap.lint(scripted, torch.randn(2, 3, 8, 8)),
+    ):
         with pytest.raises(CaptureError) as refused:
             call()
         message = str(refused.value)
-        assert message.startswith("RecursiveScriptModule is a TorchScript module") and "convert the eager model, then script" in message
+        assert (
+            message.startswith("RecursiveScriptModule is a TorchScript module")
+            and "convert the eager model, then script" in message
+        )
         assert message.count(". ") == 0  # one sentence

@@ -103,7 +103,9 @@ def test_inplace_conversion_modifies_the_model() -> None:
 
 def test_capture_methods_cascade() -> None:
     assert normswap.convert(build("resnet"), input_for("resnet")).capture_method == "fx"
-    assert normswap.convert(build("rnn"), input_for("rnn")).capture_method == "export"  # torch.zeros(x.shape[0]) in forward
+    assert (
+        normswap.convert(build("rnn"), input_for("rnn")).capture_method == "export"
+    )  # torch.zeros(x.shape[0]) in forward
     assert normswap.convert(build("untraceable"), input_for("untraceable")).capture_method == "hooks"
 
 
@@ -167,7 +169,9 @@ def test_replacement_modules_carry_weights_and_names() -> None:
     frozen = normswap.convert(model, input_for("resnet"), to="frozen").model
     assert isinstance(frozen.bn1, FrozenBatchNorm)
     torch.testing.assert_close(frozen.bn1.running_var, model.bn1.running_var, rtol=0, atol=0)
-    assert set(frozen.state_dict()) == set(model.state_dict()) - {k for k in model.state_dict() if k.endswith("num_batches_tracked")}
+    assert set(frozen.state_dict()) == set(model.state_dict()) - {
+        k for k in model.state_dict() if k.endswith("num_batches_tracked")
+    }
 
 
 @pytest.mark.parametrize(

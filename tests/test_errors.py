@@ -18,7 +18,15 @@ from click.testing import CliRunner
 
 import normswap
 from normswap.cli import main
-from normswap.errors import CalibrationError, CaptureError, ConfigError, NormswapError, OutputError, PlanError, ValidationError
+from normswap.errors import (
+    CalibrationError,
+    CaptureError,
+    ConfigError,
+    NormswapError,
+    OutputError,
+    PlanError,
+    ValidationError,
+)
 from workspace import SHAPE, state
 
 Setup = Callable[[Path], None]
@@ -85,7 +93,9 @@ def _calibration(work: Path) -> None:
 
 def _complete_output(work: Path) -> None:
     """A finished `normswap convert` output directory in work/done."""
-    result = CliRunner().invoke(main, ["convert", "plain.pt", "--model", "nets:build", *SHAPE, "--out", "done", "--no-onnx", "-q"])
+    result = CliRunner().invoke(
+        main, ["convert", "plain.pt", "--model", "nets:build", *SHAPE, "--out", "done", "--no-onnx", "-q"]
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -117,10 +127,25 @@ CLI_CASES: list[tuple[str, Setup | None, list[str], str]] = [
         "--fail-on must be one of",
     ),
     ("toml-format-unknown", _pyproject("[tool.normswap]\nformat = 'xml'\n"), LINT, "Unknown format 'xml'"),
-    ("toml-models-string", _pyproject("[tool.normswap]\nmodels = 'nets:build'\n"), ["lint"], "'models' in [tool.normswap]"),
-    ("toml-model-number", _pyproject("[tool.normswap]\ninput_shape = '2,3,8,8'\nmodels = [5]\n"), ["lint"], "must be a table with a 'model' string"),
+    (
+        "toml-models-string",
+        _pyproject("[tool.normswap]\nmodels = 'nets:build'\n"),
+        ["lint"],
+        "'models' in [tool.normswap]",
+    ),
+    (
+        "toml-model-number",
+        _pyproject("[tool.normswap]\ninput_shape = '2,3,8,8'\nmodels = [5]\n"),
+        ["lint"],
+        "must be a table with a 'model' string",
+    ),
     ("toml-model-no-shape", _pyproject("[tool.normswap]\nmodels = ['nets:build']\n"), ["lint"], "needs an input shape"),
-    ("toml-table-no-shape", _pyproject("[tool.normswap]\nmodels = [{model = 'nets:build'}]\n"), ["lint"], "has no input_shape"),
+    (
+        "toml-table-no-shape",
+        _pyproject("[tool.normswap]\nmodels = [{model = 'nets:build'}]\n"),
+        ["lint"],
+        "has no input_shape",
+    ),
     (
         "toml-model-unknown-key",
         _pyproject("[tool.normswap]\nmodels = [{model = 'nets:build', shape = '2'}]\n"),
@@ -145,11 +170,36 @@ CLI_CASES: list[tuple[str, Setup | None, list[str], str]] = [
         ["lint"],
         "'kwargs' of model 'nets:build'",
     ),
-    ("toml-batch-size-zero", _pyproject("[tool.normswap]\nbatch_size = 0\n"), LINT, "batch_size must be a positive integer, got 0"),
-    ("toml-world-size-bool", _pyproject("[tool.normswap]\nworld_size = true\n"), LINT, "world_size must be a positive integer, got True"),
-    ("toml-dp-string", _pyproject("[tool.normswap]\ndp = 'false'\n"), LINT, "differential_privacy must be true or false, got 'false'"),
-    ("toml-threshold", _pyproject("[tool.normswap]\nsmall_batch_threshold = 1\n"), LINT, "small_batch_threshold must be an integer of at least 2"),
-    ("no-models", _pyproject("[tool.normswap]\nbatch_size = 2\n"), ["lint"], "No MODEL given and no 'models' in [tool.normswap]"),
+    (
+        "toml-batch-size-zero",
+        _pyproject("[tool.normswap]\nbatch_size = 0\n"),
+        LINT,
+        "batch_size must be a positive integer, got 0",
+    ),
+    (
+        "toml-world-size-bool",
+        _pyproject("[tool.normswap]\nworld_size = true\n"),
+        LINT,
+        "world_size must be a positive integer, got True",
+    ),
+    (
+        "toml-dp-string",
+        _pyproject("[tool.normswap]\ndp = 'false'\n"),
+        LINT,
+        "differential_privacy must be true or false, got 'false'",
+    ),
+    (
+        "toml-threshold",
+        _pyproject("[tool.normswap]\nsmall_batch_threshold = 1\n"),
+        LINT,
+        "small_batch_threshold must be an integer of at least 2",
+    ),
+    (
+        "no-models",
+        _pyproject("[tool.normswap]\nbatch_size = 2\n"),
+        ["lint"],
+        "No MODEL given and no 'models' in [tool.normswap]",
+    ),
     # command line
     ("no-input-shape", None, ["lint", "nets:build"], "--input-shape is required"),
     ("bad-input-shape", None, ["lint", "nets:build", "--input-shape", "2,x"], "Input shape '2,x' is malformed"),
@@ -173,10 +223,30 @@ CLI_CASES: list[tuple[str, Setup | None, list[str], str]] = [
     ),
     ("lint-output-parent", None, [*LINT, "-o", "no/such/r.json"], "does not exist"),
     ("heal-without-data", None, [*CONVERT, "--heal"], "Healing needs unlabeled inputs: pass --calibration-data"),
-    ("batch-inputs-text", None, [*CONVERT, "--batch-inputs", "a"], "--batch-inputs expects comma-separated input indices"),
-    ("batch-inputs-range", None, [*CONVERT, "--batch-inputs", "3"], "names no input: there are 1 --input-shape input(s)"),
-    ("opset-too-new", None, [*CONVERT[:-1], "--opset", "99"], "Opset 99 is outside what this installation exports and checks"),
-    ("keep-unknown", None, [*CONVERT, "--keep", "nope"], "--keep names 'nope', which is not a BatchNorm site of this model"),
+    (
+        "batch-inputs-text",
+        None,
+        [*CONVERT, "--batch-inputs", "a"],
+        "--batch-inputs expects comma-separated input indices",
+    ),
+    (
+        "batch-inputs-range",
+        None,
+        [*CONVERT, "--batch-inputs", "3"],
+        "names no input: there are 1 --input-shape input(s)",
+    ),
+    (
+        "opset-too-new",
+        None,
+        [*CONVERT[:-1], "--opset", "99"],
+        "Opset 99 is outside what this installation exports and checks",
+    ),
+    (
+        "keep-unknown",
+        None,
+        [*CONVERT, "--keep", "nope"],
+        "--keep names 'nope', which is not a BatchNorm site of this model",
+    ),
     (
         "to-unknown-plan-target",
         _plan([{"name": "bn", "target": "instancenorm"}]),
@@ -187,10 +257,18 @@ CLI_CASES: list[tuple[str, Setup | None, list[str], str]] = [
     ("spec-without-colon", None, ["lint", "nets.build", *SHAPE], "must be 'package.module:callable'"),
     ("model-file-missing", None, ["lint", "missing.py:Net", *SHAPE], "Model file 'missing.py' does not exist"),
     ("module-missing", None, ["lint", "nosuch.module:build", *SHAPE], "Module 'nosuch.module' not found"),
-    ("file-syntax-error", _write("broken.py", "def f(:\n"), ["lint", "broken.py:f", *SHAPE], "Importing 'broken.py' failed: SyntaxError"),
+    (
+        "file-syntax-error",
+        _write("broken.py", "def f(:\n"),
+        ["lint", "broken.py:f", *SHAPE],
+        "Importing 'broken.py' failed: SyntaxError",
+    ),
     (
         "package-module-as-path",
-        lambda work: [_write(name, text)(work) for name, text in (("pkg/__init__.py", ""), ("pkg/mod.py", "from .parts import Net\n"))],
+        lambda work: [
+            _write(name, text)(work)
+            for name, text in (("pkg/__init__.py", ""), ("pkg/mod.py", "from .parts import Net\n"))
+        ],
         ["lint", "pkg/mod.py:Net", *SHAPE],
         "attempted relative import with no known parent package; 'pkg/mod.py' is a module of the package 'pkg': name it by its dotted form, 'pkg.mod:Net'.",
     ),
@@ -201,7 +279,12 @@ CLI_CASES: list[tuple[str, Setup | None, list[str], str]] = [
         "Importing module 'raises' failed: RuntimeError: no GPU here",
     ),
     ("attribute-missing", None, ["lint", "nets:nothing", *SHAPE], "has no attribute 'nothing'"),
-    ("not-callable", _write("consts.py", "WIDTH = 8\n"), ["lint", "consts:WIDTH", *SHAPE], "is a int, not a callable that builds a model"),
+    (
+        "not-callable",
+        _write("consts.py", "WIDTH = 8\n"),
+        ["lint", "consts:WIDTH", *SHAPE],
+        "is a int, not a callable that builds a model",
+    ),
     (
         "factory-raises",
         _write("fails.py", "def build():\n    raise ValueError('width must be even')\n"),
@@ -223,12 +306,25 @@ CLI_CASES: list[tuple[str, Setup | None, list[str], str]] = [
     ),
     (
         "exits-in-forward",
-        _write("exiter3.py", "import sys, torch\nclass Net(torch.nn.Module):\n    def forward(self, x):\n        sys.exit(0)\n"),
+        _write(
+            "exiter3.py",
+            "import sys, torch\nclass Net(torch.nn.Module):\n    def forward(self, x):\n        sys.exit(0)\n",
+        ),
         ["lint", "exiter3:Net", *SHAPE],
         "the model's code called sys.exit(0) while normswap imported, built or ran it",
     ),
-    ("wrong-arity", None, ["lint", "nets:build", *SHAPE, "--input-shape", "2,3"], "Net.forward does not take the 2 example input(s)"),
-    ("cannot-run", None, ["lint", "nets:build", "--input-shape", "2,5,8,8"], "cannot run on example inputs of shape (2, 5, 8, 8)"),
+    (
+        "wrong-arity",
+        None,
+        ["lint", "nets:build", *SHAPE, "--input-shape", "2,3"],
+        "Net.forward does not take the 2 example input(s)",
+    ),
+    (
+        "cannot-run",
+        None,
+        ["lint", "nets:build", "--input-shape", "2,5,8,8"],
+        "cannot run on example inputs of shape (2, 5, 8, 8)",
+    ),
     # checkpoints
     (
         "checkpoint-dir",
@@ -280,19 +376,49 @@ CLI_CASES: list[tuple[str, Setup | None, list[str], str]] = [
     ),
     # plans
     ("plan-not-json", _write("p.json", "{"), [*CONVERT, "--plan", "p.json"], "p.json is not valid JSON (line 1"),
-    ("plan-nested", _write("p.json", "[" * 100000 + "]" * 100000), [*CONVERT, "--plan", "p.json"], "is nested too deeply to be a normswap plan"),
-    ("plan-not-utf8", _raw("p.json", b'{"version": 1, "sites": [], "x": "\xe9"}'), [*CONVERT, "--plan", "p.json"], "is not UTF-8 text"),
-    ("plan-not-object", _plan({"sites": 3}), [*CONVERT, "--plan", "p.json"], "is not a normswap plan: expected an object with a 'sites' list"),
-    ("plan-version", _plan([], version=2), [*CONVERT, "--plan", "p.json"], "has plan version 2; this normswap reads version 1"),
+    (
+        "plan-nested",
+        _write("p.json", "[" * 100000 + "]" * 100000),
+        [*CONVERT, "--plan", "p.json"],
+        "is nested too deeply to be a normswap plan",
+    ),
+    (
+        "plan-not-utf8",
+        _raw("p.json", b'{"version": 1, "sites": [], "x": "\xe9"}'),
+        [*CONVERT, "--plan", "p.json"],
+        "is not UTF-8 text",
+    ),
+    (
+        "plan-not-object",
+        _plan({"sites": 3}),
+        [*CONVERT, "--plan", "p.json"],
+        "is not a normswap plan: expected an object with a 'sites' list",
+    ),
+    (
+        "plan-version",
+        _plan([], version=2),
+        [*CONVERT, "--plan", "p.json"],
+        "has plan version 2; this normswap reads version 1",
+    ),
     ("plan-version-bool", _plan([], version=True), [*CONVERT, "--plan", "p.json"], "has plan version True"),
-    ("plan-entry-no-name", _plan([{"target": "keep"}]), [*CONVERT, "--plan", "p.json"], "site #0 needs at least a 'name' and a 'target' string"),
+    (
+        "plan-entry-no-name",
+        _plan([{"target": "keep"}]),
+        [*CONVERT, "--plan", "p.json"],
+        "site #0 needs at least a 'name' and a 'target' string",
+    ),
     (
         "plan-params-list",
         _plan([{"name": "bn", "target": "keep", "params": []}]),
         [*CONVERT, "--plan", "p.json"],
         "'params' of site 'bn' must be an object",
     ),
-    ("plan-kind", _plan([{"name": "bn", "target": "keep", "kind": "magic"}]), [*CONVERT, "--plan", "p.json"], "has unknown kind 'magic'"),
+    (
+        "plan-kind",
+        _plan([{"name": "bn", "target": "keep", "kind": "magic"}]),
+        [*CONVERT, "--plan", "p.json"],
+        "has unknown kind 'magic'",
+    ),
     (
         "plan-twice",
         _plan([{"name": "bn", "target": "keep"}, {"name": "bn", "target": "keep"}]),
@@ -353,12 +479,27 @@ CLI_CASES: list[tuple[str, Setup | None, list[str], str]] = [
         [*CONVERT, "--plan", "p.json"],
         "has eps 10.0 but the layer's is 1e-05",
     ),
-    ("plan-fold-into-wrong", _plan(FOLD_PLAN), [*CONVERT, "--plan", "p.json"], "folds into 'fc', but the layer follows 'conv'"),
+    (
+        "plan-fold-into-wrong",
+        _plan(FOLD_PLAN),
+        [*CONVERT, "--plan", "p.json"],
+        "folds into 'fc', but the layer follows 'conv'",
+    ),
     # outputs
     ("out-dangling-link", lambda w: (w / "out").symlink_to(w / "gone"), CONVERT, "is a symbolic link to"),
     ("out-has-files", _write("out/notes.txt", "mine"), CONVERT, "already has files; pass --force"),
-    ("out-slot-is-dir", _write("out/model.pt/x", "x"), [*CONVERT, "--force"], "has a directory (or other non-file) named 'model.pt'"),
-    ("out-foreign-file", _write("out/model.onnx", "mine"), [*CONVERT, "--force"], "is not from an earlier normswap run (no manifest lists it)"),
+    (
+        "out-slot-is-dir",
+        _write("out/model.pt/x", "x"),
+        [*CONVERT, "--force"],
+        "has a directory (or other non-file) named 'model.pt'",
+    ),
+    (
+        "out-foreign-file",
+        _write("out/model.onnx", "mine"),
+        [*CONVERT, "--force"],
+        "is not from an earlier normswap run (no manifest lists it)",
+    ),
     (
         "out-slot-is-input",
         lambda w: (w / "out").mkdir() or os.link(w / "plain.pt", w / "out" / "model.pt"),
@@ -367,9 +508,24 @@ CLI_CASES: list[tuple[str, Setup | None, list[str], str]] = [
     ),
     # calibration data
     ("calib-missing", None, [*CONVERT, "--calibration-data", "nope.pt"], "Calibration data 'nope.pt' does not exist"),
-    ("calib-dir", _write("calib/x.pt", "x"), [*CONVERT, "--calibration-data", "calib"], "is a directory; give the tensor file inside it"),
-    ("calib-suffix", _write("calib.csv", "1,2"), [*CONVERT, "--calibration-data", "calib.csv"], "is not a tensor file normswap reads"),
-    ("calib-two-arrays", _npz, [*CONVERT, "--calibration-data", "two.npz"], "must hold exactly one tensor of inputs, found 2"),
+    (
+        "calib-dir",
+        _write("calib/x.pt", "x"),
+        [*CONVERT, "--calibration-data", "calib"],
+        "is a directory; give the tensor file inside it",
+    ),
+    (
+        "calib-suffix",
+        _write("calib.csv", "1,2"),
+        [*CONVERT, "--calibration-data", "calib.csv"],
+        "is not a tensor file normswap reads",
+    ),
+    (
+        "calib-two-arrays",
+        _npz,
+        [*CONVERT, "--calibration-data", "two.npz"],
+        "must hold exactly one tensor of inputs, found 2",
+    ),
     (
         "calib-text",
         _write("calib.pt", "not a tensor"),
@@ -388,7 +544,12 @@ CLI_CASES: list[tuple[str, Setup | None, list[str], str]] = [
         [*CONVERT, "--calibration-data", "calib.pt"],
         "holds complex64 values",
     ),
-    ("calib-empty", _torch_save("calib.pt", lambda w: torch.zeros(0, 3, 8, 8)), [*CONVERT, "--calibration-data", "calib.pt"], "is empty"),
+    (
+        "calib-empty",
+        _torch_save("calib.pt", lambda w: torch.zeros(0, 3, 8, 8)),
+        [*CONVERT, "--calibration-data", "calib.pt"],
+        "is empty",
+    ),
     (
         "calib-shape",
         _torch_save("calib.pt", lambda w: torch.zeros(8, 5, 8, 8)),
@@ -407,12 +568,19 @@ CLI_CASES: list[tuple[str, Setup | None, list[str], str]] = [
         [*CONVERT, "--to", "frozen", "--calibration-data", "calib.pt", "--heal-params", "norm"],
         "has no normalization",
     ),
-    ("local-rank", _calibration, [*CONVERT, "--calibration-data", "calib.pt"], "LOCAL_RANK='abc' in the environment is not an integer"),
+    (
+        "local-rank",
+        _calibration,
+        [*CONVERT, "--calibration-data", "calib.pt"],
+        "LOCAL_RANK='abc' in the environment is not an integer",
+    ),
 ]
 
 
 @pytest.mark.parametrize("name,setup,args,message", CLI_CASES, ids=[case[0] for case in CLI_CASES])
-def test_cli_input_errors(work: Path, monkeypatch: pytest.MonkeyPatch, name: str, setup: Setup | None, args: list[str], message: str) -> None:
+def test_cli_input_errors(
+    work: Path, monkeypatch: pytest.MonkeyPatch, name: str, setup: Setup | None, args: list[str], message: str
+) -> None:
     if name == "checkpoint-is-safetensors":
         from safetensors.torch import save_file
 
@@ -448,7 +616,11 @@ def _model(work: Path):
 LOAD_CASES: list[tuple[str, Callable[[Path], None], str]] = [
     ("no-manifest", lambda d: (d / "report.json").unlink(), "has no report.json"),
     ("manifest-garbled", lambda d: (d / "report.json").write_text("{}"), "has no manifest of the outputs"),
-    ("manifest-foreign", lambda d: _edit_manifest(d, {"/etc/hostname": "0" * 64}), "lists '/etc/hostname', which is not a normswap output"),
+    (
+        "manifest-foreign",
+        lambda d: _edit_manifest(d, {"/etc/hostname": "0" * 64}),
+        "lists '/etc/hostname', which is not a normswap output",
+    ),
     ("file-missing", lambda d: (d / "plan.json").unlink(), "lacks 'plan.json', which its manifest lists"),
     ("file-changed", lambda d: (d / "plan.json").write_text("{}"), "is not the file its manifest (report.json) lists"),
     ("stray", lambda d: (d / "model.onnx").write_text("old"), "holds model.onnx, which its manifest does not list"),
@@ -462,7 +634,9 @@ def _edit_manifest(folder: Path, extra: dict) -> None:
 
 
 @pytest.mark.parametrize("name,damage,message", LOAD_CASES, ids=[c[0] for c in LOAD_CASES])
-def test_load_converted_refuses_a_damaged_directory(work: Path, name: str, damage: Callable[[Path], None], message: str) -> None:
+def test_load_converted_refuses_a_damaged_directory(
+    work: Path, name: str, damage: Callable[[Path], None], message: str
+) -> None:
     folder = _converted(work)
     damage(folder)
     with pytest.raises(OutputError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -470,30 +644,104 @@ def test_load_converted_refuses_a_damaged_directory(work: Path, name: str, damag
 
 
 API_CASES: list = [
-    ("convert-to-unknown", lambda: normswap.convert(_net(), _x(), to="instancenorm"), PlanError, "Unknown target 'instancenorm'"),
-    ("convert-plan-dict", lambda: normswap.convert(_net(), _x(), plan={"version": 1}), TypeError, "plan must be a Plan"),
-    ("convert-heal-dict", lambda: normswap.convert(_net(), _x(), heal={"steps": 3}), TypeError, "heal must be a HealOptions"),
-    ("convert-context-dict", lambda: normswap.convert(_net(), _x(), context={"batch_size": 2}), TypeError, "context must be a Context"),
-    ("lint-context-string", lambda: normswap.lint(_net(), _x(), context="small"), TypeError, "context must be a Context"),
+    (
+        "convert-to-unknown",
+        lambda: normswap.convert(_net(), _x(), to="instancenorm"),
+        PlanError,
+        "Unknown target 'instancenorm'",
+    ),
+    (
+        "convert-plan-dict",
+        lambda: normswap.convert(_net(), _x(), plan={"version": 1}),
+        TypeError,
+        "plan must be a Plan",
+    ),
+    (
+        "convert-heal-dict",
+        lambda: normswap.convert(_net(), _x(), heal={"steps": 3}),
+        TypeError,
+        "heal must be a HealOptions",
+    ),
+    (
+        "convert-context-dict",
+        lambda: normswap.convert(_net(), _x(), context={"batch_size": 2}),
+        TypeError,
+        "context must be a Context",
+    ),
+    (
+        "lint-context-string",
+        lambda: normswap.lint(_net(), _x(), context="small"),
+        TypeError,
+        "context must be a Context",
+    ),
     ("lint-not-a-module", lambda: normswap.lint("resnet", _x()), TypeError, "needs a torch.nn.Module, got str"),
-    ("export-not-a-module", lambda: normswap.export_onnx("m", _x(), "m.onnx"), TypeError, "export_onnx() needs a torch.nn.Module"),
-    ("calibrate-not-a-module", lambda: normswap.calibrate("m", _net(), [_x()]), TypeError, "calibrate() needs a torch.nn.Module"),
-    ("validate-not-a-module", lambda: normswap.validate_onnx("m", "m.onnx", _x()), TypeError, "validate_onnx() needs a torch.nn.Module"),
+    (
+        "export-not-a-module",
+        lambda: normswap.export_onnx("m", _x(), "m.onnx"),
+        TypeError,
+        "export_onnx() needs a torch.nn.Module",
+    ),
+    (
+        "calibrate-not-a-module",
+        lambda: normswap.calibrate("m", _net(), [_x()]),
+        TypeError,
+        "calibrate() needs a torch.nn.Module",
+    ),
+    (
+        "validate-not-a-module",
+        lambda: normswap.validate_onnx("m", "m.onnx", _x()),
+        TypeError,
+        "validate_onnx() needs a torch.nn.Module",
+    ),
     (
         "validate-missing-file",
         lambda: normswap.validate_onnx(_net(), "missing.onnx", _x()),
         ValidationError,
         "ONNX file 'missing.onnx' does not exist",
     ),
-    ("context-batch-zero", lambda: normswap.Context(batch_size=0), ValueError, "batch_size must be a positive integer, got 0"),
-    ("plan-from-deep-json", lambda: normswap.Plan.from_json("[" * 100000 + "]" * 100000), PlanError, "nested too deeply"),
-    ("heal-steps-zero", lambda: normswap.HealOptions(steps=0), ValueError, "heal steps must be a positive integer, got 0"),
-    ("calibrate-empty", lambda: normswap.calibrate(_converted_net(), _net(), []), CalibrationError, "Calibration data is empty"),
-    ("calibrate-nothing", lambda: normswap.calibrate(_net(), _net(), [_x()]), CalibrationError, "no GroupNorm / LayerNorm sites to calibrate"),
-    pytest.param(
-        "nan-output", lambda: _validate_nan(), ValidationError, "holds NaN or infinite values on the example inputs", marks=pytest.mark.slow
+    (
+        "context-batch-zero",
+        lambda: normswap.Context(batch_size=0),
+        ValueError,
+        "batch_size must be a positive integer, got 0",
     ),
-    ("apply-plan-lazy", lambda: normswap.apply_plan(_lazy(), normswap.Plan([])), PlanError, "has lazy modules that were never run"),
+    (
+        "plan-from-deep-json",
+        lambda: normswap.Plan.from_json("[" * 100000 + "]" * 100000),
+        PlanError,
+        "nested too deeply",
+    ),
+    (
+        "heal-steps-zero",
+        lambda: normswap.HealOptions(steps=0),
+        ValueError,
+        "heal steps must be a positive integer, got 0",
+    ),
+    (
+        "calibrate-empty",
+        lambda: normswap.calibrate(_converted_net(), _net(), []),
+        CalibrationError,
+        "Calibration data is empty",
+    ),
+    (
+        "calibrate-nothing",
+        lambda: normswap.calibrate(_net(), _net(), [_x()]),
+        CalibrationError,
+        "no GroupNorm / LayerNorm sites to calibrate",
+    ),
+    pytest.param(
+        "nan-output",
+        lambda: _validate_nan(),
+        ValidationError,
+        "holds NaN or infinite values on the example inputs",
+        marks=pytest.mark.slow,
+    ),
+    (
+        "apply-plan-lazy",
+        lambda: normswap.apply_plan(_lazy(), normswap.Plan([])),
+        PlanError,
+        "has lazy modules that were never run",
+    ),
     (
         "lazy-cannot-run",
         lambda: normswap.convert(_lazy(), torch.randn(2, 5)),
@@ -542,9 +790,16 @@ def _validate_nan() -> object:
     return normswap.validate_onnx(model, path, _x())
 
 
-@pytest.mark.parametrize("name,call,error,message", API_CASES, ids=[c.values[0] if hasattr(c, "values") else c[0] for c in API_CASES])
+@pytest.mark.parametrize(
+    "name,call,error,message", API_CASES, ids=[c.values[0] if hasattr(c, "values") else c[0] for c in API_CASES]
+)
 def test_api_errors(
-    name: str, call: Callable[[], object], error: type[BaseException], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    name: str,
+    call: Callable[[], object],
+    error: type[BaseException],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(error) as raised:

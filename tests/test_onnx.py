@@ -88,7 +88,10 @@ def test_groupnorm_exports_in_the_measured_fastest_form(exports) -> None:
 
 def test_opset_21_groupnormalization_is_opt_in(tmp_path: Path) -> None:
     conv = normswap.convert(build("resnet"), input_for("resnet"), to="groupnorm")
-    default_ops = {n.op_type for n in onnx.load(str(normswap.export_onnx(conv.model, input_for("resnet"), tmp_path / "d.onnx"))).graph.node}
+    default_ops = {
+        n.op_type
+        for n in onnx.load(str(normswap.export_onnx(conv.model, input_for("resnet"), tmp_path / "d.onnx"))).graph.node
+    }
     assert "GroupNormalization" not in default_ops
     path = normswap.export_onnx(conv.model, input_for("resnet"), tmp_path / "g.onnx", opset=21)
     validation = normswap.validate_onnx(conv.model, path, input_for("resnet"), plan=conv.plan)
@@ -158,7 +161,9 @@ def test_default_tolerance_scales_with_output_magnitude() -> None:
     assert compare(expected, close, 1, 0).passed  # ~8 fp32 ulps at the output's scale
     assert not compare(expected, expected.numpy() + np.array([0, 0, 2.0], dtype=np.float32), 1, 0).passed
     explicit = compare(expected, close, 1, 0, atol=1e-9, rtol=0.0)
-    assert not explicit.passed and explicit.needed_atol == pytest.approx(np.abs(close - expected.numpy()).max(), rel=1e-3)
+    assert not explicit.passed and explicit.needed_atol == pytest.approx(
+        np.abs(close - expected.numpy()).max(), rel=1e-3
+    )
 
 
 def test_tiny_outputs_get_tiny_tolerances() -> None:

@@ -21,20 +21,28 @@ from normswap.loader import ModelOptions
 from normswap.options import command_line, config_keys, declared, given_on_command_line
 from normswap.pipeline import JobOptions
 
-COMMANDS = {"lint": (ModelOptions, Context, LintOptions), "convert": (ModelOptions, ConvertOptions, HealOptions, Context, JobOptions)}
+COMMANDS = {
+    "lint": (ModelOptions, Context, LintOptions),
+    "convert": (ModelOptions, ConvertOptions, HealOptions, Context, JobOptions),
+}
 EXPLICIT = {"lint": set(), "convert": {"--model", "--out"}}  # arguments of the command itself, not options of an object
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_click_option_is_a_declared_option_and_back(command: str) -> None:
-    flags = {opts[0] for param in main.commands[command].params if isinstance(param, click.Option) for opts in [param.opts]}
+    flags = {
+        opts[0] for param in main.commands[command].params if isinstance(param, click.Option) for opts in [param.opts]
+    }
     declared_flags = {item.spec.flags[0] for cls in COMMANDS[command] for item in declared(cls) if item.spec.flags}
     assert flags - {"--debug", "--help", "-h"} == declared_flags | EXPLICIT[command]
 
 
 @pytest.mark.parametrize(
     ("cls", "field", "expected_help"),
-    [(ConvertOptions, "max_groups", "Largest GroupNorm group count."), (Context, "batch_size", "Training batch size per device.")],
+    [
+        (ConvertOptions, "max_groups", "Largest GroupNorm group count."),
+        (Context, "batch_size", "Training batch size per device."),
+    ],
 )
 def test_help_comes_from_the_declaration(cls: type, field: str, expected_help: str) -> None:
     item = next(item for item in declared(cls) if item.name == field)
@@ -52,7 +60,9 @@ def test_context_flags_round_trip_through_the_printed_command() -> None:
     @click.command()
     @_options(Context)
     def parse(**values):
-        given = {name for name in values if click.get_current_context().get_parameter_source(name).name == "COMMANDLINE"}
+        given = {
+            name for name in values if click.get_current_context().get_parameter_source(name).name == "COMMANDLINE"
+        }
         return Context(**given_on_command_line(Context, values, given))
 
     parsed = parse.main(" ".join(words).split(), standalone_mode=False)
@@ -69,10 +79,14 @@ def test_convert_options_from_the_command_line_are_parsed_into_their_fields() ->
     @click.command()
     @_options(ConvertOptions)
     def parse(**values):
-        given = {name for name in values if click.get_current_context().get_parameter_source(name).name == "COMMANDLINE"}
+        given = {
+            name for name in values if click.get_current_context().get_parameter_source(name).name == "COMMANDLINE"
+        }
         return given_on_command_line(ConvertOptions, values, given)
 
-    values = parse.main(["--freeze-costly", "2.5", "--keep", "bn1", "--keep", "bn2", "--groups", "8"], standalone_mode=False)
+    values = parse.main(
+        ["--freeze-costly", "2.5", "--keep", "bn1", "--keep", "bn2", "--groups", "8"], standalone_mode=False
+    )
     assert values == {"freeze_costly": 0.025, "keep": ("bn1", "bn2"), "max_groups": 8}  # PCT points -> a fraction
 
 
@@ -90,12 +104,21 @@ def test_every_configuration_key_is_read(tmp_path: Path, monkeypatch: pytest.Mon
         "select": '["NS1"]',
         "ignore": '["NS105"]',
     }
-    assert set(values) == {item.spec.config_key for cls in (Context, LintOptions) for item in declared(cls) if item.spec.config_key}
+    assert set(values) == {
+        item.spec.config_key for cls in (Context, LintOptions) for item in declared(cls) if item.spec.config_key
+    }
     (tmp_path / "pyproject.toml").write_text("[tool.normswap]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
     config = load_config(tmp_path)
-    assert config.context == Context(batch_size=2, world_size=4, differential_privacy=True, finetune=True, sequence=True, small_batch_threshold=8)
+    assert config.context == Context(
+        batch_size=2, world_size=4, differential_privacy=True, finetune=True, sequence=True, small_batch_threshold=8
+    )
     options = config.make_lint_options({}, set())
-    assert (options.output_format, options.fail_on, options.select, options.ignore) == ("json", "warning", ("NS1",), ("NS105",))
+    assert (options.output_format, options.fail_on, options.select, options.ignore) == (
+        "json",
+        "warning",
+        ("NS1",),
+        ("NS105",),
+    )
 
 
 def test_aliases_and_unknown_keys(tmp_path: Path) -> None:
@@ -121,5 +144,7 @@ def test_the_command_line_wins_over_the_file(tmp_path: Path, monkeypatch: pytest
     monkeypatch.chdir(tmp_path)
     from_file = CliRunner().invoke(main, ["lint", "net.py:build", "--input-shape", "2,3,8,8"])
     assert from_file.stdout.startswith("{") and '"batch_size": 2' in from_file.stdout
-    given = CliRunner().invoke(main, ["lint", "net.py:build", "--input-shape", "2,3,8,8", "--format", "concise", "--batch-size", "32"])
+    given = CliRunner().invoke(
+        main, ["lint", "net.py:build", "--input-shape", "2,3,8,8", "--format", "concise", "--batch-size", "32"]
+    )
     assert not given.stdout.startswith("{") and "NS103" not in given.stdout  # 32 per device is not a small batch

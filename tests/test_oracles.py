@@ -76,7 +76,9 @@ def channel_layer_norm(x: torch.Tensor, weight, bias, eps: float) -> torch.Tenso
     return _affine((x - mean) / torch.sqrt(var + eps), weight, bias)
 
 
-def reference(target: str, params: dict[str, Any], x: torch.Tensor, mean, var, weight, bias, eps: float) -> torch.Tensor | None:
+def reference(
+    target: str, params: dict[str, Any], x: torch.Tensor, mean, var, weight, bias, eps: float
+) -> torch.Tensor | None:
     """What `target` computes from one batch_norm call's own arguments; None: the call as it is."""
     if target == "groupnorm":
         return group_norm(x, int(params["num_groups"]), weight, bias, eps)
@@ -95,7 +97,11 @@ def _recorded_inputs(model: nn.Module, inputs: tuple, names: set[str]) -> dict[s
     handles = []
     for name, module in model.named_modules():
         if name in names:
-            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0].detach().clone())))
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda m, args, name=name: seen.setdefault(name, args[0].detach().clone())
+                )
+            )
     with torch.no_grad():
         model.eval()(*inputs)
     for handle in handles:
@@ -128,7 +134,11 @@ def test_every_converted_module_site_matches_a_reference_built_without_normswap(
     original, inputs = _model_and_inputs(name)
     conv = normswap.convert(original, inputs, to=to)
     sites = {s.name: s for s in conv.sites}
-    entries = [e for e in conv.plan.converted if sites[e.name].kind == "module" and e.target in ("groupnorm", "layernorm", "frozen", "fold")]
+    entries = [
+        e
+        for e in conv.plan.converted
+        if sites[e.name].kind == "module" and e.target in ("groupnorm", "layernorm", "frozen", "fold")
+    ]
     producers = {e.params["into"] for e in entries if e.target == "fold"}
     seen = _recorded_inputs(original, inputs, {e.name for e in entries} | producers)
     checked = 0
@@ -140,7 +150,12 @@ def test_every_converted_module_site_matches_a_reference_built_without_normswap(
             if entry.target == "fold":
                 x = seen[entry.params["into"]]
                 expected = F.batch_norm(
-                    original.get_submodule(entry.params["into"])(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps
+                    original.get_submodule(entry.params["into"])(x),
+                    bn.running_mean,
+                    bn.running_var,
+                    bn.weight,
+                    bn.bias,
+                    eps=bn.eps,
                 )
                 actual = conv.model.get_submodule(entry.params["into"])(x)
             else:
@@ -148,7 +163,9 @@ def test_every_converted_module_site_matches_a_reference_built_without_normswap(
                 expected = _torch_reference(entry.target, entry.params, bn, x)
                 actual = conv.model.get_submodule(entry.name).eval()(x)
         scale = float(expected.abs().max()) or 1.0
-        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * scale, msg=f"{name}: {entry.name} ({entry.target})")
+        torch.testing.assert_close(
+            actual, expected, rtol=1e-4, atol=1e-5 * scale, msg=f"{name}: {entry.name} ({entry.target})"
+        )
         checked += 1
     if to in ("groupnorm", "layernorm", "frozen") and any(s.kind == "module" and s.call_count for s in conv.sites):
         assert checked, "a module site of this model was converted: it must have been compared"
@@ -186,7 +203,9 @@ class _Reference(TorchFunctionMode):
         else:
             names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
             bound = {**dict(zip(names, args, strict=False)), **kwargs}
-            x, mean, var, weight, bias, eps = (bound.get(k) for k in ("input", "running_mean", "running_var", "weight", "bias", "eps"))
+            x, mean, var, weight, bias, eps = (
+                bound.get(k) for k in ("input", "running_mean", "running_var", "weight", "bias", "eps")
+            )
             eps = 1e-5 if eps is None else eps
         site = self.running[-1] if self.running else self.functional[min(self.calls, len(self.functional) - 1)]
         self.calls += not self.running
@@ -260,7 +279,14 @@ def test_a_non_default_eps_arrives_in_the_replacement(to: str, rank: int) -> Non
     with torch.no_grad():
         torch.testing.assert_close(conv.model(x), expected, rtol=1e-4, atol=1e-5)
         dropped = reference(
-            entry.target, entry.params, model.linear(x), model.bn.running_mean, model.bn.running_var, model.bn.weight, model.bn.bias, 1e-5
+            entry.target,
+            entry.params,
+            model.linear(x),
+            model.bn.running_mean,
+            model.bn.running_var,
+            model.bn.weight,
+            model.bn.bias,
+            1e-5,
         )
     if dropped is not None:  # the oracle tells the two eps apart
         assert (dropped - expected).abs().max() > 0.1
@@ -326,5 +352,9 @@ def test_calibration_is_the_least_squares_fit_at_every_site(name: str, to: str) 
         for c in range(channels):
             design = torch.stack([zc[c], torch.ones_like(zc[c])], dim=1)
             scale, shift = torch.linalg.lstsq(design, yc[c].unsqueeze(1)).solution.squeeze(1)
-            torch.testing.assert_close(weight[c].double(), scale, rtol=1e-4, atol=1e-5, msg=f"{name} site {index} channel {c} scale")
-            torch.testing.assert_close(bias[c].double(), shift, rtol=1e-4, atol=1e-5, msg=f"{name} site {index} channel {c} shift")
+            torch.testing.assert_close(
+                weight[c].double(), scale, rtol=1e-4, atol=1e-5, msg=f"{name} site {index} channel {c} scale"
+            )
+            torch.testing.assert_close(
+                bias[c].double(), shift, rtol=1e-4, atol=1e-5, msg=f"{name} site {index} channel {c} shift"
+            )

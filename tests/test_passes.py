@@ -20,7 +20,12 @@ from normswap.plan import Plan, PlanEntry
 def test_swap_modules_replaces_planned_layers_only() -> None:
     model = build("resnet")
     plan = Plan(
-        [PlanEntry("bn1", "layernorm", {"num_channels": 16, "eps": 1e-5, "affine": True, "layout": "channels_first"}), PlanEntry("bn2", "keep")]
+        [
+            PlanEntry(
+                "bn1", "layernorm", {"num_channels": 16, "eps": 1e-5, "affine": True, "layout": "channels_first"}
+            ),
+            PlanEntry("bn2", "keep"),
+        ]
     )
     result = SwapBatchNormModules(plan)(model)
     assert result.modified and result.changes == ["bn1: BatchNorm2d -> layernorm"]
@@ -48,14 +53,18 @@ def test_swap_modules_rejects_a_channel_mismatch() -> None:
 
 def test_rewrite_functional_rewrites_the_node() -> None:
     graph_module = trace(build("functional").train())
-    plan = Plan([PlanEntry("batch_norm", "layernorm", {"num_channels": 8, "eps": 1e-5, "affine": True}, kind="functional")])
+    plan = Plan(
+        [PlanEntry("batch_norm", "layernorm", {"num_channels": 8, "eps": 1e-5, "affine": True}, kind="functional")]
+    )
     result = RewriteFunctionalBatchNorm(plan)(graph_module)
     assert result.modified and "channel_layer_norm" in graph_module.code
     assert "running_mean" not in graph_module.code  # the orphaned statistics went with the call
     model, x = build("functional"), input_for("functional")
     features = model.conv(x)  # what the rewritten graph must compute: LayerNorm over channels, written out
     mean, var = features.mean(1, keepdim=True), features.var(1, unbiased=False, keepdim=True)
-    normalized = (features - mean) / torch.sqrt(var + 1e-5) * model.weight.reshape(1, -1, 1, 1) + model.bias.reshape(1, -1, 1, 1)
+    normalized = (features - mean) / torch.sqrt(var + 1e-5) * model.weight.reshape(1, -1, 1, 1) + model.bias.reshape(
+        1, -1, 1, 1
+    )
     expected = model.head(torch.relu(normalized).mean(dim=(2, 3)))
     torch.testing.assert_close(graph_module(x), expected, rtol=1e-5, atol=1e-6)
 
@@ -67,7 +76,16 @@ def test_rewrite_functional_without_functional_entries_is_a_no_op() -> None:
 
 
 def test_rewrite_functional_needs_a_graph_and_the_named_node() -> None:
-    plan = Plan([PlanEntry("batch_norm_7", "groupnorm", {"num_groups": 2, "num_channels": 8, "eps": 1e-5, "affine": True}, kind="functional")])
+    plan = Plan(
+        [
+            PlanEntry(
+                "batch_norm_7",
+                "groupnorm",
+                {"num_groups": 2, "num_channels": 8, "eps": 1e-5, "affine": True},
+                kind="functional",
+            )
+        ]
+    )
     with pytest.raises(PlanError, match="symbolically traced graph"):
         RewriteFunctionalBatchNorm(plan)(build("functional"))
     with pytest.raises(PlanError, match="batch_norm_7"):
@@ -80,7 +98,9 @@ def test_pass_manager_composes_and_reports_changes() -> None:
     result = PassManager([SwapBatchNormModules(conv.plan), RewriteFunctionalBatchNorm(conv.plan)])(fresh)
     assert result.modified and result.changes == ["batch_norm: F.batch_norm -> groupnorm"]
     with torch.no_grad():
-        torch.testing.assert_close(result.model.eval()(input_for("functional")), conv.model.eval()(input_for("functional")))
+        torch.testing.assert_close(
+            result.model.eval()(input_for("functional")), conv.model.eval()(input_for("functional"))
+        )
 
 
 class _Broken(Pass):
@@ -107,13 +127,17 @@ class _Copies(Pass):
 
 
 def test_a_failure_inside_a_pass_names_the_pass_and_the_layer() -> None:
-    with pytest.raises(PassError, match=r"Pass _Broken failed while running at `bn2`: KeyError: 'num_groups'") as caught:
+    with pytest.raises(
+        PassError, match=r"Pass _Broken failed while running at `bn2`: KeyError: 'num_groups'"
+    ) as caught:
         PassManager([_Broken()])(build("resnet"))
     assert isinstance(caught.value.__cause__, KeyError) and caught.value.exit_code == 3
 
 
 def test_a_graph_pass_failure_names_the_node() -> None:
-    plan = Plan([PlanEntry("batch_norm", "layernorm", {"num_channels": 8, "eps": 1e-5, "affine": True}, kind="functional")])
+    plan = Plan(
+        [PlanEntry("batch_norm", "layernorm", {"num_channels": 8, "eps": 1e-5, "affine": True}, kind="functional")]
+    )
     rewrite = RewriteFunctionalBatchNorm(plan)
     rewrite._rewrite = lambda model, node, entry: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore[method-assign]
     with pytest.raises(PassError, match=r"at `%batch_norm : .*torch.nn.functional.batch_norm.*`: RuntimeError: boom"):

@@ -54,7 +54,9 @@ def test_no_converted_site_is_a_batchnorm(converted) -> None:
 def test_convert_sync_batchnorm_leaves_the_converted_model_alone(converted, walker: str) -> None:
     _, _, model = converted
     walked = copy.deepcopy(model)
-    walked = nn.SyncBatchNorm.convert_sync_batchnorm(walked) if walker == "torch" else timm_convert_sync_batchnorm(walked)
+    walked = (
+        nn.SyncBatchNorm.convert_sync_batchnorm(walked) if walker == "torch" else timm_convert_sync_batchnorm(walked)
+    )
     assert not any(isinstance(m, _BatchNorm) for m in walked.modules())
     assert batch_statistics_users(walked, (_x(),), train=True) == []
     torch.testing.assert_close(_eval(walked, _x()), _eval(model, _x()))
@@ -89,7 +91,9 @@ def test_multiprocessing_spawn_carries_the_model() -> None:
     original = build_real("timm_norm_act")
     model = normswap.convert(original, inputs_for("timm_norm_act"), to="groupnorm").model
     tests = str(Path(__file__).parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))  # `models` imports there too
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [tests, os.environ.get("PYTHONPATH")])
+    )  # `models` imports there too
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         remote = pool.apply(_forward_in_a_child, (model, _x()))
     torch.testing.assert_close(remote, _eval(model, _x()), rtol=0, atol=0)
@@ -114,7 +118,9 @@ def test_autocast_bfloat16_forward_and_backward(converted) -> None:
 def test_channels_last_inputs_give_the_same_outputs(converted) -> None:
     _, _, model = converted
     x = _x()
-    torch.testing.assert_close(_eval(model, x.to(memory_format=torch.channels_last)), _eval(model, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _eval(model, x.to(memory_format=torch.channels_last)), _eval(model, x), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_per_sample_gradients_with_torch_func(converted) -> None:
@@ -153,7 +159,10 @@ def test_a_differential_privacy_conversion_trains_under_full_backward_hooks() ->
     assert isinstance(model.layer1[0], torch.fx.GraphModule)  # BasicBlock.forward's `out += identity`, out of place
     assert set(model.state_dict()) == set(plain.state_dict())
     notes = "\n".join(conversion.notes)
-    assert "made out-of-place for Opacus' backward hooks" in notes and "layer1.0: TorchvisionBasicBlock.forward's add_" in notes
+    assert (
+        "made out-of-place for Opacus' backward hooks" in notes
+        and "layer1.0: TorchvisionBasicBlock.forward's add_" in notes
+    )
     torch.testing.assert_close(_eval(model, x), _eval(plain, x))  # the same function
     _full_backward_hooks(model)
     model.train()(x).sum().backward()  # a DP-SGD step's backward runs

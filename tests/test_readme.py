@@ -23,9 +23,13 @@ def _section(title: str) -> str:
 
 
 def test_rule_table_lists_every_rule_with_its_name_severity_and_fix() -> None:
-    rows = re.findall(r"^\| `(NS\d{3})` \| ([\w-]+) \| (\w+) \| (\w+) \| (\w+) \|", _section("Rules"), flags=re.MULTILINE)
+    rows = re.findall(
+        r"^\| `(NS\d{3})` \| ([\w-]+) \| (\w+) \| (\w+) \| (\w+) \|", _section("Rules"), flags=re.MULTILINE
+    )
     assert rows, "the Rules section has no table rows"
-    expected = [(rule.code, rule.name, rule.severity.value, rule.fix_safety.value, rule.source_fix.value) for rule in CATALOGUE]
+    expected = [
+        (rule.code, rule.name, rule.severity.value, rule.fix_safety.value, rule.source_fix.value) for rule in CATALOGUE
+    ]
     assert rows == expected
 
 
@@ -33,9 +37,17 @@ def test_rule_table_lists_every_rule_with_its_name_severity_and_fix() -> None:
 def test_synopsis_names_every_option(command: str) -> None:
     synopsis = re.search(rf"```text\nnormswap {command} (.*?)```", README, flags=re.DOTALL)
     assert synopsis is not None, f"no `normswap {command}` synopsis in the README"
-    options = [param.opts for param in main.commands[command].params if isinstance(param, click.Option) and "--help" not in param.opts]
+    options = [
+        param.opts
+        for param in main.commands[command].params
+        if isinstance(param, click.Option) and "--help" not in param.opts
+    ]
     assert options, f"`normswap {command}` has no options"
-    named = [opts for opts in options if any(re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", synopsis.group(1)) for name in opts)]
+    named = [
+        opts
+        for opts in options
+        if any(re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", synopsis.group(1)) for name in opts)
+    ]
     assert [opts[0] for opts in options if opts not in named] == []
 
 

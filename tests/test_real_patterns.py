@@ -71,7 +71,9 @@ def test_every_real_pattern_converts_or_is_refused(name: str, target: str) -> No
             assert isinstance(after_module, nn.GroupNorm)
         if isinstance(before_module, TimmBatchNormAct2d):
             assert not isinstance(after_module, TimmBatchNormAct2d)
-            assert type(after_module.act) is type(before_module.act) and type(after_module.drop) is type(before_module.drop)
+            assert type(after_module.act) is type(before_module.act) and type(after_module.drop) is type(
+                before_module.drop
+            )
 
     inputs = inputs_for(name)
     if target != "syncbn":
@@ -84,7 +86,9 @@ def test_every_real_pattern_converts_or_is_refused(name: str, target: str) -> No
             alone = torch.cat([_outputs(_norms_train(model), tuple(x[i : i + 1] for x in batch)) for i in range(4)])
             # per-sample normalizations: a sample alone equals the sample inside the batch, up to summation order
             torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-5)
-    if target in ("frozen", "fold") or (target == "auto" and all(e.target in ("frozen", "fold") for e in plan.converted)):
+    if target in ("frozen", "fold") or (
+        target == "auto" and all(e.target in ("frozen", "fold") for e in plan.converted)
+    ):
         # BatchNorm's eval function, computed in another order (fold: in the producer's weights)
         torch.testing.assert_close(_outputs(model, inputs), _outputs(original, inputs), rtol=1e-5, atol=1e-5)
 
@@ -122,7 +126,9 @@ def test_timm_subclass_becomes_a_group_norm_with_its_activation() -> None:
     groups = conv.plan.get("stem.1").params["num_groups"]
     # oracle built without normswap: the activation after nn.GroupNorm with the copied affine
     reference = nn.GroupNorm(groups, 8, eps=bn.eps)
-    reference.load_state_dict({"weight": original.get_submodule("stem.1").weight, "bias": original.get_submodule("stem.1").bias})
+    reference.load_state_dict(
+        {"weight": original.get_submodule("stem.1").weight, "bias": original.get_submodule("stem.1").bias}
+    )
     with torch.no_grad():
         torch.testing.assert_close(bn.eval()(x), bn.act(reference(x)), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
@@ -188,7 +194,9 @@ def test_subclass_lint_says_what_a_swap_keeps_and_auto_agrees() -> None:
     assert "act (ReLU)" in finding.message and "drop (" in finding.message and "keeps its class" in finding.message
     conv = normswap.convert(build_real("timm_norm_act"), inputs_for("timm_norm_act"), context=context)
     for name in ns202:
-        assert conv.plan.get(name).target == finding.remedy.target  # small batches on 4 devices: GroupNorm for the conv maps
+        assert (
+            conv.plan.get(name).target == finding.remedy.target
+        )  # small batches on 4 devices: GroupNorm for the conv maps
 
 
 def test_converted_subclass_survives_deepcopy_and_torch_export() -> None:
@@ -229,7 +237,9 @@ def test_every_conversion_exports_and_validates(exported, name: str, target: str
     if name in NO_BATCH_AXIS:
         assert any("no input carries a batch" in s or "cut to one sample" in s for s in validation.skipped)
     elif name == "tabnet_gbn":
-        assert any("fixed batch size of 4" in s for s in validation.skipped)  # chunks of the batch: the graph depends on it
+        assert any(
+            "fixed batch size of 4" in s for s in validation.skipped
+        )  # chunks of the batch: the graph depends on it
     else:
         assert {c.batch_size for c in validation.outputs} == {1, 4}
 

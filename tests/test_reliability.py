@@ -38,7 +38,10 @@ def test_force_replaces_an_earlier_run_as_a_set(work: Path) -> None:
     save_file(state(work), str(work / "w.safetensors"))
     assert convert("w.safetensors", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx", "-q").exit_code == 0
     (work / "out" / "notes.txt").write_text("mine")
-    assert convert("plain.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx", "-q", "--force").exit_code == 0
+    assert (
+        convert("plain.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx", "-q", "--force").exit_code
+        == 0
+    )
     names = sorted(p.name for p in (work / "out").iterdir())
     assert names == ["model.pt", "notes.txt", "plan.json", "report.json", "report.md"]  # no model.safetensors left over
     manifest = json.loads((work / "out" / "report.json").read_text())["reports"][0]["manifest"]
@@ -146,9 +149,26 @@ def test_a_signal_mid_run_leaves_no_staging_and_no_output(tmp_path: Path, signum
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("slow", None)
-    command = [sys.executable, "-m", "normswap", "convert", "ckpt.pt", "--model", "slow.py:Net", "--input-shape", "2,3,8,8", "--out", "out"]
+    command = [
+        sys.executable,
+        "-m",
+        "normswap",
+        "convert",
+        "ckpt.pt",
+        "--model",
+        "slow.py:Net",
+        "--input-shape",
+        "2,3,8,8",
+        "--out",
+        "out",
+    ]
     process = subprocess.Popen(
-        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_signal_dispositions
+        command,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_signal_dispositions,
     )
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".out.normswap-*")) and time.monotonic() < deadline and process.poll() is None:
@@ -168,10 +188,15 @@ def test_two_links_to_one_directory_share_one_lock(work: Path) -> None:
     (work / "real").mkdir()
     (work / "lnkA").symlink_to(work / "real")
     (work / "lnkB").symlink_to(work / "real")
-    with pytest.raises(RuntimeError, match="the held run stops here"), output_set(work / "lnkA"):  # a run into lnkA holds the lock...
+    with (
+        pytest.raises(RuntimeError, match="the held run stops here"),
+        output_set(work / "lnkA"),
+    ):  # a run into lnkA holds the lock...
         result = convert("plain.pt", "--model", "nets:build", *SHAPE, "--out", "lnkB", "--no-onnx")
         raise RuntimeError("the held run stops here")
-    assert result.exit_code == 2 and "is being written by another normswap run" in _sentence(result)  # ...which lnkB sees
+    assert result.exit_code == 2 and "is being written by another normswap run" in _sentence(
+        result
+    )  # ...which lnkB sees
     assert list((work / "real").iterdir()) == []
 
 
@@ -237,7 +262,13 @@ def test_signals_arriving_during_heavy_imports_are_held_until_after() -> None:
             print("interrupted after", flush=True)
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, preexec_fn=_default_signal_dispositions)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_default_signal_dispositions,
+    )
     assert result.stdout.splitlines() == ["imported", "interrupted after"], result.stderr
 
 
@@ -251,7 +282,9 @@ def test_a_trusted_pickled_module_of_a_model_file_loads(work: Path) -> None:
     )
     script = "import sys, torch; sys.path.insert(0, 'files'); import tinynet; torch.save(tinynet.Net(), 'whole.pt')"
     subprocess.run([sys.executable, "-c", script], cwd=work, check=True)
-    result = convert("whole.pt", "--model", "files/tinynet.py:Net", *SHAPE, "--out", "out", "--no-onnx", "--trust-checkpoint", "-q")
+    result = convert(
+        "whole.pt", "--model", "files/tinynet.py:Net", *SHAPE, "--out", "out", "--no-onnx", "--trust-checkpoint", "-q"
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -286,14 +319,29 @@ def test_integer_weights_for_float_parameters_are_refused(work: Path) -> None:
 )
 def test_healing_that_cannot_work_is_refused(work: Path, heal_args: list[str], message: str) -> None:
     torch.save(torch.randn(64, 3, 8, 8), work / "calib.pt")
-    result = convert("plain.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx", "--calibration-data", "calib.pt", *heal_args)
-    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output  # click's usage error, or one sentence
+    result = convert(
+        "plain.pt",
+        "--model",
+        "nets:build",
+        *SHAPE,
+        "--out",
+        "out",
+        "--no-onnx",
+        "--calibration-data",
+        "calib.pt",
+        *heal_args,
+    )
+    assert (
+        result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    )  # click's usage error, or one sentence
     assert not (work / "out").exists()
 
 
 def test_calibration_on_data_of_extreme_scale_is_refused(work: Path) -> None:
     torch.save(torch.randn(64, 3, 8, 8) * 1e38, work / "calib.pt")
-    result = convert("plain.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx", "--calibration-data", "calib.pt")
+    result = convert(
+        "plain.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx", "--calibration-data", "calib.pt"
+    )
     assert result.exit_code == 2, result.output
     assert "non-finite" in _sentence(result) or "NaN or infinite" in result.output
     assert not (work / "out").exists()
@@ -313,7 +361,9 @@ def test_non_finite_weights_are_never_written(work: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(conversion_module, "calibrate_and_heal", poisoned)
     torch.save(torch.randn(64, 3, 8, 8), work / "calib.pt")
-    result = convert("plain.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx", "--calibration-data", "calib.pt")
+    result = convert(
+        "plain.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx", "--calibration-data", "calib.pt"
+    )
     assert result.exit_code == 2 and "layer 'bn' (bn.bias) hold NaN or infinite values" in _sentence(result)
     assert not (work / "out").exists()
 
@@ -334,7 +384,18 @@ PLANS = [
 
 
 @pytest.mark.parametrize(
-    "params,message", PLANS, ids=["zero-groups", "indivisible", "missing", "eps-string", "eps-negative", "affine-string", "channels", "fraction"]
+    "params,message",
+    PLANS,
+    ids=[
+        "zero-groups",
+        "indivisible",
+        "missing",
+        "eps-string",
+        "eps-negative",
+        "affine-string",
+        "channels",
+        "fraction",
+    ],
 )
 def test_plan_values_are_checked_before_the_model_is_touched(work: Path, params: dict, message: str) -> None:
     plan = {"version": 1, "sites": [{"name": "bn", "target": "groupnorm", "params": params}]}
@@ -352,7 +413,9 @@ def test_plan_values_are_checked_before_the_model_is_touched(work: Path, params:
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(PlanError, match=message):
             normswap.apply_plan(model, normswap.Plan.from_json(json.dumps(plan)), inplace=True)
-        assert type(model.bn).__name__ == "BatchNorm2d" and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert type(model.bn).__name__ == "BatchNorm2d" and all(
+            torch.equal(before[k], v) for k, v in model.state_dict().items()
+        )
 
 
 @pytest.mark.parametrize(
@@ -375,7 +438,9 @@ def test_config_types_are_strict(work: Path, toml: str, message: str) -> None:
 
 
 def test_an_input_shape_larger_than_memory_is_refused_before_allocating(work: Path) -> None:
-    result = convert("plain.pt", "--model", "nets:build", "--input-shape", "100000,3,224,224", "--out", "out", "--no-onnx")
+    result = convert(
+        "plain.pt", "--model", "nets:build", "--input-shape", "100000,3,224,224", "--out", "out", "--no-onnx"
+    )
     assert result.exit_code == 2 and "need 60.2 GB" in _sentence(result) and "smaller batch" in result.output
 
 
@@ -383,7 +448,9 @@ def test_trusting_a_checkpoint_is_said_on_stderr_and_in_the_report(work: Path) -
     import nets
 
     torch.save(nets.Net(), work / "whole.pt")
-    result = convert("whole.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx", "-q", "--trust-checkpoint")
+    result = convert(
+        "whole.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx", "-q", "--trust-checkpoint"
+    )
     assert result.exit_code == 0, result.output
     assert "warning: --trust-checkpoint" in result.output  # CliRunner mixes stderr in
     notes = json.loads((work / "out" / "report.json").read_text())["reports"][0]["notes"]
@@ -395,14 +462,27 @@ def test_world_size_without_a_launcher(work: Path, monkeypatch) -> None:
     for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     torch.save(torch.randn(64, 3, 8, 8), work / "calib.pt")
-    result = convert("plain.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx", "--calibration-data", "calib.pt", "--heal")
+    result = convert(
+        "plain.pt",
+        "--model",
+        "nets:build",
+        *SHAPE,
+        "--out",
+        "out",
+        "--no-onnx",
+        "--calibration-data",
+        "calib.pt",
+        "--heal",
+    )
     assert result.exit_code == 2 and "WORLD_SIZE=4 is set but no launcher started this process" in _sentence(result)
 
 
 @pytest.mark.parametrize("name", ["calib.txt", "calib.csv"])
 def test_calibration_data_in_an_unknown_format_names_the_accepted_ones(work: Path, name: str) -> None:
     (work / name).write_text("1,2,3\n4,5,6\n")
-    result = convert("plain.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx", "--calibration-data", name)
+    result = convert(
+        "plain.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx", "--calibration-data", name
+    )
     assert result.exit_code == 2 and ".pt / .pth" in _sentence(result) and ".npy, .npz or .safetensors" in result.output
 
 
@@ -410,5 +490,16 @@ def test_npy_calibration_data_is_read(work: Path) -> None:
     import numpy as np
 
     np.save(work / "calib.npy", torch.randn(64, 3, 8, 8).numpy())
-    result = convert("plain.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx", "-q", "--calibration-data", "calib.npy")
+    result = convert(
+        "plain.pt",
+        "--model",
+        "nets:build",
+        *SHAPE,
+        "--out",
+        "out",
+        "--no-onnx",
+        "-q",
+        "--calibration-data",
+        "calib.npy",
+    )
     assert result.exit_code == 0, result.output

@@ -49,10 +49,20 @@ CASES = [
     # code, site overrides, context, expected
     ("NS101", {"call_count": 4, "input_shape": (8, 64)}, Context(), True),
     ("NS101", {}, Context(), False),
-    ("NS101", {"call_count": 2, "kind": "functional", "flavour": "F.batch_norm"}, Context(), True),  # shared by two branches
+    (
+        "NS101",
+        {"call_count": 2, "kind": "functional", "flavour": "F.batch_norm"},
+        Context(),
+        True,
+    ),  # shared by two branches
     ("NS102", {"flavour": "BatchNorm1d", "input_shape": (8, 64, 100)}, Context(), True),
     ("NS102", {"flavour": "BatchNorm1d", "input_shape": (8, 64)}, Context(), False),
-    ("NS102", {"flavour": "BatchNorm1d", "input_shape": (8, 64, 100), "call_count": 3}, Context(), False),  # NS101 covers it
+    (
+        "NS102",
+        {"flavour": "BatchNorm1d", "input_shape": (8, 64, 100), "call_count": 3},
+        Context(),
+        False,
+    ),  # NS101 covers it
     ("NS103", {}, Context(batch_size=2), True),
     ("NS103", {}, Context(batch_size=64), False),
     ("NS103", {}, Context(batch_size=2, inference_only=True), False),
@@ -63,7 +73,12 @@ CASES = [
     ("NS104", {"input_shape": (8, 64)}, Context(batch_size=2), False),  # two values per channel: runs
     ("NS104", {}, Context(batch_size=1), False),  # 14x14 values per channel: runs
     ("NS104", {"input_shape": (8, 64, 1, 1)}, Context(batch_size=1), True),  # pooled map: one value per channel
-    ("NS104", {"input_shape": (16, 64), "rows_per_sample": 8}, Context(batch_size=1), False),  # (T*N, C): 8 steps per sample
+    (
+        "NS104",
+        {"input_shape": (16, 64), "rows_per_sample": 8},
+        Context(batch_size=1),
+        False,
+    ),  # (T*N, C): 8 steps per sample
     ("NS104", {"input_shape": (2, 64), "rows_per_sample": 1}, Context(batch_size=1), True),  # dim 0 is the batch
     ("NS103", {"input_shape": (16, 64), "rows_per_sample": 8}, Context(batch_size=2), True),  # 16 rows, from 2 samples
     ("NS105", {}, Context(world_size=8), True),
@@ -77,16 +92,36 @@ CASES = [
     ("NS107", {"kind": "functional", "batch_dependent_eval": True}, Context(inference_only=True), True),
     ("NS201", {"kind": "functional", "flavour": "F.batch_norm", "name": "batch_norm"}, Context(), True),
     ("NS201", {}, Context(), False),
-    ("NS201", {"kind": "functional", "flavour": "F.batch_norm", "name": "batch_norm_3", "owner": "block"}, Context(), True),
+    (
+        "NS201",
+        {"kind": "functional", "flavour": "F.batch_norm", "name": "batch_norm_3", "owner": "block"},
+        Context(),
+        True,
+    ),
     ("NS202", {"kind": "subclass", "flavour": "BatchNormAct2d", "overrides_forward": True}, Context(), True),
     ("NS202", {}, Context(), False),
     ("NS202", {"kind": "subclass", "flavour": "MyBN", "overrides_forward": False}, Context(), False),  # adds nothing
-    ("NS202", {"kind": "subclass", "flavour": "NaiveSyncBatchNorm", "overrides_forward": True, "normalizes_by_hand": True}, Context(), True),
-    ("NS203", {"input_shape": (8, 16, 1, 1), "num_features": 16}, Context(), True),  # GroupNorm(16, 16) on one value per channel
+    (
+        "NS202",
+        {"kind": "subclass", "flavour": "NaiveSyncBatchNorm", "overrides_forward": True, "normalizes_by_hand": True},
+        Context(),
+        True,
+    ),
+    (
+        "NS203",
+        {"input_shape": (8, 16, 1, 1), "num_features": 16},
+        Context(),
+        True,
+    ),  # GroupNorm(16, 16) on one value per channel
     ("NS203", {"input_shape": (8, 16), "num_features": 16}, Context(), False),  # (N, C) features: LayerNorm, no groups
     ("NS203", {}, Context(), False),
     ("NS203", {"input_shape": (8, 64, 1, 1)}, Context(), False),  # 64 / 32 = 2 values per group
-    ("NS203", {"input_shape": (8, 16, 1, 1), "num_features": 16}, Context(inference_only=True), False),  # folded, no groups
+    (
+        "NS203",
+        {"input_shape": (8, 16, 1, 1), "num_features": 16},
+        Context(inference_only=True),
+        False,
+    ),  # folded, no groups
     ("NS204", {"momentum": 0.997}, Context(), True),  # a TensorFlow decay
     ("NS204", {}, Context(), False),  # torch's default 0.1
     ("NS204", {"momentum": 0.5}, Context(), False),  # the threshold itself does not fire
@@ -94,17 +129,37 @@ CASES = [
     ("NS204", {"momentum": None}, Context(), False),  # cumulative average
     ("NS205", {"call_count": 0, "input_shape": None}, Context(), True),
     ("NS205", {}, Context(), False),
-    ("NS205", {"call_count": 0, "input_shape": None, "flavour": "BatchNorm1d"}, Context(inference_only=True), True),  # frozen, still said
+    (
+        "NS205",
+        {"call_count": 0, "input_shape": None, "flavour": "BatchNorm1d"},
+        Context(inference_only=True),
+        True,
+    ),  # frozen, still said
     ("NS301", {}, Context(inference_only=True), True),
-    ("NS301", {"producer_weights_problem": "whose weight is shared with head.weight (tied weights)"}, Context(inference_only=True), False),
+    (
+        "NS301",
+        {"producer_weights_problem": "whose weight is shared with head.weight (tied weights)"},
+        Context(inference_only=True),
+        False,
+    ),
     ("NS301", {}, Context(), False),
     ("NS301", {"producers": ("add",), "producer_module": None}, Context(inference_only=True), False),
-    ("NS301", {"producer_exclusive": False}, Context(inference_only=True), False),  # the conv output is also used elsewhere
+    (
+        "NS301",
+        {"producer_exclusive": False},
+        Context(inference_only=True),
+        False,
+    ),  # the conv output is also used elsewhere
     ("NS302", {}, Context(finetune=True, batch_size=4), True),
     ("NS302", {}, Context(finetune=True, batch_size=256), False),
     ("NS302", {}, Context(finetune=True, batch_size=15), True),  # just below the threshold
     ("NS302", {}, Context(finetune=True, batch_size=16), False),  # the threshold itself
-    ("NS302", {"track_running_stats": False, "batch_dependent_eval": True}, Context(finetune=True, batch_size=4), False),
+    (
+        "NS302",
+        {"track_running_stats": False, "batch_dependent_eval": True},
+        Context(finetune=True, batch_size=4),
+        False,
+    ),
 ]
 
 
@@ -160,9 +215,17 @@ def test_sequence_context_reads_rank3_inputs_as_time_steps() -> None:
 @pytest.mark.parametrize(
     "overrides,ctx,expected",
     [
-        ({"feeds_from_input": True}, Context(differential_privacy=True), "frozen"),  # input standardization, DP included
+        (
+            {"feeds_from_input": True},
+            Context(differential_privacy=True),
+            "frozen",
+        ),  # input standardization, DP included
         ({"feeds_from_input": True}, Context(batch_size=2, world_size=8), "frozen"),
-        ({"feeds_from_input": True, "track_running_stats": False, "batch_dependent_eval": True}, Context(), "groupnorm"),
+        (
+            {"feeds_from_input": True, "track_running_stats": False, "batch_dependent_eval": True},
+            Context(),
+            "groupnorm",
+        ),
         ({}, Context(inference_only=True), "fold"),
         ({"producer_module": None}, Context(inference_only=True), "frozen"),
         ({}, Context(finetune=True, batch_size=2), "frozen"),

@@ -135,6 +135,8 @@ def test_an_output_whose_shape_differs_in_onnxruntime_is_one_sentence() -> None:
 def test_calibration_and_healing_read_outputs_without_a_batch_axis(nets) -> None:
     model = _trained(nets.AuxLoss(), (4, 8))
     data = [torch.randn(8, 8) for _ in range(4)]
-    conversion = normswap.convert(model, data[0], calibration_data=data, heal=normswap.HealOptions(steps=5), attribution_samples=8)
+    conversion = normswap.convert(
+        model, data[0], calibration_data=data, heal=normswap.HealOptions(steps=5), attribution_samples=8
+    )
     assert conversion.calibration and conversion.healing is not None and conversion.healing.steps == 5
     assert conversion.drift["healed"].samples == 32

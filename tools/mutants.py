@@ -46,8 +46,8 @@ MUTANTS = (
     Mutant(
         "groups-forced-to-1",
         "normswap/targets/groupnorm.py",
-        'new = GroupNorm(int(params["num_groups"]), int(params["num_channels"])',
-        'new = GroupNorm(1, int(params["num_channels"])',
+        "new = nn.GroupNorm(params.num_groups, params.num_channels,",
+        "new = nn.GroupNorm(1, params.num_channels,",
         ("tests/test_oracles.py", "tests/test_engine.py"),
     ),
     Mutant(
@@ -67,8 +67,8 @@ MUTANTS = (
     Mutant(
         "eps-not-written-in-source",
         "normswap/targets/base.py",
-        'for name in ("eps", "affine", "device", "dtype") if name in self.arguments',
-        'for name in ("affine", "device", "dtype") if name in self.arguments',
+        'for name in ("eps", "affine", "device", "dtype")',
+        'for name in ("affine", "device", "dtype")',
         ("tests/test_fix.py",),
     ),
     Mutant(
@@ -87,7 +87,7 @@ MUTANTS = (
     ),
     Mutant(
         "calibration-shift-without-mean",
-        "normswap/calibration/fit.py",
+        "normswap/calibration/stats.py",
         "shift = mean_y - scale * mean_z",
         "shift = mean_y",
         (
@@ -132,7 +132,9 @@ MUTANTS = (
 
 
 def _copy(destination: Path) -> None:
-    ignore = shutil.ignore_patterns(".git", "__pycache__", "*.onnx", ".ci", "normswap-quickstart", "*.egg-info", ".mypy_cache", ".ruff_cache")
+    ignore = shutil.ignore_patterns(
+        ".git", "__pycache__", "*.onnx", ".ci", "normswap-quickstart", "*.egg-info", ".mypy_cache", ".ruff_cache"
+    )
     shutil.copytree(REPO, destination, ignore=ignore)
     shutil.copytree(REPO / "passes", destination / "normswap" / "passes", ignore=ignore)  # installed as normswap.passes
 
@@ -150,15 +152,32 @@ def run(mutant: Mutant) -> tuple[str, str, float]:
         if mutant.path.startswith("passes/"):
             (copy / "normswap" / mutant.path).write_text(target.read_text(encoding="utf-8"), encoding="utf-8")
         env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *([] if mutant.slow else ["-m", "not slow"]), *mutant.tests]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *([] if mutant.slow else ["-m", "not slow"]),
+            *mutant.tests,
+        ]
         start = time.perf_counter()
         result = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=1800)
         seconds = time.perf_counter() - start
-        failed = [line.split(" ", 1)[1].split(" - ")[0] for line in result.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+        failed = [
+            line.split(" ", 1)[1].split(" - ")[0]
+            for line in result.stdout.splitlines()
+            if line.startswith(("FAILED ", "ERROR "))
+        ]
         if result.returncode == 0:
             return "SURVIVED", f"{len(mutant.tests)} test selection(s) passed", seconds
         if not failed:
-            return "ERROR", f"pytest exit {result.returncode} without a failing test: {result.stdout.strip().splitlines()[-1:]}", seconds
+            return (
+                "ERROR",
+                f"pytest exit {result.returncode} without a failing test: {result.stdout.strip().splitlines()[-1:]}",
+                seconds,
+            )
         return "killed", f"{len(failed)} failing, e.g. {failed[0]}", seconds
 
 

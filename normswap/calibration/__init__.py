@@ -51,7 +51,9 @@ def calibrate_and_heal(
     available)."""
     timings = Timings()
     with timings.measure("calibrate"):
-        outcome = _calibrate_and_heal(converted, original, plan, data, options, resolve_device(device), attribution_samples, memory_limit)
+        outcome = _calibrate_and_heal(
+            converted, original, plan, data, options, resolve_device(device), attribution_samples, memory_limit
+        )
     outcome.seconds = timings.seconds["calibrate"]
     return outcome
 
@@ -73,14 +75,18 @@ def _calibrate_and_heal(
             outcome.attribution = site_costs(original, plan, batches, samples=attribution_samples)
         outcome.drift["swap"] = measure_drift(original, converted, batches)
         if any(e.converts and targets.get(e.target).calibrated for e in plan):  # frozen / fold keep the function
-            calibration = calibrate_sites(converted, original, batches, plan, device=where, memory_limit=memory_limit, drift=True)
+            calibration = calibrate_sites(
+                converted, original, batches, plan, device=where, memory_limit=memory_limit, drift=True
+            )
             outcome.fits = calibration.fits
             outcome.notes.extend(calibration.notes)
             outcome.drift["calibrated"] = calibration.drift or measure_drift(original, converted, batches)
         if options is not None and options.steps != 0:
             outcome.healing = heal(converted, original, batches, options, device=where)
             if outcome.healing.best_heldout_loss >= outcome.healing.initial_heldout_loss:
-                outcome.notes.append("healing did not lower the held-out loss: the calibrated parameters were kept (try a lower --heal-lr)")
+                outcome.notes.append(
+                    "healing did not lower the held-out loss: the calibrated parameters were kept (try a lower --heal-lr)"
+                )
             outcome.drift["healed"] = measure_drift(original, converted, batches)
     return outcome
 

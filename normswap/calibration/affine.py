@@ -70,7 +70,9 @@ def module_site(entry: PlanEntry, converted: nn.Module, original: nn.Module) -> 
     old, new = original.get_submodule(entry.name), converted.get_submodule(entry.name)
     weight, bias = tensor_attribute(new, "weight"), tensor_attribute(new, "bias")
     if not isinstance(old, _BatchNorm):
-        raise CalibrationError(f"Layer '{entry.name}' of the original model is a {type(old).__name__}, not a BatchNorm.")
+        raise CalibrationError(
+            f"Layer '{entry.name}' of the original model is a {type(old).__name__}, not a BatchNorm."
+        )
     if weight is None or bias is None:
         raise CalibrationError(f"Layer '{entry.name}' has no affine parameters (affine=False) to calibrate.")
     return AffineSite(entry, weight, bias, old)
@@ -80,7 +82,9 @@ def functional_site(entry: PlanEntry, converted: fx.GraphModule, new: list[fx.No
     """A rewritten functional call (its `new` nodes in the converted graph, its `old` ones in a
     trace of the original); weight and bias keep their attribute names through the rewrite."""
     if not new or not old:
-        raise CalibrationError(f"Functional site '{entry.name}' is not in the converted graph; calibrate the model convert() returned.")
+        raise CalibrationError(
+            f"Functional site '{entry.name}' is not in the converted graph; calibrate the model convert() returned."
+        )
     call = BatchNormArgs.of_node(old[0])
     if not all(isinstance(v, fx.Node) and v.op == "get_attr" for v in (call.weight, call.bias)):
         raise CalibrationError(f"Functional site '{entry.name}' has no weight/bias attributes to calibrate.")
@@ -105,7 +109,9 @@ class CallIndex:
     def converted(self, entry: PlanEntry) -> list[fx.Node]:
         """The nodes computing the converted site: its replacement call (functional, tagged by
         the rewrite pass) or each call of its module (a module reused at every time step has several)."""
-        return self.tagged.get(entry.name, []) if entry.kind is SiteKind.FUNCTIONAL else self.modules.get(entry.name, [])
+        return (
+            self.tagged.get(entry.name, []) if entry.kind is SiteKind.FUNCTIONAL else self.modules.get(entry.name, [])
+        )
 
     def original(self, entry: PlanEntry) -> list[fx.Node]:
         """The nodes computing the original site in a trace of the original model."""

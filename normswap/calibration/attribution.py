@@ -59,7 +59,12 @@ class SiteCost:
 
 
 def site_costs(
-    original: nn.Module, plan: Plan, batches: Sequence[tuple], *, calibrated: bool = True, samples: int = DEFAULT_SAMPLES
+    original: nn.Module,
+    plan: Plan,
+    batches: Sequence[tuple],
+    *,
+    calibrated: bool = True,
+    samples: int = DEFAULT_SAMPLES,
 ) -> list[SiteCost]:
     """The cost of each function-changing site of `plan` on its own, worst first.
 
@@ -75,7 +80,9 @@ def site_costs(
             break
         size = int(batch[0].shape[0]) if batch and isinstance(batch[0], torch.Tensor) and batch[0].dim() else 1
         if size > budget:  # the last batch cut to the samples asked for
-            batch = tuple(x[:budget] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == size else x for x in batch)
+            batch = tuple(
+                x[:budget] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == size else x for x in batch
+            )
         used.append(batch)
         budget -= min(size, budget)
     costed = [e for e in plan if e.converts and not targets.get(e.target).keeps_function]
@@ -87,7 +94,9 @@ def site_costs(
         if cost is None:
             cost = _cost_in_a_copy(original, entry, used, calibrate_it)
         costs.append(cost)
-        log.debug("site %s alone: cosine %.4f, top-1 agreement %s", entry.name, cost.swap.cosine, cost.swap.top1_agreement)
+        log.debug(
+            "site %s alone: cosine %.4f, top-1 agreement %s", entry.name, cost.swap.cosine, cost.swap.top1_agreement
+        )
     return sorted(costs, key=lambda c: c.worst, reverse=True)
 
 
@@ -148,7 +157,11 @@ class _Downstream:
             for cursor in self.cursors:
                 cursor.run_to(position)
             weight, bias = getattr(replacement, "weight", None), getattr(replacement, "bias", None)
-            site = AffineSite(entry, weight, bias, batchnorm) if isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor) else None
+            site = (
+                AffineSite(entry, weight, bias, batchnorm)
+                if isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)
+                else None
+            )
             swap, sums = self._drift(entry.name, replacement, site if calibrate_it else None)
             cost = SiteCost(entry.name, entry.target, swap)
             if site is not None and sums is not None:

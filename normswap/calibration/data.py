@@ -27,13 +27,17 @@ def check_batches(batches: Iterable[Any]) -> list[tuple]:
     for index, batch in enumerate(checked):
         for x in batch:
             if isinstance(x, torch.Tensor) and x.is_complex():
-                raise CalibrationError(f"Calibration batch {index} holds complex values; the model's inputs are real numbers.")
+                raise CalibrationError(
+                    f"Calibration batch {index} holds complex values; the model's inputs are real numbers."
+                )
             if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
                 raise CalibrationError(f"Calibration batch {index} holds NaN or infinite values; clean the data first.")
     return checked
 
 
-def check_model_accepts(model: nn.Module, batches: Sequence[tuple], source: str | None = None, *, restore: bool = True) -> None:
+def check_model_accepts(
+    model: nn.Module, batches: Sequence[tuple], source: str | None = None, *, restore: bool = True
+) -> None:
     """Run `model` (eval mode, no gradients, state restored) once per distinct batch layout
     (shapes past the batch axis, dtypes), so that data the model cannot take is one sentence
     here rather than a torch error from deep inside calibration, attribution or healing.
@@ -57,7 +61,11 @@ def check_model_accepts(model: nn.Module, batches: Sequence[tuple], source: str 
                 model(*to_device(batch, where))  # a model that needs the whole batch (a fixed batch size), or the error
             except Exception as exc:  # the user's model on the user's data: whatever it raises is the data's problem
                 shapes = ", ".join(str(tuple(x.shape)) for x in batch if isinstance(x, torch.Tensor))
-                what = f"Calibration data '{source}' of shape {shapes} (per batch)" if source else f"Calibration batch {index} of shape {shapes}"
+                what = (
+                    f"Calibration data '{source}' of shape {shapes} (per batch)"
+                    if source
+                    else f"Calibration batch {index} of shape {shapes}"
+                )
                 cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
                 raise CalibrationError(
                     f"{what} does not fit the model: {cause}; give inputs the model accepts, batch first, like the example inputs."
@@ -78,7 +86,15 @@ def _reason(exc: Exception, path: Path) -> str:
         if names:
             return f"it holds Python objects ({', '.join(names[:3])}), which normswap does not load from data files; save a plain tensor"
         return "not a torch.save file, or a truncated one"
-    if any(mark in text for mark in ("invalid load key", "Invalid magic number", "failed finding central directory", "PytorchStreamReader")):
+    if any(
+        mark in text
+        for mark in (
+            "invalid load key",
+            "Invalid magic number",
+            "failed finding central directory",
+            "PytorchStreamReader",
+        )
+    ):
         return "not a torch.save file, or a truncated one"
     return text.strip().splitlines()[0][:160] if text.strip() else type(exc).__name__
 
@@ -94,7 +110,9 @@ def load_calibration_tensor(path: str) -> torch.Tensor:
     if not os.path.exists(path):
         raise CalibrationError(f"Calibration data '{path}' does not exist.")
     if not os.path.isfile(path):
-        raise CalibrationError(f"Calibration data '{path}' is not a regular file (a pipe or device?); give a saved tensor file.")
+        raise CalibrationError(
+            f"Calibration data '{path}' is not a regular file (a pipe or device?); give a saved tensor file."
+        )
     if not path.endswith(FORMATS):
         raise CalibrationError(
             f"Calibration data '{path}' is not a tensor file normswap reads; save the inputs (first axis = samples) as "
@@ -123,7 +141,9 @@ def load_calibration_tensor(path: str) -> torch.Tensor:
             f"Calibration data '{path}' could not be read as {Path(path).suffix} ({_reason(exc, Path(path))}); check that it was written by the tool its name says."
         ) from exc
     if len(tensors) != 1:
-        raise CalibrationError(f"Calibration data '{path}' must hold exactly one tensor of inputs, found {len(tensors)}.")
+        raise CalibrationError(
+            f"Calibration data '{path}' must hold exactly one tensor of inputs, found {len(tensors)}."
+        )
     if tensors[0].is_complex() or tensors[0].dtype == torch.bool:
         raise CalibrationError(
             f"Calibration data '{path}' holds {str(tensors[0].dtype).removeprefix('torch.')} values; the model's inputs are real numbers."

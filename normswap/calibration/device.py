@@ -38,8 +38,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)} or 'cuda:N', got {device!r}.") from None
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("a CUDA device was asked for, but torch sees no GPU on this machine; use the CPU (device 'cpu').")
-        index = chosen.index if chosen.index is not None else (local_rank if local_rank >= 0 else torch.cuda.current_device())
+            raise ValueError(
+                "a CUDA device was asked for, but torch sees no GPU on this machine; use the CPU (device 'cpu')."
+            )
+        index = (
+            chosen.index
+            if chosen.index is not None
+            else (local_rank if local_rank >= 0 else torch.cuda.current_device())
+        )
         if index >= torch.cuda.device_count():
             raise ValueError(f"GPU {index} was asked for, but this machine has {torch.cuda.device_count()}.")
         chosen = torch.device("cuda", index)

@@ -60,7 +60,14 @@ class DriftAccumulator:
     def result(self) -> Drift:
         cosine = self.dot / max((self.norm_a * self.norm_b) ** 0.5, 1e-30)
         top1 = self.agree / self.top1_total if self.top1_total else None
-        return Drift(self.max_abs, self.abs_sum / max(self.count, 1), cosine, top1, self.samples, tuple(sorted(self.not_compared)))
+        return Drift(
+            self.max_abs,
+            self.abs_sum / max(self.count, 1),
+            cosine,
+            top1,
+            self.samples,
+            tuple(sorted(self.not_compared)),
+        )
 
 
 def batch_samples(inputs: tuple) -> int:

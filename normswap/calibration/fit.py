@@ -77,7 +77,12 @@ def _entries_from_modules(converted: nn.Module, original: nn.Module) -> list[Pla
 
 
 def calibrate(
-    converted: nn.Module, original: nn.Module, batches: Iterable[Any], plan: Plan | None = None, *, device: str | torch.device | None = "auto"
+    converted: nn.Module,
+    original: nn.Module,
+    batches: Iterable[Any],
+    plan: Plan | None = None,
+    *,
+    device: str | torch.device | None = "auto",
 ) -> list[SiteFit]:
     """Fit the affine of every converted site whose target is calibrated (groupnorm, layernorm)
     to the original BatchNorm output.
@@ -119,7 +124,9 @@ def calibrate_sites(
     entries = list(plan) if plan is not None else _entries_from_modules(converted, original)
     entries = [e for e in entries if e.converts and targets.get(e.target).calibrated]
     if not entries:
-        raise CalibrationError("The converted model has no GroupNorm / LayerNorm sites to calibrate (frozen sites keep the function already).")
+        raise CalibrationError(
+            "The converted model has no GroupNorm / LayerNorm sites to calibrate (frozen sites keep the function already)."
+        )
     with placed(where, converted, original), preserved(original), preserved(converted), torch.no_grad():
         check_model_accepts(original, batches, restore=False)  # restored with the rest below
         original.eval()
@@ -138,7 +145,13 @@ def calibrate_sites(
             limit = memory_limit if memory_limit is not None else _default_memory_limit(where)
             accumulator = DriftAccumulator() if drift else None
             walked = fit_in_lockstep(
-                located, converted_graph, original_graph, batches, limit, lambda site, sums: _set_fit(site, sums, result), accumulator
+                located,
+                converted_graph,
+                original_graph,
+                batches,
+                limit,
+                lambda site, sums: _set_fit(site, sums, result),
+                accumulator,
             )
             result.held_bytes = walked.peak_bytes
             result.drift = accumulator.result() if accumulator is not None else None
@@ -159,12 +172,18 @@ class _NoWalk(Exception):
     """Why the models cannot be walked in lockstep (the message completes a sentence)."""
 
 
-def _located(entries: list[PlanEntry], converted: nn.Module, original: nn.Module) -> tuple[list[LocatedSite], fx.GraphModule, fx.GraphModule]:
+def _located(
+    entries: list[PlanEntry], converted: nn.Module, original: nn.Module
+) -> tuple[list[LocatedSite], fx.GraphModule, fx.GraphModule]:
     """Trace both models with every module site kept whole and find each site's calls in both."""
     leaves = {e.name for e in entries if e.kind is not SiteKind.FUNCTIONAL}
     try:
         original_graph = traced(original, leaves)
-        converted_graph = converted if isinstance(converted, fx.GraphModule) else _same_graph(converted, original, original_graph, leaves)
+        converted_graph = (
+            converted
+            if isinstance(converted, fx.GraphModule)
+            else _same_graph(converted, original, original_graph, leaves)
+        )
     except Exception as exc:  # the user's forward, traced symbolically: any failure means "not traceable"
         raise _NoWalk(f"torch.fx cannot trace {type(original).__name__}: {one_line(exc)}") from exc
     converted_positions = {node: i for i, node in enumerate(converted_graph.graph.nodes)}
@@ -174,17 +193,23 @@ def _located(entries: list[PlanEntry], converted: nn.Module, original: nn.Module
     for entry in entries:
         new, old = converted_index.converted(entry), original_index.original(entry)
         if not new or len(new) != len(old):
-            raise _NoWalk(f"layer '{entry.name}' is called {len(old)} times in the traced original and {len(new)} in the converted model")
+            raise _NoWalk(
+                f"layer '{entry.name}' is called {len(old)} times in the traced original and {len(new)} in the converted model"
+            )
         if entry.kind is SiteKind.FUNCTIONAL:
             site, module = functional_site(entry, converted_graph, new, old), None
         else:
             site, module = module_site(entry, converted, original), converted_graph.get_submodule(entry.name)
-        located.append(LocatedSite(site, [converted_positions[n] for n in new], [original_positions[n] for n in old], module))
+        located.append(
+            LocatedSite(site, [converted_positions[n] for n in new], [original_positions[n] for n in old], module)
+        )
     located.sort(key=lambda s: s.converted[0])  # the order forward reaches them: upstream sites fitted first
     return located, converted_graph, original_graph
 
 
-def _same_graph(converted: nn.Module, original: nn.Module, original_graph: fx.GraphModule, leaves: set[str]) -> fx.GraphModule:
+def _same_graph(
+    converted: nn.Module, original: nn.Module, original_graph: fx.GraphModule, leaves: set[str]
+) -> fx.GraphModule:
     """The converted model's graph. Where convert only swapped modules (same class, same forward,
     every site a leaf under the same name) it is the original's graph calling the converted
     modules, which saves tracing the model a second time."""
@@ -204,17 +229,25 @@ def _default_memory_limit(where: torch.device) -> int:
     return int(available * MEMORY_SHARE) if available is not None else 2**62
 
 
-def _fit_layer_by_layer(entries: list[PlanEntry], converted: nn.Module, original: nn.Module, batches: list[tuple], result: Calibration) -> None:
+def _fit_layer_by_layer(
+    entries: list[PlanEntry], converted: nn.Module, original: nn.Module, batches: list[tuple], result: Calibration
+) -> None:
     """Each site in plan order, each batch run through both models from the input to the site."""
     module_names = [e.name for e in entries if e.kind is not SiteKind.FUNCTIONAL]
     calls = call_counts(original, module_names, batches[0]) if module_names else {}
-    original_graph = traced(original, set()) if any(e.kind is SiteKind.FUNCTIONAL for e in entries) else None  # eval: training=False
+    original_graph = (
+        traced(original, set()) if any(e.kind is SiteKind.FUNCTIONAL for e in entries) else None
+    )  # eval: training=False
     for entry in entries:  # graph order: each fit sees the calibrated layers upstream
         site: AffineSite
         if entry.kind is SiteKind.FUNCTIONAL:
             if not isinstance(converted, fx.GraphModule) or original_graph is None:
-                raise CalibrationError(f"Functional site '{entry.name}' needs the fx.GraphModule that convert() returned.")
-            site = functional_site(entry, converted, CallIndex(converted).converted(entry), CallIndex(original_graph).original(entry))
+                raise CalibrationError(
+                    f"Functional site '{entry.name}' needs the fx.GraphModule that convert() returned."
+                )
+            site = functional_site(
+                entry, converted, CallIndex(converted).converted(entry), CallIndex(original_graph).original(entry)
+            )
         else:
             site = module_site(entry, converted, original)
         sums: ChannelSums | None = None
@@ -235,5 +268,7 @@ def _set_fit(site: AffineSite, sums: ChannelSums, result: Calibration) -> Affine
         )
     site.set_affine(fit)
     result.fits.append(SiteFit(site.name, site.entry.target, fit.r2, fit.samples))
-    log.debug("calibrated %s (%s): R^2 %.3f over %d values per channel", site.name, site.entry.target, fit.r2, fit.samples)
+    log.debug(
+        "calibrated %s (%s): R^2 %.3f over %d values per channel", site.name, site.entry.target, fit.r2, fit.samples
+    )
     return fit

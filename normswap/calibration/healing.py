@@ -116,7 +116,15 @@ def heal(
     where = resolve_device(device)
     with placed(where, converted, original), preserved(original):
         check_model_accepts(original, batches)
-        result = _heal(converted, original, [to_device(b, where) for b in train], [to_device(b, where) for b in heldout], options, steps, progress)
+        result = _heal(
+            converted,
+            original,
+            [to_device(b, where) for b in train],
+            [to_device(b, where) for b in heldout],
+            options,
+            steps,
+            progress,
+        )
     log.info(
         "healed %d step(s): held-out loss %.4g -> %.4g%s",
         result.steps,
@@ -128,7 +136,13 @@ def heal(
 
 
 def _heal(
-    converted: nn.Module, original: nn.Module, train: list[tuple], heldout: list[tuple], options: HealOptions, steps: int, progress: bool | None
+    converted: nn.Module,
+    original: nn.Module,
+    train: list[tuple],
+    heldout: list[tuple],
+    options: HealOptions,
+    steps: int,
+    progress: bool | None,
 ) -> HealResult:
     world = world_size()
     with _only_trainable(converted, trainable_parameters(converted, options.params, original)) as chosen:
@@ -179,12 +193,22 @@ class _Distiller:
     on a mixture of two, labelled by the teacher)."""
 
     def __init__(
-        self, model: nn.Module, teacher: nn.Module, train: list[tuple], options: HealOptions, chosen: list[nn.Parameter], steps: int
+        self,
+        model: nn.Module,
+        teacher: nn.Module,
+        train: list[tuple],
+        options: HealOptions,
+        chosen: list[nn.Parameter],
+        steps: int,
     ) -> None:
         self.model, self.teacher, self.train, self.options = model, teacher, train, options
         self.generator = torch.Generator().manual_seed(options.seed)
         self.optimizer = torch.optim.Adam(chosen, lr=options.lr)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=steps) if options.schedule == "cosine" else None
+        self.scheduler = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=steps)
+            if options.schedule == "cosine"
+            else None
+        )
         teacher.eval()
         self.targets = [] if options.mixup else [_teacher_outputs(teacher, b) for b in train]
 
@@ -225,7 +249,10 @@ class _HeldOut:
 
     def __call__(self) -> float:
         with torch.no_grad():
-            losses = [float(distillation_loss(flat_outputs(self.student(*b)), t)) for b, t in zip(self.heldout, self.targets, strict=True)]
+            losses = [
+                float(distillation_loss(flat_outputs(self.student(*b)), t))
+                for b, t in zip(self.heldout, self.targets, strict=True)
+            ]
         return sum(losses) / len(losses)
 
 
@@ -263,7 +290,14 @@ def _progress_bar(show: bool, console: Console) -> Progress:
     """Steps done of all, steps per second, the held-out loss and the time left, drawn on
     `console` (normswap's standard-error console: where the terminal check looks, and where a
     spinner the bar nests under draws). Its task needs a `drift` field."""
-    columns = (TextColumn("heal"), BarColumn(), MofNCompleteColumn(), _StepsPerSecond(), TextColumn("{task.fields[drift]}"), TimeRemainingColumn())
+    columns = (
+        TextColumn("heal"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _StepsPerSecond(),
+        TextColumn("{task.fields[drift]}"),
+        TimeRemainingColumn(),
+    )
     return Progress(*columns, console=console, disable=not show, transient=True)
 
 
@@ -278,7 +312,9 @@ def world_size() -> int:
 
     raw = os.environ.get("WORLD_SIZE", "1")
     if not raw.strip().isdigit() or int(raw) < 1:
-        raise ConfigError(f"WORLD_SIZE={raw!r} in the environment is not a positive integer; unset it or run under torchrun.")
+        raise ConfigError(
+            f"WORLD_SIZE={raw!r} in the environment is not a positive integer; unset it or run under torchrun."
+        )
     world = int(raw)
     launched = all(os.environ.get(name) for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"))
     if world > 1 and not launched and not (dist.is_available() and dist.is_initialized()):
@@ -305,7 +341,12 @@ def mixed(a: tuple, b: tuple, generator: torch.Generator) -> tuple:
     """Per sample, a random convex combination of two batches' floating inputs (others: a's)."""
     out: list[Any] = []
     for x, y in zip(a, b, strict=True):
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and isinstance(y, torch.Tensor) and y.shape[1:] == x.shape[1:]:
+        if (
+            isinstance(x, torch.Tensor)
+            and x.is_floating_point()
+            and isinstance(y, torch.Tensor)
+            and y.shape[1:] == x.shape[1:]
+        ):
             n = min(len(x), len(y))
             weight = torch.rand((n,) + (1,) * (x.dim() - 1), generator=generator).to(x)
             out.append(weight * x[:n] + (1 - weight) * y[:n])

@@ -22,7 +22,10 @@ def _run_until_stop(model: nn.Module, inputs: tuple) -> None:
 def call_counts(model: nn.Module, names: list[str], inputs: tuple) -> dict[str, int]:
     """How many times forward calls each of the modules `names` on `inputs`."""
     counts = dict.fromkeys(names, 0)
-    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: counts.__setitem__(n, counts[n] + 1)) for n in names]
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: counts.__setitem__(n, counts[n] + 1))
+        for n in names
+    ]
     try:
         model(*inputs)
     finally:
@@ -76,7 +79,12 @@ def _node_arguments(graph_module: fx.GraphModule, node: fx.Node, inputs: tuple) 
 
 
 def layer_pair(
-    site: AffineSite, converted: nn.Module, original: nn.Module, original_graph: fx.GraphModule | None, batch: tuple, calls: int
+    site: AffineSite,
+    converted: nn.Module,
+    original: nn.Module,
+    original_graph: fx.GraphModule | None,
+    batch: tuple,
+    calls: int,
 ) -> ChannelSums:
     """The sums of one batch for `site`, each model run from the input to the site."""
     if site.functional:
@@ -86,6 +94,8 @@ def layer_pair(
         old_args, old_kwargs = _node_arguments(original_graph, old, batch)
         original_call = old.target
         assert callable(original_call)
-        return ChannelSums.of(site.normalized(args[0]), original_call(*old_args, **old_kwargs))  # traced in eval mode: running statistics
+        return ChannelSums.of(
+            site.normalized(args[0]), original_call(*old_args, **old_kwargs)
+        )  # traced in eval mode: running statistics
     z = site.normalized(converted_inputs(converted, site.name, batch, calls))
     return ChannelSums.of(z, site.target(original_inputs(original, site.name, batch, calls)))

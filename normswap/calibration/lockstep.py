@@ -54,7 +54,9 @@ class _OriginalCursor(Cursor):
     """A cursor through the original graph that records, at each call of a site still to fit,
     what the site is fitted to (y)."""
 
-    def __init__(self, module: fx.GraphModule, inputs: tuple, watched: dict[fx.Node, AffineSite], unfitted: set[str]) -> None:
+    def __init__(
+        self, module: fx.GraphModule, inputs: tuple, watched: dict[fx.Node, AffineSite], unfitted: set[str]
+    ) -> None:
         super().__init__(module, inputs)
         self.watched, self.unfitted = watched, unfitted
         self.seen: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -140,7 +142,9 @@ def fit_in_lockstep(
     walked = Walked()
 
     def cursors(i: int) -> _Batch:
-        return held[i] or _Batch(Cursor(converted, batches[i]), _OriginalCursor(original, batches[i], watched, unfitted))
+        return held[i] or _Batch(
+            Cursor(converted, batches[i]), _OriginalCursor(original, batches[i], watched, unfitted)
+        )
 
     for located in sites:
         sums: ChannelSums | None = None

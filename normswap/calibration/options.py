@@ -52,7 +52,9 @@ class HealOptions:
         open_minimum=True,
         finite=True,
     )
-    params: str = option("all", "--heal-params", help="Parameters healing trains (implies --heal; default: all).", choices=HEAL_PARAMS)
+    params: str = option(
+        "all", "--heal-params", help="Parameters healing trains (implies --heal; default: all).", choices=HEAL_PARAMS
+    )
     schedule: str = "cosine"
     seed: int = 0
     heldout_fraction: float = 0.2
@@ -61,9 +63,16 @@ class HealOptions:
     eval_every: int | None = None
 
     def __post_init__(self) -> None:
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
+        if self.steps is not None and (
+            isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
+        ):
             raise ValueError(f"heal steps must be a positive integer, got {self.steps!r}.")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+        if (
+            isinstance(self.lr, bool)
+            or not isinstance(self.lr, (int, float))
+            or not math.isfinite(self.lr)
+            or self.lr <= 0
+        ):
             raise ValueError(f"heal learning rate must be a positive finite number, got {self.lr!r}.")
         if self.params not in HEAL_PARAMS:
             raise ValueError(f"heal params must be one of {', '.join(HEAL_PARAMS)}, got {self.params!r}.")

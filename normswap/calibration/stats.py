@@ -28,7 +28,14 @@ class ChannelSums:
         return cls(zc.sum(1), yc.sum(1), _squares(zc), _squares(yc), (zc * yc).sum(1), torch.tensor(float(zc.shape[1])))
 
     def __add__(self, other: ChannelSums) -> ChannelSums:
-        return ChannelSums(self.z + other.z, self.y + other.y, self.zz + other.zz, self.yy + other.yy, self.zy + other.zy, self.n + other.n)
+        return ChannelSums(
+            self.z + other.z,
+            self.y + other.y,
+            self.zz + other.zz,
+            self.yy + other.yy,
+            self.zy + other.zy,
+            self.n + other.n,
+        )
 
 
 @dataclass(frozen=True)

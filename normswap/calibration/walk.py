@@ -75,7 +75,14 @@ class Cursor(fx.Interpreter):
         """Bytes held by the tensors of the live set (each storage counted once)."""
         seen: dict[int, int] = {}
         for value in self.env.values():
-            tree_map(lambda v: seen.setdefault(_storage_key(v), v.untyped_storage().nbytes()) if isinstance(v, torch.Tensor) else None, value)
+            tree_map(
+                lambda v: (
+                    seen.setdefault(_storage_key(v), v.untyped_storage().nbytes())
+                    if isinstance(v, torch.Tensor)
+                    else None
+                ),
+                value,
+            )
         return sum(seen.values())
 
 

@@ -25,7 +25,11 @@ log = logging.getLogger(__name__)
 
 # A capture strategy: (model, input tuple) -> Capture; raising anything but CaptureError moves on.
 Strategy = Callable[[nn.Module, tuple], Capture]
-STRATEGIES: tuple[tuple[str, Strategy], ...] = (("fx", capture_fx), ("export", capture_export), ("hooks", capture_hooks))
+STRATEGIES: tuple[tuple[str, Strategy], ...] = (
+    ("fx", capture_fx),
+    ("export", capture_export),
+    ("hooks", capture_hooks),
+)
 METHODS = tuple(name for name, _ in STRATEGIES)
 
 

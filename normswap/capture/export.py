@@ -36,5 +36,9 @@ def capture_export(model: nn.Module, inputs: tuple) -> Capture:
             name = "batch_norm" if functional_index == 0 else f"batch_norm_{functional_index}"
             functional_index += 1
             training = "no_training" not in str(node.target) and bool(node.args[5] if len(node.args) > 5 else False)
-            calls.append(BatchNormCall(name=name, module=None, owner=owner, input_shape=shape, called_at=location, training=training))
+            calls.append(
+                BatchNormCall(
+                    name=name, module=None, owner=owner, input_shape=shape, called_at=location, training=training
+                )
+            )
     return Capture("export", calls, None)

@@ -11,7 +11,15 @@ from torch import fx, nn
 
 from ..source import location_from_stack_trace
 from .calls import BatchNormCall, Capture, run_eagerly, shape_of
-from .tracer import CALL_SITE_META, BatchNormArgs, BatchNormTracer, describe_node, is_batch_norm_call, is_batchnorm_like, trace
+from .tracer import (
+    CALL_SITE_META,
+    BatchNormArgs,
+    BatchNormTracer,
+    describe_node,
+    is_batch_norm_call,
+    is_batchnorm_like,
+    trace,
+)
 
 
 def propagate_shapes(graph_module: fx.GraphModule, inputs: tuple) -> None:
@@ -113,7 +121,9 @@ def _attribute_reads(graph_module: fx.GraphModule, modules: dict[str, nn.Module]
     return {owner: tuple(dict.fromkeys(attributes)) for owner, attributes in reads.items()}
 
 
-def _fx_call(node: fx.Node, modules: dict[str, nn.Module], module_calls: dict[str, int], module: str | None) -> BatchNormCall:
+def _fx_call(
+    node: fx.Node, modules: dict[str, nn.Module], module_calls: dict[str, int], module: str | None
+) -> BatchNormCall:
     source = node.args[0] if node.args else None
     call = BatchNormCall(
         name=module if module is not None else node.name,

@@ -53,7 +53,15 @@ def capture_hooks(model: nn.Module, inputs: tuple) -> Capture:
             stack.append((name, module))
             if is_batchnorm_like(module) and not any(is_batchnorm_like(m) for _, m in stack[:-1]):
                 x = args[0] if args else None
-                calls.append(BatchNormCall(name=name, module=name, owner=name, input_shape=shape_of(x), called_at=user_frame_location(skip=2)))
+                calls.append(
+                    BatchNormCall(
+                        name=name,
+                        module=name,
+                        owner=name,
+                        input_shape=shape_of(x),
+                        called_at=user_frame_location(skip=2),
+                    )
+                )
 
         return hook
 

@@ -22,7 +22,17 @@ CALL_SITE_META = "normswap_call_site"
 _F_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _F_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
 # torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled)
-_TORCH_NAMES = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled")
+_TORCH_NAMES = (
+    "input",
+    "weight",
+    "bias",
+    "running_mean",
+    "running_var",
+    "training",
+    "momentum",
+    "eps",
+    "cudnn_enabled",
+)
 
 
 @dataclass

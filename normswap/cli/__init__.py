@@ -56,7 +56,10 @@ def handle_errors(command: Callable[..., int]) -> Callable[..., None]:
         except Exception as exc:  # the CLI boundary: any bug becomes exit 3 with one line
             if debug:
                 raise
-            click.echo(f"normswap: error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+            click.echo(
+                f"normswap: error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                err=True,
+            )
             context.exit(EXIT_INTERNAL)
         context.exit(code)
 
@@ -116,10 +119,20 @@ def lint(models: tuple[str, ...], **values: Any) -> int:
 @main.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=True))
 @click.option(
-    "--model", "model_spec", required=True, metavar="MODEL", help="`package.module:callable` or `path/to/file.py:callable` that builds the model."
+    "--model",
+    "model_spec",
+    required=True,
+    metavar="MODEL",
+    help="`package.module:callable` or `path/to/file.py:callable` that builds the model.",
 )
 @options_of(ModelOptions)
-@click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory (weights, plan.json, model.onnx, report.json, report.md).")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(),
+    help="Output directory (weights, plan.json, model.onnx, report.json, report.md).",
+)
 @options_of(ConvertOptions, HealOptions, Context, JobOptions)
 @handle_errors
 def convert(checkpoint: str, model_spec: str, out_dir: str, **values: Any) -> int:

@@ -160,11 +160,19 @@ def model_code() -> Iterator[None]:
 def _commands(entry: ModelEntry, run: LintRun) -> Commands:
     """The commands that act on what lint found: convert the checkpoint, fix the source."""
     options = run.options
-    model = [f"-k {k}={v!r}" for k, v in entry.kwargs.items()] + [f"--input-shape {shape}" for shape in entry.input_shapes]
+    model = [f"-k {k}={v!r}" for k, v in entry.kwargs.items()] + [
+        f"--input-shape {shape}" for shape in entry.input_shapes
+    ]
     context = command_line(run.context, run.context_given)
     # the plan decides every site: the checkpoint must be converted with the plan the source is fixed to
-    keep = [f"--plan {shlex.quote(options.plan_path)}"] if options.plan_path else [f"--keep {layer}" for layer in options.keep]
-    convert = " ".join(["normswap convert CHECKPOINT --model", shlex.quote(entry.spec), *model, *context, *keep, "--out converted/"])
+    keep = (
+        [f"--plan {shlex.quote(options.plan_path)}"]
+        if options.plan_path
+        else [f"--keep {layer}" for layer in options.keep]
+    )
+    convert = " ".join(
+        ["normswap convert CHECKPOINT --model", shlex.quote(entry.spec), *model, *context, *keep, "--out converted/"]
+    )
     lint_args = [shlex.quote(entry.spec), *model] if run.models else []
     fix = " ".join(["normswap lint", *lint_args, *context, *keep, "--fix", "--unsafe-fixes"])
     return Commands(convert=convert, fix=fix)
@@ -175,7 +183,9 @@ def _print_diff(fixes: SourceFixes) -> int:
     diff = fixes.diff()
     click.echo(diff, nl=False)
     held = len(fixes.held_back)
-    summary = f"normswap: {len(fixes.selected)} fix(es) pending" + (f", {held} unsafe held back (--unsafe-fixes)" if held else "")
+    summary = f"normswap: {len(fixes.selected)} fix(es) pending" + (
+        f", {held} unsafe held back (--unsafe-fixes)" if held else ""
+    )
     if fixes.unfixable:
         summary += f"; {len(fixes.unfixable)} site(s) not fixable in source (see `normswap lint`)"
     click.echo(summary, err=True)
@@ -215,7 +225,9 @@ def check_convert_run(run: ConvertRun) -> None:
     wrong = [i for i in run.job.batch_inputs or () if not 0 <= i < count]
     if wrong:
         spec = ",".join(map(str, run.job.batch_inputs or ()))
-        raise ConfigError(f"--batch-inputs {spec} names no input: there are {count} --input-shape input(s), numbered from 0.")
+        raise ConfigError(
+            f"--batch-inputs {spec} names no input: there are {count} --input-shape input(s), numbered from 0."
+        )
     if run.job.opset is not None:
         from ..export import check_opset
 
@@ -228,11 +240,18 @@ def run_convert(run: ConvertRun) -> int:
     check_convert_run(run)
     if run.job.trust_checkpoint:
         click.echo(
-            f"normswap: warning: --trust-checkpoint: '{run.checkpoint}' may run code while it is loaded; use it only for files you trust", err=True
+            f"normswap: warning: --trust-checkpoint: '{run.checkpoint}' may run code while it is loaded; use it only for files you trust",
+            err=True,
         )
     with model_code():
         result = convert_checkpoint(
-            run.checkpoint, run.model, run.out_dir, run.context, run.options, run.job, model_name=display_spec(run.model.spec)
+            run.checkpoint,
+            run.model,
+            run.out_dir,
+            run.context,
+            run.options,
+            run.job,
+            model_name=display_spec(run.model.spec),
         )
     if not run.job.quiet:
         click.echo(RENDERERS["text"]([result.report], color=sys.stdout.isatty()), nl=False)

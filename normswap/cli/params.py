@@ -89,4 +89,8 @@ def options_of(*classes: type) -> Callable[[Callable], Callable]:
 def given_options() -> set[str]:
     """The names of the current command's options that the user gave (not their defaults)."""
     context = click.get_current_context()
-    return {name for name in context.params if context.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    return {
+        name
+        for name in context.params
+        if context.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }

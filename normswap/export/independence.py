@@ -53,7 +53,10 @@ def batch_independent(
             model.eval()
         try:
             together = known.get(size) or _outputs(model, batch)
-            alone = [(known.get(1) if i == 0 else None) or _outputs(model, batch_of(_sample(batch, i, indices), 1, indices)) for i in range(size)]
+            alone = [
+                (known.get(1) if i == 0 else None) or _outputs(model, batch_of(_sample(batch, i, indices), 1, indices))
+                for i in range(size)
+            ]
         except ValueError:  # BatchNorm refusing a batch of one in train mode
             return Independence(False)
     left_out: list[str] = []

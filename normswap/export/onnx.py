@@ -17,7 +17,16 @@ from torch import nn
 from .. import targets
 from ..errors import ExportError
 from ..files import atomic_path
-from ..torchutil import as_input_tuple, batch_of, flat_outputs, has_number_outputs, preserved, quiet_torch, require_module, resolve_batch_inputs
+from ..torchutil import (
+    as_input_tuple,
+    batch_of,
+    flat_outputs,
+    has_number_outputs,
+    preserved,
+    quiet_torch,
+    require_module,
+    resolve_batch_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +68,9 @@ def check_opset(opset: int) -> int:
 
     newest = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
-        raise ExportError(f"Opset {opset!r} is outside what this installation exports and checks: {MIN_OPSET} to {newest} (onnx {onnx.__version__}).")
+        raise ExportError(
+            f"Opset {opset!r} is outside what this installation exports and checks: {MIN_OPSET} to {newest} (onnx {onnx.__version__})."
+        )
     return opset
 
 
@@ -92,7 +103,9 @@ def export_onnx(
         ExportError: the exporter failed (the message names the operator when it can) or the
         file cannot be written.
     """
-    return export_onnx_with_info(model, example_inputs, path, opset=opset, dynamic_batch=dynamic_batch, batch_inputs=batch_inputs).path
+    return export_onnx_with_info(
+        model, example_inputs, path, opset=opset, dynamic_batch=dynamic_batch, batch_inputs=batch_inputs
+    ).path
 
 
 def export_onnx_with_info(
@@ -117,11 +130,15 @@ def export_onnx_with_info(
     if batched:
         batch = torch.export.Dim("batch", min=1)
         dynamic_shapes = tuple({0: batch} if i in batched else None for i in range(len(inputs)))
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers()
+    )
     external = weight_bytes > EXTERNAL_DATA_BYTES
     note = ""
     with preserved(model), contextlib.ExitStack() as forms:
-        for registered in targets.registered():  # the form each target's modules export in (e.g. GroupNorm's faster one)
+        for (
+            registered
+        ) in targets.registered():  # the form each target's modules export in (e.g. GroupNorm's faster one)
             forms.enter_context(registered.export_context(model, opset))
         model.eval()
         model = _exportable(model, inputs)
@@ -139,8 +156,17 @@ def export_onnx_with_info(
                 except Exception:  # the fallback failed too: report the primary exporter's failure
                     log.debug("the TorchScript exporter failed as well", exc_info=True)
                     raise dynamo_error from None
-                log.info("torch.export could not capture %s (%s); exported with the TorchScript exporter", type(model).__name__, dynamo_error)
-                _finish(temporary, target, {**_batch_props(batched, ""), METADATA_EXPORTER: exporter, METADATA_OPSET: str(opset)}, external=False)
+                log.info(
+                    "torch.export could not capture %s (%s); exported with the TorchScript exporter",
+                    type(model).__name__,
+                    dynamo_error,
+                )
+                _finish(
+                    temporary,
+                    target,
+                    {**_batch_props(batched, ""), METADATA_EXPORTER: exporter, METADATA_OPSET: str(opset)},
+                    external=False,
+                )
     if program is not None:
         fixed = [i for i in batched if not _is_symbolic(program.model.graph.inputs[i].shape[0])]
         if fixed:
@@ -203,7 +229,9 @@ def _finish(temporary: Path, target: Path, props: dict[str, str] | None, externa
     try:
         onnx.checker.check_model(str(temporary), full_check=False)
     except onnx.checker.ValidationError as exc:
-        raise ExportError(f"The exported ONNX file '{target.name}' fails onnx.checker: {str(exc).splitlines()[0]}.") from exc
+        raise ExportError(
+            f"The exported ONNX file '{target.name}' fails onnx.checker: {str(exc).splitlines()[0]}."
+        ) from exc
     if external:
         _rename_external_data(temporary, target)
 
@@ -213,20 +241,31 @@ def _count_batchnorm_ir(model) -> int:
     from onnx_ir import traversal
 
     graphs = [model.graph, *model.functions.values()]
-    return sum(1 for graph in graphs for node in traversal.RecursiveGraphIterator(graph) if node.op_type == "BatchNormalization")
+    return sum(
+        1
+        for graph in graphs
+        for node in traversal.RecursiveGraphIterator(graph)
+        if node.op_type == "BatchNormalization"
+    )
 
 
-def _run_torchscript_exporter(model: nn.Module, inputs: tuple, path: Path, opset: int, batched: tuple[int, ...]) -> None:
+def _run_torchscript_exporter(
+    model: nn.Module, inputs: tuple, path: Path, opset: int, batched: tuple[int, ...]
+) -> None:
     names = [f"input_{i}" for i in range(len(inputs))]
     axes = {names[i]: {0: "batch"} for i in batched} or None
     with quiet_torch():
-        torch.onnx.export(model, inputs, str(path), dynamo=False, opset_version=opset, input_names=names, dynamic_axes=axes)
+        torch.onnx.export(
+            model, inputs, str(path), dynamo=False, opset_version=opset, input_names=names, dynamic_axes=axes
+        )
 
 
 def _run_exporter(model: nn.Module, inputs: tuple, dynamic_shapes: Any, opset: int):
     try:
         with quiet_torch():
-            return torch.onnx.export(model, inputs, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False)
+            return torch.onnx.export(
+                model, inputs, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False
+            )
     except Exception as exc:  # the exporter failed on the user's model: one sentence, operator when known
         text = re.sub(r"\x1b\[[0-9;]*m", "", f"{exc.__cause__ or exc}")
         operator = re.search(r"(aten::\w+(?:\.\w+)?|aten\.\w+(?:\.\w+)?|torch\.ops\.[\w.]+)", text)
@@ -244,7 +283,9 @@ def _rename_external_data(temporary: Path, target: Path) -> None:
 
     model = onnx.load(str(temporary))
     convert_model_to_external_data(model, all_tensors_to_one_file=True, location=f"{target.name}.data")
-    onnx.save_model(model, str(temporary), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{target.name}.data")
+    onnx.save_model(
+        model, str(temporary), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{target.name}.data"
+    )
     stale = temporary.parent / f"{temporary.name}.data"
     if stale.exists():
         stale.unlink()

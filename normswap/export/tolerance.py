@@ -80,7 +80,9 @@ class Rounding:
         self.problem = ""
         size = sum(t.numel() * 8 for t in [*model.parameters(), *model.buffers()])
         if size > MAX_ROUNDING_BYTES:
-            self.problem = f"the model's rounding error was not measured: its float64 weights would need {size / 2**30:.1f} GiB"
+            self.problem = (
+                f"the model's rounding error was not measured: its float64 weights would need {size / 2**30:.1f} GiB"
+            )
 
     def errors_at(self, runs: Sequence[tuple[tuple, list[torch.Tensor]]]) -> list[list[float] | None]:
         """For each (inputs, the model's outputs on them): per output, max |float64 model -
@@ -97,10 +99,17 @@ class Rounding:
                 self.model.eval()
                 for inputs, outputs in runs:
                     exact = flat_outputs(
-                        self.model(*tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs))
+                        self.model(
+                            *tuple(
+                                x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                                for x in inputs
+                            )
+                        )
                     )
                     if len(exact) != len(outputs):
-                        self.problem = "the model's rounding error was not measured: in float64 it returns other outputs"
+                        self.problem = (
+                            "the model's rounding error was not measured: in float64 it returns other outputs"
+                        )
                         return [None] * len(runs)
                     found.append(
                         [
@@ -148,7 +157,21 @@ def compare(
     shapes = {"shape": tuple(e.shape), "onnx_shape": tuple(a.shape)}
     if e.shape != a.shape:
         infinite = float("inf")
-        return OutputCheck(batch, index, dtype, scale, rounding, infinite, infinite, infinite, tolerance, relative, infinite, False, **shapes)
+        return OutputCheck(
+            batch,
+            index,
+            dtype,
+            scale,
+            rounding,
+            infinite,
+            infinite,
+            infinite,
+            tolerance,
+            relative,
+            infinite,
+            False,
+            **shapes,
+        )
     with np.errstate(invalid="ignore", over="ignore"):  # a non-finite ONNX output fails below; no warning on stderr
         error = np.abs(a - e)
         finite = bool(np.isfinite(a).all())
@@ -157,7 +180,9 @@ def compare(
         needed = float(np.maximum(error - relative * np.abs(e), 0).max()) if error.size else 0.0
         passed = finite and bool((error <= tolerance + relative * np.abs(e)).all())
     mean_abs = float(error.mean()) if error.size else 0.0
-    return OutputCheck(batch, index, dtype, scale, rounding, max_abs, max_rel, mean_abs, tolerance, relative, needed, passed, **shapes)
+    return OutputCheck(
+        batch, index, dtype, scale, rounding, max_abs, max_rel, mean_abs, tolerance, relative, needed, passed, **shapes
+    )
 
 
 def eval_outputs_exact(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:

@@ -61,7 +61,9 @@ class Validation:
     @property
     def independence_passed(self) -> bool:
         """Batch independence where it is required and could be checked."""
-        return not self.batch_independence_required or (self.batch_independent_eval is not False and self.batch_independent_train is not False)
+        return not self.batch_independence_required or (
+            self.batch_independent_eval is not False and self.batch_independent_train is not False
+        )
 
     @property
     def passed(self) -> bool:
@@ -247,7 +249,9 @@ def _validate(
     independence = _independence(model, inputs, indices, known, slack, skipped)
     for mode, verdict in independence.items():
         if verdict is False:
-            messages.append(f"the PyTorch model is batch-dependent in {mode} mode: a sample's output changes with the rest of the batch")
+            messages.append(
+                f"the PyTorch model is batch-dependent in {mode} mode: a sample's output changes with the rest of the batch"
+            )
     return Validation(
         onnx_path=path.name,
         exporter=info["exporter"],
@@ -266,7 +270,9 @@ def _validate(
     )
 
 
-def _reference_runs(model: nn.Module, inputs: tuple, sizes: list[int], indices: tuple[int, ...], exact: dict[int, list[torch.Tensor]]) -> list[_Run]:
+def _reference_runs(
+    model: nn.Module, inputs: tuple, sizes: list[int], indices: tuple[int, ...], exact: dict[int, list[torch.Tensor]]
+) -> list[_Run]:
     """PyTorch's eval outputs at each batch size (the example inputs as they are without one).
 
     Raises:
@@ -278,7 +284,9 @@ def _reference_runs(model: nn.Module, inputs: tuple, sizes: list[int], indices: 
         batch = inputs if size is None else batch_of(inputs, size, indices)
         expected = exact.get(size) if size is not None else None
         expected = expected if expected is not None else eval_outputs_exact(model, batch)
-        broken = next((i for i, t in enumerate(expected) if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        broken = next(
+            (i for i, t in enumerate(expected) if t.is_floating_point() and not bool(torch.isfinite(t).all())), None
+        )
         if broken is not None:
             raise ValidationError(
                 f"The PyTorch model's output {broken} holds NaN or infinite values on the example inputs"
@@ -289,7 +297,12 @@ def _reference_runs(model: nn.Module, inputs: tuple, sizes: list[int], indices: 
 
 
 def _fidelity(
-    session: Any, runs: list[_Run], errors: list[list[float] | None], indices: tuple[int, ...], atol: float | None, rtol: float | None
+    session: Any,
+    runs: list[_Run],
+    errors: list[list[float] | None],
+    indices: tuple[int, ...],
+    atol: float | None,
+    rtol: float | None,
 ) -> tuple[list[OutputCheck], list[str]]:
     """Each output of each run compared with onnxruntime's, and a sentence per failure."""
     checks, messages = [], []
@@ -321,7 +334,12 @@ def _independence_required(plan: Plan | None) -> bool:
 
 
 def _independence(
-    model: nn.Module, inputs: tuple, indices: tuple[int, ...], known: dict[int, list[torch.Tensor]], slack: Sequence[float], skipped: list[str]
+    model: nn.Module,
+    inputs: tuple,
+    indices: tuple[int, ...],
+    known: dict[int, list[torch.Tensor]],
+    slack: Sequence[float],
+    skipped: list[str],
 ) -> dict[str, bool | None]:
     """The eval- and train-mode verdicts; what could not be judged goes to `skipped`."""
     if not indices:
@@ -336,7 +354,9 @@ def _independence(
     return {mode: result.independent for mode, result in results.items()}
 
 
-def _drift(model: nn.Module, original: nn.Module, inputs: tuple, indices: tuple[int, ...], known: dict[int, list[torch.Tensor]]) -> Drift:
+def _drift(
+    model: nn.Module, original: nn.Module, inputs: tuple, indices: tuple[int, ...], known: dict[int, list[torch.Tensor]]
+) -> Drift:
     accumulator = DriftAccumulator()
     example = batch_size_of(inputs, indices)
     converted = known.get(example) or eval_outputs(model, inputs)

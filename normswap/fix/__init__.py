@@ -72,7 +72,9 @@ def fix_source(
     analysis = analyze(model, example_inputs, context)
     options = PlanOptions(max_groups=max_groups, channels_per_group=channels_per_group)
     given = plan is not None  # a given plan's options are read off its group counts
-    plan = resolve_plan(analysis.sites, analysis.findings, context, plan, PlanRequest("auto", options, tuple(keep)), strict=False)
+    plan = resolve_plan(
+        analysis.sites, analysis.findings, context, plan, PlanRequest("auto", options, tuple(keep)), strict=False
+    )
     fixes = plan_fixes([FixJob(model, analysis.sites, plan, options=None if given else options)], Path(root), unsafe)
     if apply:
         fixes.apply()

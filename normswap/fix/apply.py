@@ -61,7 +61,9 @@ class FileFix:
         two lines run together and the diff ends in a newline."""
         name = self.relative
         lines = difflib.unified_diff(physical_lines(self.before), physical_lines(self.after), f"a/{name}", f"b/{name}")
-        return "".join(line if line.endswith(("\n", "\r")) else f"{line}\n\\ No newline at end of file\n" for line in lines)
+        return "".join(
+            line if line.endswith(("\n", "\r")) else f"{line}\n\\ No newline at end of file\n" for line in lines
+        )
 
     def hunks(self) -> list[Hunk]:
         old, new = physical_lines(self.before), physical_lines(self.after)
@@ -77,7 +79,9 @@ def check_writable(paths: Sequence[Path]) -> None:
     for path in paths:
         mode = path.stat().st_mode
         if not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) or not os.access(path, os.W_OK):
-            raise FixError(f"'{relative_path(str(path))}' is read-only, so nothing was fixed; make it writable and run again.")
+            raise FixError(
+                f"'{relative_path(str(path))}' is read-only, so nothing was fixed; make it writable and run again."
+            )
 
 
 def write(fix: FileFix) -> None:

@@ -23,7 +23,17 @@ from .locate import CALL, VALUE, Spot
 BATCHNORM_PARAMETERS = ("num_features", "eps", "momentum", "affine", "track_running_stats", "device", "dtype")
 LAZY_BATCHNORM_PARAMETERS = ("eps", "momentum", "affine", "track_running_stats", "device", "dtype")
 F_BATCH_NORM = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-TORCH_BATCH_NORM = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled")
+TORCH_BATCH_NORM = (
+    "input",
+    "weight",
+    "bias",
+    "running_mean",
+    "running_var",
+    "training",
+    "momentum",
+    "eps",
+    "cudnn_enabled",
+)
 
 
 def replacement(spot: Spot, entries: Sequence[PlanEntry], options: PlanOptions | None = None) -> SourceCode | str:
@@ -42,7 +52,9 @@ def replacement(spot: Spot, entries: Sequence[PlanEntry], options: PlanOptions |
     assert isinstance(call, cst.Call)  # CALL and FUNCTIONAL spots are calls
     if spot.kind == CALL:
         found = _constructor(spot, call, params, target.name)
-        return found if isinstance(found, str) else target.source_call(dataclasses.replace(found, options=options), params)
+        return (
+            found if isinstance(found, str) else target.source_call(dataclasses.replace(found, options=options), params)
+        )
     if len({repr(sorted(p.items())) for p in params}) != 1:
         return "the calls made here have different plans; make them on separate lines"
     found = _functional(spot, call)

@@ -132,7 +132,11 @@ class SourceFixes:
         """The part of the fixes that concerns one model of a multi-model run: its edits, each
         listing only this model's sites."""
         return SourceFixes(
-            edits=[dataclasses.replace(e, sites=tuple(site for model, site in e.members if model == label)) for e in self.edits if label in e.models],
+            edits=[
+                dataclasses.replace(e, sites=tuple(site for model, site in e.members if model == label))
+                for e in self.edits
+                if label in e.models
+            ],
             unfixable=[u for u in self.unfixable if u.model == label],
             files=self.files,
             review=self.review,
@@ -200,7 +204,9 @@ def plan_fixes(jobs: Sequence[FixJob], root: Path, unsafe: bool = False) -> Sour
     return result
 
 
-def _edit(spot: Spot, group: list[_Member], result: SourceFixes, files: Files, several: bool) -> tuple[Spot, SourceCode, Edit] | None:
+def _edit(
+    spot: Spot, group: list[_Member], result: SourceFixes, files: Files, several: bool
+) -> tuple[Spot, SourceCode, Edit] | None:
     """One edit for every site built at `spot`, or each site's reason there is none."""
     wanted = [m for m in group if m.wanted]
     if not wanted:
@@ -210,7 +216,9 @@ def _edit(spot: Spot, group: list[_Member], result: SourceFixes, files: Files, s
     others = [m for m in group if not m.wanted]
     code: SourceCode | str
     if others:
-        names = ", ".join(f"{m.label}:{m.site.name}" if several else m.site.name for m in others[:4]) + (", ..." if len(others) > 4 else "")
+        names = ", ".join(f"{m.label}:{m.site.name}" if several else m.site.name for m in others[:4]) + (
+            ", ..." if len(others) > 4 else ""
+        )
         code = f"{location_text} also builds {names}, which this run leaves as BatchNorm; build them on separate lines or give them the same plan"
     else:
         code = replacement(spot, [m.entry for m in wanted], wanted[0].options)
@@ -272,7 +280,9 @@ def _rewrite_files(chosen: list[tuple[Spot, SourceCode, Edit]], result: SourceFi
                     why = "no model of this run builds its layers there; lint the models that do to fix it too"
                 else:
                     why = "check whether it should name the new class too (an isinstance test in an init loop, say)"
-                result.notes.append(f"{name}:{line} still names {source.code(node)} (`{source.lines[line - 1].strip()}`): {why}")
+                result.notes.append(
+                    f"{name}:{line} still names {source.code(node)} (`{source.lines[line - 1].strip()}`): {why}"
+                )
     for source in files.read() if chosen else ():
         for line in source.name_matches():
             result.notes.append(

@@ -121,7 +121,9 @@ def locate(site: Site, module: nn.Module | None, construction: Construction | No
         )
     if site.kind == "lookalike":
         return Unfixable(
-            site.name, f"a {site.flavour} is not a torch BatchNorm: normswap does not know what its constructor arguments mean", site.defined_at
+            site.name,
+            f"a {site.flavour} is not a torch BatchNorm: normswap does not know what its constructor arguments mean",
+            site.defined_at,
         )
     if site.kind == "functional":
         return _functional(site, module, files)
@@ -148,7 +150,9 @@ def _frames(site: Site, construction: Construction, files: Files) -> list[_Frame
     as it is now; stops at the first call outside the project."""
     first = construction.calls[0]
     if not files.inside(first.path):
-        origin = "an installed package" if origin_of(first.path, files.root) == "installed" else "a file outside the project"
+        origin = (
+            "an installed package" if origin_of(first.path, files.root) == "installed" else "a file outside the project"
+        )
         own = next((call for call in construction.calls if files.inside(call.path)), None)
         pointer = f"; your code builds it at {relative_path(own.path)}:{own.line}" if own else ""
         raise _Refused(f"built in {origin} ({relative_path(first.path)}), which normswap does not edit{pointer}")
@@ -176,7 +180,9 @@ def _frames(site: Site, construction: Construction, files: Files) -> list[_Frame
 def _builds(source: SourceFile, reference: cst.CSTNode, module: nn.Module) -> bool:
     """Whether `reference` names the torch class `module` is an instance of."""
     cls = type(module)
-    return cls.__module__.startswith("torch.nn") and any(name.rsplit(".", 1)[-1] == cls.__name__ for name in source.batchnorm_classes(reference))
+    return cls.__module__.startswith("torch.nn") and any(
+        name.rsplit(".", 1)[-1] == cls.__name__ for name in source.batchnorm_classes(reference)
+    )
 
 
 # --- a class passed as a value ---------------------------------------------------------------
@@ -207,7 +213,9 @@ class _Resolver:
     the functions that return it (`get_norm_layer('batch')`) and the mappings it is looked up in.
     `trail` collects where the search hit something it cannot follow, first (deepest) first."""
 
-    def __init__(self, frames: list[_Frame], module: nn.Module, files: Files, depth: int = 0, trail: list[str] | None = None) -> None:
+    def __init__(
+        self, frames: list[_Frame], module: nn.Module, files: Files, depth: int = 0, trail: list[str] | None = None
+    ) -> None:
         self.frames = frames
         self.module = module
         self.files = files
@@ -218,7 +226,9 @@ class _Resolver:
     def expression(self, node: cst.CSTNode, k: int) -> _Found | None:
         """The reference `node`, evaluated in frame `k`, holds."""
         source = self.frames[k].source
-        found = [reference for reference in source.batchnorm_references(node) if _builds(source, reference, self.module)]
+        found = [
+            reference for reference in source.batchnorm_references(node) if _builds(source, reference, self.module)
+        ]
         if found:
             return self._one([(source, reference) for reference in found], source.code(node))
         if isinstance(node, cst.Name):
@@ -226,7 +236,11 @@ class _Resolver:
                 return None
             result = self.name(node.value, k)
             if result is None:
-                self._broke(k, node, "is bound to nothing normswap can read here (a loop variable, a global set elsewhere, a star import)")
+                self._broke(
+                    k,
+                    node,
+                    "is bound to nothing normswap can read here (a loop variable, a global set elsewhere, a star import)",
+                )
             return result
         if isinstance(node, cst.Attribute) and isinstance(node.value, cst.Name) and node.value.value == "self":
             result = self.attribute(node.attr.value, k)
@@ -253,19 +267,25 @@ class _Resolver:
             # an argument the caller passed wins over the default (None falls through to it)
             passed = self._passed(function, frame.source, parameter, k + 1)
             if passed is _UNKNOWN:
-                self._broke(k + 1, self.frames[k + 1].node, f"passes `{name}` in a mapping (**kwargs) normswap cannot read")
+                self._broke(
+                    k + 1, self.frames[k + 1].node, f"passes `{name}` in a mapping (**kwargs) normswap cannot read"
+                )
                 return None
             if isinstance(passed, tuple) and not (isinstance(passed[0], cst.Name) and passed[0].value == "None"):
                 return self.expression(*passed)
         # `if norm_layer is None: norm_layer = nn.BatchNorm2d`; a factory's branches
-        assigned = [found for value in _assigned(function.body, name) if (found := self.expression(value, k)) is not None]
+        assigned = [
+            found for value in _assigned(function.body, name) if (found := self.expression(value, k)) is not None
+        ]
         if assigned:
             return self._one(assigned, name)
         if parameter is not None and parameter.default is not None:
             return self.expression(parameter.default, k)
         return self._module_level(name, k)
 
-    def _passed(self, function: cst.FunctionDef, source: SourceFile, parameter: cst.Param, j: int) -> tuple[cst.BaseExpression, int] | object | None:
+    def _passed(
+        self, function: cst.FunctionDef, source: SourceFile, parameter: cst.Param, j: int
+    ) -> tuple[cst.BaseExpression, int] | object | None:
         """What the call in frame `j` passes for `parameter`: the expression and the frame it is
         evaluated in, following `**kwargs` forwarded from caller to caller (`resnet18(**kwargs)`
         -> `_resnet(..., **kwargs)` -> `ResNet(..., **kwargs)`); None when nothing is passed,
@@ -286,7 +306,11 @@ class _Resolver:
             if (
                 len(spread) > 1
                 or span is None
-                or not (isinstance(spread[0].value, cst.Name) and isinstance(forwarded, cst.Param) and forwarded.name.value == spread[0].value.value)
+                or not (
+                    isinstance(spread[0].value, cst.Name)
+                    and isinstance(forwarded, cst.Param)
+                    and forwarded.name.value == spread[0].value.value
+                )
             ):
                 return _UNKNOWN
             if name not in span.kwargs_keys:
@@ -343,7 +367,11 @@ class _Resolver:
                 found.append(result)
         if not found:
             where = f"{self.files.relative(source.path)}:{source.line_of(function)}"
-            self._broke(k, call, f"calls `{function.name.value}` ({where}), which returns no {type(self.module).__name__} class normswap can see")
+            self._broke(
+                k,
+                call,
+                f"calls `{function.name.value}` ({where}), which returns no {type(self.module).__name__} class normswap can see",
+            )
             return None
         return self._one(found, source.code(call))
 
@@ -373,7 +401,9 @@ class _Resolver:
                     target = small.targets[0].target
                     if isinstance(target, cst.Name) and target.value == name and self.depth < _MAX_FOLLOWED:
                         module_frame = [_Frame(source, small.value, None)]
-                        found = _Resolver(module_frame, self.module, self.files, self.depth + 1, self.trail).expression(small.value, 0)
+                        found = _Resolver(module_frame, self.module, self.files, self.depth + 1, self.trail).expression(
+                            small.value, 0
+                        )
                         if found is not None:
                             return found
         return None
@@ -382,7 +412,9 @@ class _Resolver:
         """The one reference among `found`; several distinct ones: the layer could come from any."""
         distinct = list({id(node): (source, node) for source, node in found}.values())
         if len(distinct) > 1:
-            places = ", ".join(dict.fromkeys(f"{self.files.relative(source.path)}:{source.line_of(node)}" for source, node in distinct))
+            places = ", ".join(
+                dict.fromkeys(f"{self.files.relative(source.path)}:{source.line_of(node)}" for source, node in distinct)
+            )
             raise _Refused(
                 f"`{_short(what)}` may hold any of {len(distinct)} {type(self.module).__name__} classes ({places}), "
                 "and normswap cannot tell which one built this layer; give each its own name"
@@ -391,7 +423,9 @@ class _Resolver:
 
     def _broke(self, k: int, node: cst.CSTNode, why: str) -> None:
         source = self.frames[k].source
-        self.trail.append(f"{self.files.relative(source.path)}:{source.line_of(node)}, where `{_short(source.code(node))}` {why}")
+        self.trail.append(
+            f"{self.files.relative(source.path)}:{source.line_of(node)}, where `{_short(source.code(node))}` {why}"
+        )
 
 
 def _short(code: str, limit: int = 60) -> str:
@@ -441,7 +475,11 @@ def _imported_function(source: SourceFile, func: cst.CSTNode, files: Files) -> t
         return f"calls `{dotted}`, whose file cannot be read ({str(exc).rstrip('.')})"
     if defined.fingerprint(code.co_qualname, code.co_firstlineno) != code_fingerprint(code):
         return f"calls `{dotted}`, whose file {relative_path(code.co_filename)} changed since the model was built"
-    candidates = [node for node, where in defined.positions.items() if isinstance(node, cst.FunctionDef) and node.name.value == code.co_name]
+    candidates = [
+        node
+        for node, where in defined.positions.items()
+        if isinstance(node, cst.FunctionDef) and node.name.value == code.co_name
+    ]
     following = [node for node in candidates if defined.positions[node].start.line >= code.co_firstlineno]
     if not following:
         return f"calls `{dotted}`, whose definition normswap cannot find in {relative_path(code.co_filename)}"
@@ -462,7 +500,9 @@ def _loaded(source: SourceFile, func: cst.CSTNode, dotted: str) -> object | None
                 if value is not None:
                     return value
     path = os.path.realpath(source.path)
-    running = next((m for m in list(sys.modules.values()) if os.path.realpath(getattr(m, "__file__", None) or "/") == path), None)
+    running = next(
+        (m for m in list(sys.modules.values()) if os.path.realpath(getattr(m, "__file__", None) or "/") == path), None
+    )
     value = running
     for part in dotted.split(".") if running is not None else ():
         value = getattr(value, part, None)
@@ -480,10 +520,14 @@ def _dotted(node: cst.CSTNode) -> str | None:
 
 def _parameter(function: cst.FunctionDef, name: str) -> cst.Param | None:
     params = function.params
-    return next((p for p in [*params.posonly_params, *params.params, *params.kwonly_params] if p.name.value == name), None)
+    return next(
+        (p for p in [*params.posonly_params, *params.params, *params.kwonly_params] if p.name.value == name), None
+    )
 
 
-def _argument(call: cst.Call, function: cst.FunctionDef, source: SourceFile, parameter: cst.Param) -> cst.BaseExpression | None:
+def _argument(
+    call: cst.Call, function: cst.FunctionDef, source: SourceFile, parameter: cst.Param
+) -> cst.BaseExpression | None:
     """The expression `call` passes for `parameter` of `function`, by keyword or by position
     (a method's or constructor's `self` is passed implicitly)."""
     for arg in call.args:
@@ -541,7 +585,9 @@ def _functional(site: Site, owner: nn.Module | None, files: Files) -> Spot | Unf
     the model ran (`owner`: the module whose forward made the call)."""
     where = site.called_at[0] if site.called_at else None
     if where is None:
-        return Unfixable(site.name, "the line that calls it is not known (it was captured without source positions)", None)
+        return Unfixable(
+            site.name, "the line that calls it is not known (it was captured without source positions)", None
+        )
     absolute = where.absolute()
     path = str(absolute) if absolute is not None else where.path
     if absolute is None or not files.inside(path):
@@ -551,9 +597,13 @@ def _functional(site: Site, owner: nn.Module | None, files: Files) -> Spot | Unf
     except FixError as exc:
         return Unfixable(site.name, str(exc).rstrip("."), where)
     running = _running_code(owner, path, where.line) if owner is not None else None
-    if running is not None and source.fingerprint(running.co_qualname, running.co_firstlineno) != code_fingerprint(running):
+    if running is not None and source.fingerprint(running.co_qualname, running.co_firstlineno) != code_fingerprint(
+        running
+    ):
         return Unfixable(
-            site.name, f"{where.path} changed since the model was built (its code is not what ran); rebuild the model and fix again", where
+            site.name,
+            f"{where.path} changed since the model was built (its code is not what ran); rebuild the model and fix again",
+            where,
         )
     calls = [c for c in source.calls_on_line(where.line) if source.qualified(c.func) & FUNCTIONAL_BATCHNORM]
     if len(calls) != 1:
@@ -576,7 +626,9 @@ def _running_code(owner: nn.Module, path: str, line: int) -> types.CodeType | No
             pending = [code] if isinstance(code, types.CodeType) else []
             while pending:
                 current = pending.pop()
-                holds = os.path.abspath(current.co_filename) == os.path.abspath(path) and any(p[0] == line for p in current.co_positions())
+                holds = os.path.abspath(current.co_filename) == os.path.abspath(path) and any(
+                    p[0] == line for p in current.co_positions()
+                )
                 if holds and (best is None or current.co_firstlineno >= best.co_firstlineno):
                     best = current
                 pending.extend(c for c in current.co_consts if isinstance(c, types.CodeType))

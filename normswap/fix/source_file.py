@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, cast
 
 import libcst as cst
-from libcst.metadata import CodeRange, MetadataWrapper, ParentNodeProvider, PositionProvider, QualifiedName, ScopeProvider
+from libcst.metadata import (
+    CodeRange,
+    MetadataWrapper,
+    ParentNodeProvider,
+    PositionProvider,
+    QualifiedName,
+    ScopeProvider,
+)
 
 from ..errors import NormswapError
 from ..source import CodeSpan, code_fingerprint
@@ -22,7 +29,15 @@ from ..source import CodeSpan, code_fingerprint
 BATCHNORM_CLASSES = {
     f"torch.nn{module}.{name}"
     for module in ("", ".modules.batchnorm", ".modules")
-    for name in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d")
+    for name in (
+        "BatchNorm1d",
+        "BatchNorm2d",
+        "BatchNorm3d",
+        "SyncBatchNorm",
+        "LazyBatchNorm1d",
+        "LazyBatchNorm2d",
+        "LazyBatchNorm3d",
+    )
 }
 COMPREHENSIONS = (cst.ListComp, cst.SetComp, cst.DictComp, cst.GeneratorExp)
 FUNCTIONAL_BATCHNORM = {"torch.nn.functional.batch_norm", "torch.batch_norm"}
@@ -32,7 +47,19 @@ _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
 # a string that names BatchNorm: 'BatchNorm2d', 'batch_norm', or 'bn' as a word of a layer name ('bn1', 'layer1.0.bn2')
 BATCHNORM_NAME = re.compile(r"batch_?norm|(?<![a-z])bn(?![a-z])", re.IGNORECASE)
 # string methods (and re functions) that test a name against a string
-_NAME_TESTS = {"find", "rfind", "index", "rindex", "count", "startswith", "endswith", "__contains__", "match", "search", "fullmatch"}
+_NAME_TESTS = {
+    "find",
+    "rfind",
+    "index",
+    "rindex",
+    "count",
+    "startswith",
+    "endswith",
+    "__contains__",
+    "match",
+    "search",
+    "fullmatch",
+}
 
 
 def physical_lines(text: str) -> list[str]:
@@ -65,10 +92,14 @@ class SourceFile:
             raise FixError(f"Cannot read '{path}': {exc.strerror or exc}.") from exc
         try:
             text = raw.decode("utf-8")
-            wrapper = MetadataWrapper(cst.parse_module(text), unsafe_skip_copy=True)  # parsed here, nobody else holds it
+            wrapper = MetadataWrapper(
+                cst.parse_module(text), unsafe_skip_copy=True
+            )  # parsed here, nobody else holds it
         except (UnicodeDecodeError, cst.ParserSyntaxError) as exc:
             reason = "is not UTF-8" if isinstance(exc, UnicodeDecodeError) else "does not parse"
-            raise FixError(f"'{path}' {reason} ({str(exc).splitlines()[0][:120]}); nothing in it was changed.") from None
+            raise FixError(
+                f"'{path}' {reason} ({str(exc).splitlines()[0][:120]}); nothing in it was changed."
+            ) from None
         resolved = wrapper.resolve_many([PositionProvider, ParentNodeProvider, ScopeProvider])
         positions = cast(dict[cst.CSTNode, CodeRange], dict(resolved[PositionProvider]))
         parents = cast(dict[cst.CSTNode, cst.CSTNode], dict(resolved[ParentNodeProvider]))
@@ -113,11 +144,17 @@ class SourceFile:
             if not isinstance(value, str) or not BATCHNORM_NAME.search(value):
                 continue
             parent = self.parents.get(node)
-            while isinstance(parent, (cst.Element, cst.Tuple, cst.List, cst.Set)):  # `in ('BatchNorm1d', 'BatchNorm2d')`
+            while isinstance(
+                parent, (cst.Element, cst.Tuple, cst.List, cst.Set)
+            ):  # `in ('BatchNorm1d', 'BatchNorm2d')`
                 parent = self.parents.get(parent)
             if isinstance(parent, cst.Arg):
                 call = self.parents.get(parent)
-                tested = isinstance(call, cst.Call) and isinstance(call.func, cst.Attribute) and call.func.attr.value in _NAME_TESTS
+                tested = (
+                    isinstance(call, cst.Call)
+                    and isinstance(call.func, cst.Attribute)
+                    and call.func.attr.value in _NAME_TESTS
+                )
             else:
                 tested = isinstance(parent, (cst.Comparison, cst.ComparisonTarget))
             if tested:
@@ -132,7 +169,9 @@ class SourceFile:
                 for node, where in self.positions.items()
                 if isinstance(node, (cst.Call, *COMPREHENSIONS))
             }
-        return self._calls.get((span.line, self._column(span.line, span.col), span.end_line, self._column(span.end_line, span.end_col)))
+        return self._calls.get(
+            (span.line, self._column(span.line, span.col), span.end_line, self._column(span.end_line, span.end_col))
+        )
 
     def call_at(self, span: CodeSpan) -> cst.Call | None:
         """The call expression exactly at `span`."""
@@ -140,7 +179,11 @@ class SourceFile:
         return node if isinstance(node, cst.Call) else None
 
     def calls_on_line(self, line: int) -> list[cst.Call]:
-        found = [node for node, where in self.positions.items() if isinstance(node, cst.Call) and where.start.line <= line <= where.end.line]
+        found = [
+            node
+            for node, where in self.positions.items()
+            if isinstance(node, cst.Call) and where.start.line <= line <= where.end.line
+        ]
         return sorted(found, key=lambda node: (self.positions[node].start.line, self.positions[node].start.column))
 
     def qualified(self, node: cst.CSTNode) -> set[str]:
@@ -171,7 +214,10 @@ class SourceFile:
         for statement in self.module.body:
             if isinstance(statement, cst.FunctionDef) and statement.name.value == name:
                 written = statement.with_changes(leading_lines=())
-                return "\n".join(line.rstrip() for line in self.module.code_for_node(written).strip().splitlines()) == wanted
+                return (
+                    "\n".join(line.rstrip() for line in self.module.code_for_node(written).strip().splitlines())
+                    == wanted
+                )
         return False
 
     def batchnorm_classes(self, node: cst.CSTNode) -> set[str]:

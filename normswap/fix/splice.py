@@ -29,7 +29,9 @@ def spliced(source: SourceFile, spots: Sequence[tuple[Spot, SourceCode]]) -> str
     for start, end, new in sorted(edits, key=lambda edit: (edit[0], edit[1]), reverse=True):
         text = text[:start] + new + text[end:]
     try:
-        compile(text.removeprefix("\ufeff"), str(source.path), "exec", dont_inherit=True)  # a byte-order mark is not code
+        compile(
+            text.removeprefix("\ufeff"), str(source.path), "exec", dont_inherit=True
+        )  # a byte-order mark is not code
     except SyntaxError as exc:  # a bug in normswap's fix, never the user's code
         raise FixError(
             f"normswap's fix of '{source.path}' would not compile ({exc.msg}, line {exc.lineno}); nothing was written. Please report this."
@@ -45,13 +47,21 @@ def _top_level_imports(source: SourceFile) -> list[tuple[cst.SimpleStatementLine
     return found
 
 
-def _added_code(source: SourceFile, modules: Sequence[str], helpers: Mapping[str, str], users: Sequence[cst.CSTNode]) -> list[tuple[int, int, str]]:
+def _added_code(
+    source: SourceFile, modules: Sequence[str], helpers: Mapping[str, str], users: Sequence[cst.CSTNode]
+) -> list[tuple[int, int, str]]:
     """`import X` lines for the modules the new code names and the file does not bind yet, after
     the last top-level import (else after the docstring, else at the top), then the helper
     functions it calls, two blank lines apart; a helper goes before the first top-level
     statement that uses it when that statement comes earlier (`Norm = _group_norm` runs at import)."""
     imports = _top_level_imports(source)
-    bound = {source.code(alias.name) for _, node in imports if isinstance(node, cst.Import) for alias in node.names if alias.asname is None}
+    bound = {
+        source.code(alias.name)
+        for _, node in imports
+        if isinstance(node, cst.Import)
+        for alias in node.names
+        if alias.asname is None
+    }
     bound_roots = {name.split(".")[0] for name in bound}
     missing = [m for m in modules if not (m in bound or ("." not in m and m in bound_roots))]
     if not missing and not helpers:
@@ -61,7 +71,9 @@ def _added_code(source: SourceFile, modules: Sequence[str], helpers: Mapping[str
     newline = source.module.default_newline  # a CRLF file gets CRLF import lines
     added = "".join(f"import {m}{newline}" for m in missing)
     definitions = [text.replace("\n", newline) for text in helpers.values()]
-    first_use = min((source.char_range(_top_level(source, node), whole_lines=True)[0] for node in users), default=offset)
+    first_use = min(
+        (source.char_range(_top_level(source, node), whole_lines=True)[0] for node in users), default=offset
+    )
     if definitions and first_use < offset:
         return [(offset, offset, added), (first_use, first_use, "".join(d + newline * 2 for d in definitions))]
     if not definitions:
@@ -80,7 +92,11 @@ def _top_level(source: SourceFile, node: cst.CSTNode) -> cst.CSTNode:
 
 def _docstring(source: SourceFile) -> cst.CSTNode | None:
     first = source.module.body[0] if source.module.body else None
-    if isinstance(first, cst.SimpleStatementLine) and isinstance(first.body[0], cst.Expr) and isinstance(first.body[0].value, cst.SimpleString):
+    if (
+        isinstance(first, cst.SimpleStatementLine)
+        and isinstance(first.body[0], cst.Expr)
+        and isinstance(first.body[0].value, cst.SimpleString)
+    ):
         return first
     return None
 
@@ -96,7 +112,8 @@ def _trimmed_imports(source: SourceFile, replaced: Sequence[cst.CSTNode]) -> lis
         unused = [
             alias
             for alias in node.names
-            if f"{module_name}.{source.code(alias.name)}" in BATCHNORM_CLASSES and source.only_used_inside(alias, replaced)
+            if f"{module_name}.{source.code(alias.name)}" in BATCHNORM_CLASSES
+            and source.only_used_inside(alias, replaced)
         ]
         if not unused:
             continue

@@ -13,7 +13,12 @@ from .text import render_text
 if TYPE_CHECKING:
     from ..report import Report
 
-RENDERERS: dict[str, Callable[..., str]] = {"text": render_text, "json": render_json, "markdown": render_markdown, "sarif": render_sarif}
+RENDERERS: dict[str, Callable[..., str]] = {
+    "text": render_text,
+    "json": render_json,
+    "markdown": render_markdown,
+    "sarif": render_sarif,
+}
 # `--format`: the text renderer's styles, then the other renderers
 TEXT_STYLES = {"text": "auto", "grouped": "grouped", "full": "full", "concise": "concise"}
 FORMATS = (*TEXT_STYLES, "json", "markdown", "sarif")
@@ -26,4 +31,13 @@ def render_statistics(reports: Sequence[Report], output_format: str = "text") ->
     return render_text(reports, statistics_only=True)
 
 
-__all__ = ["FORMATS", "RENDERERS", "TEXT_STYLES", "render_json", "render_markdown", "render_sarif", "render_statistics", "render_text"]
+__all__ = [
+    "FORMATS",
+    "RENDERERS",
+    "TEXT_STYLES",
+    "render_json",
+    "render_markdown",
+    "render_sarif",
+    "render_statistics",
+    "render_text",
+]

@@ -66,7 +66,10 @@ def statistics(report: Report) -> list[RuleCount]:
     counts: dict[str, int] = {}
     for finding in report.remaining_findings():
         counts[finding.code] = counts.get(finding.code, 0) + 1
-    rows = [RuleCount(code, rules[code].name, rules[code].severity.value, n, fix_availability(rules[code])) for code, n in counts.items()]
+    rows = [
+        RuleCount(code, rules[code].name, rules[code].severity.value, n, fix_availability(rules[code]))
+        for code, n in counts.items()
+    ]
     return sorted(rows, key=lambda row: (-row.count, row.code))
 
 
@@ -118,7 +121,9 @@ def recommended_action(report: Report) -> str:
     fixes = section.fixes
     if fixes is not None and commands is not None and not fixes.applied and fixes.edits:
         files = list(dict.fromkeys(edit.path for edit in fixes.edits))
-        command = commands.fix if any(not edit.safe for edit in fixes.edits) else commands.fix.removesuffix(" --unsafe-fixes")
+        command = (
+            commands.fix if any(not edit.safe for edit in fixes.edits) else commands.fix.removesuffix(" --unsafe-fixes")
+        )
         lines.append(f"  the source:     {command}   ({plural(len(fixes.edits), 'edit')} in {', '.join(files)})")
     return "\n".join(lines)
 

@@ -159,7 +159,9 @@ def _conversion(section: ConversionSection | None) -> dict[str, Any]:
 def _recommended(section: LintSection | None) -> dict[str, Any] | None:
     if section is None:
         return None
-    commands = {"convert": section.commands.convert, "fix": section.commands.fix} if section.commands is not None else {}
+    commands = (
+        {"convert": section.commands.convert, "fix": section.commands.fix} if section.commands is not None else {}
+    )
     return {"auto": dict(section.auto_plan), "planned_by": section.planned_by, "commands": commands}
 
 
@@ -204,7 +206,10 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         "sites": [_site(site) for site in report.sites],
         "findings": [finding_to_dict(f) | {"fixed": id(f) not in remaining} for f in report.findings],
         # why each rule stayed quiet, per site ("why was this layer left alone?")
-        "not_fired": {site: [{"code": skip.code, "reason": skip.reason} for skip in skips] for site, skips in report.not_fired.items()},
+        "not_fired": {
+            site: [{"code": skip.code, "reason": skip.reason} for skip in skips]
+            for site, skips in report.not_fired.items()
+        },
         **_conversion(conversion),
         "notes": list(report.notes),
         "outputs": dict(sorted(conversion.outputs.items())) if conversion is not None else {},

@@ -38,16 +38,39 @@ def render_markdown(reports: Sequence[Report]) -> str:
                 )
             lines.append("")
             for f in report.remaining_findings():
-                lines.append(f"<details><summary><code>{f.code}</code> {f.name} at <code>{f.site_name}</code></summary>")
+                lines.append(
+                    f"<details><summary><code>{f.code}</code> {f.name} at <code>{f.site_name}</code></summary>"
+                )
                 lines.append("")
                 lines.append(f.message)
                 lines.append("")
                 if f.site is not None and f.site.defined_at:
-                    lines += [f"Constructed at `{f.site.defined_at.label}`:", "", "```python", f.site.defined_at.code, "```", ""]
+                    lines += [
+                        f"Constructed at `{f.site.defined_at.label}`:",
+                        "",
+                        "```python",
+                        f.site.defined_at.code,
+                        "```",
+                        "",
+                    ]
                 if f.site is not None and f.site.built_from:
-                    lines += [f"Built from your code at `{f.site.built_from}`:", "", "```python", f.site.built_from.code, "```", ""]
+                    lines += [
+                        f"Built from your code at `{f.site.built_from}`:",
+                        "",
+                        "```python",
+                        f.site.built_from.code,
+                        "```",
+                        "",
+                    ]
                 if f.site is not None and f.site.called_at:
-                    lines += [f"Called at `{f.site.called_at[0]}`:", "", "```python", f.site.called_at[0].code, "```", ""]
+                    lines += [
+                        f"Called at `{f.site.called_at[0]}`:",
+                        "",
+                        "```python",
+                        f.site.called_at[0].code,
+                        "```",
+                        "",
+                    ]
                 if f.remedy is not None:
                     lines.append(
                         f"**Fix** ({'safe: keeps the function' if f.remedy.safe else 'unsafe: changes the function'}): {f.remedy.description}"
@@ -90,7 +113,12 @@ def _conversion(section: ConversionSection | None, notes: list[str]) -> list[str
         lines += [f"| `{fit.name}` | {fit.target} | {fit.r2:.3f} | {fit.samples} |" for fit in section.calibration]
         lines.append("")
     if section is not None and section.drift:
-        lines += ["#### Drift (original vs converted)", "", "| Stage | Max abs | Mean abs | Cosine | Top-1 agreement |", "|---|---|---|---|---|"]
+        lines += [
+            "#### Drift (original vs converted)",
+            "",
+            "| Stage | Max abs | Mean abs | Cosine | Top-1 agreement |",
+            "|---|---|---|---|---|",
+        ]
         lines += [_drift_row(stage, d) for stage, d in section.drift.items()]
         lines.append("")
     return lines
@@ -125,12 +153,17 @@ def _fixes(report: Report) -> list[str]:
     counts = fix_counts(fixes)
     lines = ["#### Fixes", ""]
     if fixes.applied:
-        lines += [f"Applied to {plural(counts.applied_sites, 'site')} in {', '.join(f'`{p}`' for p in counts.applied_files)}.", ""]
+        lines += [
+            f"Applied to {plural(counts.applied_sites, 'site')} in {', '.join(f'`{p}`' for p in counts.applied_files)}.",
+            "",
+        ]
     for suggestion in fixes.suggestions():
         hunk = suggestion.hunk
         span = f"line {hunk.start}" if hunk.start == hunk.end else f"lines {hunk.start}-{hunk.end}"
         if suggestion.edits:
-            safety = "safe: keeps the function" if all(e.safe for e in suggestion.edits) else "unsafe: changes the function"
+            safety = (
+                "safe: keeps the function" if all(e.safe for e in suggestion.edits) else "unsafe: changes the function"
+            )
             what = "; ".join(f"{e.target} for {', '.join(f'`{s}`' for s in e.sites)}" for e in suggestion.edits)
             lines.append(f"`{suggestion.path}` {span} ({safety}): {what}")
         else:

@@ -45,7 +45,13 @@ def plot_attribution(attribution: Sequence[SiteCost], path: str | Path, title: s
     positions = range(len(rows))
     axes.barh([p + 0.2 for p in positions], swap, height=0.4, color="#d62728", label="converted alone")
     if any(value is not None for value in calibrated):
-        axes.barh([p - 0.2 for p in positions], [v or 0 for v in calibrated], height=0.4, color="#1f77b4", label="converted alone, calibrated")
+        axes.barh(
+            [p - 0.2 for p in positions],
+            [v or 0 for v in calibrated],
+            height=0.4,
+            color="#1f77b4",
+            label="converted alone, calibrated",
+        )
     axes.set_yticks(list(positions), names, fontsize=8)
     axes.set_xlabel(label)
     axes.xaxis.set_major_formatter(lambda value, _: f"{value:.0%}")

@@ -39,7 +39,10 @@ def _fingerprint(*parts: str) -> str:
 
 
 def _physical(location: SourceLocation) -> dict[str, Any]:
-    return {"artifactLocation": {"uri": location.path, "uriBaseId": "%SRCROOT%"}, "region": {"startLine": location.line}}
+    return {
+        "artifactLocation": {"uri": location.path, "uriBaseId": "%SRCROOT%"},
+        "region": {"startLine": location.line},
+    }
 
 
 def _result(report: Report, finding: Finding, rule_index: dict[str, int]) -> dict[str, Any]:
@@ -67,11 +70,14 @@ def _result(report: Report, finding: Finding, rule_index: dict[str, int]) -> dic
     called = [loc for loc in site.called_at if not loc.external] if site is not None else []
     if called:
         result["relatedLocations"] = [
-            {"id": i, "message": {"text": "called here"}, "physicalLocation": _physical(loc)} for i, loc in enumerate(called)
+            {"id": i, "message": {"text": "called here"}, "physicalLocation": _physical(loc)}
+            for i, loc in enumerate(called)
         ]
     if finding.remedy is not None:
         remedy = finding.remedy
-        result["properties"] = {"fix": {"target": remedy.target, "safe": remedy.safe, "description": remedy.description}}
+        result["properties"] = {
+            "fix": {"target": remedy.target, "safe": remedy.safe, "description": remedy.description}
+        }
     fix = _source_fix(report, site)
     if fix is not None:
         result["fixes"] = [fix]
@@ -94,17 +100,29 @@ def _source_fix(report: Report, site: Site | None) -> dict[str, Any] | None:
             and not (suggestion.hunk.start <= edit.end_line and edit.line <= suggestion.hunk.end)
         ):
             offset, length = suggestion.char_range()
-            replacements.append({"deletedRegion": {"charOffset": offset, "charLength": length}, "insertedContent": {"text": suggestion.hunk.text}})
+            replacements.append(
+                {
+                    "deletedRegion": {"charOffset": offset, "charLength": length},
+                    "insertedContent": {"text": suggestion.hunk.text},
+                }
+            )
     replacements.append(
         {
-            "deletedRegion": {"startLine": edit.line, "startColumn": edit.column, "endLine": edit.end_line, "endColumn": edit.end_column},
+            "deletedRegion": {
+                "startLine": edit.line,
+                "startColumn": edit.column,
+                "endLine": edit.end_line,
+                "endColumn": edit.end_column,
+            },
             "insertedContent": {"text": edit.new},
         }
     )
     safety = "keeps the function" if edit.safe else "changes the function"
     return {
         "description": {"text": f"{edit.target} ({'safe' if edit.safe else 'unsafe'}: {safety}): {edit.new}"},
-        "artifactChanges": [{"artifactLocation": {"uri": edit.path, "uriBaseId": "%SRCROOT%"}, "replacements": replacements}],
+        "artifactChanges": [
+            {"artifactLocation": {"uri": edit.path, "uriBaseId": "%SRCROOT%"}, "replacements": replacements}
+        ],
     }
 
 

@@ -16,7 +16,16 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from .common import cost_text, drift_summary, fix_counts, location_text, plural, recommended_action, statistics, unfixable_groups
+from .common import (
+    cost_text,
+    drift_summary,
+    fix_counts,
+    location_text,
+    plural,
+    recommended_action,
+    statistics,
+    unfixable_groups,
+)
 
 if TYPE_CHECKING:
     from ..report import Report
@@ -39,18 +48,29 @@ def summary_line(report: Report) -> str:
     return f"{report.model}: {len(report.sites)} BatchNorm site(s), {found} (captured with {report.capture_method})"
 
 
-def render_text(reports: Sequence[Report], color: bool = False, width: int = 120, style: str = "auto", statistics_only: bool = False) -> str:
+def render_text(
+    reports: Sequence[Report], color: bool = False, width: int = 120, style: str = "auto", statistics_only: bool = False
+) -> str:
     if style not in STYLES:
         raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     buffer = io.StringIO()
     # markup off: user text ("[tool.normswap]", "[warning]") is printed as it is
-    console = Console(file=buffer, width=width, color_system="standard" if color else None, force_terminal=color, highlight=False, markup=False)
+    console = Console(
+        file=buffer,
+        width=width,
+        color_system="standard" if color else None,
+        force_terminal=color,
+        highlight=False,
+        markup=False,
+    )
     for report in reports:
         console.print(summary_line(report), style="bold" if color else None)
         if statistics_only:
             _statistics(console, report)
         elif report.remaining_findings():
-            chosen = style if style != "auto" else ("grouped" if len(report.remaining_findings()) > GROUP_ABOVE else "table")
+            chosen = (
+                style if style != "auto" else ("grouped" if len(report.remaining_findings()) > GROUP_ABOVE else "table")
+            )
             {"table": _table, "grouped": _grouped, "full": _full, "concise": _concise}[chosen](console, report, color)
         _conversion(console, report)
         _fixes(console, report, detailed=style == "full")
@@ -65,14 +85,24 @@ def _table(console: Console, report: Report, color: bool) -> None:
     for column in ("code", "severity", "layer", "location", "message"):
         table.add_column(column, overflow="fold")
     for f in report.remaining_findings():
-        table.add_row(f.code, f.severity.value, f.site_name, location_text(f, report), f.message, style=_STYLE[f.severity.value] if color else None)
+        table.add_row(
+            f.code,
+            f.severity.value,
+            f.site_name,
+            location_text(f, report),
+            f.message,
+            style=_STYLE[f.severity.value] if color else None,
+        )
     console.print(table)
 
 
 def _worst(findings: Sequence[Finding]) -> Finding:
     """The example a group shows: the site with the fewest values per channel in a sample (the
     noisiest batch statistics), ties in model order."""
-    return min(findings, key=lambda f: f.site.spatial_size if f.site is not None and f.site.spatial_size is not None else math.inf)
+    return min(
+        findings,
+        key=lambda f: f.site.spatial_size if f.site is not None and f.site.spatial_size is not None else math.inf,
+    )
 
 
 def _names(findings: Sequence[Finding]) -> str:
@@ -100,7 +130,11 @@ def _grouped(console: Console, report: Report, color: bool) -> None:
 def _full(console: Console, report: Report, color: bool) -> None:
     for f in report.remaining_findings():
         location = location_text(f, report)
-        console.print(f"{location}: {f.code} [{f.severity.value}] {f.site_name}", style=_STYLE[f.severity.value] if color else None, soft_wrap=True)
+        console.print(
+            f"{location}: {f.code} [{f.severity.value}] {f.site_name}",
+            style=_STYLE[f.severity.value] if color else None,
+            soft_wrap=True,
+        )
         console.print(f"  {f.message}", soft_wrap=True)
         site = f.site
         where = site.location if site is not None else None
@@ -130,7 +164,11 @@ def _conversion(console: Console, report: Report) -> None:
     section = report.conversion
     if section is not None:
         plan = section.plan
-        console.print("plan: " + ", ".join(f"{n} {t}" for t, n in plan.counts().items()) if len(plan) else "plan: nothing to convert")
+        console.print(
+            "plan: " + ", ".join(f"{n} {t}" for t, n in plan.counts().items())
+            if len(plan)
+            else "plan: nothing to convert"
+        )
         if section.validation is not None:
             console.print(section.validation.summary(), soft_wrap=True)
         if section.calibration:
@@ -159,7 +197,9 @@ def _fixes(console: Console, report: Report, detailed: bool) -> None:
     counts = fix_counts(fixes)
     if fixes.applied:
         if counts.applied:
-            console.print(f"fixed: {plural(counts.applied_sites, 'site')} in {', '.join(counts.applied_files)}", soft_wrap=True)
+            console.print(
+                f"fixed: {plural(counts.applied_sites, 'site')} in {', '.join(counts.applied_files)}", soft_wrap=True
+            )
         if counts.held_back:
             console.print(
                 f"not applied: {plural(counts.held_back, 'unsafe edit')} for {plural(counts.held_back_sites, 'site')} (add --unsafe-fixes)",

@@ -49,7 +49,11 @@ class SmallBatch(Rule):
         if not site.batch_dependent_train:
             return self.skip("does not use batch statistics in training")
         rows = site.rows_per_sample or 1
-        flattened = f", {context.batch_size * rows} rows of {rows} per sample, which are steps of the same samples" if rows > 1 else ""
+        flattened = (
+            f", {context.batch_size * rows} rows of {rows} per sample, which are steps of the same samples"
+            if rows > 1
+            else ""
+        )
         return self.finding(
             site,
             f"'{site.name}' estimates its statistics from {context.batch_size} sample(s) per device{flattened} "

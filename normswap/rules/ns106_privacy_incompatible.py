@@ -43,5 +43,7 @@ class PrivacyIncompatible(Rule):
         if not site.batch_dependent_train:
             return self.skip("does not use batch statistics in training")
         return self.finding(
-            site, f"'{site.name}' mixes the samples of a batch, so per-sample gradients for DP-SGD are undefined.", self.natural_remedy(site, context)
+            site,
+            f"'{site.name}' mixes the samples of a batch, so per-sample gradients for DP-SGD are undefined.",
+            self.natural_remedy(site, context),
         )

@@ -40,5 +40,7 @@ class BatchDependentInference(Rule):
             return self.skip("uses running statistics in eval mode")
         why = "keeps no running statistics" if not site.track_running_stats else "is called with training=True"
         return self.finding(
-            site, f"'{site.name}' {why}: in eval mode each sample's output depends on the rest of the batch.", self.natural_remedy(site, context)
+            site,
+            f"'{site.name}' {why}: in eval mode each sample's output depends on the rest of the batch.",
+            self.natural_remedy(site, context),
         )

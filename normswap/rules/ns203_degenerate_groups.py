@@ -57,7 +57,9 @@ class DegenerateGroups(Rule):
             groups, _ = choose_num_groups(channels, site.spatial_size)
         except PlanError:
             return self.finding(
-                site, f"'{site.name}' input {shape_text(site)} has a single value per sample: any GroupNorm would normalize it to zero.", remedy
+                site,
+                f"'{site.name}' input {shape_text(site)} has a single value per sample: any GroupNorm would normalize it to zero.",
+                remedy,
             )
         return self.finding(
             site,

@@ -10,7 +10,16 @@ from torch import nn
 
 from ..errors import PlanError
 from . import fold, frozen, groupnorm, keep, layernorm, syncbn
-from .base import DEFAULT_CHANNELS_PER_GROUP, DEFAULT_MAX_GROUPS, Param, ParamKind, PlanOptions, Refusal, Target, TargetParams
+from .base import (
+    DEFAULT_CHANNELS_PER_GROUP,
+    DEFAULT_MAX_GROUPS,
+    Param,
+    ParamKind,
+    PlanOptions,
+    Refusal,
+    Target,
+    TargetParams,
+)
 
 _REGISTERED: dict[str, Target] = {}
 
@@ -22,7 +31,9 @@ def register(target: Target) -> Target:
         PlanError: another target already has its name.
     """
     if target.name in _REGISTERED and _REGISTERED[target.name] is not target:
-        raise PlanError(f"A target called '{target.name}' is already registered ({type(_REGISTERED[target.name]).__qualname__}).")
+        raise PlanError(
+            f"A target called '{target.name}' is already registered ({type(_REGISTERED[target.name]).__qualname__})."
+        )
     _REGISTERED[target.name] = target
     return target
 

@@ -184,7 +184,9 @@ class SourceCall:
         """', eps=1e-3, affine=False': the arguments that keep their meaning, as written."""
         renames = renames or {}
         return "".join(
-            f", {renames.get(name, name)}={self.arguments[name]}" for name in ("eps", "affine", "device", "dtype") if name in self.arguments
+            f", {renames.get(name, name)}={self.arguments[name]}"
+            for name in ("eps", "affine", "device", "dtype")
+            if name in self.arguments
         )
 
 
@@ -208,7 +210,9 @@ class Target(Generic[P]):
     # under auto, the next candidate where this target refuses a site (default: `fallback`)
     auto_fallback: ClassVar[str | None] = None
     calibrated: ClassVar[bool] = False  # `normalize` is defined: calibration fits its affine
-    absorbs_affine: ClassVar[bool] = False  # the site's affine moves into another layer (fold), not into its replacement
+    absorbs_affine: ClassVar[bool] = (
+        False  # the site's affine moves into another layer (fold), not into its replacement
+    )
     params_type: type[P]
 
     @property
@@ -243,7 +247,9 @@ class Target(Generic[P]):
         unknown = sorted(set(params) - set(self.parameters))
         if unknown:
             takes = ", ".join(self.parameters) or "no parameters"
-            raise PlanError(f"Plan entry '{site_name}' ({self.name}) has unknown parameter '{unknown[0]}'; {self.name} takes {takes}.")
+            raise PlanError(
+                f"Plan entry '{site_name}' ({self.name}) has unknown parameter '{unknown[0]}'; {self.name} takes {takes}."
+            )
         for field, spec in self.parameters.items():
             if field not in params:
                 if spec.required:
@@ -346,7 +352,9 @@ class Target(Generic[P]):
     def affine_parameters(self, module: nn.Module) -> list[nn.Parameter]:
         """The parameters of its normalization's per-channel affine (what `--heal-params norm`
         trains): a module's `weight` and `bias`."""
-        return [p for p in (getattr(module, "weight", None), getattr(module, "bias", None)) if isinstance(p, nn.Parameter)]
+        return [
+            p for p in (getattr(module, "weight", None), getattr(module, "bias", None)) if isinstance(p, nn.Parameter)
+        ]
 
 
 def copy_tensors(source: nn.Module, target: nn.Module, names: tuple[str, ...]) -> None:
@@ -361,7 +369,9 @@ def copy_tensors(source: nn.Module, target: nn.Module, names: tuple[str, ...]) -
 def factory(bn: nn.Module) -> dict[str, Any]:
     """`device=` and `dtype=` of the BatchNorm's tensors, to build its replacement in them (a
     float64 model stays exact; a model on the meta device gets a meta skeleton)."""
-    reference = next((t for t in [*bn.parameters(recurse=False), *bn.buffers(recurse=False)] if t.is_floating_point()), None)
+    reference = next(
+        (t for t in [*bn.parameters(recurse=False), *bn.buffers(recurse=False)] if t.is_floating_point()), None
+    )
     return {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
 
 

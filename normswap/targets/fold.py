@@ -21,7 +21,19 @@ from ..capture.tracer import BatchNormArgs
 from ..errors import PlanError
 from ..sites import Site, SiteKind
 from ..torchutil import tensor_attribute
-from .base import ParamKind, PlanOptions, Refusal, SourceCall, SourceCode, Target, TargetParams, drop_statistics, param, set_attributes, where
+from .base import (
+    ParamKind,
+    PlanOptions,
+    Refusal,
+    SourceCall,
+    SourceCode,
+    Target,
+    TargetParams,
+    drop_statistics,
+    param,
+    set_attributes,
+    where,
+)
 from .takeover import TakenOver
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -73,9 +85,13 @@ class FoldTarget(Target[FoldParams]):
         if not site.track_running_stats or site.batch_dependent_eval:
             raise Refusal(f"{where(site)} has no running statistics to fold")
         if site.hooked:
-            raise Refusal(f"{where(site)} has forward hooks, which would see the folded layer's input and output instead of its own")
+            raise Refusal(
+                f"{where(site)} has forward hooks, which would see the folded layer's input and output instead of its own"
+            )
         if site.call_count != 1:
-            raise Refusal(f"{where(site)} runs {site.call_count} times per forward; one set of weights cannot absorb it")
+            raise Refusal(
+                f"{where(site)} runs {site.call_count} times per forward; one set of weights cannot absorb it"
+            )
         if site.producer_module is None or not site.producers or not _FOLDABLE_TYPE.search(site.producers[0]):
             producer = site.producers[0] if site.producers else "an unknown producer (no FX graph)"
             raise Refusal(f"{where(site)} follows {producer}, not a convolution or linear layer")
@@ -87,7 +103,11 @@ class FoldTarget(Target[FoldParams]):
             raise Refusal(f"{where(site)} follows {site.producers[0]}, {site.producer_weights_problem}")
         if "(Linear)" in site.producers[0] and site.input_rank != 2:
             raise Refusal(f"{where(site)} normalizes dim 1 of a rank-{site.input_rank} linear output, not its features")
-        return {"into": site.producer_module, "num_features": site.num_features, "eps": site.eps}, f"folded into {site.producers[0]}"
+        return {
+            "into": site.producer_module,
+            "num_features": site.num_features,
+            "eps": site.eps,
+        }, f"folded into {site.producers[0]}"
 
     def check_against_site(self, site_name: str, params: Mapping[str, Any], site: Site) -> None:
         super().check_against_site(site_name, params, site)
@@ -101,14 +121,18 @@ class FoldTarget(Target[FoldParams]):
         try:
             producer = model.get_submodule(params.into)
         except AttributeError:
-            raise PlanError(f"Plan entry '{site_name}' (fold) folds into '{params['into']}', which this model does not have.") from None
+            raise PlanError(
+                f"Plan entry '{site_name}' (fold) folds into '{params['into']}', which this model does not have."
+            ) from None
         if not isinstance(producer, (_ConvNd, nn.Linear)):
             raise PlanError(
                 f"Plan entry '{site_name}' (fold) folds into '{params['into']}', a {type(producer).__name__}, not a conv or linear layer."
             )
         channels = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
         if channels != params.num_features:
-            raise PlanError(f"Plan entry '{site_name}' (fold): '{params['into']}' has {channels} outputs, the BatchNorm {params['num_features']}.")
+            raise PlanError(
+                f"Plan entry '{site_name}' (fold): '{params['into']}' has {channels} outputs, the BatchNorm {params['num_features']}."
+            )
         fold_into(producer, statistics, params.eps)
 
     def module(self, bn: _BatchNorm, params: FoldParams) -> nn.Module:
@@ -140,7 +164,9 @@ def fold_into(producer: _ConvNd | nn.Linear, bn: Any, eps: float) -> None:
     (`bn` has running_mean, running_var and optional weight / bias)."""
     running_mean, running_var = tensor_attribute(bn, "running_mean"), tensor_attribute(bn, "running_var")
     if running_mean is None or running_var is None:
-        raise PlanError("fold needs the running statistics as tensors (module buffers or attributes the graph reads directly)")
+        raise PlanError(
+            "fold needs the running statistics as tensors (module buffers or attributes the graph reads directly)"
+        )
     gamma, beta_ = tensor_attribute(bn, "weight"), tensor_attribute(bn, "bias")
     with torch.no_grad():
         mean, var = running_mean.double(), running_var.double()
@@ -160,7 +186,9 @@ def fold_into(producer: _ConvNd | nn.Linear, bn: Any, eps: float) -> None:
         new_bias = (old_bias - mean) * scale + beta
         producer.weight.copy_(w.to(producer.weight.dtype))
         if producer.bias is None:
-            producer.bias = nn.Parameter(new_bias.to(producer.weight.dtype), requires_grad=producer.weight.requires_grad)
+            producer.bias = nn.Parameter(
+                new_bias.to(producer.weight.dtype), requires_grad=producer.weight.requires_grad
+            )
         else:
             producer.bias.copy_(new_bias.to(producer.bias.dtype))
 

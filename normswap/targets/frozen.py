@@ -40,7 +40,12 @@ from .takeover import TakenOver
 
 
 def frozen_batch_norm(
-    x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
 ) -> torch.Tensor:
     """BatchNorm's eval-mode function, whatever the module's mode."""
     return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
@@ -73,7 +78,9 @@ class FrozenBatchNorm(Replacement, nn.Module):
     ) -> None:
         super().__init__()
         if not track_running_stats:
-            raise ValueError("FrozenBatchNorm keeps running statistics: track_running_stats=False has nothing to freeze.")
+            raise ValueError(
+                "FrozenBatchNorm keeps running statistics: track_running_stats=False has nothing to freeze."
+            )
         self.num_features = num_features
         self.eps = eps
         self.affine = affine
@@ -133,7 +140,9 @@ class FrozenTarget(Target[FrozenParams]):
         return frozen_batch_norm, (call.input, call.running_mean, call.running_var, call.weight, call.bias, params.eps)
 
     def source_call(self, call: SourceCall, params: Sequence[FrozenParams]) -> SourceCode | str:
-        return SourceCode(f"{NORMSWAP_NN}.FrozenBatchNorm({call.arguments['num_features']}{call.keywords()})", (NORMSWAP_NN,))
+        return SourceCode(
+            f"{NORMSWAP_NN}.FrozenBatchNorm({call.arguments['num_features']}{call.keywords()})", (NORMSWAP_NN,)
+        )
 
     def source_class(self, call: SourceCall, params: Sequence[FrozenParams]) -> SourceCode | str:
         return SourceCode(f"{NORMSWAP_NN}.FrozenBatchNorm", (NORMSWAP_NN,))
@@ -146,7 +155,10 @@ class FrozenTarget(Target[FrozenParams]):
             return "the call passes no running statistics to freeze"
         weight, bias = arguments.get("weight", "None"), arguments.get("bias", "None")
         eps = arguments.get("eps", repr(float(params["eps"])))
-        return SourceCode(f"{call.namespace}batch_norm({arguments['input']}, {mean}, {var}, {weight}, {bias}, False, 0.0, {eps})", call.imports)
+        return SourceCode(
+            f"{call.namespace}batch_norm({arguments['input']}, {mean}, {var}, {weight}, {bias}, False, 0.0, {eps})",
+            call.imports,
+        )
 
     def prepare_takeover(self, module: nn.Module, params: FrozenParams) -> None:
         # statistics stay (they are the function); the step counter and the affine stop moving

@@ -43,10 +43,14 @@ from .takeover import TakenOver
 
 # How group_norm exports: "layernorm-view" (fastest in onnxruntime, the default) or "native"
 # (the exporter's own form; at opset >= 21 that is the GroupNormalization op, opt-in).
-GROUP_NORM_EXPORT_FORM: contextvars.ContextVar[str] = contextvars.ContextVar("normswap_group_norm_export_form", default="layernorm-view")
+GROUP_NORM_EXPORT_FORM: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "normswap_group_norm_export_form", default="layernorm-view"
+)
 
 
-def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+def group_norm(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
     """F.group_norm, exported to ONNX as LayerNormalization over a (N, G, C/G * positions) view
     followed by the per-channel affine: the fastest correct form in onnxruntime among those
     measured in benchmarks/bench_formulations.py (the exporter's own is Reshape ->
@@ -73,7 +77,15 @@ class GroupNorm(Replacement, nn.GroupNorm):
     It answers `num_features`, which code around a BatchNorm reads (e.g. a wrapper's repr).
     """
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device: Any = None, dtype: Any = None) -> None:
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
         super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
         self.num_features = num_channels
 
@@ -107,7 +119,10 @@ def exporting(model: nn.Module, opset: int) -> Iterator[None]:
 
 
 def choose_num_groups(
-    num_channels: int, values_per_channel: int, max_groups: int = DEFAULT_MAX_GROUPS, channels_per_group: int = DEFAULT_CHANNELS_PER_GROUP
+    num_channels: int,
+    values_per_channel: int,
+    max_groups: int = DEFAULT_MAX_GROUPS,
+    channels_per_group: int = DEFAULT_CHANNELS_PER_GROUP,
 ) -> tuple[int, str]:
     """The largest divisor G of C with G <= max_groups and C/G >= channels_per_group (one group
     when C is narrower than that), whose groups hold more than one value (a group of one value
@@ -139,7 +154,9 @@ def choose_num_groups(
         if groups == num_channels and groups > 1:
             why += " (one channel per group is InstanceNorm, as --channels-per-group 1 asked)"
         return groups, why
-    raise PlanError(f"A GroupNorm over {num_channels} channel(s) of {values_per_channel} value(s) has no non-degenerate grouping.")
+    raise PlanError(
+        f"A GroupNorm over {num_channels} channel(s) of {values_per_channel} value(s) has no non-degenerate grouping."
+    )
 
 
 class GroupNormBN(GroupNorm):
@@ -192,7 +209,9 @@ class GroupNormTarget(Target[GroupNormParams]):
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
         channels = require_channels(site)
         try:
-            groups, why = choose_num_groups(channels, site.values_per_channel, options.max_groups, options.channels_per_group)
+            groups, why = choose_num_groups(
+                channels, site.values_per_channel, options.max_groups, options.channels_per_group
+            )
         except PlanError:
             raise Refusal(
                 f"{where(site)} normalizes a single value per sample, which GroupNorm would turn into zeros; use --to frozen or keep it."
@@ -216,7 +235,9 @@ class GroupNormTarget(Target[GroupNormParams]):
 
     def prepare_takeover(self, module: nn.Module, params: GroupNormParams) -> None:
         drop_statistics(module)
-        set_attributes(module, num_groups=params.num_groups, num_channels=params.num_channels, eps=params.eps, affine=params.affine)
+        set_attributes(
+            module, num_groups=params.num_groups, num_channels=params.num_channels, eps=params.eps, affine=params.affine
+        )
 
     def export_context(self, model: nn.Module, opset: int) -> contextlib.AbstractContextManager[None]:
         return exporting(model, opset)
@@ -230,7 +251,12 @@ class GroupNormTarget(Target[GroupNormParams]):
     def params_from_module(self, module: nn.Module) -> dict[str, Any] | None:
         if not isinstance(module, nn.GroupNorm):
             return None
-        return {"num_groups": module.num_groups, "num_channels": module.num_channels, "eps": module.eps, "affine": module.affine}
+        return {
+            "num_groups": module.num_groups,
+            "num_channels": module.num_channels,
+            "eps": module.eps,
+            "affine": module.affine,
+        }
 
     def source_call(self, call: SourceCall, params: Sequence[GroupNormParams]) -> SourceCode | str:
         """`nn.GroupNorm(G, C, eps=...)` for a literal width; for a width computed in the code,
@@ -241,11 +267,17 @@ class GroupNormTarget(Target[GroupNormParams]):
             return mapping
         channels, keywords = call.arguments["num_features"], call.keywords()
         if _is_constant(channels) and len(mapping) == 1:  # the code builds one width only
-            return SourceCode(f"{call.namespace}GroupNorm({next(iter(mapping.values()))}, {channels}{keywords})", call.imports)
+            return SourceCode(
+                f"{call.namespace}GroupNorm({next(iter(mapping.values()))}, {channels}{keywords})", call.imports
+            )
         rule = group_rule(mapping, call.options)
         if rule is None:
             return _no_rule(mapping, f"`{channels}`")
-        return SourceCode(f"{GROUP_NORM_HELPER}({channels}{keywords}{_rule_keywords(rule)})", ("torch",), ((GROUP_NORM_HELPER, HELPER_SOURCE),))
+        return SourceCode(
+            f"{GROUP_NORM_HELPER}({channels}{keywords}{_rule_keywords(rule)})",
+            ("torch",),
+            ((GROUP_NORM_HELPER, HELPER_SOURCE),),
+        )
 
     def source_class(self, call: SourceCall, params: Sequence[GroupNormParams]) -> SourceCode | str:
         """The same helper, which takes BatchNorm's constructor arguments, as the class value."""
@@ -265,7 +297,10 @@ class GroupNormTarget(Target[GroupNormParams]):
         arguments = call.arguments
         weight, bias = arguments.get("weight", "None"), arguments.get("bias", "None")
         eps = arguments.get("eps", repr(float(params["eps"])))
-        return SourceCode(f"{call.namespace}group_norm({arguments['input']}, {int(params['num_groups'])}, {weight}, {bias}, {eps})", call.imports)
+        return SourceCode(
+            f"{call.namespace}group_norm({arguments['input']}, {int(params['num_groups'])}, {weight}, {bias}, {eps})",
+            call.imports,
+        )
 
 
 # The function `lint --fix` defines in a file whose BatchNorm is built at computed widths: plain
@@ -296,7 +331,9 @@ def group_rule(mapping: Mapping[int, int], preferred: PlanOptions | None = None)
     candidates += [PlanOptions(g, k) for g in suggested_groups for k in suggested_widths]
     for options in candidates:
         # two values per channel: no grouping is degenerate, as at any map size the code may build
-        if all(choose_num_groups(c, 2, options.max_groups, options.channels_per_group)[0] == g for c, g in mapping.items()):
+        if all(
+            choose_num_groups(c, 2, options.max_groups, options.channels_per_group)[0] == g for c, g in mapping.items()
+        ):
             return options
     return None
 
@@ -305,7 +342,9 @@ def _rule_keywords(options: PlanOptions) -> str:
     """', max_groups=8': the helper's keywords that differ from its defaults."""
     defaults = PlanOptions()
     return "".join(
-        f", {name}={getattr(options, name)}" for name in ("max_groups", "channels_per_group") if getattr(options, name) != getattr(defaults, name)
+        f", {name}={getattr(options, name)}"
+        for name in ("max_groups", "channels_per_group")
+        if getattr(options, name) != getattr(defaults, name)
     )
 
 

@@ -144,7 +144,9 @@ class LayerNormTakeover(TakenOver, nn.LayerNorm):
 class LayerNorm(Replacement, nn.LayerNorm):
     """nn.LayerNorm over the features of (N, C) inputs that also answers `num_features`."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, device: Any = None, dtype: Any = None) -> None:
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, affine: bool = True, device: Any = None, dtype: Any = None
+    ) -> None:
         super().__init__(num_features, eps=eps, elementwise_affine=affine, device=device, dtype=dtype)
         self.num_features = num_features
 
@@ -166,8 +168,12 @@ class LayerNormTarget(Target[LayerNormParams]):
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
         channels = require_channels(site)
         if channels < 2:
-            raise Refusal(f"{where(site)} has one channel, which LayerNorm over channels would turn into zeros; use --to frozen or keep it.")
-        layout = "features" if site.input_rank == 2 else "channels_first"  # unreached: the channel form serves (N, C) too
+            raise Refusal(
+                f"{where(site)} has one channel, which LayerNorm over channels would turn into zeros; use --to frozen or keep it."
+            )
+        layout = (
+            "features" if site.input_rank == 2 else "channels_first"
+        )  # unreached: the channel form serves (N, C) too
         return {"num_channels": channels, "layout": layout, **common_params(site)}, ""
 
     def module(self, bn: _BatchNorm, params: LayerNormParams) -> nn.Module:
@@ -198,17 +204,29 @@ class LayerNormTarget(Target[LayerNormParams]):
 
     def params_from_module(self, module: nn.Module) -> dict[str, Any] | None:
         if isinstance(module, ChannelLayerNorm):
-            return {"num_channels": module.num_channels, "layout": "channels_first", "eps": module.eps, "affine": module.affine}
+            return {
+                "num_channels": module.num_channels,
+                "layout": "channels_first",
+                "eps": module.eps,
+                "affine": module.affine,
+            }
         if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
             channels = module.normalized_shape[0]
-            return {"num_channels": channels, "layout": "features", "eps": module.eps, "affine": module.elementwise_affine}
+            return {
+                "num_channels": channels,
+                "layout": "features",
+                "eps": module.eps,
+                "affine": module.elementwise_affine,
+            }
         return None
 
     def source_call(self, call: SourceCall, params: Sequence[LayerNormParams]) -> SourceCode | str:
         """`nn.LayerNorm(C)` on (N, C) features (plain torch), else the channel LayerNorm."""
         channels = call.arguments["num_features"]
         if all(entry.get("layout") == "features" for entry in params):
-            return SourceCode(f"{call.namespace}LayerNorm({channels}{call.keywords({'affine': 'elementwise_affine'})})", call.imports)
+            return SourceCode(
+                f"{call.namespace}LayerNorm({channels}{call.keywords({'affine': 'elementwise_affine'})})", call.imports
+            )
         return SourceCode(f"{NORMSWAP_NN}.ChannelLayerNorm({channels}{call.keywords()})", (NORMSWAP_NN,))
 
     def source_class(self, call: SourceCall, params: Sequence[LayerNormParams]) -> SourceCode | str:
@@ -224,7 +242,10 @@ class LayerNormTarget(Target[LayerNormParams]):
         if params.get("layout") == "features":
             return SourceCode(f"{call.namespace}layer_norm({x}, {shape}, {weight}, {bias}, {eps})", call.imports)
         x = x if re.fullmatch(r"[A-Za-z_][\w.]*", x) else f"({x})"  # `.movedim` binds tighter than any operator in it
-        return SourceCode(f"{call.namespace}layer_norm({x}.movedim(1, -1), {shape}, {weight}, {bias}, {eps}).movedim(-1, 1)", call.imports)
+        return SourceCode(
+            f"{call.namespace}layer_norm({x}.movedim(1, -1), {shape}, {weight}, {bias}, {eps}).movedim(-1, 1)",
+            call.imports,
+        )
 
 
 TARGET = LayerNormTarget()

@@ -51,7 +51,9 @@ def sync_batch_norm(
     if training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         from torch.nn.modules._functions import SyncBatchNorm as SyncFunction
 
-        return SyncFunction.apply(x, weight, bias, running_mean, running_var, eps, momentum, dist.group.WORLD, dist.get_world_size())
+        return SyncFunction.apply(
+            x, weight, bias, running_mean, running_var, eps, momentum, dist.group.WORLD, dist.get_world_size()
+        )
     return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
@@ -62,7 +64,9 @@ def _synchronisation_problem() -> str:
         return ""
     backend = str(dist.get_backend())
     if backend == "gloo" or not torch.cuda.is_available():
-        return f"a {backend} process group is running{'' if torch.cuda.is_available() else ' on a machine without a GPU'}"
+        return (
+            f"a {backend} process group is running{'' if torch.cuda.is_available() else ' on a machine without a GPU'}"
+        )
     return ""
 
 
@@ -95,7 +99,9 @@ class SyncBatchNormTarget(Target[SyncBatchNormParams]):
                 "GPU tensors (NCCL), so its first training step would raise; use --to groupnorm (no communication) or run on GPUs."
             )
         if site.kind not in (SiteKind.MODULE, SiteKind.SUBCLASS):
-            raise Refusal(f"{where(site)} is a {site.kind} site; SyncBatchNorm replaces only BatchNorm modules, use groupnorm or layernorm.")
+            raise Refusal(
+                f"{where(site)} is a {site.kind} site; SyncBatchNorm replaces only BatchNorm modules, use groupnorm or layernorm."
+            )
         params = {"num_features": channels, "momentum": site.momentum, "track_running_stats": site.track_running_stats}
         return {**params, **common_params(site)}, ""
 
@@ -112,7 +118,16 @@ class SyncBatchNormTarget(Target[SyncBatchNormParams]):
         return carry_affine(bn, new)
 
     def function(self, params: SyncBatchNormParams, call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        args = (call.input, call.running_mean, call.running_var, call.weight, call.bias, call.training, call.momentum, call.eps)
+        args = (
+            call.input,
+            call.running_mean,
+            call.running_var,
+            call.weight,
+            call.bias,
+            call.training,
+            call.momentum,
+            call.eps,
+        )
         return sync_batch_norm, args
 
     def source_call(self, call: SourceCall, params: Sequence[SyncBatchNormParams]) -> SourceCode | str:

@@ -91,7 +91,10 @@ class _TakeOver(TorchFunctionMode):
         call = BatchNormArgs.of(func, args, kwargs)
         if call.running_mean is None and call.running_var is None:
             # a subclass that passes no statistics in training still owns them (frozen uses them)
-            call.running_mean, call.running_var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
+            call.running_mean, call.running_var = (
+                getattr(module, "running_mean", None),
+                getattr(module, "running_var", None),
+            )
         if module.normswap_observer is not None:
             module.normswap_observer(call.input)
         function, arguments = type(module).target.function(module.normswap_params, call)
@@ -143,13 +146,17 @@ def _build(cls: type, base: type, label: str) -> type:
     (with the input-shape check of the torch class the subclass extended)."""
     if cls.__module__.startswith("torch.nn") and issubclass(cls, _BatchNorm):
         check = getattr(cls, "_check_input_dim", None)
-        return type(base.__name__, (base,), {"_check_input_dim": check, "__module__": base.__module__}) if check else base
+        return (
+            type(base.__name__, (base,), {"_check_input_dim": check, "__module__": base.__module__}) if check else base
+        )
     if not issubclass(cls, _BatchNorm):
         return cls  # a mixin: kept as it is
     bases = tuple(_build(b, base, label) for b in cls.__bases__)
     name = cls.__name__.replace("BatchNorm", label) if "BatchNorm" in cls.__name__ else f"{label}{cls.__name__}"
     cell = types.CellType()
-    namespace = {key: _rebound(value, cell) for key, value in vars(cls).items() if key not in ("__dict__", "__weakref__")}
+    namespace = {
+        key: _rebound(value, cell) for key, value in vars(cls).items() if key not in ("__dict__", "__weakref__")
+    }
     if "forward" in namespace:
         namespace["forward"] = _taking_over(namespace["forward"])
     namespace.update(__module__=__name__, __qualname__=name)
@@ -164,7 +171,10 @@ def _rebound(value: Any, cell: types.CellType) -> Any:
     if isinstance(value, types.FunctionType):
         if "__class__" not in value.__code__.co_freevars:
             return value
-        closure = tuple(cell if name == "__class__" else old for name, old in zip(value.__code__.co_freevars, value.__closure__ or (), strict=True))
+        closure = tuple(
+            cell if name == "__class__" else old
+            for name, old in zip(value.__code__.co_freevars, value.__closure__ or (), strict=True)
+        )
         new = types.FunctionType(value.__code__, value.__globals__, value.__name__, value.__defaults__, closure)
         new.__kwdefaults__ = value.__kwdefaults__
         new.__dict__.update(value.__dict__)
@@ -173,7 +183,9 @@ def _rebound(value: Any, cell: types.CellType) -> Any:
     if isinstance(value, (staticmethod, classmethod)):
         return type(value)(_rebound(value.__func__, cell))
     if isinstance(value, property):
-        getter, setter, deleter = (_rebound(f, cell) if f is not None else None for f in (value.fget, value.fset, value.fdel))
+        getter, setter, deleter = (
+            _rebound(f, cell) if f is not None else None for f in (value.fget, value.fset, value.fdel)
+        )
         return property(getter, setter, deleter, value.__doc__)
     return value
 
@@ -202,11 +214,15 @@ def take_over(bn: _BatchNorm, target: Any, params: Mapping[str, Any], name: str)
     new: Any = cls.__new__(cls)  # type: ignore[call-overload]  # a module class: object.__new__
     state = dict(bn.__dict__)
     for key in ("_parameters", "_buffers", "_modules"):
-        state[key] = dict(state[key])  # its own tables; the hook tables stay shared, so users' handles still remove them
+        state[key] = dict(
+            state[key]
+        )  # its own tables; the hook tables stay shared, so users' handles still remove them
     chains = state["_modules"].pop("parametrizations", None)
     for tensor_name in chains or ():  # plain tensors here; the parametrizations move over afterwards (replace.py)
         value = getattr(bn, tensor_name).detach().clone()
-        state["_parameters"][tensor_name] = nn.Parameter(value, requires_grad=chains[tensor_name].original.requires_grad)
+        state["_parameters"][tensor_name] = nn.Parameter(
+            value, requires_grad=chains[tensor_name].original.requires_grad
+        )
     new.__dict__.update(state)
     new.normswap_params = params
     target.prepare_takeover(new, params)

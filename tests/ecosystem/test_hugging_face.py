@@ -20,10 +20,15 @@ from normswap.errors import PlanError
 @pytest.mark.parametrize("target", ["groupnorm", "frozen", "fold", "layernorm"])
 @pytest.mark.parametrize(
     ("name", "cls"),
-    [("transformers/resnet", transformers.ResNetForImageClassification), ("transformers/segformer", transformers.SegformerForSemanticSegmentation)],
+    [
+        ("transformers/resnet", transformers.ResNetForImageClassification),
+        ("transformers/segformer", transformers.SegformerForSemanticSegmentation),
+    ],
     ids=["resnet", "segformer"],
 )
-def test_save_pretrained_and_normswap_from_pretrained_round_trip(name: str, cls: type, target: str, tmp_path: Path) -> None:
+def test_save_pretrained_and_normswap_from_pretrained_round_trip(
+    name: str, cls: type, target: str, tmp_path: Path
+) -> None:
     _, conversion = converted(name, target)
     conversion.model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -43,6 +48,10 @@ def test_plain_from_pretrained_builds_the_batchnorm_model(tmp_path: Path) -> Non
 
 
 def test_a_folder_without_a_plan_is_one_sentence(tmp_path: Path) -> None:
-    transformers.ResNetForImageClassification(transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1])).save_pretrained(tmp_path)
-    with pytest.raises(PlanError, match=r"holds no normswap plan.*load it with ResNetForImageClassification.from_pretrained"):
+    transformers.ResNetForImageClassification(
+        transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1])
+    ).save_pretrained(tmp_path)
+    with pytest.raises(
+        PlanError, match=r"holds no normswap plan.*load it with ResNetForImageClassification.from_pretrained"
+    ):
         normswap.from_pretrained(transformers.ResNetForImageClassification, tmp_path)

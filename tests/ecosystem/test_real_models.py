@@ -27,7 +27,9 @@ def test_a_real_model_converts_to_each_target(name: str, target: str, tmp_path: 
     assert left <= kept_on_purpose, sorted(left - kept_on_purpose)[:5]
     if target != "syncbn":
         assert not kept_on_purpose - {e.name for e in plan if e.params.get("batch_independent")}
-        assert batch_statistics_users(model, (example(name),), train=True) == []  # norms in train mode: no batch statistics
+        assert (
+            batch_statistics_users(model, (example(name),), train=True) == []
+        )  # norms in train mode: no batch statistics
     if not MODELS[name].exports:
         return
     path = normswap.export_onnx(model, example(name), tmp_path / "model.onnx")

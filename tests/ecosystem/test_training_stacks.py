@@ -128,14 +128,21 @@ def test_a_model_converted_for_dp_runs_a_dp_sgd_step(name: str, mode: str) -> No
     data = torch.utils.data.TensorDataset(example(name, batch=8), torch.randint(0, 4, (8,)))
     loader = torch.utils.data.DataLoader(data, batch_size=4)
     private, optimizer, loader = PrivacyEngine().make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        grad_sample_mode=mode,
     )
     x, y = next(iter(loader))
     nn.functional.cross_entropy(_logits(private(x)), y).backward()
     optimizer.step()  # per-sample gradients clipped and noised: the DP-SGD step ran
 
 
-@pytest.mark.parametrize(("name", "target"), [(m, t) for m in ("timm/regnetx_002", "torchvision/resnet18") for t in TARGETS])
+@pytest.mark.parametrize(
+    ("name", "target"), [(m, t) for m in ("timm/regnetx_002", "torchvision/resnet18") for t in TARGETS]
+)
 def test_per_sample_gradients_with_torch_func(name: str, target: str) -> None:
     _, conversion = converted(name, target)
     model = copy.deepcopy(conversion.model).eval()
@@ -143,7 +150,9 @@ def test_per_sample_gradients_with_torch_func(name: str, target: str) -> None:
     x, y = example(name, batch=2), torch.tensor([0, 3])
 
     def loss(parameters: dict, sample: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(_logits(functional_call(model, parameters, (sample.unsqueeze(0),))), label.unsqueeze(0))
+        return nn.functional.cross_entropy(
+            _logits(functional_call(model, parameters, (sample.unsqueeze(0),))), label.unsqueeze(0)
+        )
 
     per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
     alone = grad(loss)(params, x[1], y[1])
@@ -151,7 +160,10 @@ def test_per_sample_gradients_with_torch_func(name: str, target: str) -> None:
         torch.testing.assert_close(per_sample[n][1], alone[n], rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize(("name", "target"), [(m, t) for m in ("timm/efficientnet_b0", "torchvision/resnet18") for t in ("groupnorm", "layernorm")])
+@pytest.mark.parametrize(
+    ("name", "target"),
+    [(m, t) for m in ("timm/efficientnet_b0", "torchvision/resnet18") for t in ("groupnorm", "layernorm")],
+)
 def test_torch_compile_sees_no_graph_break_at_a_norm(name: str, target: str) -> None:
     _, conversion = converted(name, target)
     explanation = torch._dynamo.explain(copy.deepcopy(conversion.model).eval())(example(name))
@@ -167,7 +179,9 @@ def test_autocast_and_channels_last(name: str, target: str) -> None:
     out.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     x = example(name)
-    torch.testing.assert_close(_eval(model, x.to(memory_format=torch.channels_last)), _eval(model, x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        _eval(model, x.to(memory_format=torch.channels_last)), _eval(model, x), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize(("name", "target"), CASES, ids=IDS)
@@ -178,7 +192,9 @@ def test_the_whole_module_pickles_as_itself(name: str, target: str) -> None:
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     torch.testing.assert_close(_eval(loaded, example(name)), _eval(conversion.model, example(name)), rtol=0, atol=0)
-    torch.testing.assert_close(_eval(copy.deepcopy(conversion.model), example(name)), _eval(conversion.model, example(name)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        _eval(copy.deepcopy(conversion.model), example(name)), _eval(conversion.model, example(name)), rtol=0, atol=0
+    )
 
 
 def _forward_in_a_child(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

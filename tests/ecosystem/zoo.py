@@ -29,13 +29,17 @@ class RealModel:
 
 
 def _hf_resnet() -> nn.Module:
-    config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=4)
+    config = transformers.ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=4
+    )
     return transformers.ResNetForImageClassification(config)
 
 
 def _hf_mobilenet_v2() -> nn.Module:
     # a TensorFlow port: eps 1e-3 and momentum 0.997 (a decay), which NS204 flags and convert carries
-    return transformers.MobileNetV2ForImageClassification(transformers.MobileNetV2Config(depth_multiplier=0.35, image_size=32, num_labels=4))
+    return transformers.MobileNetV2ForImageClassification(
+        transformers.MobileNetV2Config(depth_multiplier=0.35, image_size=32, num_labels=4)
+    )
 
 
 def _hf_segformer() -> nn.Module:
@@ -88,15 +92,23 @@ MODELS = {
         RealModel("timm/resnet18", _timm("resnet18"), (2, 3, 32, 32)),
         # torchvision: classification, segmentation, detection
         RealModel("torchvision/resnet18", lambda: torchvision.models.resnet18(num_classes=4), (2, 3, 32, 32)),
-        RealModel("torchvision/mobilenet_v3_small", lambda: torchvision.models.mobilenet_v3_small(num_classes=4), (2, 3, 32, 32)),
+        RealModel(
+            "torchvision/mobilenet_v3_small",
+            lambda: torchvision.models.mobilenet_v3_small(num_classes=4),
+            (2, 3, 32, 32),
+        ),
         RealModel(
             "torchvision/deeplabv3_mobilenet_v3_large",
-            lambda: torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3),
+            lambda: torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
+                weights=None, weights_backbone=None, num_classes=3
+            ),
             (2, 3, 64, 64),
         ),
         RealModel(
             "torchvision/ssdlite320_mobilenet_v3_large",
-            lambda: torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3),
+            lambda: torchvision.models.detection.ssdlite320_mobilenet_v3_large(
+                weights=None, weights_backbone=None, num_classes=3
+            ),
             (2, 3, 64, 64),
             exports=False,
             labels_in_train=True,
@@ -144,5 +156,8 @@ def converted(name: str, target: str, dp: bool = False) -> tuple[nn.Module, norm
     key = (name, target, dp)
     if key not in _CONVERSIONS:
         original = build(name)
-        _CONVERSIONS[key] = (original, normswap.convert(original, example(name), to=target, context=normswap.Context(differential_privacy=dp)))
+        _CONVERSIONS[key] = (
+            original,
+            normswap.convert(original, example(name), to=target, context=normswap.Context(differential_privacy=dp)),
+        )
     return _CONVERSIONS[key]
