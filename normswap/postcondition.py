@@ -151,18 +151,32 @@ def _runs(model: nn.Module, inputs: tuple, train: bool, owners: Sequence[str]) -
 
 
 def _broken_by_the_rewrite(exc: BaseException, mode: str, plan: Plan) -> str:
-    """One sentence: the converted model fails where the original runs, naming the layer and the
-    attribute when forward read one the replacement does not have."""
+    """One sentence: the converted model fails where the original runs, naming the replaced
+    layers and the attribute or state entry forward read that the replacement does not have."""
     cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+    layers = [e.name for e in plan.converted]
+    replaced = f"{', '.join(layers[:4])}{', ...' if len(layers) > 4 else ''}"
     missing = re.search(r"'(\w+)' object has no attribute '(\w+)'", str(exc))
     if isinstance(exc, AttributeError) and missing:
-        layers = [e.name for e in plan.converted]
         return (
-            f"The converted model fails in {mode} mode where the original runs ({cause}): its forward reads '{missing.group(2)}' of a "
-            f"replaced layer ({', '.join(layers[:4])}{', ...' if len(layers) > 4 else ''}), which the {missing.group(1)} replacing it does "
+            f"The converted model fails in {mode} mode where the original runs ({cause}): its forward reads "
+            f"'{missing.group(2)}' of a replaced layer ({replaced}), which the {missing.group(1)} replacing it does "
             f"not have; keep that layer (--keep LAYER) or stop reading the attribute in forward."
         )
-    return f"The converted model fails in {mode} mode where the original runs ({cause}); keep the layer the error names (--keep LAYER)."
+    if isinstance(exc, KeyError) and exc.args and exc.args[0] in _BATCHNORM_STATE:
+        return (
+            f"The converted model fails in {mode} mode where the original runs ({cause}): its forward looks up "
+            f"'{exc.args[0]}' in the state of a replaced layer ({replaced}), which its replacement does not keep; "
+            f"keep that layer (--keep LAYER) or stop reading it in forward."
+        )
+    return (
+        f"The converted model fails in {mode} mode where the original runs ({cause}); one of the replaced layers "
+        f"({replaced}) is the likely cause: keep it (--keep LAYER)."
+    )
+
+
+# what a BatchNorm holds that its replacements may not (named_buffers(), state_dict() lookups)
+_BATCHNORM_STATE = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _refuse(site: str, target: str, mode: str, how: str) -> None:

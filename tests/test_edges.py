@@ -319,9 +319,24 @@ def test_statistics_the_forward_reads_are_kept_and_said() -> None:
     fresh.load_state_dict(conversion.model.state_dict())  # the plan file says it too: the same keys
 
 
+class LooksUpStatistics(nn.Module):
+    """Reads a statistic through the buffer table, where no attribute access shows it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(8, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x)) * dict(self.bn.named_buffers())["running_var"].sqrt()
+
+
 def test_a_forward_reading_an_attribute_the_replacement_lacks_is_refused() -> None:
     with pytest.raises(PlanError, match=r"forward reads 'momentum' of a replaced layer \(bn\).*--keep LAYER"):
         normswap.convert(ReadsMomentum(), torch.randn(4, 8), to="groupnorm")
+    with pytest.raises(
+        PlanError, match=r"looks up 'running_var' in the state of a replaced layer \(bn\).*--keep LAYER"
+    ):
+        normswap.convert(LooksUpStatistics(), torch.randn(4, 8), to="groupnorm")
 
 
 # --- dtype, device, process group, TorchScript ----------------------------------------------------
