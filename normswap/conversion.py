@@ -256,6 +256,7 @@ def convert_with(
         return _recorded(Conversion.of(rewritten))
     batches = check_batches(calibration_data)
     check_model_accepts(original, batches)
+    costs: list[SiteCost] | None = None
     if freeze_costly is not None and options.to == "auto" and plan is None:
         costs = site_costs(original, rewritten.plan, batches, samples=options.attribution_samples or DEFAULT_SAMPLES)
         frozen = _freeze_costly(rewritten.plan, rewritten.sites, costs, freeze_costly, options.plan_options)
@@ -271,9 +272,11 @@ def convert_with(
         batches,
         options.heal,
         options.device,
-        options.attribution_samples,
+        0 if costs is not None else options.attribution_samples,  # measured above: each site alone costs the same
         memory_limit,
     )
+    if costs is not None and options.attribution_samples:
+        outcome.attribution = [c for c in costs if _changes_function(rewritten.plan, c.site)]
     conversion = Conversion.of(rewritten)
     return _recorded(
         dataclasses.replace(
@@ -312,6 +315,11 @@ def _recorded(conversion: Conversion) -> Conversion:
             f"the plan is recorded in model.config.{CONFIG_KEY}: save_pretrained keeps it, normswap.from_pretrained reads it"
         )
     return conversion
+
+
+def _changes_function(plan: Plan, site: str) -> bool:
+    entry = plan.get(site)
+    return entry is not None and entry.converts and not targets.get(entry.target).keeps_function
 
 
 def _freeze_costly(

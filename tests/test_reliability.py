@@ -23,6 +23,19 @@ from normswap.cli import main
 from normswap.errors import OutputError, PlanError
 from workspace import SHAPE, convert, state
 
+# a conversion with calibration data (calib.pt, written by each test)
+CALIBRATED = (
+    "plain.pt",
+    "--model",
+    "nets:build",
+    *SHAPE,
+    "--out",
+    "out",
+    "--no-onnx",
+    "--calibration-data",
+    "calib.pt",
+)
+
 
 def _sentence(result) -> str:
     assert "Traceback" not in result.output
@@ -319,18 +332,7 @@ def test_integer_weights_for_float_parameters_are_refused(work: Path) -> None:
 )
 def test_healing_that_cannot_work_is_refused(work: Path, heal_args: list[str], message: str) -> None:
     torch.save(torch.randn(64, 3, 8, 8), work / "calib.pt")
-    result = convert(
-        "plain.pt",
-        "--model",
-        "nets:build",
-        *SHAPE,
-        "--out",
-        "out",
-        "--no-onnx",
-        "--calibration-data",
-        "calib.pt",
-        *heal_args,
-    )
+    result = convert(*CALIBRATED, *heal_args)
     assert (
         result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     )  # click's usage error, or one sentence
@@ -462,18 +464,7 @@ def test_world_size_without_a_launcher(work: Path, monkeypatch) -> None:
     for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     torch.save(torch.randn(64, 3, 8, 8), work / "calib.pt")
-    result = convert(
-        "plain.pt",
-        "--model",
-        "nets:build",
-        *SHAPE,
-        "--out",
-        "out",
-        "--no-onnx",
-        "--calibration-data",
-        "calib.pt",
-        "--heal",
-    )
+    result = convert(*CALIBRATED, "--heal")
     assert result.exit_code == 2 and "WORLD_SIZE=4 is set but no launcher started this process" in _sentence(result)
 
 

@@ -29,10 +29,10 @@ from ..capture.calls import one_line
 from ..plan import Plan, PlanEntry
 from ..rewrite import apply_plan
 from ..sites import SiteKind
-from ..torchutil import flat_outputs, is_torch_class, preserved
+from ..torchutil import is_torch_class, preserved
 from .affine import AffineSite, CallIndex, computes_batch_norm_alone, observing
 from .device import device_of
-from .drift import Drift, DriftAccumulator, batch_samples, eval_outputs, measure_drift
+from .drift import Drift, DriftAccumulator, batch_samples, eval_outputs, float_outputs, measure_drift
 from .fit import calibrate
 from .stats import ChannelSums, fit_affine
 from .walk import Cursor, traced
@@ -179,7 +179,7 @@ class _Downstream:
             seen: list[torch.Tensor] = []
             with observing(replacement, seen, 2**62):
                 output = ahead.finish()
-            drift.add(reference, [t.detach().float() for t in flat_outputs(output)], batch_samples(inputs))
+            drift.add(reference, float_outputs(output), batch_samples(inputs))
             if fitting is not None and fitting.batchnorm is not None:
                 args, kwargs = cursor.arguments()  # upstream is the original's: the BatchNorm's own input
                 part = ChannelSums.of(fitting.normalized(seen[0]), fitting.batchnorm(*args, **kwargs))

@@ -28,7 +28,12 @@ class Drift:
 def eval_outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
     with preserved(model), torch.no_grad():
         model.eval()
-        return [t.detach().float() for t in flat_outputs(model(*inputs))]
+        return float_outputs(model(*inputs))
+
+
+def float_outputs(value: Any) -> list[torch.Tensor]:
+    """A model's output as drift compares it: every tensor in it, detached, in float32."""
+    return [t.detach().float() for t in flat_outputs(value)]
 
 
 class DriftAccumulator:

@@ -14,8 +14,9 @@ the result says so.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ from .affine import AffineSite, CallIndex, functional_site, module_site
 from .data import check_batches, check_model_accepts
 from .device import placed, resolve_device, to_device
 from .drift import Drift, DriftAccumulator
-from .layerwise import call_counts, layer_pair
+from .layerwise import call_counts, functional_pair, module_pair
 from .lockstep import LocatedSite, fit_in_lockstep
 from .stats import AffineFit, ChannelSums, fit_affine
 from .walk import traced
@@ -235,24 +236,28 @@ def _fit_layer_by_layer(
     """Each site in plan order, each batch run through both models from the input to the site."""
     module_names = [e.name for e in entries if e.kind is not SiteKind.FUNCTIONAL]
     calls = call_counts(original, module_names, batches[0]) if module_names else {}
-    original_graph = (
-        traced(original, set()) if any(e.kind is SiteKind.FUNCTIONAL for e in entries) else None
-    )  # eval: training=False
+    functional = [e for e in entries if e.kind is SiteKind.FUNCTIONAL]
+    if functional and not isinstance(converted, fx.GraphModule):
+        raise CalibrationError(
+            f"Functional site '{functional[0].name}' needs the fx.GraphModule that convert() returned."
+        )
+    original_graph = traced(original, set()) if functional else None  # eval mode: training=False
+    new_calls = CallIndex(converted) if isinstance(converted, fx.GraphModule) else None
+    old_calls = CallIndex(original_graph) if original_graph is not None else None
     for entry in entries:  # graph order: each fit sees the calibrated layers upstream
-        site: AffineSite
+        pair: Callable[[tuple], ChannelSums]
         if entry.kind is SiteKind.FUNCTIONAL:
-            if not isinstance(converted, fx.GraphModule) or original_graph is None:
-                raise CalibrationError(
-                    f"Functional site '{entry.name}' needs the fx.GraphModule that convert() returned."
-                )
-            site = functional_site(
-                entry, converted, CallIndex(converted).converted(entry), CallIndex(original_graph).original(entry)
-            )
+            assert isinstance(converted, fx.GraphModule) and original_graph is not None
+            assert new_calls is not None and old_calls is not None
+            new, old = new_calls.converted(entry), old_calls.original(entry)
+            site = functional_site(entry, converted, new, old)
+            pair = functools.partial(functional_pair, site, converted, new[0], original_graph, old[0])
         else:
             site = module_site(entry, converted, original)
+            pair = functools.partial(module_pair, site, converted, original, calls=calls.get(entry.name, 0))
         sums: ChannelSums | None = None
         for batch in batches:
-            part = layer_pair(site, converted, original, original_graph, batch, calls.get(entry.name, 0))
+            part = pair(batch)
             sums = part if sums is None else sums + part
         if sums is None:
             raise CalibrationError("Calibration data is empty; give at least one batch of inputs.")

@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import CalibrationError
-from .affine import AffineSite, BatchNormInputs, CallIndex, Stop, concatenated, observing
+from .affine import AffineSite, BatchNormInputs, Stop, concatenated, observing
 from .stats import ChannelSums
 
 
@@ -78,24 +78,24 @@ def _node_arguments(graph_module: fx.GraphModule, node: fx.Node, inputs: tuple) 
     raise CalibrationError(f"Graph node '{node.name}' was not reached on the calibration inputs.")
 
 
-def layer_pair(
-    site: AffineSite,
-    converted: nn.Module,
-    original: nn.Module,
-    original_graph: fx.GraphModule | None,
-    batch: tuple,
-    calls: int,
-) -> ChannelSums:
-    """The sums of one batch for `site`, each model run from the input to the site."""
-    if site.functional:
-        assert isinstance(converted, fx.GraphModule) and original_graph is not None
-        args, _ = _node_arguments(converted, CallIndex(converted).converted(site.entry)[0], batch)
-        old = CallIndex(original_graph).original(site.entry)[0]
-        old_args, old_kwargs = _node_arguments(original_graph, old, batch)
-        original_call = old.target
-        assert callable(original_call)
-        return ChannelSums.of(
-            site.normalized(args[0]), original_call(*old_args, **old_kwargs)
-        )  # traced in eval mode: running statistics
+def module_pair(site: AffineSite, converted: nn.Module, original: nn.Module, batch: tuple, calls: int) -> ChannelSums:
+    """The sums of one batch for a module site, each model run from the input to the site."""
     z = site.normalized(converted_inputs(converted, site.name, batch, calls))
     return ChannelSums.of(z, site.target(original_inputs(original, site.name, batch, calls)))
+
+
+def functional_pair(
+    site: AffineSite,
+    converted: fx.GraphModule,
+    new: fx.Node,
+    original_graph: fx.GraphModule,
+    old: fx.Node,
+    batch: tuple,
+) -> ChannelSums:
+    """The sums of one batch for a functional site: its replacement node `new` in the converted
+    graph and the original call `old` in the eval-mode trace, each run from the input."""
+    args, _ = _node_arguments(converted, new, batch)
+    old_args, old_kwargs = _node_arguments(original_graph, old, batch)
+    original_call = old.target
+    assert callable(original_call)
+    return ChannelSums.of(site.normalized(args[0]), original_call(*old_args, **old_kwargs))  # running statistics

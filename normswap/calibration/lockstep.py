@@ -22,9 +22,8 @@ from torch import fx, nn
 
 from ..errors import CalibrationError
 from ..targets.takeover import TakenOver
-from ..torchutil import flat_outputs
 from .affine import AffineSite, BatchNormInputs, Stop, computes_batch_norm_alone, concatenated, observing
-from .drift import DriftAccumulator, batch_samples
+from .drift import DriftAccumulator, batch_samples, float_outputs
 from .stats import AffineFit, ChannelSums
 from .walk import Cursor
 
@@ -169,9 +168,7 @@ def fit_in_lockstep(
     if drift is not None:
         for i, inputs in enumerate(batches):
             batch, held[i] = cursors(i), None
-            drift.add(_outputs(batch.original.finish()), _outputs(batch.converted.finish()), batch_samples(inputs))
+            drift.add(
+                float_outputs(batch.original.finish()), float_outputs(batch.converted.finish()), batch_samples(inputs)
+            )
     return walked
-
-
-def _outputs(value: object) -> list[torch.Tensor]:
-    return [t.detach().float() for t in flat_outputs(value)]

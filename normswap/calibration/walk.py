@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from ..capture.tracer import BatchNormTracer
 
@@ -73,17 +73,12 @@ class Cursor(fx.Interpreter):
 
     def live_bytes(self) -> int:
         """Bytes held by the tensors of the live set (each storage counted once)."""
-        seen: dict[int, int] = {}
-        for value in self.env.values():
-            tree_map(
-                lambda v: (
-                    seen.setdefault(_storage_key(v), v.untyped_storage().nbytes())
-                    if isinstance(v, torch.Tensor)
-                    else None
-                ),
-                value,
-            )
-        return sum(seen.values())
+        storages = {
+            _storage_key(leaf): leaf.untyped_storage().nbytes()
+            for leaf in tree_leaves(list(self.env.values()))
+            if isinstance(leaf, torch.Tensor)
+        }
+        return sum(storages.values())
 
 
 def _cloned(value: Any) -> Any:

@@ -19,10 +19,10 @@ BATCH_NORM_FUNCTIONS = (F.batch_norm, torch.batch_norm)
 
 CALL_SITE_META = "normswap_call_site"
 
-_F_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+F_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _F_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
 # torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled)
-_TORCH_NAMES = (
+TORCH_BATCH_NORM_ARGS = (
     "input",
     "weight",
     "bias",
@@ -53,11 +53,11 @@ class BatchNormArgs:
 
     @classmethod
     def of(cls, func: Any, args: tuple, kwargs: dict[str, Any] | None = None) -> BatchNormArgs:
-        names = _F_NAMES if func is F.batch_norm else _TORCH_NAMES
+        names = F_BATCH_NORM_ARGS if func is F.batch_norm else TORCH_BATCH_NORM_ARGS
         values: dict[str, Any] = dict(_F_DEFAULTS)
         values.update(zip(names, args, strict=False))  # positional arguments cover a prefix of the names
         values.update(kwargs or {})
-        return cls(**{name: values.get(name) for name in _F_NAMES})
+        return cls(**{name: values.get(name) for name in F_BATCH_NORM_ARGS})
 
     @classmethod
     def of_node(cls, node: fx.Node) -> BatchNormArgs:

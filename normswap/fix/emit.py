@@ -16,24 +16,13 @@ from typing import Any
 import libcst as cst
 
 from .. import targets
+from ..capture.tracer import F_BATCH_NORM_ARGS, TORCH_BATCH_NORM_ARGS
 from ..plan import PlanEntry
 from ..targets.base import PlanOptions, SourceCall, SourceCode
 from .locate import CALL, VALUE, Spot
 
 BATCHNORM_PARAMETERS = ("num_features", "eps", "momentum", "affine", "track_running_stats", "device", "dtype")
 LAZY_BATCHNORM_PARAMETERS = ("eps", "momentum", "affine", "track_running_stats", "device", "dtype")
-F_BATCH_NORM = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-TORCH_BATCH_NORM = (
-    "input",
-    "weight",
-    "bias",
-    "running_mean",
-    "running_var",
-    "training",
-    "momentum",
-    "eps",
-    "cudnn_enabled",
-)
 
 
 def replacement(spot: Spot, entries: Sequence[PlanEntry], options: PlanOptions | None = None) -> SourceCode | str:
@@ -100,7 +89,7 @@ def _constructor(spot: Spot, call: cst.Call, params: Sequence[Mapping[str, Any]]
 
 def _functional(spot: Spot, call: cst.Call) -> SourceCall | str:
     torch_form = "torch.batch_norm" in spot.file.qualified(call.func)
-    arguments = _bound(call, TORCH_BATCH_NORM if torch_form else F_BATCH_NORM, spot)
+    arguments = _bound(call, TORCH_BATCH_NORM_ARGS if torch_form else F_BATCH_NORM_ARGS, spot)
     if arguments is None or "input" not in arguments:
         return f"`{spot.file.code(call)}` passes its arguments through *args / **kwargs"
     if isinstance(call.func, cst.Attribute) and not torch_form:
