@@ -33,12 +33,14 @@ class _ChoiceOf(click.Choice):
         self._read = read
         super().__init__(list(read()))
 
+    # A tuple is what click >= 8.2 declares `choices` to be and a Sequence, what click 8.1 declares:
+    # the property overrides the attribute under both.
     @property
-    def choices(self) -> Sequence[str]:
+    def choices(self) -> tuple[str, ...]:
         return tuple(self._read())
 
     @choices.setter
-    def choices(self, value: Sequence[str]) -> None:  # click's __init__ assigns it
+    def choices(self, value: Sequence[Any]) -> None:  # click's __init__ assigns it
         pass
 
 
