@@ -4,6 +4,8 @@ requested target, one reasoned entry per site."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -20,9 +22,11 @@ if TYPE_CHECKING:  # the rules ask policy for each site's natural target
 
 
 def over_sequence(site: Site, context: Context) -> bool:
-    """The site normalizes (N, C, L) steps of a sequence: a BatchNorm1d on a rank-3 input, or any
-    rank-3 input when the context says the inputs are sequences."""
-    return site.input_rank == 3 and (context.sequence or site.flavour.endswith("1d"))
+    """The site normalizes (N, C, L) steps of a sequence: a rank-3 input whose last axis is known
+    to be ordered (a recurrent layer or a 1-d kernel spanning several steps upstream: `site.order`),
+    or any rank-3 input when the context says the inputs are sequences. A rank-3 input alone is
+    no evidence of time: PointNet's (N, C, points) after kernel-1 convolutions is a set."""
+    return site.input_rank == 3 and (context.sequence or bool(site.order))
 
 
 def natural_target(site: Site, context: Context | None = None) -> tuple[str, str]:
@@ -56,13 +60,15 @@ def natural_target(site: Site, context: Context | None = None) -> tuple[str, str
         and (context.batch_size is None or context.batch_size < context.small_batch_threshold)
     ):
         return "frozen", "fine-tuning a pretrained model with small batches: frozen keeps the pretrained statistics"
-    if site.call_count > 1 and (rank is None or rank <= 3):
+    if site.call_count > 1 and not site.ghost_batch and (rank is None or rank <= 3):
         return (
             "layernorm",
             f"applied {site.call_count} times per forward (recurrence): LayerNorm normalizes each step on its own",
         )
     if over_sequence(site, context):
         return "layernorm", "normalizes a (N, C, L) sequence: channel LayerNorm per time step"
+    if rank == 3:
+        return "groupnorm", "(N, C, L) points, no evidence of order along L: GroupNorm, as for the pixels of a map"
     if rank == 2:
         return "layernorm", "(N, C) features: LayerNorm over the features of each sample"
     if rank is None and site.flavour.endswith("1d"):
@@ -136,36 +142,57 @@ def make_plan(
                     ) from None
                 entries.append(keep(site, f"cannot be replaced: {refusal}"))
     if to == "auto":
-        entries = _unreached_follow_their_line(sites, entries, options)
+        entries = _unreached_take_their_twins_form(sites, entries, options)
     return Plan(entries)
 
 
-def _unreached_follow_their_line(
+def _unreached_take_their_twins_form(
     sites: Sequence[Site], entries: list[PlanEntry], options: PlanOptions
 ) -> list[PlanEntry]:
-    """An unreached layer built at the same source line as layers the example reached takes their
-    target: it has no function of its own to keep, and one line then builds one kind of layer
-    (what `lint --fix` writes there)."""
+    """An unreached layer takes the form of its reached twins: the layers the example reached
+    that were built at the same source line, else by an identical constructor call (TabNet builds
+    `initial_bn = BatchNorm1d(input_dim, momentum=0.01)` in a wrapper that never calls it and in the
+    encoder that does). It has no function of its own to keep; planned as if its input were
+    theirs, it becomes the same module class (a `torch.nn.LayerNorm` on (N, C) features, not the
+    rank-agnostic channel LayerNorm), and one line builds one kind of layer (what `lint --fix`
+    writes there). Twins that disagree on the target or the input rank give no form to follow."""
     by_name = {entry.name: entry for entry in entries}
-    reached_targets: dict[tuple[str, int], str] = {}
+    by_line: dict[tuple[str, int], list[Site]] = {}
+    by_call: dict[tuple[object, ...], list[Site]] = {}
     for site in sites:
-        entry = by_name[site.name]
-        if site.reached and site.defined_at is not None and entry.converts:
-            reached_targets.setdefault((site.defined_at.path, site.defined_at.line), entry.target)
+        if site.reached and site.defined_at is not None and by_name[site.name].converts:
+            by_line.setdefault((site.defined_at.path, site.defined_at.line), []).append(site)
+            by_call.setdefault(_constructor_call(site), []).append(site)
     result = []
     for site, entry in zip(sites, entries, strict=True):
-        line = (site.defined_at.path, site.defined_at.line) if site.defined_at is not None else None
-        target = reached_targets.get(line) if line is not None and not site.reached and entry.converts else None
-        if target is not None and target != entry.target:
-            with contextlib.suppress(Refusal):  # where the line's target refuses it, its own target stands
-                entry = entry_for(
-                    site,
-                    target,
-                    f"{_unreached(site)}; built at {site.defined_at} like the reached layers there",
-                    options,
-                )
+        if site.reached or site.defined_at is None or not entry.converts:
+            result.append(entry)
+            continue
+        line = by_line.get((site.defined_at.path, site.defined_at.line))
+        twins = line or by_call.get(_constructor_call(site), [])
+        forms = {(by_name[t.name].target, t.input_rank) for t in twins}
+        if len(forms) == 1:
+            twin = twins[0]
+            shape = twin.input_shape
+            stand_in = dataclasses.replace(
+                site, input_shape=(shape[0], site.num_features or shape[1], *shape[2:]) if shape else None
+            )
+            how = (
+                f"built at {site.defined_at} like the reached layers there"
+                if line
+                else f"built by the same call as '{twin.name}', which the example reached"
+            )
+            with contextlib.suppress(Refusal):  # where the twins' target refuses it, its own plan stands
+                entry = entry_for(stand_in, by_name[twin.name].target, f"{_unreached(site)}; {how}", options)
         result.append(entry)
     return result
+
+
+def _constructor_call(site: Site) -> tuple[object, ...]:
+    """What identifies a constructor call: its code (without a trailing comment), the class and
+    its arguments."""
+    code = re.sub(r"\s+#.*$", "", site.defined_at.code).strip() if site.defined_at is not None else ""
+    return (code, site.flavour, site.num_features, site.eps, site.momentum, site.affine, site.track_running_stats)
 
 
 def _unreached(site: Site) -> str:

@@ -71,6 +71,12 @@ class Site:
     # rows of the layer's dim 0 per sample of the model's batch: 1 when dim 0 is the batch, T for a
     # (T, N, H) sequence flattened to (T*N, H); None when dim 0 is no multiple of the batch (unknown)
     rows_per_sample: int | None = None
+    # a rank-3 input: the upstream layer that shows its last axis is ordered, "" when none does
+    # (a point set: kernel-1 convolutions; capture/order.py)
+    order: str = ""
+    # dim 0 of each call when the calls cut the example batch into chunks (ghost batch norm:
+    # `x.chunk(n)` of the batch, one BatchNorm per chunk); () otherwise
+    chunk_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.kind = SiteKind(self.kind)  # a plain string from an API caller becomes the enum
@@ -78,6 +84,11 @@ class Site:
     @property
     def input_rank(self) -> int | None:
         return len(self.input_shape) if self.input_shape is not None else None
+
+    @property
+    def ghost_batch(self) -> bool:
+        """Whether its calls normalize chunks of one batch (ghost batch norm), not steps."""
+        return bool(self.chunk_sizes)
 
     @property
     def batch_dependent(self) -> bool:
@@ -130,6 +141,7 @@ def discover(model: nn.Module, captured: Capture) -> list[Site]:
     )  # the example inputs' batch (first input, dim 0)
     for site in sites:
         site.rows_per_sample = rows_per_sample(site.input_shape, batch)
+        site.chunk_sizes = chunk_sizes([call.input_shape for call in grouped[site.name]], batch)
     sites.extend(_unreached_sites(model, modules, set(grouped)))
     parameter_names = _parameter_names(model)
     graph_reads = (
@@ -154,6 +166,20 @@ def rows_per_sample(input_shape: tuple[int, ...] | None, batch: int | None) -> i
     if not input_shape or not batch or input_shape[0] % batch:
         return None
     return input_shape[0] // batch
+
+
+def chunk_sizes(shapes: list[tuple[int, ...] | None], batch: int | None) -> tuple[int, ...]:
+    """Dim 0 of each call when several calls of one layer cut the example batch into chunks
+    (TabNet's ghost batch norm: `x.chunk(n)` of the batch, one BatchNorm per chunk, `torch.cat`):
+    every call smaller than the batch, the same trailing dims, the sizes adding up to whole
+    batches (one batch per forward, or one per step of a loop around the chunking); () otherwise."""
+    if len(shapes) < 2 or not batch or any(not shape for shape in shapes):
+        return ()
+    known = [shape for shape in shapes if shape]
+    if len({shape[1:] for shape in known}) != 1 or any(shape[0] >= batch for shape in known):
+        return ()
+    sizes = tuple(shape[0] for shape in known)
+    return sizes if sum(sizes) % batch == 0 else ()
 
 
 def _parameter_names(model: nn.Module) -> dict[int, list[str]]:
@@ -227,6 +253,7 @@ def _common(calls: list[BatchNormCall]) -> dict[str, Any]:
         "feeds_from_input": any(p.startswith("input ") for c in calls for p in c.producers),
         "producer_module": first.producer_module if len(calls) == 1 else None,
         "producer_exclusive": len(calls) == 1 and first.producer_exclusive,
+        "order": next((c.order for c in calls if c.order), ""),
     }
 
 

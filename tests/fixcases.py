@@ -17,7 +17,16 @@ import normswap
 
 CASES = Path(__file__).parent / "fix_cases"
 # shaped like public repositories, each with SIBLINGS: the other models the file builds
-REPOSITORIES = ["cifar_resnet", "cifar_densenet", "yolo_common", "pix2pix_networks", "dcgan", "deepspeech"]
+REPOSITORIES = [
+    "cifar_resnet",
+    "cifar_densenet",
+    "yolo_common",
+    "pix2pix_networks",
+    "dcgan",
+    "deepspeech",
+    "pointnet",
+    "tab_network",
+]
 FIXED = [
     "direct",
     "aliases",

@@ -19,6 +19,7 @@ from torch import nn
 
 import normswap
 from fixcases import CASES, REPOSITORIES, assert_builds_what_convert_makes, built, context_for, copy_case, load
+from normswap.capture import capture
 from normswap.cli import main
 from normswap.fix import fix_source
 
@@ -111,3 +112,91 @@ def test_a_sequence_flattened_into_the_batch_is_no_batch_of_one() -> None:
     assert error.site_name == "batchnorm" and "training raises ValueError" in error.message
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         MnistRNN().train()(torch.randn(1, 1, 28, 28))
+
+
+def test_a_point_set_is_planned_like_the_pixels_of_a_map_not_as_a_sequence() -> None:
+    """PointNet's BatchNorm1d over (N, C, points) after kernel-1 convolutions: no NS102, GroupNorm
+    in the plan; the same network with a kernel-3 convolution reads its points as ordered steps
+    (NS102 names the convolution), with the graph and without one (forward hooks)."""
+    pointnet = load(CASES / "pointnet.py")
+    x = torch.randn(*pointnet.INPUT_SHAPE)
+    report = normswap.lint(pointnet.build(), x, normswap.Context(batch_size=2))
+    assert [f for f in report.findings if f.code == "NS102"] == []
+    targets = {e.name: e.target for e in report.lint.plan}
+    points = [s.name for s in report.sites if s.input_rank == 3]
+    assert points == ["feat.stn.bn1", "feat.stn.bn2", "feat.bn1", "feat.bn2"]
+    assert {targets[name] for name in points} == {"groupnorm"} and targets["bn1"] == "layernorm"
+    assert "(N, C, L) points, no evidence of order along L" in next(
+        e.reason for e in report.lint.plan if e.name == "feat.bn1"
+    )
+
+    ordered = pointnet.build()
+    ordered.feat.conv1 = nn.Conv1d(3, 16, 3, padding=1)
+    sequence = normswap.lint(ordered, x, normswap.Context(batch_size=2))
+    found = {f.site_name: f.message for f in sequence.findings if f.code == "NS102"}
+    assert sorted(found) == ["feat.bn1", "feat.bn2"]  # downstream of the kernel-3 convolution only
+    assert "(its steps are ordered: it follows feat.conv1 (Conv1d, kernel 3))" in found["feat.bn1"]
+    for method in ("export", "hooks"):  # the other captures read the same evidence
+        calls = {c.name: c.order for c in capture(ordered, x, methods=(method,)).calls}
+        assert calls["feat.stn.bn1"] == "" and calls["feat.bn1"].startswith("feat.conv1 ("), (method, calls)
+    said = normswap.lint(pointnet.build(), x, normswap.Context(batch_size=2, sequence=True))
+    assert {f.site_name for f in said.findings if f.code == "NS102"} == set(points)  # --sequence: the user says so
+
+
+def test_ghost_batches_are_chunks_of_one_step_and_an_unreached_twin_takes_the_live_form() -> None:
+    """TabNet: GBN normalizes a batch of 4 as 2 chunks of 2. NS103 counts the chunk, NS101 says
+    chunks of one step, not time; the wrapper's never-called `initial_bn` takes the encoder's
+    identical call's form (torch.nn.LayerNorm over features), not the channel LayerNorm."""
+    tabnet = load(CASES / "tab_network.py")
+    with normswap.recording_construction():
+        model = tabnet.build()
+    report = normswap.lint(model, torch.randn(*tabnet.INPUT_SHAPE), normswap.Context(batch_size=4))
+    by_code = {(f.code, f.site_name): f.message for f in report.findings}
+    ghost = "encoder.att_transformers.0.bn.bn"
+    assert by_code[("NS103", ghost)] == (
+        f"'{ghost}' estimates its statistics from chunks of 2 sample(s), one call per chunk of the batch "
+        "(ghost batch norm; 4 sample(s) per device, threshold 16); they will be noisy."
+    )
+    assert "across the chunks of one step, not across time steps" in by_code[("NS101", ghost)]
+    assert by_code[("NS103", "encoder.initial_bn")].startswith("'encoder.initial_bn' estimates its statistics from 4")
+    plan = {e.name: e for e in report.lint.plan}
+    assert plan[ghost].reason.endswith("(N, C) features: LayerNorm over the features of each sample")
+    assert (plan["initial_bn"].target, plan["initial_bn"].params) == ("layernorm", plan["encoder.initial_bn"].params)
+    assert "built by the same call as 'encoder.initial_bn'" in plan["initial_bn"].reason
+
+
+UNREACHED_ALONE = b"""import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3)
+        self.bn = nn.BatchNorm2d(16)
+        self.aux = nn.BatchNorm1d(8)  # an auxiliary head's norm this forward never calls
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def build():
+    return Net()
+
+
+INPUT_SHAPE = (2, 3, 8, 8)
+"""
+
+
+def test_an_unreached_layer_without_a_twin_never_makes_the_file_depend_on_normswap(project: Path) -> None:
+    path = project / "aux_head.py"
+    path.write_bytes(UNREACHED_ALONE)
+    model, x, _ = built(path)
+    fixes = fix_source(model, x, context=normswap.Context(batch_size=2), root=project, apply=True, unsafe=True)
+    (refused,) = fixes.unfixable
+    assert (
+        refused.site == "aux"
+        and "would make aux_head.py depend on normswap where no reached layer does" in refused.reason
+    )
+    text = path.read_text()
+    assert "normswap" not in text and "self.bn = nn.GroupNorm(1, 16)" in text
+    assert "self.aux = nn.BatchNorm1d(8)" in text

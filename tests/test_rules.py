@@ -55,7 +55,14 @@ CASES = [
         Context(),
         True,
     ),  # shared by two branches
-    ("NS102", {"flavour": "BatchNorm1d", "input_shape": (8, 64, 100)}, Context(), True),
+    (
+        "NS102",
+        {"flavour": "BatchNorm1d", "input_shape": (8, 64, 100), "order": "conv (Conv1d, kernel 3)"},
+        Context(),
+        True,
+    ),
+    ("NS102", {"flavour": "BatchNorm1d", "input_shape": (8, 64, 100)}, Context(), False),  # a point set: no order
+    ("NS102", {"flavour": "BatchNorm1d", "input_shape": (8, 64, 100)}, Context(sequence=True), True),  # said so
     ("NS102", {"flavour": "BatchNorm1d", "input_shape": (8, 64)}, Context(), False),
     (
         "NS102",
@@ -64,6 +71,8 @@ CASES = [
         False,
     ),  # NS101 covers it
     ("NS103", {}, Context(batch_size=2), True),
+    ("NS103", {"input_shape": (2, 64), "call_count": 4, "chunk_sizes": (2, 2, 2, 2)}, Context(batch_size=64), True),
+    ("NS103", {"input_shape": (32, 64), "call_count": 2, "chunk_sizes": (32, 32)}, Context(batch_size=64), False),
     ("NS103", {}, Context(batch_size=64), False),
     ("NS103", {}, Context(batch_size=2, inference_only=True), False),
     ("NS103", {}, Context(batch_size=15), True),  # just below the default threshold
@@ -192,6 +201,48 @@ def test_reuse_fix_depends_on_the_data() -> None:
     recurrent = RULES["NS101"].check(site(call_count=4, input_shape=(8, 64)), Context())
     shared_maps = RULES["NS101"].check(site(call_count=2), Context())
     assert (recurrent.remedy.target, shared_maps.remedy.target) == ("layernorm", "groupnorm")
+
+
+def test_ghost_batches_are_chunks_of_one_step_not_recurrence() -> None:
+    """TabNet's GBN: one BatchNorm1d called on 2 chunks of a batch of 4. NS101 says chunks of one
+    step (not time steps) and proposes the replacement for one call on (N, C) features; NS103
+    counts the chunk, not the batch; four calls on full batches stay recurrence."""
+    from normswap import policy
+
+    ghost = site(call_count=2, input_shape=(2, 16), chunk_sizes=(2, 2))
+    finding = RULES["NS101"].check(ghost, Context())
+    assert isinstance(finding, Finding) and finding.message == (
+        "'layer.bn' normalizes the batch in 2 chunks of 2 sample(s) (ghost batch norm): each chunk by its own "
+        "statistics, with the running statistics shared across the chunks of one step, not across time steps."
+    )
+    assert policy.natural_target(ghost, Context()) == (
+        "layernorm",
+        "(N, C) features: LayerNorm over the features of each sample",
+    )
+    small = RULES["NS103"].check(ghost, Context(batch_size=4))
+    assert isinstance(small, Finding) and "from chunks of 2 sample(s), one call per chunk of the batch" in small.message
+    steps = RULES["NS101"].check(site(call_count=4, input_shape=(8, 16)), Context())
+    assert "applied 4 times per forward pass" in steps.message
+    assert "recurrence" in policy.natural_target(site(call_count=4, input_shape=(8, 16)), Context())[1]
+
+
+@pytest.mark.parametrize(
+    ("shapes", "batch", "expected"),
+    [
+        ([(2, 6), (2, 6)], 4, (2, 2)),  # x.chunk(2) of a batch of 4
+        ([(3, 6), (2, 6)], 5, (3, 2)),  # an uneven last chunk
+        ([(2, 6), (2, 6), (2, 6), (2, 6)], 4, (2, 2, 2, 2)),  # chunked at each of two steps
+        ([(4, 6), (4, 6)], 4, ()),  # full batches: recurrence, not chunks
+        ([(2, 6), (2, 8)], 4, ()),  # different layers' shapes
+        ([(2, 6)], 4, ()),  # one call
+        ([(3, 6), (2, 6)], 4, ()),  # does not add up to whole batches
+    ],
+    ids=["chunk-2", "uneven", "two-steps", "full-batches", "other-shapes", "one-call", "not-whole"],
+)
+def test_chunk_sizes_read_off_each_calls_shape(shapes: list, batch: int, expected: tuple) -> None:
+    from normswap.sites import chunk_sizes
+
+    assert chunk_sizes(shapes, batch) == expected
 
 
 def test_fix_safety_is_stated() -> None:

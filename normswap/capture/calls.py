@@ -28,6 +28,8 @@ class BatchNormCall:
     # (known with an FX graph only; fold needs both)
     producer_module: str | None = None
     producer_exclusive: bool = False
+    # a rank-3 input only: the layer upstream that shows its last axis is ordered (capture/order.py)
+    order: str = ""
     # functional calls only: the `training` flag as traced in train / eval mode, and the arguments.
     training: bool | None = None
     training_in_eval: bool | None = None

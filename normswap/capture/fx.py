@@ -11,6 +11,7 @@ from torch import fx, nn
 
 from ..source import location_from_stack_trace
 from .calls import BatchNormCall, Capture, run_eagerly, shape_of
+from .order import graph_order
 from .tracer import (
     CALL_SITE_META,
     BatchNormArgs,
@@ -134,6 +135,8 @@ def _fx_call(
         producers=tuple(describe_node(a, modules) for a in node.all_input_nodes[:1]),
         consumers=tuple(describe_node(u, modules) for u in node.users),
     )
+    if call.input_shape is not None and len(call.input_shape) == 3:
+        call.order = graph_order(node, modules)
     if isinstance(source, fx.Node) and source.op == "call_module":
         call.producer_module = str(source.target)
         # folding rewrites the producer's weights: nothing else may see its output or call it

@@ -12,6 +12,7 @@ from torch.overrides import TorchFunctionMode
 from ..source import user_frame_location
 from ..torchutil import preserved
 from .calls import BatchNormCall, Capture, run_eagerly, shape_of
+from .order import module_order
 from .tracer import BATCH_NORM_FUNCTIONS, BatchNormArgs, is_batchnorm_like
 
 
@@ -48,18 +49,24 @@ def capture_hooks(model: nn.Module, inputs: tuple) -> Capture:
     stack: list[tuple[str, nn.Module]] = []
     handles = []
 
+    ordered: list[str] = []  # without a graph: the last layer run so far that shows order (capture/order.py)
+
     def pre_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             stack.append((name, module))
+            why = module_order(module)
+            if why:
+                ordered.append(f"{name} ({why}), run earlier in forward")
             if is_batchnorm_like(module) and not any(is_batchnorm_like(m) for _, m in stack[:-1]):
-                x = args[0] if args else None
+                shape = shape_of(args[0] if args else None)
                 calls.append(
                     BatchNormCall(
                         name=name,
                         module=name,
                         owner=name,
-                        input_shape=shape_of(x),
+                        input_shape=shape,
                         called_at=user_frame_location(skip=2),
+                        order=ordered[-1] if ordered and shape is not None and len(shape) == 3 else "",
                     )
                 )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,8 +201,46 @@ def plan_fixes(jobs: Sequence[FixJob], root: Path, unsafe: bool = False) -> Sour
         edit = _edit(spots[key], group, result, files, several)
         if edit is not None:
             chosen.append(edit)
+    reached = {key for key, group in members.items() if any(m.site.reached for m in group if m.wanted)}
+    chosen = _no_dependency_for_unreached(chosen, reached, result)
     _rewrite_files(chosen, result, files)
     return result
+
+
+def _no_dependency_for_unreached(
+    chosen: list[tuple[Spot, SourceCode, Edit]], reached: set[tuple[str, int, int]], result: SourceFixes
+) -> list[tuple[Spot, SourceCode, Edit]]:
+    """An edit whose layers the example inputs never reached does not make its file import
+    normswap by itself (an unreached BatchNorm1d, whose input rank is unknown, plans the
+    channel LayerNorm that serves any rank): unless the file imports normswap already or another
+    edit there does, its layers are reported instead, with what to do."""
+
+    def needs_normswap(code: SourceCode) -> bool:
+        return any(module.split(".")[0] == "normswap" for module in code.imports)
+
+    importing = {
+        spot.file.path
+        for spot, code, _ in chosen
+        if needs_normswap(code)
+        and (spot.key in reached or re.search(r"^\s*(import|from)\s+normswap\b", spot.file.text, re.M))
+    }
+    kept = []
+    for spot, code, edit in chosen:
+        if needs_normswap(code) and spot.file.path not in importing:
+            for label, site in edit.members:
+                result.unfixable.append(
+                    Unfixable(
+                        site,
+                        f"not reached by the example inputs, and its replacement `{code.text}` would make {edit.path} "
+                        "depend on normswap where no reached layer does (an unknown input rank plans the channel LayerNorm "
+                        "that serves every rank); lint with inputs that reach it, or --keep it",
+                        None,
+                        label,
+                    )
+                )
+            continue
+        kept.append((spot, code, edit))
+    return kept
 
 
 def _edit(

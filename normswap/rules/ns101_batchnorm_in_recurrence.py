@@ -35,6 +35,12 @@ class BatchNormInRecurrence(Rule):
     A BatchNorm shared by several branches over feature maps (siamese or multi-scale heads) has
     the same problem; there the proposed replacement is GroupNorm.
 
+    Ghost batch norm (TabNet's GBN: `x.chunk(n)` of the batch axis, one BatchNorm per chunk,
+    `torch.cat`) is not recurrence: the calls normalize chunks of one step's batch, each by its
+    own statistics, and the running statistics are shared across those chunks by design. The
+    finding says so; the replacement is the one for a single call on a chunk, and the chunk size
+    is what small-batch (NS103) judges.
+
     ## Fix safety
     Unsafe: LayerNorm normalizes each sample and step on its own, which changes the function;
     calibrate and heal a trained checkpoint (`normswap convert --calibration-data`).
@@ -53,6 +59,15 @@ class BatchNormInRecurrence(Rule):
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if site.call_count < 2:
             return self.skip("called once per forward")
+        if site.ghost_batch:
+            return self.finding(
+                site,
+                f"'{site.name}' normalizes the batch in {len(site.chunk_sizes)} chunks of "
+                f"{', '.join(dict.fromkeys(str(n) for n in site.chunk_sizes))} sample(s) (ghost batch norm): "
+                "each chunk by its own statistics, with the running statistics shared across the chunks of one step, "
+                "not across time steps.",
+                self.natural_remedy(site, context),
+            )
         # per-step reuse gets LayerNorm; one BN shared by branches over feature maps (siamese,
         # multi-scale) GroupNorm, which normalizes each call's map on its own
         return self.finding(

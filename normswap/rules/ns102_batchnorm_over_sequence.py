@@ -10,9 +10,13 @@ from .base import Finding, FixSafety, Rule, Severity, Skip, shape_text
 
 class BatchNormOverSequence(Rule):
     """## What it does
-    Flags BatchNorm1d whose input is a rank-3 (N, C, L) tensor, i.e. a sequence whose statistics
-    are pooled over the batch *and* every time step. With `--sequence` (`sequence = true` in
-    `[tool.normswap]`) every BatchNorm on a rank-3 input is read as over time steps.
+    Flags BatchNorm whose input is an (N, C, L) sequence, i.e. whose statistics are pooled over
+    the batch *and* every time step. A rank-3 input alone is no evidence of time: the rule needs
+    evidence of order along L, a recurrent layer or a 1-d convolution or pooling whose kernel (or
+    dilation) spans several steps upstream of the BatchNorm, or `--sequence` (`sequence = true` in
+    `[tool.normswap]`), which reads every rank-3 input as time steps. A point set (PointNet's
+    (N, C, points) after kernel-1 convolutions, max-pooled over the points) has no order: it is
+    planned like the pixels of a feature map (GroupNorm).
 
     ## Why is this bad?
     Statistics are shared by all positions and all samples: padding tokens and variable lengths
@@ -36,19 +40,23 @@ class BatchNormOverSequence(Rule):
     code = "NS102"
     name = "batchnorm-over-sequence"
     severity = Severity.WARNING
-    summary = "BatchNorm1d normalizes an (N, C, L) sequence over batch and time."
+    summary = "BatchNorm normalizes an ordered (N, C, L) sequence over batch and time."
     fix_safety = FixSafety.UNSAFE
 
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if site.input_rank != 3:
             return self.skip(f"input {shape_text(site)} is not an (N, C, L) sequence")
         if not policy.over_sequence(site, context):
-            return self.skip(f"a {site.flavour} on a rank-3 input, not known to be a sequence (pass --sequence)")
+            return self.skip(
+                f"a {site.flavour} on a rank-3 input with no evidence of order along its last axis "
+                "(no recurrent layer or 1-d kernel above 1 upstream: a point set, say); pass --sequence if it is time"
+            )
         if site.call_count > 1:
             return self.skip("reported as batchnorm-in-recurrence (NS101)")
         padding = "; padded steps of shorter sequences change the statistics" if context.sequence else ""
+        evidence = f" (its steps are ordered: it follows {site.order})" if site.order else ""
         return self.finding(
             site,
-            f"'{site.name}' normalizes the sequence {shape_text(site)} with statistics pooled over batch and time steps{padding}.",
+            f"'{site.name}' normalizes the sequence {shape_text(site)}{evidence} with statistics pooled over batch and time steps{padding}.",
             self.natural_remedy(site, context),
         )

@@ -44,10 +44,20 @@ class SmallBatch(Rule):
             return self.skip("inference only: no batch statistics are used")
         if context.batch_size is None:
             return self.skip("batch size unknown (pass --batch-size)")
-        if context.batch_size >= context.small_batch_threshold:
-            return self.skip(f"batch size {context.batch_size} >= {context.small_batch_threshold}")
+        # ghost batch norm: each call sees one chunk of the batch (at most the chunk the example made)
+        per_call = min(context.batch_size, max(site.chunk_sizes)) if site.ghost_batch else context.batch_size
+        if per_call >= context.small_batch_threshold:
+            return self.skip(f"batch size {per_call} >= {context.small_batch_threshold}")
         if not site.batch_dependent_train:
             return self.skip("does not use batch statistics in training")
+        if site.ghost_batch:
+            return self.finding(
+                site,
+                f"'{site.name}' estimates its statistics from chunks of {per_call} sample(s), one call per chunk "
+                f"of the batch (ghost batch norm; {context.batch_size} sample(s) per device, "
+                f"threshold {context.small_batch_threshold}); they will be noisy.",
+                self.natural_remedy(site, context),
+            )
         rows = site.rows_per_sample or 1
         flattened = (
             f", {context.batch_size * rows} rows of {rows} per sample, which are steps of the same samples"
