@@ -127,7 +127,7 @@ def test_norm_layer_values_follow_positional_and_forwarded_arguments(project: Pa
     (edit,) = fixes.edits
     assert (edit.line, edit.old, edit.new) == (67, "nn.BatchNorm2d", "_group_norm")
     assert len(edit.sites) == 8  # the stem, both blocks' norms (positional and keyword) and the downsample
-    assert any("torchvision_style.py:83" in note and "isinstance" in note for note in fixes.notes)
+    assert fixes.notes == []  # the init loop already names nn.GroupNorm; `norm_layer = nn.BatchNorm2d` is no test
     coarse = fix_source(
         model, x, context=context_for("torchvision_style"), root=project, unsafe=True, channels_per_group=4
     )
@@ -597,15 +597,174 @@ INPUT_SHAPE = (2, 3, 8, 8)
 """
 
 
-def test_code_that_picks_batchnorm_by_name_gets_a_note_with_its_line(project: Path) -> None:
+def test_code_that_picks_batchnorm_by_class_name_gets_a_note_saying_what_it_does(project: Path) -> None:
+    """Class-name tests become notes that say what the code does with the layers and what the fix
+    changes; the 'bn' parameter filter (names stay) and the printed message say nothing."""
     path, fixes = _fixed(project, "by_name.py", NAME_MATCHES)
-    by_line = {int(note.split(":")[1].split(" ")[0]): note for note in fixes.notes if "picks layers by a name" in note}
-    assert sorted(by_line) == [6, 8, 10]  # the class-name tests and the 'bn' parameter filter, not the message
-    assert (
-        'by_name.py:6 picks layers by a name that means BatchNorm (`if type(m).__name__ == "BatchNorm2d":`)'
-        in by_line[6]
+    by_line = {int(note.split(":")[1].split(" ")[0]): note for note in fixes.notes}
+    assert sorted(by_line) == [6, 8]
+    assert by_line[6] == (
+        'by_name.py:6 initialises the layers it selects (`init`) by class name (`if type(m).__name__ == "BatchNorm2d":`): '
+        "after the fix the GroupNorm layers would keep their default initialisation instead; make it match GroupNorm too"
     )
+    assert [e.target for e in fixes.edits] == ["groupnorm"]  # no mechanical rewrite of a string test
     assert "GroupNorm" in [type(m).__name__ for m in load(path).build()]
+
+
+SELECTIONS = b"""import torch
+import torch.nn as nn
+
+
+def init(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+        elif isinstance(m, nn.GroupNorm):
+            nn.init.ones_(m.weight)
+
+
+def decay_groups(model):
+    no_decay = [p for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) for p in m.parameters()]
+    return [{"params": no_decay, "weight_decay": 0.0}]
+
+
+def freeze(model):
+    for m in model.modules():
+        if type(m) == nn.BatchNorm2d:
+            m.weight.requires_grad = False
+
+
+def eval_statistics(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+
+
+def count(model):
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def build():
+    model = nn.Sequential(nn.Conv2d(3, 24, 1), nn.BatchNorm2d(24))
+    init(model)
+    return model
+
+
+INPUT_SHAPE = (2, 3, 8, 8)
+"""
+
+
+def test_each_selection_gets_what_it_needs_and_nothing_where_nothing_changes(project: Path) -> None:
+    """An init ladder that already handles nn.GroupNorm and a statistics-only `m.eval()` say
+    nothing; isinstance tests (an optimizer group's tuple, a count) get nn.GroupNorm added (unsafe
+    edits, held back without --unsafe-fixes); a type test that freezes gets a note; a second fix
+    is a no-op."""
+    path = project / "selections.py"
+    path.write_bytes(SELECTIONS)
+    model, x, _ = built(path)
+    held = fix_source(model, x, context=normswap.Context(batch_size=2), root=project, unsafe=False)
+    assert [(e.line, e.target, e.safe) for e in held.edits] == [
+        (14, "selection", False),
+        (31, "selection", False),
+        (35, "groupnorm", False),
+    ]
+    assert held.selected == []
+    fixes = fix_source(model, x, context=normswap.Context(batch_size=2), root=project, apply=True, unsafe=True)
+    selection, counting = [e for e in fixes.edits if e.target == "selection"]
+    assert (selection.line, selection.old, selection.new) == (
+        14,
+        "nn.BatchNorm2d, nn.LayerNorm",  # inside the tuple's parentheses
+        "nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm",
+    )
+    assert selection.selects.startswith(
+        "collects the parameters of the layers it selects into an optimizer's parameter group (`decay_groups`)"
+    )
+    assert counting.new == "(nn.BatchNorm2d, nn.GroupNorm)" and counting.selects.startswith("selects layers (`count`)")
+    assert fixes.notes == [
+        "selections.py:20 freezes the parameters of the layers it selects (`freeze`) by its class "
+        "(`if type(m) == nn.BatchNorm2d:`): after the fix the GroupNorm layers would train; make it match GroupNorm too"
+    ]
+    fixed = load(path)
+    rebuilt = fixed.build()
+    assert len(fixed.decay_groups(rebuilt)[0]["params"]) == 2  # the GroupNorm's weight and bias, as BatchNorm's before
+    again, x, _ = built(path)
+    second = fix_source(again, x, context=normswap.Context(batch_size=2), root=project, apply=True, unsafe=True)
+    assert second.edits == [] and second.notes == []
+
+
+SELECTION_LINE = b"""import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    def forward(self, x):
+        return F.relu(super().forward(x))
+
+
+class Net(nn.Module):
+    def __init__(self, act=False):
+        super().__init__()
+        Norm = BatchNormAct2d if act else nn.BatchNorm2d
+        self.conv = nn.Conv2d(3, 16, 3)
+        self.bn = Norm(16)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def build(act=False):
+    return Net(act)
+
+
+INPUT_SHAPE = (2, 3, 8, 8)
+"""
+
+
+def test_a_branch_that_is_not_plain_batchnorm_is_named_in_a_note_and_in_the_refusal(project: Path) -> None:
+    """`Norm = BatchNormAct2d if act else nn.BatchNorm2d`: fixing the plain branch rewrites it and
+    names the other (an activation added: not BatchNorm on one device); the model built with
+    the other branch is refused with the selection line."""
+    path, fixes = _fixed(project, "selection.py", SELECTION_LINE)
+    assert [(e.line, e.old, e.new) for e in fixes.edits] == [(13, "nn.BatchNorm2d", "_group_norm")]
+    assert fixes.notes == [
+        "selection.py:13 selects `BatchNormAct2d` in another branch (`Norm = BatchNormAct2d if act else nn.BatchNorm2d`): "
+        "that branch still builds BatchNorm after the fix, as its output differs from BatchNorm's in training mode; "
+        "replace it by hand, or lint the model built with that branch"
+    ]
+    path.write_bytes(SELECTION_LINE)
+    module = load(path)
+    with normswap.recording_construction():
+        model = module.build(act=True)
+    refused = fix_source(model, torch.randn(*module.INPUT_SHAPE), context=normswap.Context(batch_size=2), root=project)
+    ((site, reason),) = [(u.site, u.reason) for u in refused.unfixable]
+    assert site == "bn" and refused.edits == []
+    assert reason.startswith(
+        "a BatchNormAct2d, a BatchNorm subclass (its output differs from BatchNorm's in training mode)"
+    )
+    assert reason.endswith("; selection.py:13 selects the class (`Norm = BatchNormAct2d if act else nn.BatchNorm2d`)")
+
+
+def test_a_conditional_expression_selecting_sync_batchnorm_is_rewritten_in_both_arms(project: Path) -> None:
+    """`Norm = nn.SyncBatchNorm if distributed else nn.BatchNorm2d` (the multi-GPU arm is the other
+    one): both arms become the GroupNorm the plan writes, and the model built with either equals
+    convert's."""
+    source = SELECTION_LINE.replace(b"BatchNormAct2d if act else", b"nn.SyncBatchNorm if act else")
+    path, fixes = _fixed(project, "selection.py", source)
+    assert [(e.column, e.old, e.new, e.sites) for e in fixes.edits] == [
+        (16, "nn.SyncBatchNorm", "_group_norm", ("bn",)),
+        (45, "nn.BatchNorm2d", "_group_norm", ("bn",)),
+    ]
+    assert fixes.unfixable == [] and fixes.notes == []
+    assert "        Norm = _group_norm if act else _group_norm\n" in path.read_text()
+    original = project / "original.py"
+    original.write_bytes(source)
+    for act in (False, True):
+        torch.manual_seed(0)
+        before = load(original).build(act=act)
+        after = load(path).build(act=act)
+        assert_builds_what_convert_makes(
+            after, before, torch.randn(2, 3, 8, 8), normswap.Context(batch_size=2), f"act={act}"
+        )
 
 
 def test_the_diff_of_a_file_without_a_final_newline_ends_in_one(project: Path) -> None:

@@ -151,6 +151,7 @@ def test_json_lists_the_edits_and_matches_the_schema(project: Path) -> None:
         "target": "groupnorm",
         "safety": "unsafe",
         "imports": [],
+        "selects": "",
         "applied": False,
     }
     assert document["reports"][0]["recommended"]["auto"] == {"groupnorm": 2}
@@ -367,11 +368,14 @@ def test_fix_the_source_convert_the_checkpoint_and_train_on(project: Path) -> No
 def test_name_based_matches_are_noted_in_the_diff_and_after_the_fix(project: Path) -> None:
     copy_case(project, "dcgan")
     args = ["dcgan.py:build", "--input-shape", "2,100,1,1", "--batch-size", "2", "--unsafe-fixes"]
-    note = 'dcgan.py:20 picks layers by a name that means BatchNorm (`elif classname.find("BatchNorm") != -1:`)'
+    note = (
+        'dcgan.py:20 initialises the layers it selects (`weights_init`) by class name (`elif classname.find("BatchNorm") != -1:`): '
+        "after the fix the GroupNorm layers would keep their default initialisation instead; make it match GroupNorm too"
+    )
     diff = lint(*args, "--diff")
     assert diff.exit_code == 1 and f"\nnote: {note}" in diff.stderr and diff.stderr.endswith("\n")
     assert (
-        "note: dcgan.py:70 still names nn.BatchNorm2d (`nn.BatchNorm2d(ndf * 2),`): no model of this run builds its layers there"
+        "note: dcgan.py:70 still builds nn.BatchNorm2d (`nn.BatchNorm2d(ndf * 2),`): no model of this run builds its layers there"
         in diff.stderr
     )
     fixed = lint(*args, "--fix")

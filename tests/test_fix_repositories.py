@@ -200,3 +200,91 @@ def test_an_unreached_layer_without_a_twin_never_makes_the_file_depend_on_normsw
     text = path.read_text()
     assert "normswap" not in text and "self.bn = nn.GroupNorm(1, 16)" in text
     assert "self.aux = nn.BatchNorm1d(8)" in text
+
+
+def _deeplab(project: Path, monkeypatch: pytest.MonkeyPatch, **kwargs: object) -> tuple[ModuleType, nn.Module]:
+    """The deeplab package of the project, imported fresh, and a DeepLab built from it (recorded)."""
+    modeling = _import_fresh("deeplab.modeling", monkeypatch)
+    torch.manual_seed(0)
+    with normswap.recording_construction():
+        return modeling, modeling.DeepLab(**kwargs)
+
+
+def _norm_parameters_in_groups(model: nn.Module) -> tuple[int, int]:
+    """(norm-layer parameters in the optimizer's two groups, norm-layer parameters in the model)."""
+    norms = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm))
+        for p in m.parameters()
+    }
+    grouped = {id(p) for p in [*model.get_1x_lr_params(), *model.get_10x_lr_params()]}
+    return len(norms & grouped), len(norms)
+
+
+DEEPLAB_INPUT = (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("sync_bn", [False, True], ids=["one-gpu", "sync-bn"])
+def test_deeplab_fix_keeps_the_optimizer_groups_and_rewrites_both_branches_of_the_selection(
+    project: Path, monkeypatch: pytest.MonkeyPatch, sync_bn: bool
+) -> None:
+    """pytorch-deeplab-xception: `BatchNorm = SynchronizedBatchNorm2d` or `nn.BatchNorm2d` by
+    `sync_bn`, passed through three files; the optimizer's groups pick norm layers by isinstance.
+    Fixing either branch's model rewrites both branches (GroupNorm needs no synchronization); the
+    parameter groups keep every norm parameter (34 of 34 before and after, the real repository's
+    120 of 120); both models built from the fixed package equal convert's; a second fix is a no-op."""
+    shutil.copytree(CASES / "deeplab", project / "deeplab")
+    _, model = _deeplab(project, monkeypatch, sync_bn=sync_bn)
+    before = _norm_parameters_in_groups(model)
+    assert before == (34, 34)
+    x = torch.randn(*DEEPLAB_INPUT)
+    context = normswap.Context(batch_size=2)
+    fixes = fix_source(model, x, context=context, root=project, apply=True, unsafe=True)
+    assert fixes.unfixable == [] and fixes.notes == []  # freeze_bn's m.eval() only handles statistics: nothing to say
+    modeling_text = (project / "deeplab" / "modeling.py").read_text()
+    assert "            BatchNorm = _group_norm\n        else:\n            BatchNorm = _group_norm\n" in modeling_text
+    assert modeling_text.count("or isinstance(m[1], (nn.BatchNorm2d, nn.GroupNorm)):") == 2
+    assert "elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):" in (project / "deeplab" / "backbone.py").read_text()
+    assert "(SynchronizedBatchNorm2d, nn.BatchNorm2d, nn.GroupNorm)" in (project / "deeplab" / "heads.py").read_text()
+    train = (project / "deeplab" / "train.py").read_text()  # imports the edited module: read too
+    assert "if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):" in train and "if 'bn' in name]" in train
+    selection = {(e.path, e.line): e.selects for e in fixes.edits if e.target == "selection"}
+    assert sorted(selection) == [
+        ("deeplab/backbone.py", 72),
+        ("deeplab/heads.py", 27),
+        ("deeplab/modeling.py", 46),
+        ("deeplab/modeling.py", 56),
+        ("deeplab/train.py", 19),
+    ]
+    assert selection[("deeplab/train.py", 19)].startswith(
+        "freezes the parameters of the layers it selects (`freeze_norm_affine`): GroupNorm added"
+    )
+    assert selection[("deeplab/backbone.py", 72)].startswith("initialises the layers it selects (`_init_weight`)")
+    assert selection[("deeplab/modeling.py", 46)] == (
+        "collects the parameters of the layers it selects into an optimizer's parameter group (`get_1x_lr_params`): "
+        "GroupNorm added, so that it keeps selecting the layers the fix rewrites (without it the GroupNorm layers' "
+        "parameters would leave that group)"
+    )
+
+    for flag in (False, True):
+        original = _deeplab_original(monkeypatch, sync_bn=flag)
+        _, fixed = _deeplab(project, monkeypatch, sync_bn=flag)
+        assert _norm_parameters_in_groups(fixed) == before  # all -> all
+        assert_builds_what_convert_makes(fixed, original, x, context, f"DeepLab(sync_bn={flag})")
+        groups = importlib.import_module("deeplab.train").make_optimizer(fixed).param_groups
+        assert sum(len(g["params"]) for g in groups) == len(list(fixed.parameters()))  # the script's optimizer
+
+    _, again = _deeplab(project, monkeypatch, sync_bn=sync_bn)
+    second = fix_source(again, x, context=context, root=project, apply=True, unsafe=True)
+    assert second.edits == [] and second.unfixable == [] and second.notes == []
+
+
+def _deeplab_original(monkeypatch: pytest.MonkeyPatch, sync_bn: bool) -> nn.Module:
+    """DeepLab built from the unfixed package in tests/fix_cases (the weights convert starts from)."""
+    monkeypatch.syspath_prepend(str(CASES))
+    modeling = _import_fresh("deeplab.modeling", monkeypatch)
+    torch.manual_seed(0)
+    model = modeling.DeepLab(sync_bn=sync_bn)
+    monkeypatch.syspath_prepend(str(Path.cwd()))  # the project's package first again
+    return model

@@ -12,14 +12,20 @@ from pathlib import Path
 
 import libcst as cst
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import targets
+from ..errors import PlanError
 from ..plan import Plan, PlanEntry
 from ..sites import Site
 from ..source import construction_of
 from ..targets.base import PlanOptions, SourceCode
+from . import selections
 from .apply import FileFix, Hunk, check_writable, write
+from .branches import branch_class, other_branches
 from .emit import is_safe, replacement
-from .locate import Files, Spot, Unfixable, locate
+from .importers import importers
+from .locate import SELECTION, VALUE, Files, Spot, Unfixable, locate
 from .source_file import FixError, physical_lines
 from .splice import spliced
 
@@ -61,6 +67,9 @@ class Edit:
     models: tuple[str, ...] = ()
     hunk: Hunk | None = None
     members: tuple[tuple[str, str], ...] = ()  # (model label, site) for every site in `sites`
+    # code around the model: what the rewritten code selects and why the edit keeps it selecting
+    # (an isinstance test); or the other branch of a selection line; "" for a site's own edit
+    selects: str = ""
 
 
 @dataclass
@@ -170,6 +179,7 @@ class _Member:
     entry: PlanEntry
     wanted: bool
     options: PlanOptions | None = None
+    module: nn.Module | None = None
 
 
 def plan_fixes(jobs: Sequence[FixJob], root: Path, unsafe: bool = False) -> SourceFixes:
@@ -178,6 +188,8 @@ def plan_fixes(jobs: Sequence[FixJob], root: Path, unsafe: bool = False) -> Sour
     spots: dict[tuple[str, int, int], Spot] = {}
     members: dict[tuple[str, int, int], list[_Member]] = {}
     result = SourceFixes(unsafe=unsafe)
+    for job in jobs:
+        files.register(job.model)
     for job in jobs:
         modules = dict(job.model.named_modules())
         by_name = {site.name: site for site in job.sites}
@@ -194,17 +206,95 @@ def plan_fixes(jobs: Sequence[FixJob], root: Path, unsafe: bool = False) -> Sour
                     result.unfixable.append(Unfixable(site.name, found.reason, found.location, job.label))
                 continue
             spots.setdefault(found.key, found)
-            members.setdefault(found.key, []).append(_Member(job.label, site, entry, wanted, job.options))
+            members.setdefault(found.key, []).append(_Member(job.label, site, entry, wanted, job.options, module))
     chosen: list[tuple[Spot, SourceCode, Edit]] = []
     several = len(jobs) > 1
     for key, group in members.items():
-        edit = _edit(spots[key], group, result, files, several)
-        if edit is not None:
-            chosen.append(edit)
+        chosen += _edit(spots[key], group, result, files, several)
     reached = {key for key, group in members.items() if any(m.site.reached for m in group if m.wanted)}
     chosen = _no_dependency_for_unreached(chosen, reached, result)
+    if chosen:
+        fixed = {(m.label, m.site.name): m for group in members.values() for m in group}
+        labels = tuple(dict.fromkeys(job.label for job in jobs))
+        chosen += _selection_edits(chosen, _replaced_classes(chosen, fixed), result, files, labels)
     _rewrite_files(chosen, result, files)
     return result
+
+
+def _replaced_classes(
+    chosen: list[tuple[Spot, SourceCode, Edit]], fixed: dict[tuple[str, str], _Member]
+) -> dict[type, tuple[type, ...]]:
+    """Each BatchNorm class the edits rewrite (the layers' own, and the class an edited other
+    branch of a selection line named) -> the classes the fixed code builds in its place."""
+    replaced: dict[type, dict[type, None]] = {}
+    for spot, _, edit in chosen:
+        built = [fixed[member] for member in edit.members if member in fixed]
+        new = {cls: None for member in built if (cls := _new_class(member)) is not None}
+        old = [type(m.module) for m in built if m.module is not None]
+        if edit.selects:  # the other branch of a selection line: the class it names
+            named = branch_class(spot.file, spot.node)
+            old = [named] if named is not None else []
+        for cls in old:
+            replaced.setdefault(cls, {}).update(new)
+    return {cls: tuple(new) for cls, new in replaced.items() if new}
+
+
+def _new_class(member: _Member) -> type | None:
+    """The class of the module the fixed code builds for this layer (what convert makes of it)."""
+    module = member.module
+    if not isinstance(module, _BatchNorm):
+        return None
+    if not type(module).__module__.startswith("torch.nn"):  # a synchronized subclass: as torch's
+        rank = member.site.input_rank or 4
+        module = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 5: nn.BatchNorm3d}.get(rank, nn.BatchNorm2d)(
+            module.num_features, affine=module.affine
+        )
+    try:
+        return type(targets.get(member.entry.target).module(module, member.entry.params))
+    except PlanError:
+        return None
+
+
+def _selection_edits(
+    chosen: list[tuple[Spot, SourceCode, Edit]],
+    replaced: dict[type, tuple[type, ...]],
+    result: SourceFixes,
+    files: Files,
+    labels: tuple[str, ...],
+) -> list[tuple[Spot, SourceCode, Edit]]:
+    """The code around the model that selects layers by class (selections.py), in the files the
+    edits change, the files on the calls that built the layers, and the project files importing
+    an edited one: isinstance tests get the new class (unsafe edits), the rest a note."""
+    edited = {spot.file.path: spot.file for spot, _, _ in chosen}
+    sources = {source.path: source for source in files.read()}
+    sources.update(edited)
+    for source in importers(files, edited):
+        sources.setdefault(source.path, source)
+    found = []
+    for path in sorted(sources):
+        source = sources[path]
+        relative = files.relative(path)
+        rewrites, notes = selections.scan(source, replaced, relative)
+        result.notes.extend(notes)
+        for rewrite in rewrites:
+            where = source.span(rewrite.node)
+            edit = Edit(
+                path=relative,
+                line=where.start.line,
+                column=where.start.column + 1,
+                end_line=where.end.line,
+                end_column=where.end.column + 1,
+                old=source.text_of(rewrite.node),
+                new=rewrite.code.text,
+                sites=(),
+                target="selection",
+                safe=False,
+                imports=rewrite.code.imports,
+                models=labels,
+                selects=rewrite.selects,
+            )
+            found.append((Spot(SELECTION, source, rewrite.node), rewrite.code, edit))
+    return found
 
 
 def _no_dependency_for_unreached(
@@ -224,10 +314,13 @@ def _no_dependency_for_unreached(
         if needs_normswap(code)
         and (spot.key in reached or re.search(r"^\s*(import|from)\s+normswap\b", spot.file.text, re.M))
     }
-    kept = []
+    kept, refused = [], set()
     for spot, code, edit in chosen:
         if needs_normswap(code) and spot.file.path not in importing:
             for label, site in edit.members:
+                if (label, site) in refused:
+                    continue  # the other branch of its selection line
+                refused.add((label, site))
                 result.unfixable.append(
                     Unfixable(
                         site,
@@ -245,11 +338,12 @@ def _no_dependency_for_unreached(
 
 def _edit(
     spot: Spot, group: list[_Member], result: SourceFixes, files: Files, several: bool
-) -> tuple[Spot, SourceCode, Edit] | None:
-    """One edit for every site built at `spot`, or each site's reason there is none."""
+) -> list[tuple[Spot, SourceCode, Edit]]:
+    """One edit for every site built at `spot` (and one for each other branch of its selection
+    line that builds a BatchNorm the same replacement serves), or each site's reason there is none."""
     wanted = [m for m in group if m.wanted]
     if not wanted:
-        return None
+        return []
     where = spot.file.span(spot.node)
     location_text = f"{files.relative(spot.file.path)}:{where.start.line}"
     others = [m for m in group if not m.wanted]
@@ -273,7 +367,7 @@ def _edit(
     if isinstance(code, str):
         for member in wanted:
             result.unfixable.append(Unfixable(member.site.name, code, member.site.defined_at, member.label))
-        return None
+        return []
     target = wanted[0].entry.target
     edit = Edit(
         path=files.relative(spot.file.path),
@@ -290,7 +384,41 @@ def _edit(
         models=tuple(dict.fromkeys(m.label for m in wanted)),
         members=tuple((m.label, m.site.name) for m in wanted),
     )
-    return spot, code, edit
+    found = [(spot, code, edit)]
+    if spot.kind == VALUE:
+        found += _other_branches(spot, code, edit, wanted[0].site.input_rank, result)
+    return found
+
+
+def _other_branches(
+    spot: Spot, code: SourceCode, edit: Edit, rank: int | None, result: SourceFixes
+) -> list[tuple[Spot, SourceCode, Edit]]:
+    """The same replacement in the other branches of the selection line that holds `spot`
+    (`SynchronizedBatchNorm2d if sync_bn else nn.BatchNorm2d`: the branch trained on several
+    GPUs), for the same layers; a branch whose class is not plain BatchNorm on one device is
+    named in a note instead."""
+    found = []
+    for branch in other_branches(spot, rank):
+        where = spot.file.span(branch.node)
+        line_text = spot.file.lines[where.start.line - 1].strip()
+        if branch.refusal:
+            result.notes.append(
+                f"{edit.path}:{where.start.line} selects `{spot.file.code(branch.node)}` in another branch (`{line_text}`): "
+                f"that branch still builds BatchNorm after the fix, as {branch.refusal}; replace it by hand, "
+                "or lint the model built with that branch"
+            )
+            continue
+        other = dataclasses.replace(
+            edit,
+            line=where.start.line,
+            column=where.start.column + 1,
+            end_line=where.end.line,
+            end_column=where.end.column + 1,
+            old=spot.file.text_of(branch.node),
+            selects=f"the other branch of the selection at line {where.start.line} (`{line_text}`), rewritten alike",
+        )
+        found.append((Spot(VALUE, spot.file, branch.node), code, other))
+    return found
 
 
 def _rewrite_files(chosen: list[tuple[Spot, SourceCode, Edit]], result: SourceFixes, files: Files) -> None:
@@ -312,21 +440,12 @@ def _rewrite_files(chosen: list[tuple[Spot, SourceCode, Edit]], result: SourceFi
             result.edits.append(dataclasses.replace(edit, hunk=hunk))
         replaced = {spot.node for spot, _ in all_spots}
         for node in source.batchnorm_names():
-            if not any(node is r or source.contains(r, node) for r in replaced):
+            parent = source.parents.get(node)
+            built_here = isinstance(parent, cst.Call) and parent.func is node
+            if built_here and not any(node is r or source.contains(r, node) for r in replaced):
                 line = source.line_of(node)
-                parent = source.parents.get(node)
-                if isinstance(parent, cst.Call) and parent.func is node:
-                    why = "no model of this run builds its layers there; lint the models that do to fix it too"
-                else:
-                    why = "check whether it should name the new class too (an isinstance test in an init loop, say)"
                 result.notes.append(
-                    f"{name}:{line} still names {source.code(node)} (`{source.lines[line - 1].strip()}`): {why}"
+                    f"{name}:{line} still builds {source.code(node)} (`{source.lines[line - 1].strip()}`): no model of this "
+                    "run builds its layers there; lint the models that do to fix it too"
                 )
-    for source in files.read() if chosen else ():
-        for line in source.name_matches():
-            result.notes.append(
-                f"{files.relative(source.path)}:{line} picks layers by a name that means BatchNorm (`{source.lines[line - 1].strip()}`): "
-                "the layers the fix rewrites are no longer BatchNorm (their attribute names stay), so check what it should match now "
-                "(a weight init or a parameter-group rule, say)"
-            )
     result.edits.sort(key=lambda e: (e.path, e.line, e.column))

@@ -12,15 +12,17 @@
 A site is not fixable, with the reason, when it is built outside the project (an installed model
 zoo), when where it was built was not recorded, when its file no longer compiles to the code
 that built it, or when it is a BatchNorm subclass (its class, not its construction, is the
-BatchNorm).
+BatchNorm) other than one computing plain BatchNorm on one device (a synchronized BatchNorm,
+whose class reference is rewritten like torch's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +31,11 @@ from torch import nn
 
 from ..sites import Site
 from ..source import CodeSpan, Construction, SourceLocation, code_fingerprint, is_project_file, origin_of, relative_path
+from .one_device import batchnorm_on_one_device
 from .source_file import COMPREHENSIONS, FUNCTIONAL_BATCHNORM, FixError, SourceFile
 
 CALL, VALUE, FUNCTIONAL = "call", "value", "functional"
+SELECTION = "selection"  # a class test around the model (selections.py): its references stay
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,20 @@ class Files:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self._parsed: dict[str, SourceFile | FixError] = {}
+        self._namespaces: dict[str, Mapping[str, object]] = {}
+
+    def register(self, model: nn.Module) -> None:
+        """Remember the globals each file defining one of `model`'s classes runs with: what its
+        names mean at run time when the file was loaded without a sys.modules entry."""
+        for module in model.modules():
+            for klass in type(module).__mro__:
+                if klass.__module__.startswith(("torch.", "builtins")):
+                    continue
+                for value in vars(klass).values():
+                    code = getattr(value, "__code__", None)
+                    namespace = getattr(value, "__globals__", None)
+                    if isinstance(code, types.CodeType) and isinstance(namespace, dict):
+                        self._namespaces.setdefault(os.path.realpath(code.co_filename), namespace)
 
     def inside(self, path: str) -> bool:
         return is_project_file(path, self.root)
@@ -81,7 +99,8 @@ class Files:
         key = str(Path(path).resolve())
         if key not in self._parsed:
             try:
-                self._parsed[key] = SourceFile.read(Path(key))
+                self._parsed[key] = parsed = SourceFile.read(Path(key))
+                parsed.namespace = self._namespaces.get(os.path.realpath(key))
             except FixError as exc:
                 self._parsed[key] = exc
         found = self._parsed[key]
@@ -113,12 +132,9 @@ class _Frame:
 def locate(site: Site, module: nn.Module | None, construction: Construction | None, files: Files) -> Spot | Unfixable:
     """The spot to rewrite for `site`, or why there is none."""
     if site.kind == "subclass":
-        return Unfixable(
-            site.name,
-            f"a {site.flavour}, a BatchNorm subclass: its class, not the line that builds it, is the BatchNorm; "
-            "`normswap convert` keeps the class and takes over its normalization, or change the class itself",
-            site.defined_at,
-        )
+        why = batchnorm_on_one_device(type(module), site.input_rank) if module is not None else "unknown"
+        if why:
+            return _subclass(site, module, construction, files, why)
     if site.kind == "lookalike":
         return Unfixable(
             site.name,
@@ -143,6 +159,28 @@ def locate(site: Site, module: nn.Module | None, construction: Construction | No
         return Spot(CALL, first.source, first.node)
     except _Refused as refusal:
         return Unfixable(site.name, str(refusal), site.built_from or site.defined_at)
+
+
+def _subclass(
+    site: Site, module: nn.Module | None, construction: Construction | None, files: Files, why: str
+) -> Unfixable:
+    """A BatchNorm subclass that is not plain BatchNorm on one device (an activation added, its own
+    statistics): its class is the BatchNorm. Where a selection line picked the class
+    (`Norm = BatchNormAct2d if act else nn.BatchNorm2d`), the refusal names that line."""
+    reason = (
+        f"a {site.flavour}, a BatchNorm subclass ({why}): its class, not the line that builds it, is the BatchNorm; "
+        "`normswap convert` keeps the class and takes over its normalization, or change the class itself"
+    )
+    if module is not None and construction is not None:
+        with contextlib.suppress(_Refused):
+            frames = _frames(site, construction, files)
+            first = frames[0]
+            assert isinstance(first.node, cst.Call)
+            if not _builds(first.source, first.node.func, module):
+                spot = _value_reference(frames, module, files)
+                line = spot.file.line_of(spot.node)
+                reason += f"; {files.relative(spot.file.path)}:{line} selects the class (`{spot.file.lines[line - 1].strip()}`)"
+    return Unfixable(site.name, reason, site.defined_at)
 
 
 def _frames(site: Site, construction: Construction, files: Files) -> list[_Frame]:
@@ -178,11 +216,13 @@ def _frames(site: Site, construction: Construction, files: Files) -> list[_Frame
 
 
 def _builds(source: SourceFile, reference: cst.CSTNode, module: nn.Module) -> bool:
-    """Whether `reference` names the torch class `module` is an instance of."""
+    """Whether `reference` names the torch class `module` is an instance of, or the BatchNorm
+    subclass it is an instance of (one computing BatchNorm on one device: locate checked)."""
     cls = type(module)
-    return cls.__module__.startswith("torch.nn") and any(
-        name.rsplit(".", 1)[-1] == cls.__name__ for name in source.batchnorm_classes(reference)
-    )
+    if not cls.__module__.startswith("torch.nn"):
+        dotted = dotted_name(reference)
+        return dotted is not None and loaded(source, reference, dotted) is cls
+    return any(name.rsplit(".", 1)[-1] == cls.__name__ for name in source.batchnorm_classes(reference))
 
 
 # --- a class passed as a value ---------------------------------------------------------------
@@ -231,6 +271,8 @@ class _Resolver:
         ]
         if found:
             return self._one([(source, reference) for reference in found], source.code(node))
+        if not type(self.module).__module__.startswith("torch.nn") and _builds(source, node, self.module):
+            return source, node  # a synchronized BatchNorm subclass, named as a value
         if isinstance(node, cst.Name):
             if node.value in _CONSTANTS:
                 return None
@@ -249,6 +291,9 @@ class _Resolver:
             return result
         if isinstance(node, cst.Subscript):  # `NORM_LAYERS[kind]`: the mapping's values
             return self.expression(node.value, k)
+        if isinstance(node, cst.IfExp):  # `SyncBN if sync else nn.BatchNorm2d`: the arm naming this class
+            arms = [hit for arm in (node.body, node.orelse) if (hit := self.expression(arm, k)) is not None]
+            return self._one(arms, source.code(node)) if arms else None
         if isinstance(node, cst.Call):
             return self.returned(node, k)
         self._broke(k, node, "is an expression normswap does not evaluate")
@@ -458,10 +503,10 @@ def _returns(function: cst.FunctionDef) -> list[cst.BaseExpression]:
 def _imported_function(source: SourceFile, func: cst.CSTNode, files: Files) -> tuple[SourceFile, cst.FunctionDef] | str:
     """A function the file reaches by a name or a dotted path (`from .norms import get_norm`,
     `networks.get_norm_layer`), found through the loaded modules."""
-    dotted = _dotted(func)
+    dotted = dotted_name(func)
     if dotted is None:
         return "calls something normswap does not follow (only functions named directly)"
-    value = _loaded(source, func, dotted)
+    value = loaded(source, func, dotted)
     code = getattr(getattr(value, "__func__", value), "__code__", None)
     if value is None:
         return f"calls `{dotted}`, which is not a function normswap finds in the project (defined in this file, or imported into it)"
@@ -486,7 +531,7 @@ def _imported_function(source: SourceFile, func: cst.CSTNode, files: Files) -> t
     return defined, min(following, key=lambda node: defined.positions[node].start.line)
 
 
-def _loaded(source: SourceFile, func: cst.CSTNode, dotted: str) -> object | None:
+def loaded(source: SourceFile, func: cst.CSTNode, dotted: str) -> object | None:
     """What `func` names at run time: through the file's imports (`tinyzoo.norms.get_norm`) in
     the loaded modules, else through the loaded module that runs this file."""
     for qualified in sorted(source.qualified(func)):
@@ -499,21 +544,36 @@ def _loaded(source: SourceFile, func: cst.CSTNode, dotted: str) -> object | None
                     value = getattr(value, part, None)
                 if value is not None:
                     return value
-    path = os.path.realpath(source.path)
-    running = next(
-        (m for m in list(sys.modules.values()) if os.path.realpath(getattr(m, "__file__", None) or "/") == path), None
-    )
-    value = running
-    for part in dotted.split(".") if running is not None else ():
+    namespace = _namespace(source)
+    if namespace is None:
+        return None
+    head, *rest = dotted.split(".")
+    value = namespace.get(head)
+    for part in rest:
         value = getattr(value, part, None)
     return value
 
 
-def _dotted(node: cst.CSTNode) -> str | None:
+def _namespace(source: SourceFile) -> Mapping[str, object] | None:
+    """The globals of the loaded module that runs this file (looked up once per file), else those
+    a model class defined in it runs with (a file loaded without a sys.modules entry)."""
+    if not source.namespace_known:
+        path = os.path.realpath(source.path)
+        running = next(
+            (m for m in list(sys.modules.values()) if os.path.realpath(getattr(m, "__file__", None) or "/") == path),
+            None,
+        )
+        if running is not None:
+            source.namespace = vars(running)
+        source.namespace_known = True
+    return source.namespace
+
+
+def dotted_name(node: cst.CSTNode) -> str | None:
     if isinstance(node, cst.Name):
         return node.value
     if isinstance(node, cst.Attribute):
-        head = _dotted(node.value)
+        head = dotted_name(node.value)
         return f"{head}.{node.attr.value}" if head is not None else None
     return None
 

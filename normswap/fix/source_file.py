@@ -83,6 +83,9 @@ class SourceFile:
     scopes: Mapping[cst.CSTNode, Any] = field(default_factory=dict)  # libcst Scope of each node
     _compiled: dict[tuple[str, int], str] | None = None
     _calls: dict[tuple[int, int, int, int], cst.CSTNode] | None = None
+    # the globals the file's code runs with (its loaded module, else a model class's functions')
+    namespace: Mapping[str, Any] | None = None
+    namespace_known: bool = False
 
     @classmethod
     def read(cls, path: Path) -> SourceFile:
@@ -262,7 +265,7 @@ class SourceFile:
         node.visit(Finder())
         return found
 
-    def enclosing(self, node: cst.CSTNode, kind: type) -> Iterator[cst.CSTNode]:
+    def enclosing(self, node: cst.CSTNode, kind: type | tuple[type, ...]) -> Iterator[cst.CSTNode]:
         """The ancestors of `node` of type `kind`, innermost first."""
         current = self.parents.get(node)
         while current is not None:

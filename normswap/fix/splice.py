@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import libcst as cst
 
 from ..targets.base import SourceCode
-from .locate import Spot
+from .locate import SELECTION, Spot
 from .source_file import BATCHNORM_CLASSES, FixError, SourceFile, physical_lines
 
 
@@ -19,7 +19,7 @@ def spliced(source: SourceFile, spots: Sequence[tuple[Spot, SourceCode]]) -> str
     """`source`'s text with every spot replaced, the imports and helper functions the new code
     needs added, and `from torch.nn import BatchNorm2d [as BN]` imports nothing uses any more
     trimmed."""
-    replaced = [spot.node for spot, _ in spots]
+    replaced = [spot.node for spot, _ in spots if spot.kind != SELECTION]  # a class test keeps its references
     edits = [(*source.char_range(spot.node), code.text) for spot, code in spots]
     edits += _trimmed_imports(source, replaced)
     helpers = {name: text for _, code in spots for name, text in code.helpers if not source.defines(name, text)}

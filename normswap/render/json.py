@@ -176,6 +176,7 @@ def _edit(edit: Edit, applied: bool) -> dict[str, Any]:
         "target": edit.target,
         "safety": "safe" if edit.safe else "unsafe",
         "imports": list(edit.imports),
+        "selects": edit.selects,
         "applied": applied,
     }
 

@@ -164,7 +164,10 @@ def _fixes(report: Report) -> list[str]:
             safety = (
                 "safe: keeps the function" if all(e.safe for e in suggestion.edits) else "unsafe: changes the function"
             )
-            what = "; ".join(f"{e.target} for {', '.join(f'`{s}`' for s in e.sites)}" for e in suggestion.edits)
+            what = "; ".join(
+                e.selects if e.target == "selection" else f"{e.target} for {', '.join(f'`{s}`' for s in e.sites)}"
+                for e in suggestion.edits
+            )
             lines.append(f"`{suggestion.path}` {span} ({safety}): {what}")
         else:
             lines.append(f"`{suggestion.path}` {span}: imports")

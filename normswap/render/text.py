@@ -207,8 +207,9 @@ def _fixes(console: Console, report: Report, detailed: bool) -> None:
             )
     if detailed:
         for edit in fixes.edits:
+            what = edit.selects if edit.target == "selection" else ", ".join(edit.sites)
             console.print(
-                f"  {edit.path}:{edit.line}  {edit.old.splitlines()[0]} -> {edit.new}  [{'safe' if edit.safe else 'unsafe'}: {', '.join(edit.sites)}]",
+                f"  {edit.path}:{edit.line}  {edit.old.splitlines()[0]} -> {edit.new}  [{'safe' if edit.safe else 'unsafe'}: {what}]",
                 soft_wrap=True,
             )
     for names, reason in unfixable_groups(fixes):
