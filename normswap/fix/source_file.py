@@ -44,22 +44,6 @@ FUNCTIONAL_BATCHNORM = {"torch.nn.functional.batch_norm", "torch.batch_norm"}
 
 
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
-# a string that names BatchNorm: 'BatchNorm2d', 'batch_norm', or 'bn' as a word of a layer name ('bn1', 'layer1.0.bn2')
-BATCHNORM_NAME = re.compile(r"batch_?norm|(?<![a-z])bn(?![a-z])", re.IGNORECASE)
-# string methods (and re functions) that test a name against a string
-_NAME_TESTS = {
-    "find",
-    "rfind",
-    "index",
-    "rindex",
-    "count",
-    "startswith",
-    "endswith",
-    "__contains__",
-    "match",
-    "search",
-    "fullmatch",
-}
 
 
 def physical_lines(text: str) -> list[str]:
@@ -136,33 +120,6 @@ class SourceFile:
 
         self.module.visit(Finder())
         return found
-
-    def name_matches(self) -> list[int]:
-        """Lines that select layers by a name that means BatchNorm: a string naming it compared
-        with something or passed to a string test (`classname.find('BatchNorm') != -1`,
-        `type(m).__name__ == 'BatchNorm2d'`, `'bn' in name`, `name.startswith('bn')`)."""
-        lines: list[int] = []
-        for node in self.positions:
-            value = node.evaluated_value if isinstance(node, cst.SimpleString) else None
-            if not isinstance(value, str) or not BATCHNORM_NAME.search(value):
-                continue
-            parent = self.parents.get(node)
-            while isinstance(
-                parent, (cst.Element, cst.Tuple, cst.List, cst.Set)
-            ):  # `in ('BatchNorm1d', 'BatchNorm2d')`
-                parent = self.parents.get(parent)
-            if isinstance(parent, cst.Arg):
-                call = self.parents.get(parent)
-                tested = (
-                    isinstance(call, cst.Call)
-                    and isinstance(call.func, cst.Attribute)
-                    and call.func.attr.value in _NAME_TESTS
-                )
-            else:
-                tested = isinstance(parent, (cst.Comparison, cst.ComparisonTarget))
-            if tested:
-                lines.append(self.line_of(node))
-        return sorted(set(lines))
 
     def node_at(self, span: CodeSpan) -> cst.CSTNode | None:
         """The call (or comprehension: the instruction that runs one) exactly at `span`."""
