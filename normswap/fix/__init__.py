@@ -1,8 +1,9 @@
 """`normswap lint --fix`: rewrite the model's own source so it builds what the plan converts it to.
 
 The stages: locate (where each site's BatchNorm comes from in the source), emit (the code that
-replaces it), apply (rewrite each file with libcst, byte for byte elsewhere, and write it
-atomically), fixer (from a plan to edits).
+replaces it), branches (the other arms of a selection line), selections (the code around the
+model that picks layers by class), apply (rewrite each file with libcst, byte for byte
+elsewhere, and write it atomically), fixer (from a plan to edits).
 """
 
 from __future__ import annotations
