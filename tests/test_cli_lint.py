@@ -67,6 +67,13 @@ def test_lint_text_exit_codes(project: Path) -> None:
     )
 
 
+def test_a_location_that_reads_as_an_emoji_code_is_printed_as_it_is(project: Path) -> None:
+    """`nets.py:100:` holds `:100:`, an emoji code to rich: the location must stay text."""
+    (project / "padded.py").write_text("\n" * 91 + MODEL_FILE)  # `self.bn = ...` on line 100
+    result = run("lint", "padded.py:build", "--input-shape", "2,3,8,8", "--dp", "--format", "concise")
+    assert "padded.py:100: NS106" in result.output
+
+
 def test_lint_module_spec_kwargs_and_json_output_file(project: Path) -> None:
     result = run(
         "lint",
