@@ -195,17 +195,7 @@ class BatchNormTarget(Target[BatchNormParams]):
         return new
 
     def function(self, params: BatchNormParams, call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        arguments = (
-            call.input,
-            call.running_mean,
-            call.running_var,
-            call.weight,
-            call.bias,
-            call.training,
-            call.momentum,
-            call.eps,
-        )
-        return F.batch_norm, arguments
+        return F.batch_norm, call.positional()
 
     def takeover_base(self, params: BatchNormParams) -> type:
         return _TAKEOVER_BASES[params.torch_class]
