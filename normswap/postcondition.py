@@ -184,7 +184,13 @@ def check_kept_function(
                     f"{name}: {mode}-mode function not compared, the original layer fails alone ({type(exc).__name__})"
                 )
                 continue
-            actual = _forward_copy(after, x, train)
+            try:
+                actual = _forward_copy(after, x, train)
+            except Exception as exc:  # the replacement fails where the original runs: one sentence, with the cause
+                raise PlanError(
+                    f"Layer '{name}' fails alone after the rewrite to {entry.target} in {mode} mode where the layer it "
+                    f"replaced runs ({type(exc).__name__}: {str(exc).strip()[:160]}); keep it (--keep {name})."
+                ) from exc
             problem = _difference(actual, expected)
             if problem:
                 raise PlanError(
