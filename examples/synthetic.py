@@ -111,6 +111,12 @@ class ShapesNet(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
+def sync_shapes_net(width: int = 16) -> nn.Module:
+    """ShapesNet as a data-parallel training script leaves it: every BatchNorm a SyncBatchNorm
+    (`nn.SyncBatchNorm.convert_sync_batchnorm`); its checkpoints have ShapesNet's keys."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(ShapesNet(width))
+
+
 class SequenceRNN(nn.Module):
     """An RNN cell that applies one BatchNorm1d at every time step (the recurrent case)."""
 

@@ -27,6 +27,7 @@ class Context:
         inference_only: the model is only served, never trained again.
         finetune: fine-tuned from a pretrained checkpoint.
         sequence: inputs are sequences (rank-3 BN inputs are (N, C, L) over time).
+        federated: trained by federated clients, each on its own (non-IID) data.
         small_batch_threshold: per-device batch sizes below this count as small.
     """
 
@@ -56,12 +57,19 @@ class Context:
         False, "--finetune", help="Fine-tuned from a pretrained checkpoint.", config_key="finetune", value_type=bool
     )
     sequence: bool = option(False, "--sequence", help="Inputs are sequences.", config_key="sequence", value_type=bool)
+    federated: bool = option(
+        False,
+        "--federated",
+        help="Trained by federated clients whose data differ (FedAvg, FedBN).",
+        config_key="federated",
+        value_type=bool,
+    )
     small_batch_threshold: int = option(DEFAULT_SMALL_BATCH, config_key="small_batch_threshold", value_type=int)
 
     def __post_init__(self) -> None:
         # strict types: in a TOML file `dp = "false"` is a string (true in Python) and
         # `batch_size = true` a bool (1 in Python); both are refused rather than read as something else
-        for name in ("differential_privacy", "inference_only", "finetune", "sequence"):
+        for name in ("differential_privacy", "inference_only", "finetune", "sequence", "federated"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from . import targets
 from .advise import select_rules
 from .analysis import analyze
 from .context import Context
@@ -74,7 +75,8 @@ class LintOptions:
     fix: bool = option(
         False,
         "--fix",
-        help="Rewrite the model's source to build what `convert --to auto` produces; safe fixes only (frozen keeps the function).",
+        help="Rewrite the model's source to build what `convert` produces with the same --to (or --plan); safe fixes "
+        "only (frozen and batchnorm keep the function).",
         value_type=bool,
     )
     unsafe_fixes: bool = option(
@@ -88,6 +90,13 @@ class LintOptions:
         "--diff",
         help="Print the fixes as a unified diff and write nothing; exit 1 when a fix is pending.",
         value_type=bool,
+    )
+    to: str = option(
+        "auto",
+        "--to",
+        help="Recommend, and fix the source toward, this target on every site instead of auto's choice per site "
+        "(e.g. batchnorm: SyncBatchNorm back to torch's BatchNorm).",
+        choices=targets.choices,
     )
     plan_path: str | None = option(
         None,
@@ -110,6 +119,10 @@ class LintOptions:
             raise ConfigError(f"--fail-on must be one of {', '.join(FAIL_ON)}, got '{self.fail_on}'.")
         if self.diff and self.fix:
             raise ConfigError("--diff shows the fixes without writing them; use it without --fix.")
+        if self.to not in targets.choices():
+            raise ConfigError(f"Unknown target '{self.to}'; use one of {', '.join(targets.choices())}.")
+        if self.plan_path and self.to != "auto":
+            raise ConfigError("--plan decides every site's target; use it without --to.")
         if self.statistics and self.output_format in ("markdown", "sarif"):
             raise ConfigError(f"--statistics prints counts as text or json, not {self.output_format}.")
 
@@ -124,7 +137,8 @@ def lint(
     name: str | None = None,
     plan: Plan | None = None,
     keep: Collection[str] = (),
-    planned_by: str = "auto",
+    to: str = "auto",
+    planned_by: str | None = None,
     commands: Commands | None = None,
 ) -> Report:
     """Find every BatchNorm site of `model` and judge it against `context`.
@@ -137,9 +151,11 @@ def lint(
         select, ignore: rule codes or prefixes ("NS1") to run / skip.
         name: how the model is named in the report (default: its class name).
         plan: the plan the recommendation follows (checked against the model) instead of what
-            `convert(to="auto")` would plan; `keep`: sites that auto plan leaves as they are.
-        planned_by, commands: what made the plan and the commands that act on it, for the
-            report's recommendation (the CLI gives them).
+            `convert(to=to)` would plan; `keep`: sites that plan leaves as they are.
+        to: the target the recommendation puts on every site ("auto": per site, as `convert`
+            decides); a site it cannot replace is kept, with the reason.
+        planned_by, commands: what made the plan (default: `--to TARGET`, or "auto") and the
+            commands that act on it, for the report's recommendation (the CLI gives them).
 
     Returns:
         Report with `.findings`, `.sites`, `.lint` (`.auto_plan`: sites per target the plan
@@ -153,8 +169,9 @@ def lint(
     materialize_lazy(model, as_input_tuple(example_inputs))  # a lazy layer has no channel count before its first call
     analysis = analyze(model, example_inputs, context, select_rules(select, ignore))
     recommended = resolve_plan(
-        analysis.sites, analysis.findings, context, plan, PlanRequest(keep=tuple(keep)), strict=False
+        analysis.sites, analysis.findings, context, plan, PlanRequest(to=to, keep=tuple(keep)), strict=False
     )
+    planned_by = planned_by or ("auto" if to == "auto" else f"--to {to}")
     return Report(
         model=name or type(model).__name__,
         capture_method=analysis.capture.method,

@@ -233,7 +233,10 @@ def resolve_plan(
 
 def _replacement(site: Site, findings: list[Finding], context: Context, to: str, options: PlanOptions) -> PlanEntry:
     """The entry that replaces a batch-dependent site, or Refusal saying why none can."""
-    if site.normalizes_by_hand:
+    explicit = targets.get(to) if to != "auto" else None
+    if explicit is not None and (reason := explicit.unchanged(site)) is not None:
+        return keep(site, reason)
+    if site.normalizes_by_hand and not (explicit is not None and explicit.replaces_forward):
         raise Refusal(
             f"Layer '{site.name}' ({site.flavour}) computes its batch statistics by hand instead of calling batch_norm, "
             "so normswap cannot take its normalization over; replace the class in your code (e.g. by the torch BatchNorm it extends)."

@@ -1,14 +1,18 @@
-"""The rewrite's post-condition: no site the plan converted still normalizes with batch statistics.
+"""The rewrite's post-conditions: no site the plan made batch-independent still normalizes with
+batch statistics, and a layer whose target keeps the function still computes it.
 
 The converted model runs once with only its normalization layers in train mode (so stochastic
 layers stay off and forwards that need labels in training still run) and once in eval mode,
 while every batch_norm call is watched and attributed to the innermost module running it. Each
 converted BatchNorm subclass is also probed alone, which catches statistics computed by hand.
+A replaced layer whose target keeps the function (frozen, batchnorm) runs alone next to the layer
+it replaced, on a random input of its shape.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -141,6 +145,96 @@ def check_no_batch_statistics(
     return notes
 
 
+def layers_keeping_function(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
+    """The modules a plan replaces with a target that keeps their function (frozen, batchnorm),
+    by site name: what `check_kept_function` compares their replacements with (collected before
+    the rewrite, which may be in place)."""
+    return {
+        entry.name: model.get_submodule(entry.name)
+        for entry in plan
+        if entry.converts
+        and entry.kind is not SiteKind.FUNCTIONAL
+        and targets.get(entry.target).keeps_function
+        and not targets.get(entry.target).absorbs_affine
+    }
+
+
+def check_kept_function(
+    model: nn.Module, plan: Plan, sites: Sequence[Site], replaced: dict[str, nn.Module]
+) -> list[str]:
+    """Raise PlanError when a layer whose target keeps the function computes something else than
+    the layer it replaced, on a random input of the shape the example gave it: in eval mode, and
+    in train mode too for a target that keeps batch statistics (batchnorm). Copies are run, without
+    their hooks. Returns notes on what could not be compared (a mode the original cannot run in)."""
+    shapes = {s.name: s.input_shape for s in sites}
+    inputs: dict[tuple, torch.Tensor] = {}  # one random input per shape, dtype and device
+    notes = []
+    for name, before in replaced.items():
+        shape, entry = shapes.get(name), plan.get(name)
+        if shape is None or len(shape) < 2 or entry is None:
+            continue  # not reached: no input to compare on
+        after = model.get_submodule(name)
+        modes = (False, True) if targets.get(entry.target).batch_statistics else (False,)
+        for train in modes:
+            mode = "train" if train else "eval"
+            x = _random_input(before, shape, inputs)
+            try:
+                expected = _forward_copy(before, x, train)
+            except Exception as exc:  # noqa: BLE001 - the original layer cannot run alone: nothing to compare with
+                notes.append(
+                    f"{name}: {mode}-mode function not compared, the original layer fails alone ({type(exc).__name__})"
+                )
+                continue
+            try:
+                actual = _forward_copy(after, x, train)
+            except Exception as exc:  # the replacement fails where the original runs: one sentence, with the cause
+                raise PlanError(
+                    f"Layer '{name}' fails alone after the rewrite to {entry.target} in {mode} mode where the layer it "
+                    f"replaced runs ({type(exc).__name__}: {str(exc).strip()[:160]}); keep it (--keep {name})."
+                ) from exc
+            problem = _difference(actual, expected)
+            if problem:
+                raise PlanError(
+                    f"Layer '{name}' computes something else after the rewrite to {entry.target} in {mode} mode "
+                    f"({problem} on a random input of its shape); keep it (--keep {name}) or replace the class in your code."
+                )
+    return notes
+
+
+def _random_input(module: nn.Module, shape: tuple[int, ...], made: dict[tuple, torch.Tensor]) -> torch.Tensor:
+    """Two samples of the layer's input shape (two: batch statistics differ from one sample's), in
+    its dtype and on its device; made once per shape."""
+    reference = next((t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None)
+    where = (reference.device, reference.dtype) if reference is not None else (torch.device("cpu"), torch.float32)
+    key = (tuple(shape[1:]), *where)
+    if key not in made:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn((2, *shape[1:]), generator=generator) * 2 + 1
+        made[key] = x.to(device=where[0], dtype=where[1])
+    return made[key]
+
+
+def _forward_copy(module: nn.Module, x: torch.Tensor, train: bool) -> Any:
+    with torch.no_grad():
+        return copy.deepcopy(module).train(train).forward(x)
+
+
+def _difference(actual: Any, expected: Any) -> str:
+    """What differs between two outputs ("" when they agree). Tolerance: 1e-4 relative to the
+    output's scale (1e-2 in 16-bit floats): the same arithmetic in another order, far below a
+    change of function."""
+    if not (isinstance(actual, torch.Tensor) and isinstance(expected, torch.Tensor)):
+        return "" if type(actual) is type(expected) else f"an output of type {type(actual).__name__}"
+    if actual.shape != expected.shape:
+        return f"an output of shape {tuple(actual.shape)} instead of {tuple(expected.shape)}"
+    if not expected.numel():
+        return ""
+    precision = 1e-2 if expected.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    difference = float(torch.linalg.vector_norm(actual - expected, ord=float("inf")))
+    scale = max(1.0, float(torch.linalg.vector_norm(expected, ord=float("inf"))))
+    return "" if difference <= precision * scale else f"max abs difference {difference:.3g}"
+
+
 def _runs(model: nn.Module, inputs: tuple, train: bool, owners: Sequence[str]) -> bool:
     """Whether `model` runs on `inputs` in the mode of the post-condition's run."""
     try:
@@ -186,4 +280,10 @@ def _refuse(site: str, target: str, mode: str, how: str) -> None:
     )
 
 
-__all__ = ["batch_statistics_users", "check_no_batch_statistics", "norms_in_train_mode"]
+__all__ = [
+    "batch_statistics_users",
+    "check_kept_function",
+    "check_no_batch_statistics",
+    "layers_keeping_function",
+    "norms_in_train_mode",
+]

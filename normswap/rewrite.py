@@ -18,7 +18,7 @@ from .errors import CaptureError, PlanError
 from .passes import OutOfPlaceForHooks, Pass, PassManager, RewriteFunctionalBatchNorm, SwapBatchNormModules
 from .plan import Plan
 from .policy import PlanRequest, resolve_plan
-from .postcondition import check_no_batch_statistics
+from .postcondition import check_kept_function, check_no_batch_statistics, layers_keeping_function
 from .rules import Finding
 from .sites import Site, SiteKind
 from .torchutil import Timings, as_input_tuple, gc_paused, require_module
@@ -74,11 +74,13 @@ def _rewrite(
             for node in graph_module.graph.nodes:
                 node.meta.pop("val", None)  # shapes from capture: already in the sites
             target = graph_module
+        replaced = layers_keeping_function(working, plan)
         passes = default_passes(plan)
         out_of_place = OutOfPlaceForHooks(inputs) if context.differential_privacy else None
         result = PassManager([*passes, out_of_place] if out_of_place is not None else passes)(target)
     with timings.measure("postcondition"):
         notes = check_no_batch_statistics(result.model, plan, analysis.sites, inputs, model)
+        notes += check_kept_function(result.model, plan, analysis.sites, replaced)
     if out_of_place is not None:
         notes += _out_of_place_notes(result.changes, out_of_place.left)
     return Rewritten(

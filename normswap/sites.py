@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 from .capture import BatchNormCall, Capture
 from .capture.tracer import BATCH_NORM_FUNCTIONS
 from .source import SourceLocation, built_from, construction_site
-from .torchutil import is_replacement, is_torch_class, module_class
+from .torchutil import is_replacement, is_torch_class, module_class, torch_base
 
 
 class SiteKind(enum.StrEnum):
@@ -77,6 +77,12 @@ class Site:
     # dim 0 of each call when the calls cut the example batch into chunks (ghost batch norm:
     # `x.chunk(n)` of the batch, one BatchNorm per chunk); () otherwise
     chunk_sizes: tuple[int, ...] = ()
+    # the torch.nn BatchNorm class the module is or extends ("SyncBatchNorm" for timm's
+    # SyncBatchNormAct, "_BatchNorm" for a class built on the base); "" for other sites
+    torch_base: str = ""
+    # a subclass whose forward computes more than torch's BatchNorm of its own tensors (an
+    # activation, dropout, any submodule): measured by the probe, in this process
+    adds_to_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         self.kind = SiteKind(self.kind)  # a plain string from an API caller becomes the enum
@@ -279,6 +285,7 @@ def _module_fields(
         and not torch_class
         and getattr(module_class(module), "forward", None) is not _BatchNorm.forward,
         "hooked": bool(module._forward_hooks or module._forward_pre_hooks),
+        "torch_base": torch_base(module_class(module)).__name__ if is_bn else "",
         "submodules": tuple(
             f"{child} ({type(m).__name__})" for child, m in module.named_children() if child != "parametrizations"
         )
@@ -302,6 +309,7 @@ def _module_site(model: nn.Module, module: nn.Module, name: str, calls: list[Bat
             behaviour.batch_dependent_eval,
         )
         site.normalizes_by_hand = behaviour.normalizes_by_hand
+        site.adds_to_batchnorm = bool(site.submodules) or not behaviour.plain
         if not site.batch_dependent:
             site.notes.append("output of each sample does not depend on the rest of the batch (a fixed affine)")
     return site
@@ -341,12 +349,14 @@ def _functional_site(name: str, calls: list[BatchNormCall]) -> Site:
 @dataclass(frozen=True)
 class Probe:
     """How one module behaves on its own, in train and in eval mode: is sample 0's output
-    different inside a batch of 3 than alone, and does its forward call batch_norm at all."""
+    different inside a batch of 3 than alone, does its forward call batch_norm at all, and is
+    its output what torch's BatchNorm computes from its tensors (nothing added: `plain`)."""
 
     batch_dependent_train: bool
     batch_dependent_eval: bool
     calls_batch_norm_train: bool = True
     calls_batch_norm_eval: bool = True
+    plain: bool = False  # its output is torch's BatchNorm of its own tensors, in both modes
 
     @property
     def normalizes_by_hand(self) -> bool:
@@ -371,6 +381,7 @@ def probe(module: nn.Module, input_shape: tuple[int, ...] | None) -> Probe:
     submodules stay in eval mode) on random inputs of `input_shape`. Its parameters are set to
     random values first: a zero-initialised affine (timm's `zero_init_last` on a residual
     branch's last norm) maps every input to the same output and would hide the batch statistics.
+    Its output is also compared with torch's BatchNorm of its own tensors (`Probe.plain`).
     Unknown shape: assume the worst."""
     if input_shape is None or len(input_shape) < 2:
         return Probe(True, True)
@@ -384,19 +395,47 @@ def probe(module: nn.Module, input_shape: tuple[int, ...] | None) -> Probe:
     x = torch.randn((3, *input_shape[1:]), generator=generator) * 2 + 1
     if reference is not None:
         x = x.to(device=reference.device, dtype=reference.dtype)
-    dependent, calls = [], []
+    dependent, calls, plain = [], [], []
     for training in (True, False):
         copy_.training = training
         counter = _BatchNormCallCounter()
+        expected = _torch_batch_norm(copy_, x, training)  # outside the counter: not the module's call
         with torch.no_grad(), counter:
             try:
-                together = copy_(x)[:1]
+                output = copy_(x)
+                plain.append(expected is not None and isinstance(output, torch.Tensor) and _close(output, expected))
                 alone = copy_(x[:1])
             except (RuntimeError, ValueError):  # a module that rejects a batch of one depends on the batch
                 dependent.append(True)
                 calls.append(counter.count > 0)
+                plain.append(False)
                 continue
-        # 1e-4 relative: far above fp32 reduction-order noise, far below any batch statistic effect.
-        dependent.append(not torch.allclose(together.float(), alone.float(), rtol=1e-4, atol=1e-5))
+        dependent.append(not _close(output[:1], alone))
         calls.append(counter.count > 0)
-    return Probe(dependent[0], dependent[1], calls[0], calls[1])
+    return Probe(dependent[0], dependent[1], calls[0], calls[1], plain=all(plain))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # 1e-4 relative: far above fp32 reduction-order noise, far below any batch statistic effect.
+    return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+
+
+def _torch_batch_norm(module: nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor | None:
+    """What torch's BatchNorm computes from the module's own tensors (read before its forward
+    updates them; nothing is updated here); None when they are not BatchNorm's (a look-alike)."""
+    mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
+    batch = training or not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor)
+    try:
+        with torch.no_grad():
+            return torch.nn.functional.batch_norm(
+                x,
+                None if batch else mean,
+                None if batch else var,
+                getattr(module, "weight", None),
+                getattr(module, "bias", None),
+                batch,
+                0.0,
+                float(getattr(module, "eps", 1e-5)),
+            )
+    except (RuntimeError, TypeError, ValueError):  # tensors of another shape or kind: not BatchNorm's
+        return None

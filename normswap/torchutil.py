@@ -51,6 +51,14 @@ def module_class(module: nn.Module) -> type:
     return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
 
 
+def torch_base(cls: type) -> type:
+    """The torch.nn BatchNorm class a BatchNorm class is or derives from (`_BatchNorm` itself for
+    a class built on the base, such as pytorch-deeplab-xception's SynchronizedBatchNorm2d)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return next(k for k in cls.__mro__ if issubclass(k, _BatchNorm) and k.__module__.startswith("torch.nn"))
+
+
 def is_torch_class(module: nn.Module) -> bool:
     """A class of torch.nn itself (not a user's subclass of one)."""
     return module_class(module).__module__.startswith("torch.nn")

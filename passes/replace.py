@@ -23,7 +23,7 @@ from normswap.torchutil import parent_and_attribute
 # The hook tables of nn.Module (read off an instance, so that a newer torch's tables carry too).
 HOOK_TABLES = tuple(name for name in vars(nn.Module()) if "hook" in name)
 # What a torch BatchNorm holds on its own: anything else on an instance was put there by code.
-_BATCHNORM_ATTRIBUTES = frozenset(vars(nn.BatchNorm1d(1))) | {"parametrizations"}
+_BATCHNORM_ATTRIBUTES = frozenset(vars(nn.BatchNorm1d(1))) | frozenset(vars(nn.SyncBatchNorm(1))) | {"parametrizations"}
 
 
 def module_names(model: nn.Module) -> dict[int, list[str]]:

@@ -1,5 +1,6 @@
-"""Replace planned BatchNorm modules in the module tree (names unchanged): torch's own classes by
-the target's module, subclasses by a module of the target's class that keeps their forward (see
+"""Replace planned BatchNorm modules in the module tree (names unchanged) by what the target puts
+in their place (`Target.replace`: by default torch's own classes by the target's module,
+subclasses by a module of the target's class that keeps their forward, see
 normswap/targets/takeover.py); each with everything attached to it carried over (replace.py)."""
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from normswap import targets
 from normswap.errors import PlanError
 from normswap.plan import Plan
 from normswap.sites import SiteKind
-from normswap.targets.takeover import is_subclass_instance, take_over
 
 from .base import Pass, PassResult
 from .replace import module_names, replace_module
@@ -58,10 +58,7 @@ class SwapBatchNormModules(Pass):
                 original = cast(_BatchNorm, model.get_submodule(entry.name))  # requires() checked it
                 target = targets.get(entry.target)
                 target.absorb(model, entry.name, original, entry.params)
-                if is_subclass_instance(original):
-                    replacement = take_over(original, target, entry.params, entry.name)
-                else:
-                    replacement = target.module(original, entry.params)
+                replacement = target.replace(original, entry.params, entry.name)
                 replace_module(
                     model, aliases[id(original)], original, replacement, entry.read_by_forward, target.absorbs_affine
                 )

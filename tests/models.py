@@ -253,6 +253,7 @@ def input_for(name: str, batch: int = 4) -> torch.Tensor:
         "stochastic_depth": (3, 8, 8),
         "tabnet_gbn": (6,),
         "tf_ported": (3, 16, 16),
+        "deeplab_sync_bn": (3, 8, 8),
     }
     generator = torch.Generator().manual_seed(1234)
     return torch.randn((batch, *shapes[name]), generator=generator)
@@ -1189,6 +1190,103 @@ class TorchvisionResNet(nn.Module):
         return self.fc(torch.flatten(x.mean(dim=(2, 3)), 1))
 
 
+# --- 11. pytorch-deeplab-xception modeling/sync_batchnorm/batchnorm.py: SynchronizedBatchNorm2d ------
+
+
+class _SyncMaster:
+    """vacancy/Synchronized-BatchNorm-PyTorch `comm.py: SyncMaster` (vendored by pytorch-deeplab-xception),
+    reduced to its state: the queue its replicas report to under its DataParallelWithCallback. It
+    pickles without the queue (`__getstate__`), as the upstream version does."""
+
+    def __init__(self, master_callback) -> None:
+        import collections
+        import queue
+
+        self._master_callback = master_callback
+        self._queue = queue.Queue()
+        self._registry = collections.OrderedDict()
+        self._activated = False
+
+    def __getstate__(self):
+        return {"master_callback": self._master_callback}
+
+    def __setstate__(self, state) -> None:
+        self.__init__(state["master_callback"])
+
+
+class _SynchronizedBatchNorm(_BatchNorm):
+    """pytorch-deeplab-xception `_SynchronizedBatchNorm(_BatchNorm)`: built on torch's base class (it has
+    no rank of its own). Outside its DataParallelWithCallback, or in eval, forward is `F.batch_norm`.
+    Deviation: the multi-GPU path (sum and square sum reduced by the sync master, statistics by hand)
+    is not replicated: it runs only after `__data_parallel_replicate__` set `_is_parallel`."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine)
+        self._sync_master = _SyncMaster(self._data_parallel_master)
+        self._is_parallel = False
+        self._parallel_id = None
+        self._slave_pipe = None
+
+    def forward(self, input):
+        # If it is not parallel computation or is in evaluation mode, use PyTorch's implementation.
+        if not (self._is_parallel and self.training):
+            return F.batch_norm(
+                input, self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps
+            )
+        raise NotImplementedError("the DataParallelWithCallback path is not replicated")
+
+    def __data_parallel_replicate__(self, ctx, copy_id):
+        self._is_parallel = True
+        self._parallel_id = copy_id
+
+    def _data_parallel_master(self, intermediates):
+        raise NotImplementedError("the DataParallelWithCallback path is not replicated")
+
+
+class SynchronizedBatchNorm2d(_SynchronizedBatchNorm):
+    """pytorch-deeplab-xception `SynchronizedBatchNorm2d`: its rank lives in `_check_input_dim` only."""
+
+    def _check_input_dim(self, input):
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        super()._check_input_dim(input)
+
+
+class _ASPPModule(nn.Module):
+    """pytorch-deeplab-xception `modeling/aspp.py: _ASPPModule`: atrous conv, the chosen BatchNorm, ReLU."""
+
+    def __init__(self, inplanes, planes, kernel_size, padding, dilation, BatchNorm):
+        super().__init__()
+        self.atrous_conv = nn.Conv2d(
+            inplanes, planes, kernel_size=kernel_size, stride=1, padding=padding, dilation=dilation, bias=False
+        )
+        self.bn = BatchNorm(planes)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        x = self.atrous_conv(x)
+        x = self.bn(x)
+        return self.relu(x)
+
+
+class DeepLabSyncBNNet(nn.Module):
+    """A DeepLab ASPP head built as pytorch-deeplab-xception's `DeepLab(sync_bn=True)` builds it:
+    `BatchNorm = SynchronizedBatchNorm2d if sync_bn else nn.BatchNorm2d`, passed down to each module."""
+
+    def __init__(self, sync_bn: bool = True) -> None:
+        super().__init__()
+        BatchNorm = SynchronizedBatchNorm2d if sync_bn else nn.BatchNorm2d
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = BatchNorm(8)
+        self.aspp1 = _ASPPModule(8, 8, 1, padding=0, dilation=1, BatchNorm=BatchNorm)
+        self.aspp2 = _ASPPModule(8, 8, 3, padding=2, dilation=2, BatchNorm=BatchNorm)
+        self.head = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.stem(x)))
+        return self.head(torch.cat([self.aspp1(x), self.aspp2(x)], dim=1))
+
+
 REAL_PATTERNS = {
     "torchvision_resnet": TorchvisionResNet,
     "timm_norm_act": TimmNormActNet,
@@ -1201,6 +1299,7 @@ REAL_PATTERNS = {
     "stochastic_depth": StochasticDepthNet,
     "tabnet_gbn": TabNetGBN,
     "tf_ported": TFPortedNet,
+    "deeplab_sync_bn": DeepLabSyncBNNet,
 }
 
 # models whose forward raises in full train mode without labels/targets: build_real() trains only

@@ -45,6 +45,7 @@ def project(tmp_path: Path, monkeypatch) -> Path:
     (tmp_path / "nets.py").write_text(MODEL_FILE)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "nets", raising=False)  # another test's `nets` module, imported first
     return tmp_path
 
 
@@ -65,6 +66,13 @@ def test_lint_text_exit_codes(project: Path) -> None:
         run("lint", "nets.py:build", "--input-shape", "2,3,8,8", "--batch-size", "2", "--fail-on", "warning").exit_code
         == 1
     )
+
+
+def test_a_location_that_reads_as_an_emoji_code_is_printed_as_it_is(project: Path) -> None:
+    """`nets.py:100:` holds `:100:`, an emoji code to rich: the location must stay text."""
+    (project / "padded.py").write_text("\n" * 91 + MODEL_FILE)  # `self.bn = ...` on line 100
+    result = run("lint", "padded.py:build", "--input-shape", "2,3,8,8", "--dp", "--format", "concise")
+    assert "padded.py:100: NS106" in result.output
 
 
 def test_lint_module_spec_kwargs_and_json_output_file(project: Path) -> None:
@@ -183,7 +191,7 @@ def test_debug_shows_the_traceback(project: Path) -> None:
 
 def test_rules_and_explain() -> None:
     listing = run("rules")
-    assert listing.exit_code == 0 and len(listing.output.strip().splitlines()) == len(CATALOGUE) == 15
+    assert listing.exit_code == 0 and len(listing.output.strip().splitlines()) == len(CATALOGUE) == 16
     assert listing.output.splitlines()[0].startswith("NS101  batchnorm-in-recurrence")
     explained = run("explain", "NS103")
     assert "34.7%" in explained.output and "## Fix safety" in explained.output

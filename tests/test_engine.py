@@ -14,7 +14,7 @@ from normswap.errors import CaptureError, PlanError
 from normswap.export.residual import count_batch_statistics_calls, residual_batchnorm
 from normswap.nn import ChannelLayerNorm, FrozenBatchNorm
 
-TARGETS = ("auto", "groupnorm", "layernorm", "frozen", "syncbn", "fold")
+TARGETS = ("auto", "groupnorm", "layernorm", "frozen", "syncbn", "batchnorm", "fold")
 # (model, target) pairs where the target cannot replace a site: planning must refuse clearly.
 REFUSED = {
     ("no_running_stats", "frozen"): "nothing to freeze",
@@ -41,6 +41,14 @@ def test_convert_every_model_every_target(name: str, to: str) -> None:
 
     # no BatchNorm left unless the plan keeps it on purpose
     assert residual_batchnorm(model, plan) == []
+
+    # batchnorm keeps the function in both modes (before training moves the statistics below):
+    # the same op on the same tensors, bit for bit
+    if to == "batchnorm":
+        for train in (False, True):
+            with torch.no_grad():
+                expected = copy.deepcopy(original).train(train)(x)
+                torch.testing.assert_close(copy.deepcopy(model).train(train)(x), expected, rtol=0, atol=0)
 
     # forward and backward in train and eval mode
     for train in (True, False):
@@ -226,8 +234,8 @@ def test_plan_for_another_model_is_refused() -> None:
 def test_plan_json_is_validated() -> None:
     with pytest.raises(PlanError, match="not valid JSON"):
         normswap.Plan.from_json("{")
-    with pytest.raises(PlanError, match="unknown target 'batchnorm'"):
-        normswap.Plan.from_json('{"version": 1, "sites": [{"name": "bn", "target": "batchnorm"}]}')
+    with pytest.raises(PlanError, match="unknown target 'instancenorm'"):
+        normswap.Plan.from_json('{"version": 1, "sites": [{"name": "bn", "target": "instancenorm"}]}')
 
 
 class WithAuxHead(nn.Module):
@@ -270,13 +278,21 @@ class StoredTwice(nn.Module):
         return self.bn_b(self.bn_a(self.conv(x)))
 
 
-@pytest.mark.parametrize("to", ["auto", "groupnorm", "layernorm", "frozen", "syncbn"])
+def _stored_twice(sync: bool) -> StoredTwice:
+    model = StoredTwice()
+    if sync:  # by hand: torch's convert_sync_batchnorm would make two layers of the one
+        model.bn_a = model.bn_b = nn.SyncBatchNorm(24)
+    return model.eval()
+
+
+@pytest.mark.parametrize("to", ["auto", "groupnorm", "layernorm", "frozen", "syncbn", "batchnorm"])
 def test_a_batchnorm_stored_under_two_names_stays_one_module(to: str) -> None:
     x = torch.randn(4, 3, 8, 8)
-    conv = normswap.convert(StoredTwice().eval(), x, to=to, context=normswap.Context(batch_size=2))
-    assert conv.model.bn_a is conv.model.bn_b and type(conv.model.bn_b) is not nn.BatchNorm2d
-    fresh = normswap.apply_plan(StoredTwice(), conv.plan)
+    model = _stored_twice(sync=to == "batchnorm")  # batchnorm: the way back from SyncBatchNorm
+    conv = normswap.convert(model, x, to=to, context=normswap.Context(batch_size=2))
+    assert conv.model.bn_a is conv.model.bn_b and type(conv.model.bn_b) is not type(model.bn_b)
+    fresh = normswap.apply_plan(_stored_twice(sync=to == "batchnorm"), conv.plan)
     assert fresh.bn_a is fresh.bn_b and type(fresh.bn_b) is type(conv.model.bn_b)
     fresh.load_state_dict(conv.model.state_dict())  # strict: the same keys under both names
-    if to != "syncbn":  # SyncBatchNorm keeps batch statistics by design
+    if to not in ("syncbn", "batchnorm"):  # they keep batch statistics by design
         assert count_batch_statistics_calls(conv.model, x) == 0

@@ -36,7 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("normswap.export",),
     ("normswap.render",),
     ("normswap.report",),
-    ("normswap.linter", "normswap.fix"),
+    ("normswap.linter", "normswap.fix", "normswap.federated"),
     ("normswap.loader",),
     ("normswap.checkpoint", "normswap.config", "normswap.outputs"),
     ("normswap.pipeline", "normswap.pretrained"),

@@ -98,6 +98,7 @@ def test_every_configuration_key_is_read(tmp_path: Path, monkeypatch: pytest.Mon
         "inference_only": "false",
         "finetune": "true",
         "sequence": "true",
+        "federated": "true",
         "small_batch_threshold": "8",
         "format": '"json"',
         "fail_on": '"warning"',
@@ -110,7 +111,13 @@ def test_every_configuration_key_is_read(tmp_path: Path, monkeypatch: pytest.Mon
     (tmp_path / "pyproject.toml").write_text("[tool.normswap]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
     config = load_config(tmp_path)
     assert config.context == Context(
-        batch_size=2, world_size=4, differential_privacy=True, finetune=True, sequence=True, small_batch_threshold=8
+        batch_size=2,
+        world_size=4,
+        differential_privacy=True,
+        finetune=True,
+        sequence=True,
+        federated=True,
+        small_batch_threshold=8,
     )
     options = config.make_lint_options({}, set())
     assert (options.output_format, options.fail_on, options.select, options.ignore) == (

@@ -26,14 +26,14 @@ from torch.overrides import TorchFunctionMode
 import normswap
 from models import MODELS, REAL_PATTERNS, build, build_real, input_for, inputs_for
 
-TARGETS = ("auto", "groupnorm", "layernorm", "frozen", "fold", "syncbn")
+TARGETS = ("auto", "groupnorm", "layernorm", "frozen", "fold", "syncbn", "batchnorm")
 REFUSED = {
     ("no_running_stats", "frozen"),
     ("no_running_stats", "fold"),
     ("functional", "syncbn"),
     ("timm_norm_act_no_stats", "frozen"),
     ("timm_norm_act_no_stats", "fold"),
-    *(("naive_sync_bn", t) for t in TARGETS),
+    *(("naive_sync_bn", t) for t in TARGETS if t != "batchnorm"),
 }
 NAMES = [m for m in MODELS if m not in ("no_bn", "lookalike")] + list(REAL_PATTERNS)
 CASES = [(m, t) for m in NAMES for t in TARGETS if (m, t) not in REFUSED]
@@ -86,7 +86,7 @@ def reference(
         return channel_layer_norm(x, weight, bias, eps)
     if target in ("frozen", "fold"):
         return batchnorm_eval(x, mean, var, weight, bias, eps)
-    return None  # keep, syncbn (one process: BatchNorm itself)
+    return None  # keep, syncbn (one process: BatchNorm itself), batchnorm
 
 
 # --- per module site -------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def _torch_reference(target: str, params: dict, bn: _BatchNorm, x: torch.Tensor)
         layer = nn.LayerNorm(bn.num_features, eps=bn.eps, elementwise_affine=bn.affine)
     elif target == "layernorm":
         return channel_layer_norm(x, weight, bias, bn.eps)
-    else:  # frozen
+    else:  # frozen; batchnorm in eval
         return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, training=False, eps=bn.eps)
     if bn.affine:
         with torch.no_grad():
@@ -137,7 +137,7 @@ def test_every_converted_module_site_matches_a_reference_built_without_normswap(
     entries = [
         e
         for e in conv.plan.converted
-        if sites[e.name].kind == "module" and e.target in ("groupnorm", "layernorm", "frozen", "fold")
+        if sites[e.name].kind == "module" and e.target in ("groupnorm", "layernorm", "frozen", "fold", "batchnorm")
     ]
     producers = {e.params["into"] for e in entries if e.target == "fold"}
     seen = _recorded_inputs(original, inputs, {e.name for e in entries} | producers)

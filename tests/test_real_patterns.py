@@ -17,10 +17,11 @@ from models import REAL_PATTERNS, TimmBatchNormAct2d, build_real, inputs_for
 from normswap.errors import PlanError
 from normswap.postcondition import batch_statistics_users
 
-TARGETS = ("auto", "groupnorm", "layernorm", "frozen", "syncbn", "fold")
+TARGETS = ("auto", "groupnorm", "layernorm", "frozen", "syncbn", "batchnorm", "fold")
 # (model, target) -> a phrase of the refusal. Everything else must convert.
 REFUSED = {
-    **{("naive_sync_bn", t): "computes its batch statistics by hand" for t in TARGETS},
+    # batchnorm puts torch's BatchNorm2d in place of the whole subclass: its hand-written statistics go too
+    **{("naive_sync_bn", t): "computes its batch statistics by hand" for t in TARGETS if t != "batchnorm"},
     ("timm_norm_act_no_stats", "frozen"): "nothing to freeze",
     ("timm_norm_act_no_stats", "fold"): "no running statistics to fold",
 }
@@ -51,7 +52,8 @@ def test_every_real_pattern_converts_or_is_refused(name: str, target: str) -> No
     original, conv = _convert(name, target)
     model, plan = conv.model, conv.plan
     converted = {e.name for e in plan.converted}
-    assert converted, "every site of these models uses batch statistics"
+    # every site of these models uses batch statistics; batchnorm keeps those that are torch's BatchNorm already
+    assert converted or target == "batchnorm"
 
     # names: every key of the converted state_dict was in the original (fold adds its producer's
     # bias), and only the statistics of sites that no longer keep them are gone
@@ -62,11 +64,15 @@ def test_every_real_pattern_converts_or_is_refused(name: str, target: str) -> No
         site, _, field = key.rpartition(".")
         assert site in converted and (field in STATISTICS or plan.get(site).target == "fold"), key
 
-    # no converted site is a BatchNorm any more (syncbn keeps BatchNorm's semantics on purpose); a
-    # subclass keeps its forward's submodules and is an instance of the target's torch class
+    # no converted site is a BatchNorm any more (syncbn and batchnorm keep BatchNorm's semantics on
+    # purpose; batchnorm leaves no synchronized class); a subclass keeps its forward's submodules and is
+    # an instance of the target's torch class
     for entry in plan.converted:
         before_module, after_module = original.get_submodule(entry.name), model.get_submodule(entry.name)
-        assert isinstance(after_module, _BatchNorm) == (entry.target == "syncbn"), entry.name
+        assert isinstance(after_module, _BatchNorm) == (entry.target in ("syncbn", "batchnorm")), entry.name
+        if entry.target == "batchnorm":
+            assert isinstance(after_module, getattr(nn, entry.params["torch_class"]))
+            assert not isinstance(after_module, (nn.SyncBatchNorm, type(before_module))), entry.name
         if entry.target == "groupnorm":
             assert isinstance(after_module, nn.GroupNorm)
         if isinstance(before_module, TimmBatchNormAct2d):
@@ -76,7 +82,7 @@ def test_every_real_pattern_converts_or_is_refused(name: str, target: str) -> No
             )
 
     inputs = inputs_for(name)
-    if target != "syncbn":
+    if target not in ("syncbn", "batchnorm"):
         # no site that was converted uses batch statistics, with norms in train mode or in eval mode
         for train in (True, False):
             assert batch_statistics_users(model, inputs, train) == []
@@ -86,7 +92,7 @@ def test_every_real_pattern_converts_or_is_refused(name: str, target: str) -> No
             alone = torch.cat([_outputs(_norms_train(model), tuple(x[i : i + 1] for x in batch)) for i in range(4)])
             # per-sample normalizations: a sample alone equals the sample inside the batch, up to summation order
             torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-5)
-    if target in ("frozen", "fold") or (
+    if target in ("frozen", "fold", "batchnorm") or (
         target == "auto" and all(e.target in ("frozen", "fold") for e in plan.converted)
     ):
         # BatchNorm's eval function, computed in another order (fold: in the producer's weights)
@@ -232,7 +238,7 @@ def test_every_conversion_exports_and_validates(exported, name: str, target: str
     validation = normswap.validate_onnx(conv.model, path, inputs_for(name), original=original, plan=conv.plan)
     assert validation.passed, validation.messages
     batchnorm_ops = sum(1 for node in onnx.load(str(path)).graph.node if node.op_type == "BatchNormalization")
-    if all(not e.keeps_batchnorm_op for e in conv.plan.converted):
+    if conv.plan.converted and all(not e.keeps_batchnorm_op for e in conv.plan.converted):
         assert batchnorm_ops == 0
     if name in NO_BATCH_AXIS:
         assert any("no input carries a batch" in s or "cut to one sample" in s for s in validation.skipped)

@@ -93,12 +93,23 @@ CASES = [
     ("NS105", {}, Context(world_size=8), True),
     ("NS105", {}, Context(world_size=1), False),
     ("NS105", {"flavour": "SyncBatchNorm"}, Context(world_size=8), False),
+    (
+        "NS105",
+        {"kind": "subclass", "flavour": "SyncBatchNormAct", "torch_base": "SyncBatchNorm"},
+        Context(world_size=8),
+        False,
+    ),  # timm's synchronized subclass
     ("NS106", {}, Context(differential_privacy=True), True),
     ("NS106", {}, Context(), False),
     ("NS106", {"batch_dependent_train": False}, Context(differential_privacy=True), False),
     ("NS107", {"track_running_stats": False, "batch_dependent_eval": True}, Context(), True),
     ("NS107", {}, Context(), False),
     ("NS107", {"kind": "functional", "batch_dependent_eval": True}, Context(inference_only=True), True),
+    ("NS108", {}, Context(federated=True), True),
+    ("NS108", {}, Context(), False),
+    ("NS108", {}, Context(federated=True, inference_only=True), False),  # served: no client trains it
+    ("NS108", {"kind": "functional", "flavour": "F.batch_norm", "name": "batch_norm"}, Context(federated=True), True),
+    ("NS108", {"batch_dependent_train": False}, Context(federated=True), False),  # a frozen BatchNorm: fixed statistics
     ("NS201", {"kind": "functional", "flavour": "F.batch_norm", "name": "batch_norm"}, Context(), True),
     ("NS201", {}, Context(), False),
     (
@@ -188,7 +199,7 @@ def test_not_traceable_fires_only_for_fallback_captures() -> None:
 
 def test_catalogue_is_complete_and_documented() -> None:
     codes = [r.code for r in CATALOGUE]
-    assert codes == sorted(codes) and len(set(codes)) == len(codes) == 15
+    assert codes == sorted(codes) and len(set(codes)) == len(codes) == 16
     for rule in CATALOGUE:
         doc = rule.documentation()
         for heading in ("## What it does", "## Why is this bad?", "## Example", "## Fix safety", "## References"):
@@ -250,6 +261,17 @@ def test_fix_safety_is_stated() -> None:
     assert frozen.remedy.target == "frozen" and frozen.remedy.safe
     swap = RULES["NS106"].check(site(), Context(differential_privacy=True))
     assert swap.remedy.target == "groupnorm" and not swap.remedy.safe
+
+
+def test_federated_clients_get_groupnorm_or_fedbn() -> None:
+    finding = RULES["NS108"].check(site(), Context(federated=True))
+    assert isinstance(finding, Finding) and finding.remedy.target == "groupnorm" and not finding.remedy.safe
+    assert "FedBN: keep its state on each client" in finding.remedy.description
+    assert "normswap.federated.local_state" in finding.message
+    features = RULES["NS108"].check(site(input_shape=(8, 64), flavour="BatchNorm1d"), Context(federated=True))
+    assert isinstance(features, Finding) and features.remedy.target == "layernorm"
+    documentation = RULES["NS108"].documentation()
+    assert "FedBN" in documentation and "Non-IID Data Quagmire" in documentation and "PFLlib#260" in documentation
 
 
 def test_sequence_context_reads_rank3_inputs_as_time_steps() -> None:

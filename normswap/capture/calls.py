@@ -37,6 +37,8 @@ class BatchNormCall:
     momentum: float | None = None
     has_running_stats: bool | None = None
     has_affine: bool | None = None
+    # functional calls seen running (hooks capture): the tensors passed, without the input
+    arguments: Any = None
 
 
 @dataclass

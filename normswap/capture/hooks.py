@@ -3,6 +3,7 @@ functional batch_norm calls made outside BatchNorm modules (works on any model t
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ class _FunctionalBatchNormSpy(TorchFunctionMode):
                     called_at=user_frame_location(skip=2),
                     # hooks run the model in eval mode: the flag seen is the inference one
                     training_in_eval=bool(arguments.training),
+                    arguments=dataclasses.replace(arguments, input=None),  # the state it reads, not the data
                 )
             )
         return func(*args, **kwargs)

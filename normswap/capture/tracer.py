@@ -63,6 +63,10 @@ class BatchNormArgs:
     def of_node(cls, node: fx.Node) -> BatchNormArgs:
         return cls.of(node.target, node.args, dict(node.kwargs))
 
+    def positional(self) -> tuple[Any, ...]:
+        """F.batch_norm's arguments in its order: the same call again, or another function of them."""
+        return tuple(getattr(self, name) for name in F_BATCH_NORM_ARGS)
+
 
 class BatchNormTracer(fx.Tracer):
     """Symbolic tracer that keeps every BatchNorm (subclasses included), every look-alike and

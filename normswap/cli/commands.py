@@ -124,7 +124,8 @@ def _lint_one(entry: ModelEntry, run: LintRun) -> tuple[Report, FixJob]:
         name=name,
         plan=Plan.read(options.plan_path) if options.plan_path else None,
         keep=options.keep,
-        planned_by=options.plan_path or "auto",
+        to=options.to,
+        planned_by=options.plan_path,
         commands=_commands(entry, run),
     )
     report.model_location = model_definition(factory) or report.model_location
@@ -168,7 +169,7 @@ def _commands(entry: ModelEntry, run: LintRun) -> Commands:
     keep = (
         [f"--plan {shlex.quote(options.plan_path)}"]
         if options.plan_path
-        else [f"--keep {layer}" for layer in options.keep]
+        else [*([f"--to {options.to}"] if options.to != "auto" else []), *(f"--keep {layer}" for layer in options.keep)]
     )
     convert = " ".join(
         ["normswap convert CHECKPOINT --model", shlex.quote(entry.spec), *model, *context, *keep, "--out converted/"]

@@ -247,10 +247,12 @@ def _validate(
     known = {run.size: [t.float() for t in run.expected] for run in runs if run.size is not None}
     slack = (errors[-1] or []) if sizes else []  # the rounding error at the largest batch size
     independence = _independence(model, inputs, indices, known, slack, skipped)
+    required = _independence_required(plan)
     for mode, verdict in independence.items():
         if verdict is False:
             messages.append(
                 f"the PyTorch model is batch-dependent in {mode} mode: a sample's output changes with the rest of the batch"
+                + ("" if required else " (expected: the plan keeps batch statistics)")
             )
     return Validation(
         onnx_path=path.name,
@@ -259,7 +261,7 @@ def _validate(
         outputs=checks,
         batch_independent_eval=independence["eval"],
         batch_independent_train=independence["train"],
-        batch_independence_required=_independence_required(plan),
+        batch_independence_required=required,
         residual_onnx_ops=ops,
         residual_onnx_allowed=allowed,
         residual_modules=residual,

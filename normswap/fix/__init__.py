@@ -37,6 +37,7 @@ def fix_source(
     unsafe: bool = False,
     *,
     keep: Collection[str] = (),
+    to: str = "auto",
     max_groups: int = DEFAULT_MAX_GROUPS,
     channels_per_group: int = DEFAULT_CHANNELS_PER_GROUP,
 ) -> SourceFixes:
@@ -48,14 +49,16 @@ def fix_source(
     Args:
         model: the model, built under `recording_construction()` (never modified).
         example_inputs: tensor or tuple of tensors, batch first.
-        plan: the plan to write into the source (default: what `convert(to="auto")` plans in
-            `context`, with `keep`, `max_groups` and `channels_per_group`; sites no target can
-            replace are kept).
+        plan: the plan to write into the source (default: what `convert(to=to)` plans in
+            `context`, with `keep`, `max_groups` and `channels_per_group`; sites the target
+            cannot replace are kept).
         context: training / serving context for the default plan.
         root: the project; files outside it (installed packages too) are never edited.
         apply: write the selected edits (each file atomically); else only compute them.
         unsafe: also select the fixes that change the function (groupnorm, layernorm, syncbn);
-            by default only fixes that keep it (frozen) are selected.
+            by default only fixes that keep it (frozen, batchnorm) are selected.
+        to: the target of the default plan ("auto": per site; "batchnorm": SyncBatchNorm back
+            to torch's BatchNorm).
 
     Returns:
         SourceFixes: `.edits` (file, span, old, new, sites, safety), `.unfixable` (site and
@@ -74,7 +77,7 @@ def fix_source(
     options = PlanOptions(max_groups=max_groups, channels_per_group=channels_per_group)
     given = plan is not None  # a given plan's options are read off its group counts
     plan = resolve_plan(
-        analysis.sites, analysis.findings, context, plan, PlanRequest("auto", options, tuple(keep)), strict=False
+        analysis.sites, analysis.findings, context, plan, PlanRequest(to, options, tuple(keep)), strict=False
     )
     fixes = plan_fixes([FixJob(model, analysis.sites, plan, options=None if given else options)], Path(root), unsafe)
     if apply:

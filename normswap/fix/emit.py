@@ -19,10 +19,12 @@ from .. import targets
 from ..capture.tracer import F_BATCH_NORM_ARGS, TORCH_BATCH_NORM_ARGS
 from ..plan import PlanEntry
 from ..targets.base import PlanOptions, SourceCall, SourceCode
-from .locate import CALL, VALUE, Spot
+from .locate import CALL, SYNC_CONVERSION, VALUE, Spot
 
 BATCHNORM_PARAMETERS = ("num_features", "eps", "momentum", "affine", "track_running_stats", "device", "dtype")
 LAZY_BATCHNORM_PARAMETERS = ("eps", "momentum", "affine", "track_running_stats", "device", "dtype")
+# SyncBatchNorm takes a process group where the others take device
+SYNC_BATCHNORM_PARAMETERS = (*BATCHNORM_PARAMETERS[:5], "process_group", "device", "dtype")
 
 
 def replacement(spot: Spot, entries: Sequence[PlanEntry], options: PlanOptions | None = None) -> SourceCode | str:
@@ -39,6 +41,12 @@ def replacement(spot: Spot, entries: Sequence[PlanEntry], options: PlanOptions |
         return target.source_class(SourceCall({}, namespace, imports, options=options), params)
     call = spot.node
     assert isinstance(call, cst.Call)  # CALL and FUNCTIONAL spots are calls
+    if spot.kind == SYNC_CONVERSION:
+        arguments = _bound(call, ("module", "process_group"), spot)
+        if arguments is None or "module" not in arguments:
+            return f"`{spot.file.code(call)}` passes its arguments through *args / **kwargs"
+        written = SourceCall(arguments, "", written=spot.file.code(call), callee=spot.file.code(call.func))
+        return target.source_sync_conversion(written, params)
     if spot.kind == CALL:
         found = _constructor(spot, call, params, target.name)
         return (
@@ -72,8 +80,11 @@ def _torch_nn(spot: Spot, func: cst.CSTNode) -> tuple[str, tuple[str, ...]]:
 
 
 def _constructor(spot: Spot, call: cst.Call, params: Sequence[Mapping[str, Any]], target: str) -> SourceCall | str:
-    lazy = any("Lazy" in name for name in spot.file.batchnorm_classes(call.func))
-    arguments = _bound(call, LAZY_BATCHNORM_PARAMETERS if lazy else BATCHNORM_PARAMETERS, spot)
+    classes = spot.file.batchnorm_classes(call.func)
+    lazy = any("Lazy" in name for name in classes)
+    sync = any(name.endswith("SyncBatchNorm") for name in classes)
+    names = LAZY_BATCHNORM_PARAMETERS if lazy else SYNC_BATCHNORM_PARAMETERS if sync else BATCHNORM_PARAMETERS
+    arguments = _bound(call, names, spot)
     if arguments is None:
         return f"`{spot.file.code(call)}` passes its arguments through *args / **kwargs"
     if lazy:  # the plan knows the channel count the lazy layer learnt on its first call

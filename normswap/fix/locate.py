@@ -7,7 +7,9 @@
   by keyword or position, a parameter default, an assignment such as `if norm_layer is None:
   norm_layer = nn.BatchNorm2d`, a `self.` attribute, a module-level alias), and that reference
   is rewritten to a drop-in class;
-- a functional call (`F.batch_norm(...)`) at the site's call line: the call is rewritten.
+- a functional call (`F.batch_norm(...)`) at the site's call line: the call is rewritten;
+- a SyncBatchNorm made by `nn.SyncBatchNorm.convert_sync_batchnorm(model)` (or timm's): that
+  call is the spot, and the target says what it becomes (batchnorm: the model it converts).
 
 A site is not fixable, with the reason, when it is built outside the project (an installed model
 zoo), when where it was built was not recorded, when its file no longer compiles to the code
@@ -34,13 +36,24 @@ from ..source import CodeSpan, Construction, SourceLocation, code_fingerprint, i
 from .one_device import batchnorm_on_one_device
 from .source_file import COMPREHENSIONS, FUNCTIONAL_BATCHNORM, FixError, SourceFile
 
-CALL, VALUE, FUNCTIONAL = "call", "value", "functional"
+CALL, VALUE, FUNCTIONAL, SYNC_CONVERSION = "call", "value", "functional", "sync-conversion"
 SELECTION = "selection"  # a class test around the model (selections.py): its references stay
+# the functions that make SyncBatchNorm out of a model's BatchNorm layers
+SYNC_CONVERSIONS = frozenset(
+    {
+        "torch.nn.SyncBatchNorm.convert_sync_batchnorm",
+        "torch.nn.modules.SyncBatchNorm.convert_sync_batchnorm",
+        "torch.nn.modules.batchnorm.SyncBatchNorm.convert_sync_batchnorm",
+        "timm.layers.convert_sync_batchnorm",
+        "timm.layers.norm_act.convert_sync_batchnorm",
+        "timm.models.layers.convert_sync_batchnorm",
+    }
+)
 
 
 @dataclass(frozen=True)
 class Spot:
-    """The node a fix rewrites: a call (CALL, FUNCTIONAL) or a class reference (VALUE)."""
+    """The node a fix rewrites: a call (CALL, FUNCTIONAL, SYNC_CONVERSION) or a class reference (VALUE)."""
 
     kind: str
     file: SourceFile
@@ -154,6 +167,8 @@ def locate(site: Site, module: nn.Module | None, construction: Construction | No
         frames = _frames(site, construction, files)
         first = frames[0]
         assert isinstance(first.node, cst.Call)  # a recorded frame runs a call
+        if first.source.qualified(first.node.func) & SYNC_CONVERSIONS:
+            return Spot(SYNC_CONVERSION, first.source, first.node)
         if not _builds(first.source, first.node.func, module):
             return _value_reference(frames, module, files)
         return Spot(CALL, first.source, first.node)

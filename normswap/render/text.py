@@ -54,7 +54,7 @@ def render_text(
     if style not in STYLES:
         raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     buffer = io.StringIO()
-    # markup off: user text ("[tool.normswap]", "[warning]") is printed as it is
+    # markup and emoji codes off: user text ("[tool.normswap]", "[warning]", "nets.py:100:") is printed as it is
     console = Console(
         file=buffer,
         width=width,
@@ -62,6 +62,7 @@ def render_text(
         force_terminal=color,
         highlight=False,
         markup=False,
+        emoji=False,
     )
     for report in reports:
         console.print(summary_line(report), style="bold" if color else None)

@@ -10,6 +10,7 @@ from .ns104_batch_of_one import BatchOfOne
 from .ns105_unsynced_distributed import UnsyncedDistributed
 from .ns106_privacy_incompatible import PrivacyIncompatible
 from .ns107_batch_dependent_inference import BatchDependentInference
+from .ns108_batchnorm_across_clients import BatchNormAcrossClients
 from .ns201_functional_batchnorm import FunctionalBatchNorm
 from .ns202_batchnorm_subclass import BatchNormSubclass
 from .ns203_degenerate_groups import DegenerateGroups
@@ -27,6 +28,7 @@ CATALOGUE: tuple[Rule, ...] = (
     UnsyncedDistributed(),
     PrivacyIncompatible(),
     BatchDependentInference(),
+    BatchNormAcrossClients(),
     FunctionalBatchNorm(),
     BatchNormSubclass(),
     DegenerateGroups(),

@@ -41,7 +41,7 @@ class UnsyncedDistributed(Rule):
     def check(self, site: Site, context: Context) -> Finding | Skip:
         if not context.trains or context.world_size <= 1:
             return self.skip("single device or inference only")
-        if site.flavour == "SyncBatchNorm":
+        if "SyncBatchNorm" in (site.flavour, site.torch_base):  # timm's SyncBatchNormAct too
             return self.skip("already SyncBatchNorm")
         if not site.batch_dependent_train:
             return self.skip("does not use batch statistics in training")

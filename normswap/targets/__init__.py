@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import PlanError
-from . import fold, frozen, groupnorm, keep, layernorm, syncbn
+from . import batchnorm, fold, frozen, groupnorm, keep, layernorm, syncbn
 from .base import (
     DEFAULT_CHANNELS_PER_GROUP,
     DEFAULT_MAX_GROUPS,
@@ -74,7 +74,15 @@ def recognize(module: nn.Module) -> tuple[Target, dict[str, Any]] | None:
     return None
 
 
-for _builtin in (groupnorm.TARGET, layernorm.TARGET, frozen.TARGET, syncbn.TARGET, fold.TARGET, keep.TARGET):
+for _builtin in (
+    groupnorm.TARGET,
+    layernorm.TARGET,
+    frozen.TARGET,
+    syncbn.TARGET,
+    batchnorm.TARGET,
+    fold.TARGET,
+    keep.TARGET,
+):
     register(_builtin)
 
 

@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..capture.tracer import BatchNormArgs
 from ..errors import PlanError
 from ..sites import Site
+from .takeover import is_subclass_instance, take_over
 
 DEFAULT_MAX_GROUPS = 32
 DEFAULT_CHANNELS_PER_GROUP = 16  # Wu & He: a fixed number of channels per group trains as well as G = 32
@@ -213,6 +214,9 @@ class Target(Generic[P]):
     absorbs_affine: ClassVar[bool] = (
         False  # the site's affine moves into another layer (fold), not into its replacement
     )
+    # it may put torch's own BatchNorm in place of a subclass's whole forward (batchnorm), so a
+    # subclass computing its statistics by hand is no obstacle: its `plan` decides
+    replaces_forward: ClassVar[bool] = False
     params_type: type[P]
 
     @property
@@ -229,6 +233,11 @@ class Target(Generic[P]):
         return self.batch_statistics
 
     # --- planning -------------------------------------------------------------------------
+
+    def unchanged(self, site: Site) -> str | None:
+        """Why `site` already is what this target builds (an explicit `--to` then keeps it, with
+        this reason); None when there is something to replace."""
+        return None
 
     def plan(self, site: Site, options: PlanOptions) -> tuple[dict[str, Any], str]:
         """Parameters for replacing `site`, and what chose them (appended to the plan reason).
@@ -283,6 +292,18 @@ class Target(Generic[P]):
 
     # --- rewriting ------------------------------------------------------------------------
 
+    def replace(self, bn: _BatchNorm, params: P, name: str) -> nn.Module:
+        """The module that takes `bn`'s place (the swap pass carries hooks and attributes over):
+        for torch's own classes, `module`; for a subclass, a module of its class taken over by
+        this target (see takeover.py).
+
+        Raises:
+            PlanError: the layer cannot be replaced (named in the sentence).
+        """
+        if is_subclass_instance(bn):
+            return take_over(bn, self, params, name)
+        return self.module(bn, params)
+
     def module(self, bn: _BatchNorm, params: P) -> nn.Module:
         """The replacement for a torch BatchNorm module, built in its dtype and on its device,
         with its weights carried over."""
@@ -331,6 +352,14 @@ class Target(Generic[P]):
         """What replaces a BatchNorm class passed as a value (`norm_layer=nn.BatchNorm2d`): a
         class or factory taking BatchNorm's constructor arguments."""
         return f"the {self.name} target has no form in source code"
+
+    def source_sync_conversion(self, call: SourceCall, params: Sequence[P]) -> SourceCode | str:
+        """What replaces `nn.SyncBatchNorm.convert_sync_batchnorm(module)` (or timm's), which made
+        the layers out of BatchNorm layers the source builds elsewhere (argument: `module`)."""
+        return (
+            f"made by `{call.callee}(...)` out of BatchNorm layers built elsewhere; the {self.name} fix belongs where "
+            "they are built: lint the model without the conversion"
+        )
 
     def source_function(self, call: SourceCall, params: P) -> SourceCode | str:
         """What replaces a functional `batch_norm(input, running_mean, running_var, weight, bias,

@@ -118,17 +118,7 @@ class SyncBatchNormTarget(Target[SyncBatchNormParams]):
         return carry_affine(bn, new)
 
     def function(self, params: SyncBatchNormParams, call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        args = (
-            call.input,
-            call.running_mean,
-            call.running_var,
-            call.weight,
-            call.bias,
-            call.training,
-            call.momentum,
-            call.eps,
-        )
-        return sync_batch_norm, args
+        return sync_batch_norm, call.positional()
 
     def source_call(self, call: SourceCall, params: Sequence[SyncBatchNormParams]) -> SourceCode | str:
         """The same call with SyncBatchNorm as the class (its arguments are BatchNorm's)."""

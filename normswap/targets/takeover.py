@@ -44,6 +44,16 @@ class TakenOver(Replacement):
     normswap_params: Any  # its target's parameters
     # calibration sets this to see the input of each normalization
     normswap_observer: Callable[[torch.Tensor], None] | None = None
+    # a takeover base that is a torch BatchNorm of one rank checks its own input; the others
+    # keep the input check of the torch class the subclass extended
+    checks_own_input: ClassVar[bool] = False
+
+    @classmethod
+    def class_name(cls, name: str) -> str:
+        """The name of a converted class built from a class called `name`: GroupNormAct2d,
+        LayerNormAct2d, FrozenBatchNormAct2d."""
+        label = str(getattr(cls, "label", cls.__name__))
+        return name.replace("BatchNorm", label) if "BatchNorm" in name else f"{label}{name}"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -112,11 +122,6 @@ def _taking_over(forward: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
-def torch_base(cls: type) -> type:
-    """The torch.nn BatchNorm class a subclass derives from."""
-    return next(k for k in cls.__mro__ if issubclass(k, _BatchNorm) and k.__module__.startswith("torch.nn"))
-
-
 def is_subclass_instance(module: nn.Module) -> bool:
     """A BatchNorm whose class is not torch's own (its forward may add behaviour to keep)."""
     return isinstance(module, _BatchNorm) and not is_torch_class(module)
@@ -129,30 +134,26 @@ def converted_class(source: type, base: type) -> type:
     """The class a `source` BatchNorm subclass instance becomes over the takeover `base` (cached)."""
     key = (source, base)
     if key not in _CONVERTED:
-        built = _build(source, base, _label(base))
+        built = _build(source, base)
         built.source, built.base = source, base  # type: ignore[attr-defined]  # TakenOver's class attributes
         _CONVERTED[key] = built
     return _CONVERTED[key]
 
 
-def _label(base: type) -> str:
-    """What replaces "BatchNorm" in the class name: GroupNormAct2d, LayerNormAct2d, FrozenBatchNormAct2d."""
-    return str(getattr(base, "label", base.__name__))
-
-
-def _build(cls: type, base: type, label: str) -> type:
+def _build(cls: type, base: type) -> type:
     """`cls` rebuilt over `base`: each class of its hierarchy above torch's BatchNorm copied, with
     the methods' `super()` cell pointing at the copy; torch's BatchNorm classes replaced by `base`
-    (with the input-shape check of the torch class the subclass extended)."""
+    (with the input-shape check of the torch class the subclass extended, unless `base` checks
+    its own)."""
     if cls.__module__.startswith("torch.nn") and issubclass(cls, _BatchNorm):
-        check = getattr(cls, "_check_input_dim", None)
+        check = None if getattr(base, "checks_own_input", False) else getattr(cls, "_check_input_dim", None)
         return (
             type(base.__name__, (base,), {"_check_input_dim": check, "__module__": base.__module__}) if check else base
         )
     if not issubclass(cls, _BatchNorm):
         return cls  # a mixin: kept as it is
-    bases = tuple(_build(b, base, label) for b in cls.__bases__)
-    name = cls.__name__.replace("BatchNorm", label) if "BatchNorm" in cls.__name__ else f"{label}{cls.__name__}"
+    bases = tuple(_build(b, base) for b in cls.__bases__)
+    name = base.class_name(cls.__name__)  # type: ignore[attr-defined]  # a TakenOver base
     cell = types.CellType()
     namespace = {
         key: _rebound(value, cell) for key, value in vars(cls).items() if key not in ("__dict__", "__weakref__")
