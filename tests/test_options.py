@@ -41,7 +41,11 @@ def test_every_click_option_is_a_declared_option_and_back(command: str) -> None:
     ("cls", "field", "expected_help"),
     [
         (ConvertOptions, "max_groups", "Largest GroupNorm group count."),
-        (Context, "accumulation", "Gradient accumulation steps: the optimizer steps once every N micro-batches of --batch-size; BatchNorm still normalizes each micro-batch alone."),
+        (
+            Context,
+            "accumulation",
+            "Gradient accumulation steps: the optimizer steps once every N micro-batches of --batch-size; BatchNorm still normalizes each micro-batch alone.",
+        ),
     ],
 )
 def test_help_comes_from_the_declaration(cls: type, field: str, expected_help: str) -> None:
