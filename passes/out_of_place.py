@@ -12,7 +12,9 @@ issue 828). One forward pass finds each such operation and the module running it
   graph, in which the operation is out-of-place (an `fx.GraphModule` with the same submodules,
   parameters and state_dict keys), when the value it modified is used nowhere else.
 
-What it cannot make out-of-place is reported, so a user knows before training.
+What it cannot make out-of-place is reported, so a user knows before training. Without example
+inputs nothing runs: every `inplace` flag is turned off (which ones follow a hooked layer is not
+known), and forward code is not searched.
 """
 
 from __future__ import annotations
@@ -101,6 +103,13 @@ def find_in_place(model: nn.Module, inputs: tuple) -> _Found:
     return found
 
 
+def every_in_place_flag(model: nn.Module) -> _Found:
+    """Every module whose `inplace` flag is on: what a search without a forward pass can find."""
+    return _Found(
+        flagged={name: m for name, m in model.named_modules() if getattr(m, "inplace", None) is True},
+    )
+
+
 def out_of_place_graph(module: nn.Module) -> fx.GraphModule | None:
     """`module` as its torch.fx graph with in-place operations made out-of-place (where the value
     they modify is used nowhere else); None when it cannot be traced or would lose state."""
@@ -133,15 +142,16 @@ def out_of_place_graph(module: nn.Module) -> fx.GraphModule | None:
 
 
 class OutOfPlaceForHooks(Pass):
-    """The pass: see the module docstring. `inputs`: the example inputs the search runs on."""
+    """The pass: see the module docstring. `inputs`: the example inputs the search runs on (None:
+    none, see there)."""
 
-    def __init__(self, inputs: tuple) -> None:
+    def __init__(self, inputs: tuple | None) -> None:
         super().__init__()
         self.inputs = inputs
         self.left: list[str] = []  # what could not be made out-of-place, for the report
 
     def call(self, model: nn.Module) -> PassResult:
-        found = find_in_place(model, self.inputs)
+        found = every_in_place_flag(model) if self.inputs is None else find_in_place(model, self.inputs)
         changes = []
         for name, module in found.flagged.items():
             with self.working_on(name):
