@@ -84,11 +84,6 @@ def _rewrite(
         notes.insert(0, WITHOUT_INPUTS_NOTE)
     if out_of_place is not None:
         notes += _out_of_place_notes(result.changes, out_of_place.left)
-        if inputs is None:
-            notes.append(
-                "no example inputs: every inplace=True flag was turned off, but in-place operations in forward code "
-                "(`out += identity`) were not searched, so Opacus' hooks mode may still fail on one"
-            )
     return Rewritten(
         result.model, plan, analysis.sites, analysis.findings, analysis, result.changes, timings.seconds, notes
     )
