@@ -137,7 +137,7 @@ def test_the_layering_check_sees_real_imports() -> None:
 
 # third-party training libraries: imported only by the integration named after each, so that
 # `import normswap` and everything else in it never needs them
-INTEGRATED = {"opacus": "normswap.integrations.opacus"}
+INTEGRATED = {"opacus": "normswap.integrations.opacus", "lightning": "normswap.integrations.lightning"}
 
 
 def _third_party_imports(path: Path) -> set[str]:
@@ -147,8 +147,10 @@ def _third_party_imports(path: Path) -> set[str]:
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
             names.add(node.module.split(".")[0])
-        elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "require":
-            names.update(a.value for a in node.args[:1] if isinstance(a, ast.Constant) and isinstance(a.value, str))
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "require":
+            names.update(
+                a.value.split(".")[0] for a in node.args[:1] if isinstance(a, ast.Constant) and isinstance(a.value, str)
+            )
     return names
 
 

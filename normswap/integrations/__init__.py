@@ -17,7 +17,13 @@ def require(library: str, integration: str) -> ModuleType:
     try:
         return importlib.import_module(library)
     except ImportError as exc:
-        raise ImportError(
-            f"normswap.integrations.{integration} needs {library}, which is not installed; "
-            f"pip install {library} (or normswap's `ecosystem` extra)."
-        ) from exc
+        raise missing(library, integration) from exc
+
+
+def missing(library: str, integration: str) -> ImportError:
+    """The error for an integration whose library is not installed."""
+    package = library.split(".")[0]
+    return ImportError(
+        f"normswap.integrations.{integration} needs {package}, which is not installed; "
+        f"pip install {package} (or normswap's `ecosystem` extra)."
+    )
