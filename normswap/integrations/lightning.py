@@ -179,10 +179,17 @@ class NormSwap(pl.Callback):
         """Before Lightning loads a checkpoint's weights: a model not yet converted gets the
         checkpoint's plan; a converted one must have been converted by that plan."""
         stored = plan_in_checkpoint(checkpoint, self.settings.attribute)
-        if stored is None:
-            return
         target = self._target(pl_module)
         applied = self._converted.get(id(target))
+        if stored is None:
+            unknown = sorted(set(checkpoint.get("state_dict", {})) - set(pl_module.state_dict()))
+            if applied is not None and unknown:
+                raise IntegrationError(
+                    f"The checkpoint holds weights of the model before conversion ({unknown[0]}, ...), which ckpt_path cannot "
+                    "resume into the converted one; load them into the module before fit (load_state_dict), and NormSwap "
+                    "converts them."
+                )
+            return
         if applied is None:
             converted = apply_plan(target, stored, inplace=True)
             self._converted[id(converted)] = stored

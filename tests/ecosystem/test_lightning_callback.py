@@ -193,6 +193,13 @@ def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, max_steps=4, callbacks=[NormSwap(to="frozen")])
     with pytest.raises(IntegrationError, match=r"trained with normswap plan \(1 × groupnorm\).*to \(1 × frozen\)"):
         trainer.fit(SmallNet(), _loader(), ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    plain = ModelCheckpoint(dirpath=tmp_path / "plain", save_last=True)  # a run without NormSwap: BatchNorm weights
+    _trainer(tmp_path, callbacks=[plain], enable_checkpointing=True).fit(SmallNet(), _loader())
+    trainer = _trainer(tmp_path, max_steps=4, callbacks=[NormSwap()])
+    with pytest.raises(
+        IntegrationError, match=r"weights of the model before conversion \(model.1.num_batches_tracked, \.\.\.\)"
+    ):
+        trainer.fit(SmallNet(), _loader(), ckpt_path=tmp_path / "plain" / "last.ckpt")
 
 
 class _AttachesLate(lightning.Callback):
