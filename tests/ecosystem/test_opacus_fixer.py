@@ -151,6 +151,31 @@ def test_a_batchnorm_with_frozen_affine_still_mixes_samples_and_validate_says_so
     assert len(errors) == 20 and "'layer1.0.bn1' mixes the samples of a batch" in " ".join(map(str, errors))
 
 
+class _TabularHead(nn.Module):
+    """BatchNorm1d over (N, C) features: Opacus' GroupNorm(gcd(32, C)) puts one value in each group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden = nn.Linear(8, 32)
+        self.norm = nn.BatchNorm1d(32)
+        self.out = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.norm(self.hidden(x))))
+
+
+@pytest.mark.parametrize("inputs", ["example-inputs", "no-inputs"])
+def test_one_dimensional_features_keep_their_information(inputs: str) -> None:
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        erased = ModuleValidator.fix(_TabularHead()).eval()(x)  # opacus#567: every sample gets the same output
+        assert erased.std(dim=0).max() < 1e-5  # (x - mean) / std of one value: zero, up to rounding
+        with normswap_opacus.install(example_inputs=x if inputs == "example-inputs" else None):
+            kept = ModuleValidator.fix(_TabularHead()).eval()(x)
+    assert kept.std(dim=0).min() > 1e-3  # the samples stay apart: the features were normalized, not erased
+
+
 class _Tagger(nn.Module):
     """An LSTM (Opacus fixes it into DPLSTM) after a BatchNorm1d over features."""
 
