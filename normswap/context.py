@@ -21,8 +21,12 @@ class Context:
     """Training / serving context.
 
     Args:
-        batch_size: training batch size per device (None: unknown).
+        batch_size: training batch size per device: the micro-batch one forward pass sees, as
+            Lightning's and Hugging Face Trainer's per-device batch size (None: unknown).
         world_size: number of data-parallel devices.
+        accumulation: gradient accumulation steps: the optimizer steps once every `accumulation`
+            micro-batches, so its batch is `batch_size * accumulation` per device; BatchNorm still
+            normalizes each micro-batch alone.
         differential_privacy: trained with DP-SGD (e.g. Opacus).
         inference_only: the model is only served, never trained again.
         finetune: fine-tuned from a pretrained checkpoint.
@@ -32,7 +36,13 @@ class Context:
     """
 
     batch_size: int | None = option(
-        None, "--batch-size", help="Training batch size per device.", config_key="batch_size", value_type=int, minimum=1
+        None,
+        "--batch-size",
+        help="Training batch size per device: the micro-batch one forward pass sees (with --accumulate N the optimizer's "
+        "batch is N times this), as Lightning's and Hugging Face Trainer's per-device batch size.",
+        config_key="batch_size",
+        value_type=int,
+        minimum=1,
     )
     world_size: int = option(
         1, "--world-size", help="Number of data-parallel devices.", config_key="world_size", value_type=int, minimum=1
@@ -64,6 +74,17 @@ class Context:
         config_key="federated",
         value_type=bool,
     )
+    accumulation: int = option(
+        1,
+        "--accumulate",
+        help="Gradient accumulation steps: the optimizer steps once every N micro-batches of --batch-size; BatchNorm still "
+        "normalizes each micro-batch alone.",
+        config_key="accumulation",
+        config_aliases=("accumulate",),
+        value_type=int,
+        minimum=1,
+        metavar="N",
+    )
     small_batch_threshold: int = option(DEFAULT_SMALL_BATCH, config_key="small_batch_threshold", value_type=int)
 
     def __post_init__(self) -> None:
@@ -76,6 +97,8 @@ class Context:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}.")
         if not _is_int(self.world_size) or self.world_size < 1:
             raise ConfigError(f"world_size must be a positive integer, got {self.world_size!r}.")
+        if not _is_int(self.accumulation) or self.accumulation < 1:
+            raise ConfigError(f"accumulation must be a positive integer, got {self.accumulation!r}.")
         if not _is_int(self.small_batch_threshold) or self.small_batch_threshold < 2:
             raise ConfigError(
                 f"small_batch_threshold must be an integer of at least 2, got {self.small_batch_threshold!r}."

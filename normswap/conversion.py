@@ -197,7 +197,9 @@ def convert(
 
     Args:
         model: the model; not modified unless `inplace=True`.
-        example_inputs: a tensor or tuple of tensors the model runs on (batch first).
+        example_inputs: a tensor or tuple of tensors the model runs on (batch first); None: the
+            model is not run, and every BatchNorm module is replaced from its constructor
+            arguments (NS205 lists them; functional calls in forward are not seen).
         to: "auto" (per site, from the findings) or a target name (`normswap.targets.choices()`);
             default: `options.to`, "auto".
         context: how the model is trained / served (drives "auto").
@@ -246,7 +248,8 @@ def convert_with(
     inplace: bool = False,
 ) -> Conversion:
     """`convert` with its settings as one object (the engine behind the API and the CLI)."""
-    materialize_lazy(model, as_input_tuple(example_inputs))  # lazy modules cannot be copied before
+    if example_inputs is not None:
+        materialize_lazy(model, as_input_tuple(example_inputs))  # lazy modules cannot be copied before
     original = copy.deepcopy(model) if inplace and calibration_data is not None else model
     freeze_costly = options.freeze_costly
     rewritten = rewrite_model(

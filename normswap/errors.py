@@ -45,3 +45,9 @@ class CalibrationError(NormswapError):
 
 class OutputError(NormswapError):
     """An output path cannot be written, or would overwrite something without --force."""
+
+
+class IntegrationError(NormswapError):
+    """normswap is used inside a training library where it cannot do its job (a Lightning
+    callback attached after the optimizers hold the BatchNorm's parameters, a checkpoint
+    trained with another plan)."""

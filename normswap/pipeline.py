@@ -24,7 +24,7 @@ from .options import option
 from .outputs import MANIFEST, check_output_dir, manifest_of, output_set, verified_outputs
 from .plan import Plan
 from .render.plot import plot_attribution, plot_available
-from .report import ConversionSection, Report, model_definition
+from .report import ConversionSection, Report, conversion_report, model_definition
 from .rewrite import apply_plan
 from .terminal import silenced, stderr_console
 from .torchutil import Timings
@@ -181,25 +181,8 @@ def convert_checkpoint(
                 else None
             )
             conversion = convert_with(module, inputs, context, options, plan=plan, calibration_data=batches)
-        section = ConversionSection(
-            conversion.plan,
-            drift=dict(conversion.drift),
-            calibration=conversion.calibration,
-            attribution=conversion.attribution,
-            healing=conversion.healing,
-        )
-        report = Report(
-            model=model_name or model.spec,
-            capture_method=conversion.capture_method,
-            context=context,
-            sites=conversion.sites,
-            findings=conversion.findings,
-            fallback_reasons=conversion.analysis.capture.fallback_reasons,
-            model_location=model_definition(factory),
-            not_fired=conversion.analysis.skipped,
-            notes=list(conversion.notes),
-            conversion=section,
-        )
+        section = ConversionSection.of(conversion)
+        report = conversion_report(model_name or model.spec, conversion, context, section, model_definition(factory))
         if job.trust_checkpoint:
             report.notes.append(
                 f"the checkpoint '{checkpoint_path}' was loaded with --trust-checkpoint: code in it was allowed to run"

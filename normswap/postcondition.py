@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from . import targets
 from .capture.tracer import BATCH_NORM_FUNCTIONS, BatchNormArgs, is_batchnorm_like
 from .errors import PlanError
-from .plan import Plan
+from .plan import Plan, PlanEntry
 from .sites import Site, SiteKind, probe
 from .targets.takeover import TakenOver
 from .torchutil import is_replacement, preserved
@@ -97,15 +97,45 @@ def batch_statistics_users(model: nn.Module, inputs: tuple, train: bool, owners:
 
 
 def check_no_batch_statistics(
-    model: nn.Module, plan: Plan, sites: Sequence[Site], inputs: tuple, original: nn.Module
+    model: nn.Module, plan: Plan, sites: Sequence[Site], inputs: tuple | None, original: nn.Module
 ) -> list[str]:
     """Raise PlanError when a site the plan made batch-independent still uses batch statistics,
     or when the converted model cannot run where `original` runs.
 
     Returns notes on what could not be checked (a forward that fails with its normalization in
-    train mode, as the original's does too, is checked per layer only).
+    train mode, as the original's does too, is checked per layer only; so is everything without
+    example inputs, `inputs=None`).
     """
     independent = {e.name: e for e in plan if e.converts and not targets.get(e.target).batch_statistics}
+    notes = _check_whole_model(model, plan, sites, inputs, original, independent) if inputs is not None else []
+    shapes = {s.name: s.probe_shape for s in sites}
+    for name, entry in independent.items():
+        if entry.kind is SiteKind.FUNCTIONAL:
+            continue
+        module = model.get_submodule(name)
+        if isinstance(module, TakenOver):  # a subclass whose normalization was taken over
+            behaviour = probe(module, shapes.get(name))
+            if behaviour.batch_dependent_train or behaviour.batch_dependent_eval:
+                mode = "train" if behaviour.batch_dependent_train else "eval"
+                _refuse(
+                    name,
+                    entry.target,
+                    mode,
+                    "computes batch statistics without a batch_norm call normswap can take over",
+                )
+    return notes
+
+
+def _check_whole_model(
+    model: nn.Module,
+    plan: Plan,
+    sites: Sequence[Site],
+    inputs: tuple,
+    original: nn.Module,
+    independent: dict[str, PlanEntry],
+) -> list[str]:
+    """The converted model run whole, norms in train mode, then in eval mode (see
+    check_no_batch_statistics); returns what could not be checked."""
     notes: list[str] = []
     owners = sorted({s.owner for s in sites if s.kind is SiteKind.FUNCTIONAL and s.owner})
     for train in (True, False):
@@ -126,21 +156,6 @@ def check_no_batch_statistics(
                     independent[site].target,
                     "train" if train else "eval",
                     "calls batch_norm with batch statistics",
-                )
-    shapes = {s.name: s.input_shape for s in sites}
-    for name, entry in independent.items():
-        if entry.kind is SiteKind.FUNCTIONAL:
-            continue
-        module = model.get_submodule(name)
-        if isinstance(module, TakenOver):  # a subclass whose normalization was taken over
-            behaviour = probe(module, shapes.get(name))
-            if behaviour.batch_dependent_train or behaviour.batch_dependent_eval:
-                mode = "train" if behaviour.batch_dependent_train else "eval"
-                _refuse(
-                    name,
-                    entry.target,
-                    mode,
-                    "computes batch statistics without a batch_norm call normswap can take over",
                 )
     return notes
 

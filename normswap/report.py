@@ -23,6 +23,7 @@ from .sites import Site
 from .source import SourceLocation, relative_path
 
 if TYPE_CHECKING:  # the fix package sits above the report (it lints models itself)
+    from .conversion import Conversion
     from .fix import SourceFixes
 
 FAIL_ON = ("error", "warning", "info", "never")
@@ -65,6 +66,17 @@ class ConversionSection:
     healing: HealResult | None = None
     outputs: dict[str, str] = field(default_factory=dict)  # what -> path
     manifest: dict[str, str] = field(default_factory=dict)  # output file -> sha256
+
+    @classmethod
+    def of(cls, conversion: Conversion) -> ConversionSection:
+        """What `convert` did (no validation or outputs yet)."""
+        return cls(
+            conversion.plan,
+            drift=dict(conversion.drift),
+            calibration=conversion.calibration,
+            attribution=conversion.attribution,
+            healing=conversion.healing,
+        )
 
 
 @dataclass
@@ -156,3 +168,26 @@ def model_definition(obj: object) -> SourceLocation | None:
     if filename is None:
         return None
     return SourceLocation(relative_path(os.path.abspath(filename)), max(line, 1), "")
+
+
+def conversion_report(
+    model: str,
+    conversion: Conversion,
+    context: Context,
+    section: ConversionSection,
+    model_location: SourceLocation | None = None,
+) -> Report:
+    """The Report of one `convert` (`section`: `ConversionSection.of(conversion)`, which whoever
+    validates the export or writes files adds to)."""
+    return Report(
+        model=model,
+        capture_method=conversion.capture_method,
+        context=context,
+        sites=conversion.sites,
+        findings=conversion.findings,
+        fallback_reasons=conversion.analysis.capture.fallback_reasons,
+        model_location=model_location,
+        not_fired=conversion.analysis.skipped,
+        notes=list(conversion.notes),
+        conversion=section,
+    )

@@ -50,12 +50,13 @@ def rewrite_model(
     """Analyse `model`, plan (or take `plan`), rewrite, and check the post-condition: `convert`
     without calibration (see there for the arguments)."""
     require_module(model, "convert")
+    inputs = None if example_inputs is None else as_input_tuple(example_inputs)
     with gc_paused():
-        return _rewrite(model, as_input_tuple(example_inputs), context or Context(), request, plan, inplace)
+        return _rewrite(model, inputs, context or Context(), request, plan, inplace)
 
 
 def _rewrite(
-    model: nn.Module, inputs: tuple, context: Context, request: PlanRequest, plan: Plan | None, inplace: bool
+    model: nn.Module, inputs: tuple | None, context: Context, request: PlanRequest, plan: Plan | None, inplace: bool
 ) -> Rewritten:
     timings = Timings()
     with timings.measure("copy"):
@@ -81,11 +82,20 @@ def _rewrite(
     with timings.measure("postcondition"):
         notes = check_no_batch_statistics(result.model, plan, analysis.sites, inputs, model)
         notes += check_kept_function(result.model, plan, analysis.sites, replaced)
+    if inputs is None:
+        notes.insert(0, WITHOUT_INPUTS_NOTE)
     if out_of_place is not None:
         notes += _out_of_place_notes(result.changes, out_of_place.left)
     return Rewritten(
         result.model, plan, analysis.sites, analysis.findings, analysis, result.changes, timings.seconds, notes
     )
+
+
+WITHOUT_INPUTS_NOTE = (
+    "no example inputs: the model was not run, so every BatchNorm module was replaced from its constructor arguments "
+    "(NS205), functional batch_norm calls in forward were not seen, and each converted layer was checked alone; "
+    "pass example inputs to have them seen and checked"
+)
 
 
 def _out_of_place_notes(changes: list[str], left: list[str]) -> list[str]:

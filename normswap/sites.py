@@ -83,6 +83,9 @@ class Site:
     # a subclass whose forward computes more than torch's BatchNorm of its own tensors (an
     # activation, dropout, any submodule): measured by the probe, in this process
     adds_to_batchnorm: bool = False
+    # the input rank its torch BatchNorm class takes (BatchNorm2d: 4; BatchNorm1d: 3, of its 2 or 3;
+    # SyncBatchNorm: 4, of any), to run a layer the example did not reach; None: not a torch BatchNorm
+    class_rank: int | None = None
 
     def __post_init__(self) -> None:
         self.kind = SiteKind(self.kind)  # a plain string from an API caller becomes the enum
@@ -122,6 +125,15 @@ class Site:
         for d in self.input_shape[2:]:
             size *= d
         return size
+
+    @property
+    def probe_shape(self) -> tuple[int, ...] | None:
+        """An input shape to run the layer alone on: the captured one, else, for a layer the
+        example did not reach, one its torch BatchNorm class takes ((2, C, 4, 4) for a 2d one);
+        None when neither is known."""
+        if self.input_shape is not None or self.num_features is None or self.class_rank is None:
+            return self.input_shape
+        return (2, self.num_features, *(4,) * (self.class_rank - 2))
 
     @property
     def location(self) -> SourceLocation | None:
@@ -235,16 +247,17 @@ def _unreached_sites(model: nn.Module, modules: dict[str, nn.Module], called: se
         if any(name.startswith(f"{other}.") for other in called):
             continue  # part of a called BatchNorm-like module
         fields = _module_fields(model, module, name, None)
-        unreached.append(
-            Site(
-                **fields,
-                input_shape=None,
-                call_count=0,
-                batch_dependent_train=True,
-                batch_dependent_eval=not fields["track_running_stats"],
-                notes=["not reached by the example inputs"],
-            )
+        site = Site(
+            **fields,
+            input_shape=None,
+            call_count=0,
+            batch_dependent_train=True,
+            batch_dependent_eval=not fields["track_running_stats"],
+            notes=["not reached by the example inputs"],
         )
+        if site.overrides_forward:  # a subclass computing its statistics by hand is refused by name at planning
+            site.normalizes_by_hand = probe(module, site.probe_shape).normalizes_by_hand
+        unreached.append(site)
     return unreached
 
 
@@ -286,6 +299,7 @@ def _module_fields(
         and getattr(module_class(module), "forward", None) is not _BatchNorm.forward,
         "hooked": bool(module._forward_hooks or module._forward_pre_hooks),
         "torch_base": torch_base(module_class(module)).__name__ if is_bn else "",
+        "class_rank": _class_rank(module),
         "submodules": tuple(
             f"{child} ({type(m).__name__})" for child, m in module.named_children() if child != "parametrizations"
         )
@@ -313,6 +327,12 @@ def _module_site(model: nn.Module, module: nn.Module, name: str, calls: list[Bat
         if not site.batch_dependent:
             site.notes.append("output of each sample does not depend on the rest of the batch (a fixed affine)")
     return site
+
+
+def _class_rank(module: nn.Module) -> int | None:
+    """See Site.class_rank."""
+    ranks = ((nn.BatchNorm1d, 3), (nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5), (nn.SyncBatchNorm, 4))
+    return next((rank for cls, rank in ranks if isinstance(module, cls)), None)
 
 
 def _num_features(module: nn.Module, input_shape: tuple[int, ...] | None) -> int | None:

@@ -12,12 +12,18 @@ issue 828). One forward pass finds each such operation and the module running it
   graph, in which the operation is out-of-place (an `fx.GraphModule` with the same submodules,
   parameters and state_dict keys), when the value it modified is used nowhere else.
 
-What it cannot make out-of-place is reported, so a user knows before training.
+What it cannot make out-of-place is reported, so a user knows before training. Without example
+inputs nothing runs: every `inplace` flag is turned off (which ones follow a hooked layer is not
+known), and each module's forward source is read for in-place statements on what a trainable
+submodule returned (`out += identity`); such a module is replaced by its graph as above.
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
 import operator
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +107,76 @@ def find_in_place(model: nn.Module, inputs: tuple) -> _Found:
     return found
 
 
+def find_in_place_statically(model: nn.Module) -> _Found:
+    """Without a forward pass: every `inplace` flag that is on, and each module whose forward
+    source modifies in place a value one of its trainable submodules returned (`out += identity`
+    after `out = self.bn2(out)`), which Opacus' hooks hand on as a view."""
+    found = _Found(flagged={name: m for name, m in model.named_modules() if getattr(m, "inplace", None) is True})
+    for name, module in model.named_modules():
+        statement = _in_place_in_source(module)
+        if statement is not None:
+            found.owners[name] = f"`{statement}`"
+    return found
+
+
+def _in_place_in_source(module: nn.Module) -> str | None:
+    """The first statement of `module`'s own forward that modifies in place a name assigned from a
+    call of a submodule with trainable parameters (read flow-insensitively from the source:
+    conservative); None when there is none, or no source."""
+    trainable = {n for n, child in module.named_children() if any(p.requires_grad for p in child.parameters())}
+    forward = getattr(type(module), "forward", None)
+    if not trainable or forward is None or getattr(forward, "__module__", "").startswith("torch."):
+        return None
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, SyntaxError):  # no Python source to read (built, compiled): not searched
+        return None
+    returned = {
+        target.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and _calls_submodule(node.value, trainable)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name) and node.target.id in returned:
+            return ast.unparse(node)
+        if not isinstance(node, ast.Call):
+            continue
+        method = node.func
+        if (  # out.add_(identity), out.relu_()
+            isinstance(method, ast.Attribute)
+            and method.attr.endswith("_")
+            and not method.attr.startswith("_")
+            and isinstance(method.value, ast.Name)
+            and method.value.id in returned
+        ):
+            return ast.unparse(node)
+        if (  # F.relu(out, inplace=True)
+            any(
+                k.arg == "inplace" and isinstance(k.value, ast.Constant) and k.value.value is True
+                for k in node.keywords
+            )
+            and node.args
+            and isinstance(node.args[0], ast.Name)
+            and node.args[0].id in returned
+        ):
+            return ast.unparse(node)
+    return None
+
+
+def _calls_submodule(expression: ast.expr, names: set[str]) -> bool:
+    """Whether `expression` calls `self.<name>(...)` for one of `names`."""
+    return any(
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "self"
+        and node.func.attr in names
+        for node in ast.walk(expression)
+    )
+
+
 def out_of_place_graph(module: nn.Module) -> fx.GraphModule | None:
     """`module` as its torch.fx graph with in-place operations made out-of-place (where the value
     they modify is used nowhere else); None when it cannot be traced or would lose state."""
@@ -133,15 +209,16 @@ def out_of_place_graph(module: nn.Module) -> fx.GraphModule | None:
 
 
 class OutOfPlaceForHooks(Pass):
-    """The pass: see the module docstring. `inputs`: the example inputs the search runs on."""
+    """The pass: see the module docstring. `inputs`: the example inputs the search runs on (None:
+    none, see there)."""
 
-    def __init__(self, inputs: tuple) -> None:
+    def __init__(self, inputs: tuple | None) -> None:
         super().__init__()
         self.inputs = inputs
         self.left: list[str] = []  # what could not be made out-of-place, for the report
 
     def call(self, model: nn.Module) -> PassResult:
-        found = find_in_place(model, self.inputs)
+        found = find_in_place_statically(model) if self.inputs is None else find_in_place(model, self.inputs)
         changes = []
         for name, module in found.flagged.items():
             with self.working_on(name):

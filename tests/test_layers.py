@@ -40,7 +40,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("normswap.loader",),
     ("normswap.checkpoint", "normswap.config", "normswap.outputs"),
     ("normswap.pipeline", "normswap.pretrained"),
-    ("normswap.cli",),
+    # the CLI, and the integrations into training libraries (each imports its library itself)
+    ("normswap.cli", "normswap.integrations"),
 )
 ROOT_MODULES = (
     "normswap",
@@ -132,6 +133,31 @@ def test_the_layering_check_sees_real_imports() -> None:
     assert "normswap.passes.replace" in GRAPH["normswap.passes.swap_modules"]
     assert "normswap.passes" in GRAPH["normswap.rewrite"]
     assert "normswap.report" not in GRAPH["normswap.render.json"]  # typed against it, under TYPE_CHECKING only
+
+
+# third-party training libraries: imported only by the integration named after each, so that
+# `import normswap` and everything else in it never needs them
+INTEGRATED = {"opacus": "normswap.integrations.opacus", "lightning": "normswap.integrations.lightning"}
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "require":
+            names.update(
+                a.value.split(".")[0] for a in node.args[:1] if isinstance(a, ast.Constant) and isinstance(a.value, str)
+            )
+    return names
+
+
+@pytest.mark.parametrize("library", sorted(INTEGRATED))
+def test_a_training_library_is_imported_only_by_its_integration(library: str) -> None:
+    importers = sorted(module for module, path in MODULES.items() if library in _third_party_imports(path))
+    assert importers == [INTEGRATED[library]]
 
 
 def test_no_import_cycle() -> None:

@@ -41,7 +41,11 @@ def test_every_click_option_is_a_declared_option_and_back(command: str) -> None:
     ("cls", "field", "expected_help"),
     [
         (ConvertOptions, "max_groups", "Largest GroupNorm group count."),
-        (Context, "batch_size", "Training batch size per device."),
+        (
+            Context,
+            "accumulation",
+            "Gradient accumulation steps: the optimizer steps once every N micro-batches of --batch-size; BatchNorm still normalizes each micro-batch alone.",
+        ),
     ],
 )
 def test_help_comes_from_the_declaration(cls: type, field: str, expected_help: str) -> None:
@@ -94,6 +98,7 @@ def test_every_configuration_key_is_read(tmp_path: Path, monkeypatch: pytest.Mon
     values = {
         "batch_size": "2",
         "world_size": "4",
+        "accumulation": "2",
         "differential_privacy": "true",
         "inference_only": "false",
         "finetune": "true",
@@ -113,6 +118,7 @@ def test_every_configuration_key_is_read(tmp_path: Path, monkeypatch: pytest.Mon
     assert config.context == Context(
         batch_size=2,
         world_size=4,
+        accumulation=2,
         differential_privacy=True,
         finetune=True,
         sequence=True,

@@ -1,5 +1,6 @@
 """Capture a model's BatchNorm calls with the first strategy that works: torch.fx symbolic
-tracing, then torch.export, then forward hooks (see `STRATEGIES`).
+tracing, then torch.export, then forward hooks (see `STRATEGIES`); without example inputs,
+nothing runs ("modules": discovery judges every BatchNorm module from its constructor arguments).
 
 Capture never mutates the user's model: training flags, attributes set in forward and buffers
 (running statistics) are restored afterwards.
@@ -31,15 +32,21 @@ STRATEGIES: tuple[tuple[str, Strategy], ...] = (
     ("hooks", capture_hooks),
 )
 METHODS = tuple(name for name, _ in STRATEGIES)
+WITHOUT_INPUTS = "modules"  # the method a capture without example inputs reports
 
 
 def capture(model: nn.Module, example_inputs: Any, *, methods: Sequence[str] = METHODS) -> Capture:
     """Observe every BatchNorm call of `model` on `example_inputs`, with the first method that works.
 
+    `example_inputs=None` runs nothing: no call is observed, so every BatchNorm module is an
+    unreached site, judged from its constructor arguments (functional calls stay unseen).
+
     Raises:
         CaptureError: the model cannot run on the example inputs at all.
     """
     require_module(model, "capture")
+    if example_inputs is None:
+        return Capture(WITHOUT_INPUTS, [])
     inputs = as_input_tuple(example_inputs)
     _check_arity(model, inputs)
     reasons: list[str] = []
@@ -74,4 +81,4 @@ def _check_arity(model: nn.Module, inputs: tuple) -> None:
         ) from None
 
 
-__all__ = ["METHODS", "STRATEGIES", "BatchNormCall", "Capture", "capture", "run_eagerly"]
+__all__ = ["METHODS", "STRATEGIES", "WITHOUT_INPUTS", "BatchNormCall", "Capture", "capture", "run_eagerly"]

@@ -101,5 +101,16 @@ class Rule:
         return Remedy(target, targets.get(target).keeps_function, f"replace with {target}: {why}")
 
 
+def accumulated_batch(context: Context) -> str:
+    """What gradient accumulation changes and what it does not ("" without accumulation): BatchNorm
+    normalizes each micro-batch of `batch_size`, not the optimizer's batch (pytorch/pytorch#46516)."""
+    if context.accumulation == 1 or context.batch_size is None:
+        return ""
+    return (
+        f"gradient accumulation over {context.accumulation} steps makes the optimizer's batch "
+        f"{context.batch_size * context.accumulation} per device, but not BatchNorm's"
+    )
+
+
 def shape_text(site: Site) -> str:
     return "(" + ", ".join(str(d) for d in site.input_shape) + ")" if site.input_shape else "(unknown shape)"

@@ -4,25 +4,30 @@ from __future__ import annotations
 
 from ..context import Context
 from ..sites import Site
-from .base import Finding, FixSafety, Rule, Severity, Skip
+from .base import Finding, FixSafety, Rule, Severity, Skip, accumulated_batch
 
 
 class SmallBatch(Rule):
     """## What it does
     Flags every batch-dependent BatchNorm when the per-device training batch (`--batch-size`,
-    `batch_size` in `[tool.normswap]`) is below the threshold (16 by default).
+    `batch_size` in `[tool.normswap]`) is below the threshold (16 by default). With gradient
+    accumulation (`--accumulate N`) it judges the micro-batch one forward pass sees, which is what
+    BatchNorm normalizes, not the optimizer's batch of N micro-batches.
 
     ## Why is this bad?
     Batch statistics of a few samples are noisy estimates; the error grows quickly as the batch
     shrinks. Wu & He report ResNet-50 on ImageNet at 2 images per GPU: 34.7% top-1 error with
     BatchNorm against 24.1% with GroupNorm, whose error does not depend on the batch size.
-    Detection, segmentation, video and 3D models usually train this way.
+    Detection, segmentation, video and 3D models usually train this way. Gradient accumulation
+    restores the optimizer's batch but not BatchNorm's: each micro-batch is still normalized with
+    its own statistics.
 
     ## Example
     ```toml
     [tool.normswap]
     batch_size = 2
     ```
+    or `--batch-size 4 --accumulate 8`: the optimizer sees 32 samples per step, BatchNorm 4.
 
     ## Fix safety
     Unsafe: GroupNorm (feature maps) or LayerNorm (features) change the function. For fine-tuning
@@ -31,6 +36,7 @@ class SmallBatch(Rule):
     ## References
     - Wu & He. Group Normalization. ECCV 2018, Figure 1 and Table 2.
     - Ioffe. Batch Renormalization. NeurIPS 2017.
+    - pytorch/pytorch#46516 and Lightning-AI/pytorch-lightning#17446: BatchNorm under gradient accumulation.
     """
 
     code = "NS103"
@@ -64,9 +70,11 @@ class SmallBatch(Rule):
             if rows > 1
             else ""
         )
+        accumulated = accumulated_batch(context)
+        samples = f"micro-batches of {context.batch_size}" if accumulated else str(context.batch_size)
         return self.finding(
             site,
-            f"'{site.name}' estimates its statistics from {context.batch_size} sample(s) per device{flattened} "
-            f"(threshold {context.small_batch_threshold}); they will be noisy.",
+            f"'{site.name}' estimates its statistics from {samples} sample(s) per device{flattened} "
+            f"(threshold {context.small_batch_threshold}); {f'{accumulated}, so ' if accumulated else ''}they will be noisy.",
             self.natural_remedy(site, context),
         )

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from ..context import Context
 from ..sites import Site
-from .base import Finding, FixSafety, Rule, Severity, Skip, shape_text
+from .base import Finding, FixSafety, Rule, Severity, Skip, accumulated_batch, shape_text
 
 
 class BatchOfOne(Rule):
     """## What it does
     Flags BatchNorm over (N, C) features (one value per channel and sample) when training uses a
-    batch of one per device.
+    batch of one per device; with gradient accumulation (`--accumulate N`), a micro-batch of one,
+    whatever the optimizer's batch.
 
     ## Why is this bad?
     With one value per channel the batch variance is undefined; PyTorch raises
@@ -49,8 +50,10 @@ class BatchOfOne(Rule):
                 f"input {shape_text(site)} holds {rows} rows per sample of the model's batch (dim 0 is not the batch, "
                 f"e.g. a flattened sequence): a batch of one still gives {rows} values per channel"
             )
+        accumulated = accumulated_batch(context)
         return self.finding(
             site,
-            f"'{site.name}' sees one value per channel at batch size 1 (input {shape_text(site)}): training raises ValueError.",
+            f"'{site.name}' sees one value per channel at {'a micro-batch of' if accumulated else 'batch size'} 1 "
+            f"(input {shape_text(site)}): training raises ValueError{f'; {accumulated}' if accumulated else ''}.",
             self.natural_remedy(site, context),
         )
