@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from . import targets
 from .analysis import Analysis, analyze
 from .capture.tracer import trace
 from .context import Context
@@ -81,6 +82,8 @@ def _rewrite(
         notes = check_no_batch_statistics(result.model, plan, analysis.sites, inputs, model)
     if out_of_place is not None:
         notes += _out_of_place_notes(result.changes, out_of_place.left)
+    if inplace:
+        notes += _absorbed_parameter_notes(plan)
     return Rewritten(
         result.model, plan, analysis.sites, analysis.findings, analysis, result.changes, timings.seconds, notes
     )
@@ -98,6 +101,18 @@ def _out_of_place_notes(changes: list[str], left: list[str]) -> list[str]:
         for item in left
     ]
     return notes
+
+
+def _absorbed_parameter_notes(plan: Plan) -> list[str]:
+    """In place, the replacements own the BatchNorms' Parameter objects, except where a target
+    moves the affine into another layer (fold): there an optimizer built before loses them."""
+    return [
+        f"{entry.name}: folded into '{entry.params['into']}': its weight and bias Parameters leave the model (their values "
+        f"now scale '{entry.params['into']}'.weight and shift its bias, a new Parameter where it had none), so an optimizer "
+        "or EMA built before convert(inplace=True) trains nothing in their place; build it after the conversion"
+        for entry in plan
+        if entry.converts and targets.get(entry.target).absorbs_affine
+    ]
 
 
 def default_passes(plan: Plan) -> list[Pass]:

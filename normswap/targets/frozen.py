@@ -28,8 +28,8 @@ from .base import (
     Target,
     carry_affine,
     common_params,
-    copy_tensors,
     factory,
+    hand_over,
     param,
     require_channels,
     set_attributes,
@@ -123,7 +123,7 @@ class FrozenTarget(Target[FrozenParams]):
 
     def module(self, bn: _BatchNorm, params: FrozenParams) -> nn.Module:
         new = FrozenBatchNorm(params.num_features, eps=params.eps, affine=params.affine, **factory(bn))
-        copy_tensors(bn, new, ("running_mean", "running_var"))
+        hand_over(bn, new, ("running_mean", "running_var"))
         return carry_affine(bn, new, trainable=False)
 
     def takeover_base(self, params: FrozenParams) -> type:

@@ -25,8 +25,8 @@ from .base import (
     Target,
     carry_affine,
     common_params,
-    copy_tensors,
     factory,
+    hand_over,
     param,
     require_channels,
     set_attributes,
@@ -114,7 +114,7 @@ class SyncBatchNormTarget(Target[SyncBatchNormParams]):
             track_running_stats=params.track_running_stats is not False,
             **factory(bn),
         )
-        copy_tensors(bn, new, ("running_mean", "running_var", "num_batches_tracked"))
+        hand_over(bn, new, ("running_mean", "running_var", "num_batches_tracked"))
         return carry_affine(bn, new)
 
     def function(self, params: SyncBatchNormParams, call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:
