@@ -10,6 +10,7 @@ from torch import nn
 
 import normswap
 from models import TimmBatchNormAct2d
+from normswap.nn import FrozenBatchNorm
 
 # (target, whether its affine keeps training)
 TRAINABLE = {"groupnorm": True, "layernorm": True, "frozen": False, "syncbn": True}
@@ -63,3 +64,34 @@ def test_fold_in_place_says_the_batchnorm_parameters_leave_the_model() -> None:
     [note] = [n for n in conversion.notes if "folded into" in n]
     assert note.startswith("1: folded into '0'") and "build it after the conversion" in note
     assert not [n for n in normswap.convert(_conv_bn().eval(), _x(model), to="fold").notes if "folded into" in n]
+
+
+def test_frozen_batchnorm_loads_a_batchnorm_checkpoint() -> None:
+    """What `lint --fix` writes (normswap.nn.FrozenBatchNorm) loads the user's pretrained BatchNorm
+    weights as they are: the step counter is dropped, as torchvision's FrozenBatchNorm2d does."""
+    trained = _conv_bn().train()
+    trained(_x(trained))  # running statistics away from (0, 1), a step counted
+    fixed = _conv_bn()
+    fixed[1] = FrozenBatchNorm(8)
+    fixed.load_state_dict(trained.state_dict())
+    assert torch.equal(fixed[1].running_var, trained[1].running_var) and "num_batches_tracked" not in dict(
+        fixed[1].named_buffers()
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(fixed.eval()(_x(trained)), trained.eval()(_x(trained)), rtol=0, atol=0)
+
+
+def test_frozen_batchnorm_still_refuses_a_checkpoint_that_does_not_fit() -> None:
+    state = nn.BatchNorm2d(8).state_dict()
+    state["extra"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "extra"'):
+        FrozenBatchNorm(8).load_state_dict(state)
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "running_var"'):
+        FrozenBatchNorm(8).load_state_dict({k: v for k, v in state.items() if k != "running_var"})
+
+
+def test_a_frozen_subclass_loads_the_subclass_checkpoint() -> None:
+    original = _conv_bn(subclass=True).train()
+    original(_x(original))
+    converted = normswap.convert(original.eval(), _x(original), to="frozen").model
+    converted.load_state_dict(original.state_dict())  # num_batches_tracked included

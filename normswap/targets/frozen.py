@@ -91,6 +91,23 @@ class FrozenBatchNorm(Replacement, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return frozen_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
 
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # a BatchNorm checkpoint loads as it is: its step counter means nothing once frozen
+        # (torchvision's FrozenBatchNorm2d drops it the same way)
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
 
