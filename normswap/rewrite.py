@@ -16,7 +16,14 @@ from .analysis import Analysis, analyze
 from .capture.tracer import trace
 from .context import Context
 from .errors import CaptureError, PlanError
-from .passes import OutOfPlaceForHooks, Pass, PassManager, RewriteFunctionalBatchNorm, SwapBatchNormModules
+from .passes import (
+    ContiguousGradients,
+    OutOfPlaceForHooks,
+    Pass,
+    PassManager,
+    RewriteFunctionalBatchNorm,
+    SwapBatchNormModules,
+)
 from .plan import Plan
 from .policy import PlanRequest, resolve_plan
 from .postcondition import check_no_batch_statistics
@@ -77,7 +84,9 @@ def _rewrite(
             target = graph_module
         passes = default_passes(plan)
         out_of_place = OutOfPlaceForHooks(inputs) if context.differential_privacy else None
-        result = PassManager([*passes, out_of_place] if out_of_place is not None else passes)(target)
+        if out_of_place is not None:
+            passes += [out_of_place, ContiguousGradients()]
+        result = PassManager(passes)(target)
     with timings.measure("postcondition"):
         notes = check_no_batch_statistics(result.model, plan, analysis.sites, inputs, model)
     if out_of_place is not None:

@@ -4,13 +4,21 @@ AD and eager quantization. The same on the real libraries runs in tests/ecosyste
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
+import warnings
+
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import nn
 
 import normswap
-from models import TimmBatchNormAct2d
-from normswap.nn import FrozenBatchNorm
+import normswap.nn as normswap_nn
+from models import FunctionalBN, SubclassBN, TimmBatchNormAct2d
+from normswap.nn import ChannelLayerNorm, FrozenBatchNorm, GroupNormBN
 
 # (target, whether its affine keeps training)
 TRAINABLE = {"groupnorm": True, "layernorm": True, "frozen": False, "syncbn": True}
@@ -95,3 +103,216 @@ def test_a_frozen_subclass_loads_the_subclass_checkpoint() -> None:
     original(_x(original))
     converted = normswap.convert(original.eval(), _x(original), to="frozen").model
     converted.load_state_dict(original.state_dict())  # num_batches_tracked included
+
+
+# --- TorchScript, torch.fx, forward-mode AD ------------------------------------------------------
+
+
+class _Sequence(nn.Module):
+    """BatchNorm1d over (N, C, L): a channel LayerNorm at every time step under layernorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv1d(4, 8, 3), nn.BatchNorm1d(8), nn.Conv1d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))))
+
+
+def _helper_batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.training, 0.1, bn.eps)
+
+
+class _HelperBatchNorm(nn.BatchNorm2d):
+    """A subclass whose batch_norm call is in a helper of this module: invisible to the source rewrite."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(_helper_batch_norm(x, self))
+
+
+MODELS = {
+    "conv": (_conv_bn, (4, 3, 16, 16)),
+    "mlp": (_mlp, (4, 6)),
+    "sequence": (_Sequence, (4, 4, 12)),
+    "timm-subclass": (lambda: _conv_bn(subclass=True), (4, 3, 16, 16)),
+    "super-subclass": (SubclassBN, (4, 3, 16, 16)),  # super().forward(x): TorchScript has no super()
+    "functional": (FunctionalBN, (4, 3, 16, 16)),  # rewritten in an fx.GraphModule
+}
+TARGETS = ("groupnorm", "layernorm", "frozen", "fold", "syncbn")
+TOOLS = ("script", "trace", "fx", "forward AD")  # script and trace include jit.save and jit.load
+
+
+def _built(name: str, seed: int = 0) -> nn.Module:
+    build, _ = MODELS[name]
+    torch.manual_seed(seed)
+    model = build().train()
+    with torch.no_grad():
+        model(_input(name) * 2 + 0.5)  # running statistics away from (0, 1)
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def _input(name: str) -> torch.Tensor:
+    return torch.randn(MODELS[name][1], generator=torch.Generator().manual_seed(1))
+
+
+_CONVERTED: dict[tuple[str, str], nn.Module] = {}
+
+
+def _converted(name: str, target: str) -> nn.Module:
+    if (name, target) not in _CONVERTED:
+        _CONVERTED[name, target] = normswap.convert(_built(name), _input(name), to=target).model
+    return _CONVERTED[name, target]
+
+
+def _expected_to_work(name: str, target: str, tool: str) -> bool:
+    """Where the torch layer a replacement stands for works: TorchScript has no `super()`, torch's
+    own SyncBatchNorm does not script (a subclass computing batch_norm itself does), and its
+    forward branches on the input's rank, which torch.fx cannot follow (BatchNorm2d.forward, which
+    the original subclass reaches, neither)."""
+    if tool == "script":
+        return name != "super-subclass" and (target != "syncbn" or name == "timm-subclass")
+    return tool != "fx" or not (name == "super-subclass" and target == "syncbn")
+
+
+def _through(tool: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's output on `x` through `tool` (forward AD: the tangent along a fixed direction);
+    a trace is recorded on other inputs, so a branch it froze shows."""
+    if tool in ("script", "trace"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # torch's nn.GroupNorm warns too
+            compiled = torch.jit.script(model) if tool == "script" else torch.jit.trace(model, -x)
+        buffer = io.BytesIO()
+        torch.jit.save(compiled, buffer)
+        buffer.seek(0)
+        return torch.jit.load(buffer)(x)
+    if tool == "fx":
+        return torch.fx.symbolic_trace(model)(x)
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(model(fwAD.make_dual(x, direction))).tangent
+
+
+def _reference(tool: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Eager PyTorch; for forward AD, the same directional derivative by reverse mode (double
+    backward), an independent computation."""
+    if tool != "forward AD":
+        return model(x)
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    return torch.autograd.functional.jvp(model, x, direction)[1]
+
+
+# fold is inference only (its train mode is its eval mode); syncbn replaces only modules
+CASES = [
+    (name, target, mode)
+    for name in MODELS
+    for target in TARGETS
+    for mode in ("eval", "train")
+    if not (target == "fold" and mode == "train") and not (target == "syncbn" and name == "functional")
+]
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+@pytest.mark.parametrize(("name", "target", "mode"), CASES, ids=["-".join(case) for case in CASES])
+def test_every_target_scripts_traces_fx_traces_and_differentiates_forward(
+    name: str, target: str, mode: str, tool: str
+) -> None:
+    model, x = _converted(name, target).train(mode == "train"), _input(name)
+    if not _expected_to_work(name, target, tool):
+        with pytest.raises(Exception):  # noqa: B017 - torch's own error: the torch layer fails the same way
+            _through(tool, model, x)
+        return
+    _compare(tool, model, x)
+
+
+def _compare(tool: str, model: nn.Module, x: torch.Tensor) -> None:
+    """The tool's result against eager PyTorch's, each run from the same state (a train-mode run
+    may update running statistics)."""
+    with torch.no_grad() if tool != "forward AD" else contextlib.nullcontext():
+        state = copy.deepcopy(model.state_dict())
+        expected = _reference(tool, model, x).detach()
+        model.load_state_dict(state)
+        actual = _through(tool, model, x)
+        model.load_state_dict(state)
+    # float32 kernels TorchScript or FX may pick differently: a few ulp of the output's scale
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+class _HelperNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 16, 3), _HelperBatchNorm(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def test_a_subclass_whose_batch_norm_call_the_rewrite_cannot_see_runs_eagerly_and_refuses_scripting() -> None:
+    model = _HelperNet().eval()
+    x = _input("conv")
+    converted = normswap.convert(model, x, to="groupnorm").model
+    layer = converted.bn
+    assert isinstance(layer, nn.GroupNorm)
+    with torch.no_grad():
+        reference = nn.GroupNorm(layer.num_groups, 16, eps=layer.eps)
+        reference.load_state_dict({"weight": layer.weight, "bias": layer.bias})
+        expected = torch.relu(reference(model.conv(x)))
+        torch.testing.assert_close(converted(x), expected)  # computed by the target at run time
+        torch.testing.assert_close(torch.jit.trace(converted, -x)(x), expected)
+    with pytest.raises(normswap.NormswapError, match=r"cannot be scripted: .*_helper_batch_norm.*torch\.jit\.trace"):
+        torch.jit.script(converted)
+
+
+PUBLIC_LAYERS = {
+    "ChannelLayerNorm": lambda: ChannelLayerNorm(8, eps=1e-3),
+    "ChannelLayerNorm-contiguous-gradient": lambda: ChannelLayerNorm(8, contiguous_gradient=True),
+    "FrozenBatchNorm": lambda: FrozenBatchNorm(8),
+    "GroupNormBN": lambda: GroupNormBN(32, groups=4),
+    "GroupNorm": lambda: normswap_nn.GroupNorm(2, 8),
+    "LayerNorm": lambda: normswap_nn.LayerNorm(8),
+}
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+@pytest.mark.parametrize("layer", list(PUBLIC_LAYERS))
+def test_what_lint_fix_writes_scripts_traces_fx_traces_and_differentiates_forward(layer: str, tool: str) -> None:
+    module = PUBLIC_LAYERS[layer]()
+    channels = 32 if layer == "GroupNormBN" else 8
+    shape = (4, channels) if layer == "LayerNorm" else (4, channels, 5, 3)
+    with torch.no_grad():
+        for tensor in module.parameters():
+            tensor.uniform_(0.5, 1.5)
+    model = nn.Sequential(module, nn.Tanh()).eval()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    _compare(tool, model, x)
+
+
+def test_the_contiguous_gradient_form_hands_the_layer_before_a_contiguous_gradient() -> None:
+    """What Opacus' grad_sample_mode="ew" convolutions need (they `.view` their output's gradient):
+    the default form hands it back transposed; the two forms compute the same function."""
+    x = torch.randn(4, 3, 10, 10, generator=torch.Generator().manual_seed(4))
+    conv = nn.Conv2d(3, 8, 3)
+    for flag, contiguous in ((False, False), (True, True)):
+        norm = ChannelLayerNorm(8, contiguous_gradient=flag)
+        seen = []
+        y = conv(x)
+        y.register_hook(lambda grad, seen=seen: seen.append(grad.is_contiguous()))
+        norm(y).pow(2).sum().backward()
+        assert seen == [contiguous]
+    default, contiguous_form = ChannelLayerNorm(8), ChannelLayerNorm(8, contiguous_gradient=True)
+    with torch.no_grad():
+        y = conv(x) * 3 + 1
+        torch.testing.assert_close(contiguous_form(y), default(y), rtol=1e-5, atol=1e-5)  # float32 rounding
+
+
+def test_a_conversion_for_differential_privacy_asks_for_contiguous_gradients() -> None:
+    model = _built("sequence")
+    conversion = normswap.convert(
+        model, _input("sequence"), to="layernorm", context=normswap.Context(differential_privacy=True)
+    )
+    assert conversion.model.bn.contiguous_gradient
+    assert "bn: channel LayerNorm -> contiguous_gradient=True (Opacus' ew mode)" in conversion.changes
+    assert not normswap.convert(model, _input("sequence"), to="layernorm").model.bn.contiguous_gradient

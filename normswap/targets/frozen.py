@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -61,10 +61,11 @@ class FrozenBatchNorm(Replacement, nn.Module):
     here; `track_running_stats` must be true: the statistics are the function).
     """
 
-    weight: nn.Parameter | None
-    bias: nn.Parameter | None
-    running_mean: torch.Tensor
-    running_var: torch.Tensor
+    if TYPE_CHECKING:  # for type checkers only: TorchScript cannot read these annotations
+        weight: nn.Parameter | None
+        bias: nn.Parameter | None
+        running_mean: torch.Tensor
+        running_var: torch.Tensor
 
     def __init__(
         self,
@@ -116,6 +117,22 @@ class FrozenTakeover(TakenOver, FrozenBatchNorm):
     """Where torch's BatchNorm was in a taken-over subclass: a frozen BatchNorm (timm's `FrozenBatchNormAct2d` shape)."""
 
     label = "FrozenBatchNorm"
+
+    def normswap_normalize(
+        self,
+        input: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+    ) -> torch.Tensor:
+        # a subclass that passes no statistics (in training) still owns them: they are the function
+        mean = self.running_mean if running_mean is None else running_mean
+        var = self.running_var if running_var is None else running_var
+        return frozen_batch_norm(input, mean, var, weight, bias, self.eps)
 
 
 @dataclass(frozen=True, kw_only=True)

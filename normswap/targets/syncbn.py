@@ -75,6 +75,26 @@ class SyncTakeover(TakenOver, nn.SyncBatchNorm):
 
     label = "SyncBatchNorm"
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.SyncBatchNorm.forward(self, x)  # BatchNorm's semantics, synchronised
+
+    def normswap_normalize(
+        self,
+        input: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+    ) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript has no process group: a plain BatchNorm
+            y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        else:
+            y = sync_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return y
+
 
 @dataclass(frozen=True, kw_only=True)
 class SyncBatchNormParams(NormParams):
