@@ -316,3 +316,66 @@ def test_a_conversion_for_differential_privacy_asks_for_contiguous_gradients() -
     assert conversion.model.bn.contiguous_gradient
     assert "bn: channel LayerNorm -> contiguous_gradient=True (Opacus' ew mode)" in conversion.changes
     assert not normswap.convert(model, _input("sequence"), to="layernorm").model.bn.contiguous_gradient
+
+
+# --- eager quantization ---------------------------------------------------------------------------
+
+
+def _quantized(model: nn.Module, fuse: list[list[str]], calibration: torch.Tensor) -> nn.Module:
+    """torch's eager post-training quantization: fuse, QuantWrapper, prepare, calibrate, convert."""
+    model = copy.deepcopy(model).eval()
+    if fuse:
+        model = torch.ao.quantization.fuse_modules(model, fuse)
+    wrapped = torch.ao.quantization.QuantWrapper(model)
+    wrapped.qconfig = torch.ao.quantization.get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation of quantized tensors
+        prepared = torch.ao.quantization.prepare(wrapped)
+        with torch.no_grad():
+            prepared(calibration)
+        return torch.ao.quantization.convert(prepared)
+
+
+# (model, modules to fuse, whether torch quantizes the BatchNorm original: it has no quantized BatchNorm1d)
+QUANTIZATION = {
+    "conv-bn-relu-fused": ("conv", [["0", "1", "2"]], True),
+    "conv-bn-fused": ("conv", [["0", "1"]], True),
+    "conv-bn-alone": ("conv", [], True),
+    "linear-bn-fused": ("mlp", [["0", "1"]], True),
+    "linear-bn-alone": ("mlp", [], False),
+}
+
+
+@pytest.mark.parametrize("case", list(QUANTIZATION))
+def test_a_frozen_conversion_quantizes_as_the_batchnorm_original_does(case: str) -> None:
+    """The same quantized model as torch makes of the original: fusion folds the same statistics
+    into the same weights; a frozen layer left alone becomes a quantized batch norm like BatchNorm
+    (over (N, C) too, where torch has none for BatchNorm1d)."""
+    name, fuse, original_quantizes = QUANTIZATION[case]
+    original = _built(name)
+    x = _input(name)
+    actual = _quantized(normswap.convert(original, x, to="frozen").model, fuse, x)
+    assert not [m for m in actual.modules() if isinstance(m, FrozenBatchNorm)]
+    with torch.no_grad():
+        float_output = original(x)
+        if original_quantizes:
+            torch.testing.assert_close(actual(x), _quantized(original, fuse, x)(x), rtol=0, atol=0)  # same integers
+        else:
+            with pytest.raises(NotImplementedError):
+                _quantized(original, fuse, x)(x)
+        # a quantization of the model: within a few quantization steps of the float output
+        assert float((actual(x) - float_output).abs().max()) < 0.1 * float(float_output.abs().max())
+
+
+def test_quantization_aware_training_folds_a_frozen_layer_and_trains() -> None:
+    frozen = normswap.convert(_built("conv"), _input("conv"), to="frozen").model.train()
+    fused = torch.ao.quantization.fuse_modules_qat(frozen, [["0", "1", "2"]])
+    assert isinstance(fused[0], torch.ao.nn.intrinsic.ConvReLU2d) and isinstance(fused[1], nn.Identity)
+    fused.qconfig = torch.ao.quantization.get_default_qat_qconfig("x86")
+    prepared = torch.ao.quantization.prepare_qat(fused)
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.1)
+    before = prepared[0].weight.detach().clone()
+    prepared(_input("conv")).pow(2).mean().backward()
+    optimizer.step()
+    assert not torch.equal(prepared[0].weight, before)  # the folded convolution trains; no statistics do
+    assert not [m for m in prepared.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm))]

@@ -35,6 +35,7 @@ from .base import (
     set_attributes,
     where,
 )
+from .frozen_quantization import register_with_torch
 from .layernorm import register_affine
 from .takeover import TakenOver
 
@@ -206,3 +207,4 @@ class FrozenTarget(Target[FrozenParams]):
 
 TARGET = FrozenTarget()
 FrozenTakeover.target = TARGET
+register_with_torch(FrozenBatchNorm)  # eager quantization fuses and quantizes it as it does BatchNorm
