@@ -17,7 +17,7 @@ from .config import ModelEntry
 from .context import Context
 from .conversion import Conversion, ConvertOptions, convert_with
 from .errors import ConfigError, PlanError
-from .export import export_onnx, validate_onnx
+from .export import export_onnx_with_info, validate_onnx
 from .files import write_text_atomic
 from .loader import check_input_memory, example_inputs, load_model, model_importable
 from .options import option
@@ -241,9 +241,17 @@ def _write_outputs(
             )
     if job.onnx:
         with steps.step("export ONNX"):
-            onnx_path = export_onnx(
+            exported = export_onnx_with_info(
                 conversion.model, inputs, staging / "model.onnx", opset=job.opset, batch_inputs=job.batch_inputs
             )
+        onnx_path = exported.path
+        if exported.lowered:
+            report.notes.append(
+                f"the ONNX file was lowered to opset {exported.opset} (torch.onnx wrote a newer one): "
+                f"{', '.join(exported.lowered)}, each by its definition at that opset"
+            )
+        if exported.traced:
+            report.notes.append(exported.traced)
         section.outputs["onnx"] = str(out_dir / "model.onnx")
         if (staging / "model.onnx.data").exists():
             section.outputs["onnx_data"] = str(out_dir / "model.onnx.data")
@@ -259,6 +267,7 @@ def _write_outputs(
                     plan=conversion.plan,
                     batch_inputs=job.batch_inputs,
                     device=options.device,
+                    opset=exported.opset,
                 )
             if section.validation.drift is not None and "swap" not in section.drift:
                 section.drift = {"swap": section.validation.drift, **section.drift}
