@@ -97,6 +97,13 @@ class JobOptions:
         minimum=1,
         show_default=True,
     )
+    checkpoint_prefix: str | None = option(
+        None,
+        "--checkpoint-prefix",
+        help="Load the model stored under this key prefix of the checkpoint, one of several it holds "
+        "(e.g. 'model.' in a distillation checkpoint that also holds 'teacher.').",
+        metavar="PREFIX",
+    )
     trust_checkpoint: bool = option(
         False,
         "--trust-checkpoint",
@@ -169,7 +176,7 @@ def convert_checkpoint(
             module, factory = load_model(model.spec, model.kwargs)
             with model_importable(model.spec):  # a trusted pickled module names its class by the model's module
                 checkpoint = load_checkpoint(checkpoint_path, trust=job.trust_checkpoint)
-            module.load_state_dict(fit_to_model(checkpoint, module), strict=False)
+            module.load_state_dict(fit_to_model(checkpoint, module, job.checkpoint_prefix), strict=False)
             module.eval()
             inputs = example_inputs(model.input_shapes, seed=job.seed)
             plan = Plan.read(job.plan_path) if job.plan_path else None
