@@ -304,8 +304,16 @@ def test_the_contiguous_gradient_form_hands_the_layer_before_a_contiguous_gradie
         assert seen == [contiguous]
     default, contiguous_form = ChannelLayerNorm(8), ChannelLayerNorm(8, contiguous_gradient=True)
     with torch.no_grad():
-        y = conv(x) * 3 + 1
-        torch.testing.assert_close(contiguous_form(y), default(y), rtol=1e-5, atol=1e-5)  # float32 rounding
+        for form in (default, contiguous_form):
+            form.weight.copy_(torch.linspace(0.5, 1.5, 8))
+            form.bias.copy_(torch.linspace(-0.2, 0.2, 8))
+    y = (conv(x) * 3 + 1).detach().requires_grad_()
+    computed = []
+    for form in (default, contiguous_form):
+        out = form(y)
+        computed.append((out, *torch.autograd.grad(out.pow(2).sum(), (y, form.weight, form.bias))))
+    for actual, expected in zip(computed[1], computed[0], strict=True):  # the output, d/dx, d/dweight, d/dbias
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-4)  # float32 rounding of sums over 256 values
 
 
 def test_a_conversion_for_differential_privacy_asks_for_contiguous_gradients() -> None:
