@@ -159,22 +159,30 @@ def _find_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str
     )
 
 
-def fit_to_model(checkpoint: Checkpoint, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors renamed to `model`'s keys (stripping a data-parallel / Lightning
-    prefix when that makes them fit), checked key by key and shape by shape.
+def fit_to_model(checkpoint: Checkpoint, model: nn.Module, prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors renamed to `model`'s keys (stripping data-parallel, Lightning and
+    torch.compile prefixes, stacked too: `module._orig_mod.`, when that makes them fit), checked key
+    by key and shape by shape.
+
+    Args:
+        prefix: take only the tensors under this key prefix (one model of a checkpoint holding
+            several, e.g. "model." beside "teacher."), then strip it.
 
     Raises:
-        CheckpointError: listing missing, unexpected and mis-shaped keys.
+        CheckpointError: listing missing, unexpected and mis-shaped keys; naming the models of a
+            checkpoint that holds several, and how to choose one.
     """
     expected = model.state_dict()
     state = checkpoint.state_dict
-    best, best_prefix = state, None
-    for prefix in PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            stripped = {k[len(prefix) :]: v for k, v in state.items()}
-            if len(set(stripped) & set(expected)) > len(set(best) & set(expected)):
-                best, best_prefix = stripped, prefix
-    checkpoint.prefix = best_prefix
+    if prefix:
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise CheckpointError(
+                f"Checkpoint '{checkpoint.path}' holds no tensor under the prefix '{prefix}'; its keys start with "
+                f"{_short(sorted({_first(k) for k in checkpoint.state_dict}))}."
+            )
+    best, best_prefix = _stripped(state, expected)
+    checkpoint.prefix = "".join(p for p in (prefix, best_prefix) if p) or None
     if best_prefix:
         log.info("stripped the prefix %r from the keys of %s", best_prefix, checkpoint.path)
     optional = {k for k in expected if k.endswith("num_batches_tracked")}  # absent from older checkpoints
@@ -222,10 +230,51 @@ def fit_to_model(checkpoint: Checkpoint, model: nn.Module) -> dict[str, torch.Te
             )
             if items
         ]
+        models = [] if prefix else _models_inside(state, expected)
+        if len(models) > 1:
+            chosen = next((m for m in models if m.startswith(("model.", "student."))), models[0])
+            raise CheckpointError(
+                f"Checkpoint '{checkpoint.path}' holds {len(models)} models, under {', '.join(repr(m) for m in models)}, "
+                f"each with the keys of {type(model).__name__}; choose one with --checkpoint-prefix, "
+                f"e.g. --checkpoint-prefix {chosen} (JobOptions(checkpoint_prefix='{chosen}'))."
+            )
         raise CheckpointError(
             f"Checkpoint '{checkpoint.path}' does not fit {type(model).__name__} ({'; '.join(parts)}); check --model and its -k arguments."
         )
     return {k: v for k, v in best.items() if k in expected}
+
+
+def _stripped(state: dict[str, torch.Tensor], expected: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
+    """`state` with the known wrapper prefixes all its keys share stripped, one after the other
+    (DDP over torch.compile saves `module._orig_mod.`), as far as that fits `expected` best; the
+    prefix stripped ("" for none)."""
+    stages = [(state, "")]
+    current, stripped = state, ""
+    while current:
+        prefix = next((p for p in PREFIXES if all(k.startswith(p) for k in current)), None)
+        if prefix is None:
+            break
+        current = {k[len(prefix) :]: v for k, v in current.items()}
+        stripped += prefix
+        stages.append((current, stripped))
+    return max(stages, key=lambda stage: len(set(stage[0]) & set(expected)))  # the first best: least stripped
+
+
+def _models_inside(state: dict[str, torch.Tensor], expected: Mapping[str, Any]) -> list[str]:
+    """The key prefixes ('teacher.', 'model.') under which a whole model of `expected`'s keys sits."""
+    found = []
+    for first in sorted({_first(k) for k in state}):
+        group = {k[len(first) :]: v for k, v in state.items() if k.startswith(first)}
+        fitted, wrapper = _stripped(group, expected)
+        if set(expected) - {k for k in expected if k.endswith("num_batches_tracked")} <= set(fitted):
+            found.append(first + wrapper)
+    return found
+
+
+def _first(key: str) -> str:
+    """'teacher.' of 'teacher.layer1.weight'."""
+    head, dot, _ = key.partition(".")
+    return head + dot
 
 
 def _short(items: list[str], limit: int = 6) -> str:

@@ -17,7 +17,7 @@ from .config import ModelEntry
 from .context import Context
 from .conversion import Conversion, ConvertOptions, convert_with
 from .errors import ConfigError, PlanError
-from .export import export_onnx, validate_onnx
+from .export import export_onnx_with_info, validate_onnx
 from .files import write_text_atomic
 from .loader import check_input_memory, example_inputs, load_model, model_importable
 from .options import option
@@ -97,6 +97,13 @@ class JobOptions:
         minimum=1,
         show_default=True,
     )
+    checkpoint_prefix: str | None = option(
+        None,
+        "--checkpoint-prefix",
+        help="Load the model stored under this key prefix of the checkpoint, one of several it holds "
+        "(e.g. 'model.' in a distillation checkpoint that also holds 'teacher.').",
+        metavar="PREFIX",
+    )
     trust_checkpoint: bool = option(
         False,
         "--trust-checkpoint",
@@ -169,7 +176,7 @@ def convert_checkpoint(
             module, factory = load_model(model.spec, model.kwargs)
             with model_importable(model.spec):  # a trusted pickled module names its class by the model's module
                 checkpoint = load_checkpoint(checkpoint_path, trust=job.trust_checkpoint)
-            module.load_state_dict(fit_to_model(checkpoint, module), strict=False)
+            module.load_state_dict(fit_to_model(checkpoint, module, job.checkpoint_prefix), strict=False)
             module.eval()
             inputs = example_inputs(model.input_shapes, seed=job.seed)
             plan = Plan.read(job.plan_path) if job.plan_path else None
@@ -224,9 +231,17 @@ def _write_outputs(
             )
     if job.onnx:
         with steps.step("export ONNX"):
-            onnx_path = export_onnx(
+            exported = export_onnx_with_info(
                 conversion.model, inputs, staging / "model.onnx", opset=job.opset, batch_inputs=job.batch_inputs
             )
+        onnx_path = exported.path
+        if exported.lowered:
+            report.notes.append(
+                f"the ONNX file was lowered to opset {exported.opset} (torch.onnx wrote a newer one): "
+                f"{', '.join(exported.lowered)}, each by its definition at that opset"
+            )
+        if exported.traced:
+            report.notes.append(exported.traced)
         section.outputs["onnx"] = str(out_dir / "model.onnx")
         if (staging / "model.onnx.data").exists():
             section.outputs["onnx_data"] = str(out_dir / "model.onnx.data")
@@ -242,6 +257,7 @@ def _write_outputs(
                     plan=conversion.plan,
                     batch_inputs=job.batch_inputs,
                     device=options.device,
+                    opset=exported.opset,
                 )
             if section.validation.drift is not None and "swap" not in section.drift:
                 section.drift = {"swap": section.validation.drift, **section.drift}

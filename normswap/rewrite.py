@@ -11,11 +11,19 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from . import targets
 from .analysis import Analysis, analyze
 from .capture.tracer import trace
 from .context import Context
 from .errors import CaptureError, PlanError
-from .passes import OutOfPlaceForHooks, Pass, PassManager, RewriteFunctionalBatchNorm, SwapBatchNormModules
+from .passes import (
+    ContiguousGradients,
+    OutOfPlaceForHooks,
+    Pass,
+    PassManager,
+    RewriteFunctionalBatchNorm,
+    SwapBatchNormModules,
+)
 from .plan import Plan
 from .policy import PlanRequest, resolve_plan
 from .postcondition import check_kept_function, check_no_batch_statistics, layers_keeping_function
@@ -78,7 +86,9 @@ def _rewrite(
         replaced = layers_keeping_function(working, plan)
         passes = default_passes(plan)
         out_of_place = OutOfPlaceForHooks(inputs) if context.differential_privacy else None
-        result = PassManager([*passes, out_of_place] if out_of_place is not None else passes)(target)
+        if out_of_place is not None:
+            passes += [out_of_place, ContiguousGradients()]
+        result = PassManager(passes)(target)
     with timings.measure("postcondition"):
         notes = check_no_batch_statistics(result.model, plan, analysis.sites, inputs, model)
         notes += check_kept_function(result.model, plan, analysis.sites, replaced)
@@ -86,6 +96,8 @@ def _rewrite(
         notes.insert(0, WITHOUT_INPUTS_NOTE)
     if out_of_place is not None:
         notes += _out_of_place_notes(result.changes, out_of_place.left)
+    if inplace:
+        notes += _absorbed_parameter_notes(plan)
     return Rewritten(
         result.model, plan, analysis.sites, analysis.findings, analysis, result.changes, timings.seconds, notes
     )
@@ -110,6 +122,18 @@ def _out_of_place_notes(changes: list[str], left: list[str]) -> list[str]:
         for item in left
     ]
     return notes
+
+
+def _absorbed_parameter_notes(plan: Plan) -> list[str]:
+    """In place, the replacements own the BatchNorms' Parameter objects, except where a target
+    moves the affine into another layer (fold): there an optimizer built before loses them."""
+    return [
+        f"{entry.name}: folded into '{entry.params['into']}': its weight and bias Parameters leave the model (their values "
+        f"now scale '{entry.params['into']}'.weight and shift its bias, a new Parameter where it had none), so an optimizer "
+        "or EMA built before convert(inplace=True) trains nothing in their place; build it after the conversion"
+        for entry in plan
+        if entry.converts and targets.get(entry.target).absorbs_affine
+    ]
 
 
 def default_passes(plan: Plan) -> list[Pass]:

@@ -254,13 +254,15 @@ def preserved(model: nn.Module) -> Iterator[None]:
 
 
 # Loggers whose warnings are expected while normswap tries a capture or an export that may fail
-# (torch.export guard messages, the ONNX exporter's "torchvision is not installed").
+# (torch.export guard messages, the ONNX exporter's "torchvision is not installed", onnxscript's
+# failed opset conversion, which export_onnx then lowers itself or refuses in a sentence).
 _NOISY_LOGGERS = (
     "torch.export",
     "torch._export",
     "torch.fx.experimental.symbolic_shapes",
     "torch._dynamo",
     "torch.onnx",
+    "onnxscript",
 )
 
 

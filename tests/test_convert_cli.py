@@ -34,8 +34,21 @@ class Marker:
         ("d.pt", lambda s: {f"module.{k}": v for k, v in s.items()}),  # DataParallel
         ("e.pt", lambda s: {"model": s, "optimizer": {}}),
         ("f.pt", lambda s: {"module": s}),
+        ("g.pt", lambda s: {f"module._orig_mod.{k}": v for k, v in s.items()}),  # DDP over torch.compile
+        ("h.pt", lambda s: {f"_orig_mod.module.{k}": v for k, v in s.items()}),  # torch.compile over DDP
+        ("i.ckpt", lambda s: {"state_dict": {f"model._orig_mod.{k}": v for k, v in s.items()}}),  # Lightning, compiled
     ],
-    ids=["state_dict", "nested-state_dict", "lightning-prefix", "dataparallel-prefix", "nested-model", "nested-module"],
+    ids=[
+        "state_dict",
+        "nested-state_dict",
+        "lightning-prefix",
+        "dataparallel-prefix",
+        "nested-model",
+        "nested-module",
+        "ddp-compiled-prefixes",
+        "compiled-ddp-prefixes",
+        "lightning-compiled-prefixes",
+    ],
 )
 def test_torch_checkpoint_layouts(work: Path, filename: str, wrap) -> None:
     torch.save(wrap(state(work)), work / filename)
@@ -45,6 +58,55 @@ def test_torch_checkpoint_layouts(work: Path, filename: str, wrap) -> None:
     converted = torch.load(work / "out" / "model.pt", weights_only=True)
     torch.testing.assert_close(converted["bn.weight"], state(work)["bn.weight"], rtol=0, atol=0)
     assert "bn.running_mean" not in converted  # groupnorm keeps no statistics
+
+
+def _distillation(work: Path) -> dict:
+    """A distillation checkpoint: a teacher and a student of the same architecture, side by side."""
+    student = state(work)
+    teacher = {k: v * 2 if v.is_floating_point() else v for k, v in student.items()}
+    return {**{f"teacher.{k}": v for k, v in teacher.items()}, **{f"model.{k}": v for k, v in student.items()}}
+
+
+def test_a_checkpoint_holding_two_models_is_refused_naming_them(work: Path) -> None:
+    torch.save({"state_dict": _distillation(work)}, work / "distilled.pt")
+    result = convert("distilled.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx")
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "holds 2 models, under 'model.', 'teacher.', each with the keys of Net" in message
+    assert "choose one with --checkpoint-prefix, e.g. --checkpoint-prefix model." in message
+    assert not (work / "out").exists()
+
+
+@pytest.mark.parametrize("prefix", ["model.", "teacher."])
+def test_checkpoint_prefix_chooses_one_model(work: Path, prefix: str) -> None:
+    saved = _distillation(work)
+    torch.save(saved, work / "distilled.pt")
+    result = convert(
+        "distilled.pt",
+        "--model",
+        "nets:build",
+        *SHAPE,
+        "--out",
+        "out",
+        "--no-onnx",
+        "-q",
+        "--checkpoint-prefix",
+        prefix,
+    )
+    assert result.exit_code == 0, result.output
+    converted = torch.load(work / "out" / "model.pt", weights_only=True)
+    torch.testing.assert_close(converted["conv.weight"], saved[f"{prefix}conv.weight"], rtol=0, atol=0)
+
+
+def test_a_checkpoint_prefix_the_checkpoint_lacks_is_one_sentence(work: Path) -> None:
+    torch.save(_distillation(work), work / "distilled.pt")
+    result = convert(
+        "distilled.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--no-onnx", "--checkpoint-prefix", "ema."
+    )
+    assert result.exit_code == 2
+    assert "holds no tensor under the prefix 'ema.'; its keys start with model., teacher." in " ".join(
+        result.output.split()
+    )
 
 
 @pytest.mark.slow

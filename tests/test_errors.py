@@ -374,6 +374,18 @@ CLI_CASES: list[tuple[str, Setup | None, list[str], str]] = [
         ["convert", "n.pt", "--model", "nets:build", *SHAPE, "--out", "out"],
         "holds NaN or infinite values in fc.bias",
     ),
+    (
+        "checkpoint-two-models",
+        _torch_save("kd.pt", lambda w: {f"{m}.{k}": v for m in ("teacher", "model") for k, v in state(w).items()}),
+        ["convert", "kd.pt", "--model", "nets:build", *SHAPE, "--out", "out"],
+        "holds 2 models, under 'model.', 'teacher.', each with the keys of Net; choose one with --checkpoint-prefix",
+    ),
+    (
+        "checkpoint-prefix-absent",
+        _torch_save("kd2.pt", lambda w: {f"teacher.{k}": v for k, v in state(w).items()}),
+        ["convert", "kd2.pt", "--model", "nets:build", *SHAPE, "--out", "out", "--checkpoint-prefix", "model."],
+        "holds no tensor under the prefix 'model.'; its keys start with teacher.",
+    ),
     # plans
     ("plan-not-json", _write("p.json", "{"), [*CONVERT, "--plan", "p.json"], "p.json is not valid JSON (line 1"),
     (

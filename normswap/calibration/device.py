@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -77,4 +78,5 @@ def placed(device: torch.device, *modules: nn.Module) -> Iterator[None]:
 
 
 def to_device(batch: tuple, device: torch.device) -> tuple[Any, ...]:
-    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in batch)
+    """The batch's tensors on `device`, nested lists, tuples and dicts included."""
+    return tuple(tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, list(batch)))

@@ -126,4 +126,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace with BatchNorm kept as leaves (mode as the model is)."""
     tracer = BatchNormTracer()
     graph = tracer.trace(model)
+    for node in graph.nodes:
+        if isinstance(node.type, str):  # a postponed annotation: FX writes it as a name TorchScript cannot resolve
+            node.type = None
     return fx.GraphModule(tracer.root, graph, type(model).__name__)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import linecache
 import logging
+import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +20,7 @@ from torch import nn
 from .. import targets
 from ..errors import ExportError
 from ..files import atomic_path
+from ..source import relative_path
 from ..torchutil import (
     as_input_tuple,
     batch_of,
@@ -27,6 +31,7 @@ from ..torchutil import (
     require_module,
     resolve_batch_inputs,
 )
+from .opset import default_opset, lower
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,9 @@ METADATA_BATCHNORM_OPS = "normswap.batchnorm_ops"
 # The inputs whose dimension 0 is a dynamic batch axis ("none" when the file has a fixed batch).
 METADATA_BATCH_INPUTS = "normswap.batch_inputs"
 METADATA_BATCH_NOTE = "normswap.batch_note"
+METADATA_LOWERED = "normswap.lowered"  # ops lowered to reach the opset asked for
+# set when the TorchScript exporter traced the model: the file holds one path of its control flow
+METADATA_TRACED = "normswap.traced"
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,8 @@ class ExportInfo:
     external_data: bool
     batch_inputs: tuple[int, ...] = ()
     note: str = ""  # why the batch axis is fixed, when it is
+    lowered: tuple[str, ...] = ()  # ops normswap lowered to reach the opset ("LayerNormalization x2")
+    traced: str = ""  # the sentence saying that the file holds one path of the model's control flow
 
 
 def check_opset(opset: int) -> int:
@@ -152,7 +162,7 @@ def export_onnx_with_info(
             exporter = f"torch.onnx TorchScript exporter (torch {torch.__version__})"
             with atomic_path(target) as temporary:
                 try:
-                    _run_torchscript_exporter(model, inputs, temporary, opset, batched)
+                    branches = _run_torchscript_exporter(model, inputs, temporary, opset, batched)
                 except Exception:  # the fallback failed too: report the primary exporter's failure
                     log.debug("the TorchScript exporter failed as well", exc_info=True)
                     raise dynamo_error from None
@@ -161,12 +171,9 @@ def export_onnx_with_info(
                     type(model).__name__,
                     dynamo_error,
                 )
-                _finish(
-                    temporary,
-                    target,
-                    {**_batch_props(batched, ""), METADATA_EXPORTER: exporter, METADATA_OPSET: str(opset)},
-                    external=False,
-                )
+                traced = traced_sentence(branches)
+                props = {**_batch_props(batched, ""), METADATA_EXPORTER: exporter, METADATA_OPSET: str(opset)}
+                lowered = _finish(temporary, target, {**props, METADATA_TRACED: traced}, external=False, opset=opset)
     if program is not None:
         fixed = [i for i in batched if not _is_symbolic(program.model.graph.inputs[i].shape[0])]
         if fixed:
@@ -176,6 +183,7 @@ def export_onnx_with_info(
                 "batch size (e.g. it splits the batch into chunks), so it runs at that batch size only"
             )
             batched = ()
+        written = int(program.model.opset_imports.get("", opset))  # what torch.onnx really wrote
         props = {**_batch_props(batched, note), METADATA_EXPORTER: exporter, METADATA_OPSET: str(opset)}
         props[METADATA_BATCHNORM_OPS] = str(_count_batchnorm_ir(program.model))
         program.model.metadata_props.update(props)
@@ -186,8 +194,9 @@ def export_onnx_with_info(
                 raise ExportError(f"Cannot write '{target}': {exc.strerror or exc}.") from exc
             program = None  # the exported graph and its serialization go before the checker reads the file back
             gc.collect()
-            _finish(temporary, target, None, external)
-    return ExportInfo(target, exporter, opset, bool(batched), external, batched, note)
+            lowered = _finish(temporary, target, None, external, opset if written != opset else None)
+        traced = ""
+    return ExportInfo(target, exporter, opset, bool(batched), external, batched, note, lowered, traced)
 
 
 class _NumbersAsTensors(nn.Module):
@@ -217,14 +226,25 @@ def _batch_props(batched: tuple[int, ...], note: str) -> dict[str, str]:
     return {METADATA_BATCH_INPUTS: ",".join(map(str, batched)) if batched else "none", METADATA_BATCH_NOTE: note}
 
 
-def _finish(temporary: Path, target: Path, props: dict[str, str] | None, external: bool) -> None:
-    """Record `props` in the file's metadata (when not yet recorded, with the BatchNormalization
-    op count), check the file, place external data."""
+def _finish(
+    temporary: Path, target: Path, props: dict[str, str] | None, external: bool, opset: int | None = None
+) -> tuple[str, ...]:
+    """Bring the file to `opset` when given (the exporter may have written another: see opset.py),
+    record `props` in its metadata (when not yet recorded, with the BatchNormalization op count),
+    check it, place external data. Returns the ops lowered."""
     import onnx
 
-    if props is not None:
-        model = onnx.load(str(temporary))
-        onnx.helper.set_model_props(model, {**props, METADATA_BATCHNORM_OPS: str(count_batchnorm_proto(model))})
+    lowered: list[str] = []
+    if props is not None or opset is not None:
+        model = onnx.load(str(temporary), load_external_data=False)
+        if opset is not None:
+            lowered = _to_opset(model, opset)
+            if lowered:
+                props = {**(props or {}), METADATA_LOWERED: ", ".join(lowered)}
+        if props is not None:
+            onnx.helper.set_model_props(
+                model, {**_metadata(model), **props, METADATA_BATCHNORM_OPS: str(count_batchnorm_proto(model))}
+            )
         onnx.save(model, str(temporary))
     try:
         onnx.checker.check_model(str(temporary), full_check=False)
@@ -234,6 +254,26 @@ def _finish(temporary: Path, target: Path, props: dict[str, str] | None, externa
         ) from exc
     if external:
         _rename_external_data(temporary, target)
+    return tuple(lowered)
+
+
+def _metadata(model) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _to_opset(model, opset: int) -> list[str]:
+    """The file's real opset made `opset` (lowered, see opset.py), or an ExportError that says so."""
+    written = default_opset(model)
+    if written is None or written == opset:
+        return []
+    if written < opset:
+        raise ExportError(
+            f"torch.onnx wrote opset {written} where opset {opset} was asked for (it could not convert the graph); "
+            f"export with --opset {written}."
+        )
+    lowered = lower(model, opset)
+    log.info("lowered the exported graph from opset %d to %d: %s", written, opset, ", ".join(lowered))
+    return lowered
 
 
 def _count_batchnorm_ir(model) -> int:
@@ -251,13 +291,48 @@ def _count_batchnorm_ir(model) -> int:
 
 def _run_torchscript_exporter(
     model: nn.Module, inputs: tuple, path: Path, opset: int, batched: tuple[int, ...]
-) -> None:
+) -> list[tuple[str, int]]:
+    """Trace and export; returns where the tracer warned that it recorded a branch on a tensor's
+    value (file, line), in the order met."""
     names = [f"input_{i}" for i in range(len(inputs))]
     axes = {names[i]: {0: "batch"} for i in batched} or None
-    with quiet_torch():
+    with quiet_torch(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", torch.jit.TracerWarning)
         torch.onnx.export(
             model, inputs, str(path), dynamo=False, opset_version=opset, input_names=names, dynamic_axes=axes
         )
+    places = [
+        (w.filename, w.lineno)
+        for w in caught
+        if issubclass(w.category, torch.jit.TracerWarning) and str(w.message).startswith(_BRANCH_WARNINGS)
+    ]
+    # the model's own code first; torch's (its sanity checks on sizes) after
+    return sorted(dict.fromkeys(places), key=lambda place: os.path.realpath(place[0]).startswith(_TORCH_DIRECTORY))
+
+
+# what the tracer says when a tensor's value decides Python control flow (other TracerWarnings,
+# e.g. "torch.as_tensor results are registered as constants", are about constants, not branches)
+_BRANCH_WARNINGS = ("Converting a tensor to a Python", "Iterating over a tensor")
+_TORCH_DIRECTORY = os.path.dirname(os.path.realpath(torch.__file__)) + os.sep
+
+
+def traced_sentence(branches: Sequence[tuple[str, int]]) -> str:
+    """What a traced file holds, for the report, the metadata and the validation summary."""
+    if not branches:
+        return (
+            "the file was traced (torch.export could not capture the model): it holds the path the example inputs took, "
+            "and the tracer met no branch on a tensor's value"
+        )
+    where = "; ".join(
+        f"{relative_path(file)}:{line}" + (f" `{code}`" if (code := linecache.getline(file, line).strip()) else "")
+        for file, line in branches[:3]
+    )
+    more = f" and {len(branches) - 3} more" if len(branches) > 3 else ""
+    return (
+        "the file was traced (torch.export could not capture the model) and holds only the path the example inputs took "
+        f"through data-dependent control flow at {where}{more}: inputs that take another path compute something else in "
+        "onnxruntime, and validation checks the example's path only"
+    )
 
 
 def _run_exporter(model: nn.Module, inputs: tuple, dynamic_shapes: Any, opset: int):

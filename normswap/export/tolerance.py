@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from ..torchutil import flat_outputs, preserved
 
@@ -98,14 +100,7 @@ class Rounding:
             with torch.no_grad(), preserved(self.model):
                 self.model.eval()
                 for inputs, outputs in runs:
-                    exact = flat_outputs(
-                        self.model(
-                            *tuple(
-                                x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                                for x in inputs
-                            )
-                        )
-                    )
+                    exact = flat_outputs(self.model(*tree_map(_as_float64, list(inputs))))
                     if len(exact) != len(outputs):
                         self.problem = (
                             "the model's rounding error was not measured: in float64 it returns other outputs"
@@ -125,6 +120,11 @@ class Rounding:
             torch.set_default_dtype(default)
             _restore_dtypes(self.model, dtypes)
         return found
+
+
+def _as_float64(x: Any) -> Any:
+    """A floating-point tensor in float64 (nested inputs too, as a detector's `[image]`)."""
+    return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
 def _restore_dtypes(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:

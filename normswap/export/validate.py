@@ -9,6 +9,7 @@ that size only, and the report says which checks were skipped and why.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from ..calibration.device import placed, resolve_device, to_device
 from ..calibration.drift import Drift, DriftAccumulator, eval_outputs
@@ -24,7 +26,14 @@ from ..errors import ValidationError
 from ..plan import Plan
 from ..torchutil import as_input_tuple, batch_of, batch_size_of, require_module, require_type, resolve_batch_inputs
 from .independence import Independence, batch_independent
-from .onnx import METADATA_BATCHNORM_OPS, count_batchnorm_proto, facts_from_metadata, onnx_file_facts
+from .onnx import (
+    METADATA_BATCHNORM_OPS,
+    METADATA_TRACED,
+    count_batchnorm_proto,
+    facts_from_metadata,
+    onnx_file_facts,
+)
+from .opset import file_header
 from .residual import residual_batchnorm
 from .tolerance import OutputCheck, Rounding, compare, describe_check, eval_outputs_exact
 
@@ -49,6 +58,8 @@ class Validation:
     messages: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # checks not made, each with its reason
     batch_inputs: tuple[int, ...] = ()
+    opset_problem: str = ""  # the file's own opset_import is not what was asked for (or recorded)
+    traced: str = ""  # the file was traced: it holds one path of the model's control flow (the sentence)
 
     @property
     def fidelity_passed(self) -> bool:
@@ -67,7 +78,7 @@ class Validation:
 
     @property
     def passed(self) -> bool:
-        return self.fidelity_passed and self.residual_passed and self.independence_passed
+        return self.fidelity_passed and self.residual_passed and self.independence_passed and not self.opset_problem
 
     def summary(self) -> str:
         """The verdict in one line: 'validation passed: onnxruntime vs PyTorch max abs error ...;
@@ -82,7 +93,8 @@ class Validation:
             independence = "batch-independent"
         else:
             independence = "batch-dependent in " + " and ".join(m for m, ok in modes if ok is False)
-        return f"validation {verdict}: onnxruntime vs PyTorch {detail}; {independence}; {self.residual_onnx_ops} BatchNormalization op(s) in ONNX"
+        summary = f"validation {verdict}: onnxruntime vs PyTorch {detail}; {independence}; {self.residual_onnx_ops} BatchNormalization op(s) in ONNX"
+        return summary + "".join(f"; {caveat}" for caveat in (self.opset_problem, self.traced) if caveat)
 
 
 @dataclass
@@ -92,6 +104,15 @@ class _Run:
     size: int | None
     inputs: tuple
     expected: list[torch.Tensor]
+
+
+def _run_options():
+    """Run options that keep onnxruntime from logging a failure normswap reports as a sentence."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
 
 
 def _session(path: Path):
@@ -106,16 +127,57 @@ def _session(path: Path):
         raise ValidationError(f"onnxruntime cannot load '{path}': {first}.") from exc
 
 
-def run_onnx(session, inputs: tuple) -> list[np.ndarray]:
-    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+def run_onnx(session, inputs: tuple, path: Path | None = None) -> list[np.ndarray]:
+    """onnxruntime's outputs on `inputs`, fed as the exporters flatten them: every tensor of
+    nested lists, tuples and dicts (torchvision detectors take `[image, ...]`), in order.
+
+    Raises:
+        ValidationError: onnxruntime fails; when it names the failing node and `path` is given,
+            the sentence names the outputs that depend on it.
+    """
+    tensors = [x for x in tree_flatten(inputs)[0] if isinstance(x, torch.Tensor)]
     feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), tensors, strict=False)}
+    quiet = _run_options()
     try:
-        return session.run(None, feeds)
+        return session.run(None, feeds, quiet)
     except Exception as exc:  # onnxruntime failed on the inputs: one sentence, with the cause
         shapes = ", ".join(str(tuple(v.shape)) for v in feeds.values())
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        node = re.search(r"running (\w+) node\. Name:'([^']*)'", cause)
+        outputs = _outputs_after(path, node.group(2)) if node and path is not None else []
+        if node and outputs:
+            named = ", ".join(f"output {i} ('{name}')" for i, name in outputs)
+            raise ValidationError(
+                f"onnxruntime cannot compute {named} of the exported model on inputs of shape {shapes}: its {node.group(1)} "
+                f"node '{node.group(2)}' fails on them ({_reason(cause[node.end() :])}); that output depends on the "
+                "data through a size or path the file fixed at export."
+            ) from exc
         raise ValidationError(
-            f"onnxruntime failed to run the exported model on inputs of shape {shapes}: {str(exc).strip().splitlines()[0]}."
+            f"onnxruntime failed to run the exported model on inputs of shape {shapes}: {cause}."
         ) from exc
+
+
+def _reason(status: str) -> str:
+    """onnxruntime's status message without its source location: "The input tensor cannot be
+    reshaped to the requested shape. Input shape:{16}, requested shape:{2,33}"."""
+    message = status.split("Status Message:", 1)[-1]
+    message = message.split(" was false. ", 1)[-1]  # ORT_ENFORCE's "<file>:<line> <function> <condition> was false."
+    return message.strip(" :.")[:200]
+
+
+def _outputs_after(path: Path, node_name: str) -> list[tuple[int, str]]:
+    """(index, name) of the graph outputs that depend on the node called `node_name`."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    start = next((node for node in graph.node if node.name == node_name), None)
+    if start is None:
+        return []
+    reached = set(start.output)
+    for node in graph.node:  # graph nodes are stored in topological order
+        if reached & set(node.input):
+            reached |= set(node.output)
+    return [(i, output.name) for i, output in enumerate(graph.output) if output.name in reached]
 
 
 def count_onnx_batchnorm(path: Path) -> int:
@@ -141,7 +203,19 @@ def _fixed_batch(input_shapes: Sequence[Sequence[int | None]], indices: Sequence
 def _file_facts(path: Path, session: Any) -> tuple[int, dict[str, str], list[list[int | None]]]:
     """BatchNormalization op count, exporter facts and each graph input's shape (an int per
     fixed dimension): from the session when one is given, else from the file (its weights are
-    read and dropped again; no session is held yet)."""
+    read and dropped again; no session is held yet). The opset is the file's own opset_import
+    ("opset"; "recorded_opset": what its metadata says), read past the graph."""
+    try:
+        opsets, props = file_header(str(path))
+    except (OSError, ValueError) as exc:
+        raise ValidationError(f"onnxruntime cannot load '{path}': it is not a readable ONNX file ({exc}).") from exc
+    ops, info, shapes = _read_facts(path, session)
+    real = opsets.get("", opsets.get("ai.onnx"))
+    info.update(recorded_opset=info["opset"], opset=str(real), traced=props.get(METADATA_TRACED, ""))
+    return ops, info, shapes
+
+
+def _read_facts(path: Path, session: Any) -> tuple[int, dict[str, str], list[list[int | None]]]:
     if session is not None:
         ops, info = _facts_from_session(session, path)
         return ops, info, [[d if isinstance(d, int) else None for d in i.shape] for i in session.get_inputs()]
@@ -178,6 +252,7 @@ def validate_onnx(
     session: Any = None,
     batch_inputs: Sequence[int] | None = None,
     device: str | torch.device | None = "cpu",
+    opset: int | None = None,
 ) -> Validation:
     """Check an exported file against the PyTorch model it came from.
 
@@ -194,10 +269,16 @@ def validate_onnx(
             see `normswap.torchutil.resolve_batch_inputs`); `()` when none is.
         device: where the PyTorch side runs ("auto": this process's GPU when there is one);
             onnxruntime runs on the CPU. The models return to their own devices afterwards.
+        opset: the opset the file was exported for: its own opset_import must be that (a
+            runtime limited to it rejects anything newer); without it, the file must be the
+            opset its metadata records.
 
     Returns:
-        Validation; `.passed` is the verdict: fidelity, no unplanned BatchNorm, and batch
-        independence when the plan converts every batch-dependent site and it can be checked.
+        Validation; `.passed` is the verdict: fidelity, no unplanned BatchNorm, the opset, and
+        batch independence when the plan converts every batch-dependent site and it can be checked.
+        A file that was traced (torch.export could not capture the model) holds the path the
+        example inputs take through data-dependent control flow: `.traced` says so, and the
+        summary carries that sentence.
         Outputs without a batch axis (a scalar loss, say) are compared for fidelity and left out
         of batch independence, which `.skipped` says.
     """
@@ -212,7 +293,7 @@ def validate_onnx(
     inputs = to_device(as_input_tuple(example_inputs), where)
     models = (model,) if original is None else (model, original)
     with placed(where, *models):
-        return _validate(model, path, inputs, session, original, atol, rtol, plan, batch_inputs)
+        return _validate(model, path, inputs, session, original, atol, rtol, plan, batch_inputs, opset)
 
 
 def _validate(
@@ -225,8 +306,10 @@ def _validate(
     rtol: float | None,
     plan: Plan | None,
     batch_inputs: Sequence[int] | None,
+    opset: int | None,
 ) -> Validation:
     ops, info, input_shapes = _file_facts(path, session)
+    opset_problem = _opset_problem(info, opset)
     indices = resolve_batch_inputs(inputs, batch_inputs)
     skipped: list[str] = []
     exact: dict[int, list[torch.Tensor]] = {}  # eval outputs in the model's dtype, by batch size
@@ -238,12 +321,14 @@ def _validate(
     runs = _reference_runs(model, inputs, sizes, indices, exact)
     rounding = Rounding(model)
     errors = rounding.errors_at([(run.inputs, run.expected) for run in runs])
-    checks, messages = _fidelity(session or _session(path), runs, errors, indices, atol, rtol)
+    checks, messages = _fidelity(session or _session(path), path, runs, errors, indices, atol, rtol)
     if rounding.problem:
         skipped.append(rounding.problem)
     residual = residual_batchnorm(model, plan)
     allowed = bool(plan is not None and any(e.keeps_batchnorm_op for e in plan))
     messages += _residual_messages(residual, ops, allowed)
+    if opset_problem:
+        messages.append(opset_problem)
     known = {run.size: [t.float() for t in run.expected] for run in runs if run.size is not None}
     slack = (errors[-1] or []) if sizes else []  # the rounding error at the largest batch size
     independence = _independence(model, inputs, indices, known, slack, skipped)
@@ -269,7 +354,19 @@ def _validate(
         messages=messages,
         skipped=skipped,
         batch_inputs=indices,
+        opset_problem=opset_problem,
+        traced=info["traced"],
     )
+
+
+def _opset_problem(info: dict[str, str], requested: int | None) -> str:
+    """Why the file's own opset is not the one it should be ("" when it is)."""
+    real, recorded = info["opset"], info["recorded_opset"]
+    if requested is not None and real != str(requested):
+        return f"the file is opset {real} (its opset_import), not the opset {requested} it was exported for"
+    if recorded != real:
+        return f"the file's metadata records opset {recorded} but it imports opset {real}"
+    return ""
 
 
 def _reference_runs(
@@ -300,6 +397,7 @@ def _reference_runs(
 
 def _fidelity(
     session: Any,
+    path: Path,
     runs: list[_Run],
     errors: list[list[float] | None],
     indices: tuple[int, ...],
@@ -309,7 +407,7 @@ def _fidelity(
     """Each output of each run compared with onnxruntime's, and a sentence per failure."""
     checks, messages = [], []
     for run, rounding in zip(runs, errors, strict=True):
-        actual = run_onnx(session, run.inputs)
+        actual = run_onnx(session, run.inputs, path)
         if len(actual) != len(run.expected):
             messages.append(f"the ONNX model has {len(actual)} output(s), PyTorch {len(run.expected)}")
         for index, (e, a) in enumerate(zip(run.expected, actual, strict=False)):  # a count mismatch is reported above

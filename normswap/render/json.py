@@ -104,6 +104,8 @@ def _validation(validation: Validation | None) -> dict[str, Any] | None:
         "onnx": validation.onnx_path,
         "exporter": validation.exporter,
         "opset": validation.opset,
+        "opset_problem": validation.opset_problem,
+        "traced": validation.traced,
         "batch_inputs": list(validation.batch_inputs),
         "fidelity": {"passed": validation.fidelity_passed, "outputs": [_output_check(c) for c in validation.outputs]},
         "batch_independence": {

@@ -386,13 +386,29 @@ class Target(Generic[P]):
         ]
 
 
-def copy_tensors(source: nn.Module, target: nn.Module, names: tuple[str, ...]) -> None:
-    """Copy same-named parameters / buffers from `source` into `target` (no autograd)."""
-    with torch.no_grad():
-        for name in names:
-            value, slot = getattr(source, name, None), getattr(target, name, None)
-            if isinstance(value, torch.Tensor) and isinstance(slot, torch.Tensor):
+def hand_over(source: nn.Module, target: nn.Module, names: tuple[str, ...]) -> None:
+    """Hand `source`'s same-named parameters / buffers to `target`: the very tensor objects where
+    `target` built a slot of the same kind, shape, dtype and device (as torch's
+    convert_sync_batchnorm does, so optimizers, parameter groups and EMA copies holding them keep
+    working), else their values copied (a parametrized tensor, computed on access, is copied)."""
+    for name in names:
+        value, slot = getattr(source, name, None), getattr(target, name, None)
+        if not isinstance(value, torch.Tensor) or not isinstance(slot, torch.Tensor):
+            continue
+        if _same_kind(value, slot):
+            setattr(target, name, value)  # nn.Module.__setattr__ puts it in the slot's own table
+        else:
+            with torch.no_grad():
                 slot.copy_(value)
+
+
+def _same_kind(value: torch.Tensor, slot: torch.Tensor) -> bool:
+    return (
+        isinstance(value, nn.Parameter) == isinstance(slot, nn.Parameter)
+        and value.shape == slot.shape
+        and value.dtype == slot.dtype
+        and value.device == slot.device
+    )
 
 
 def factory(bn: nn.Module) -> dict[str, Any]:
@@ -418,9 +434,10 @@ def drop_statistics(module: nn.Module) -> None:
 
 
 def carry_affine(bn: _BatchNorm, new: nn.Module, trainable: bool = True) -> nn.Module:
-    """Copy BatchNorm's weight and bias into `new` (built in bn's dtype and on its device: see
-    `factory`), keep the parameters' requires_grad (or freeze them), and match bn's training flag."""
-    copy_tensors(bn, new, ("weight", "bias"))
+    """Hand BatchNorm's weight and bias Parameter objects to `new` (built in bn's dtype and on its
+    device: see `factory`; `hand_over`), keep their requires_grad (or freeze them), and match
+    bn's training flag."""
+    hand_over(bn, new, ("weight", "bias"))
     for name in ("weight", "bias"):
         source, slot = getattr(bn, name, None), getattr(new, name, None)
         if isinstance(source, torch.Tensor) and isinstance(slot, torch.Tensor):

@@ -86,10 +86,25 @@ class _Unsynchronized:
 
     label = "BatchNorm"
     checks_own_input = True
+    forward = _BatchNorm.forward  # torch's own: batch statistics in training, running ones in eval
 
     @classmethod
     def class_name(cls, name: str) -> str:
         return unsynchronized_name(name)
+
+    def normswap_normalize(
+        self,
+        input: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+    ) -> torch.Tensor:
+        """A batch_norm call of the subclass's forward, as it was written (no statistics filled in)."""
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 class BatchNorm1dTakeover(_Unsynchronized, TakenOver, nn.BatchNorm1d):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +28,14 @@ from .base import (
     Target,
     carry_affine,
     common_params,
-    copy_tensors,
     factory,
+    hand_over,
     param,
     require_channels,
     set_attributes,
     where,
 )
+from .frozen_quantization import register_with_torch
 from .layernorm import register_affine
 from .takeover import TakenOver
 
@@ -61,10 +62,11 @@ class FrozenBatchNorm(Replacement, nn.Module):
     here; `track_running_stats` must be true: the statistics are the function).
     """
 
-    weight: nn.Parameter | None
-    bias: nn.Parameter | None
-    running_mean: torch.Tensor
-    running_var: torch.Tensor
+    if TYPE_CHECKING:  # for type checkers only: TorchScript cannot read these annotations
+        weight: nn.Parameter | None
+        bias: nn.Parameter | None
+        running_mean: torch.Tensor
+        running_var: torch.Tensor
 
     def __init__(
         self,
@@ -91,6 +93,23 @@ class FrozenBatchNorm(Replacement, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return frozen_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
 
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # a BatchNorm checkpoint loads as it is: its step counter means nothing once frozen
+        # (torchvision's FrozenBatchNorm2d drops it the same way)
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
 
@@ -99,6 +118,22 @@ class FrozenTakeover(TakenOver, FrozenBatchNorm):
     """Where torch's BatchNorm was in a taken-over subclass: a frozen BatchNorm (timm's `FrozenBatchNormAct2d` shape)."""
 
     label = "FrozenBatchNorm"
+
+    def normswap_normalize(
+        self,
+        input: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+    ) -> torch.Tensor:
+        # a subclass that passes no statistics (in training) still owns them: they are the function
+        mean = self.running_mean if running_mean is None else running_mean
+        var = self.running_var if running_var is None else running_var
+        return frozen_batch_norm(input, mean, var, weight, bias, self.eps)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,7 +158,7 @@ class FrozenTarget(Target[FrozenParams]):
 
     def module(self, bn: _BatchNorm, params: FrozenParams) -> nn.Module:
         new = FrozenBatchNorm(params.num_features, eps=params.eps, affine=params.affine, **factory(bn))
-        copy_tensors(bn, new, ("running_mean", "running_var"))
+        hand_over(bn, new, ("running_mean", "running_var"))
         return carry_affine(bn, new, trainable=False)
 
     def takeover_base(self, params: FrozenParams) -> type:
@@ -172,3 +207,4 @@ class FrozenTarget(Target[FrozenParams]):
 
 TARGET = FrozenTarget()
 FrozenTakeover.target = TARGET
+register_with_torch(FrozenBatchNorm)  # eager quantization fuses and quantizes it as it does BatchNorm

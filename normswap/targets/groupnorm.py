@@ -55,8 +55,16 @@ def group_norm(
     followed by the per-channel affine: the fastest correct form in onnxruntime among those
     measured in benchmarks/bench_formulations.py (the exporter's own is Reshape ->
     InstanceNormalization -> Reshape -> Mul -> Add). Eager PyTorch keeps the fused kernel."""
-    if not torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or x.dim() < 2:
-        return F.group_norm(x, num_groups, weight, bias, eps)  # eager, torch.compile: the fused kernel
+    # TorchScript compiles the fused kernel only: it skips a branch on is_scripting() alone, not an `and`
+    if not torch.jit.is_scripting():  # noqa: SIM102
+        if torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing() and x.dim() >= 2:
+            return _exported_group_norm(x, num_groups, weight, bias, eps)
+    return F.group_norm(x, num_groups, weight, bias, eps)  # eager, torch.compile, FX: the fused kernel
+
+
+def _exported_group_norm(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
     native = GROUP_NORM_EXPORT_FORM.get() == "native"
     static = all(isinstance(d, int) for d in x.shape[1:])  # a dynamic C/H/W axis keeps the native form
     if native or not static:
@@ -98,8 +106,18 @@ class GroupNormTakeover(TakenOver, nn.GroupNorm):
 
     label = "GroupNorm"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+    def normswap_normalize(
+        self,
+        input: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+    ) -> torch.Tensor:
+        return group_norm(input, self.num_groups, weight, bias, self.eps)
 
 
 @contextlib.contextmanager

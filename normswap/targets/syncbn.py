@@ -25,8 +25,8 @@ from .base import (
     Target,
     carry_affine,
     common_params,
-    copy_tensors,
     factory,
+    hand_over,
     param,
     require_channels,
     set_attributes,
@@ -75,6 +75,26 @@ class SyncTakeover(TakenOver, nn.SyncBatchNorm):
 
     label = "SyncBatchNorm"
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.SyncBatchNorm.forward(self, x)  # BatchNorm's semantics, synchronised
+
+    def normswap_normalize(
+        self,
+        input: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+    ) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript has no process group: a plain BatchNorm
+            y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        else:
+            y = sync_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return y
+
 
 @dataclass(frozen=True, kw_only=True)
 class SyncBatchNormParams(NormParams):
@@ -114,7 +134,7 @@ class SyncBatchNormTarget(Target[SyncBatchNormParams]):
             track_running_stats=params.track_running_stats is not False,
             **factory(bn),
         )
-        copy_tensors(bn, new, ("running_mean", "running_var", "num_batches_tracked"))
+        hand_over(bn, new, ("running_mean", "running_var", "num_batches_tracked"))
         return carry_affine(bn, new)
 
     def function(self, params: SyncBatchNormParams, call: BatchNormArgs) -> tuple[Callable[..., Any], tuple[Any, ...]]:

@@ -8,9 +8,12 @@ BatchNorm...) where torch's BatchNorm class was. So it is no longer a BatchNorm 
 (`isinstance` in `convert_sync_batchnorm`, BatchNorm freezing, Opacus) and it is an instance of the
 target's torch class where there is one (`nn.GroupNorm`), like timm's own `GroupNormAct`.
 
-Its forward is the subclass's forward, run under a TorchFunctionMode that computes each
-`batch_norm` call with the target; `super().forward(x)` reaches the takeover base, which computes
-the target directly. Everything else the forward does (asserts, momentum bookkeeping, dropout,
+Its forward is the subclass's forward, recompiled from its source with each `batch_norm` call made a
+call to `normswap_batch_norm`, which computes the target (takeover_source.py): plain Python, so the
+module scripts, traces and FX-traces wherever the subclass did. Where the source cannot be read, or
+a call might reach batch_norm unseen (a helper of the user's module), the forward runs instead under
+a TorchFunctionMode that computes each `batch_norm` call with the target (eager mode only).
+`super().forward(x)` reaches the takeover base, which computes the target directly. Everything else the forward does (asserts, momentum bookkeeping, dropout,
 activation) and every submodule and parameter name stay. Instances pickle by reference to the
 subclass and the takeover base (`__reduce_ex__`), so `torch.save` of the whole model, `deepcopy` and
 multiprocessing spawn rebuild the same class.
@@ -19,9 +22,10 @@ multiprocessing spawn rebuild the same class.
 from __future__ import annotations
 
 import functools
+import logging
 import types
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -31,22 +35,31 @@ from torch.overrides import TorchFunctionMode
 from ..capture.tracer import BATCH_NORM_FUNCTIONS, BatchNormArgs
 from ..errors import PlanError
 from ..torchutil import Replacement, is_torch_class, module_class
+from .takeover_source import Unseen, methods_forward_runs, redirected
+
+log = logging.getLogger(__name__)
 
 
 class TakenOver(Replacement):
-    """Mixin of every takeover base: the target it computes, and what a converted instance keeps."""
+    """Mixin of every takeover base: the target it computes, and what a converted instance keeps.
 
-    # set on each takeover base: computes batch_norm calls as `target.function(params, call)`
-    target: ClassVar[Any]
-    # set on each converted class: the BatchNorm subclass it was built from, and its takeover base
-    source: ClassVar[type]
-    base: ClassVar[type]
-    normswap_params: Any  # its target's parameters
-    # calibration sets this to see the input of each normalization
-    normswap_observer: Callable[[torch.Tensor], None] | None = None
+    `forward(x)` (what a subclass's `super().forward(x)` reaches) and `normswap_batch_norm` (what
+    its `F.batch_norm(...)` calls become) compute the target through `normswap_normalize`, which
+    each built-in base defines in a form TorchScript compiles; this default asks the target.
+    """
+
+    if TYPE_CHECKING:  # for type checkers only: TorchScript cannot read these annotations
+        # set on each takeover base: computes batch_norm calls as `target.function(params, call)`
+        target: ClassVar[Any]
+        # set on each converted class: the BatchNorm subclass it was built from, and its takeover base
+        source: ClassVar[type]
+        base: ClassVar[type]
+        normswap_params: Any  # its target's parameters
+        normswap_observer: Callable[[torch.Tensor], None] | None
+    normswap_observer = None  # calibration sets this to see the input of each normalization
     # a takeover base that is a torch BatchNorm of one rank checks its own input; the others
     # keep the input check of the torch class the subclass extended
-    checks_own_input: ClassVar[bool] = False
+    checks_own_input = False
 
     @classmethod
     def class_name(cls, name: str) -> str:
@@ -55,10 +68,60 @@ class TakenOver(Replacement):
         label = str(getattr(cls, "label", cls.__name__))
         return name.replace("BatchNorm", label) if "BatchNorm" in name else f"{label}{name}"
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if TakenOver in cls.__bases__:  # a takeover base: its forward is what `super().forward(x)` reaches
-            cls.forward = _observing(cls.forward)  # type: ignore[attr-defined]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normswap_batch_norm(x, None, None, self.weight, self.bias)  # type: ignore[attr-defined]  # a module's
+
+    def normswap_batch_norm(
+        self,
+        input: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        training: bool = False,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+    ) -> torch.Tensor:
+        """One `F.batch_norm` call of the subclass's forward, computed with the target."""
+        if not torch.jit.is_scripting():
+            observer = self.normswap_observer
+            if observer is not None:
+                observer(input)
+        return self.normswap_normalize(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+    def normswap_torch_batch_norm(
+        self,
+        input: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+        cudnn_enabled: bool,
+    ) -> torch.Tensor:
+        """One `torch.batch_norm` call (its argument order), computed with the target."""
+        return self.normswap_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+    def normswap_normalize(
+        self,
+        input: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+    ) -> torch.Tensor:
+        call = BatchNormArgs(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        if call.running_mean is None and call.running_var is None:
+            # a subclass that passes no statistics in training still owns them (frozen uses them)
+            call.running_mean = getattr(self, "running_mean", None)
+            call.running_var = getattr(self, "running_var", None)
+        function, arguments = type(self).target.function(self.normswap_params, call)
+        return function(*arguments)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         cls = type(self)
@@ -67,28 +130,9 @@ class TakenOver(Replacement):
         return (_rebuild, (cls.source, cls.base), self.__dict__)
 
 
-def _observing(forward: Callable[..., Any]) -> Callable[..., Any]:
-    """A takeover base's forward that shows calibration its input: a subclass calling
-    `super().forward(x)` normalizes there, not in a batch_norm call the mode below sees (and
-    any batch_norm call inside, e.g. a frozen BatchNorm's, is the same normalization)."""
-
-    @functools.wraps(forward)
-    def observed(self: TakenOver, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        observer = self.normswap_observer
-        if observer is None:
-            return forward(self, x, *args, **kwargs)
-        observer(x)
-        self.normswap_observer = None
-        try:
-            return forward(self, x, *args, **kwargs)
-        finally:
-            self.normswap_observer = observer
-
-    return observed
-
-
 class _TakeOver(TorchFunctionMode):
-    """Computes the batch_norm calls made in one module's forward with its target."""
+    """Computes the batch_norm calls made in one module's forward with its target (the fallback
+    for a forward whose calls `takeover_source` cannot redirect)."""
 
     def __init__(self, module: TakenOver) -> None:
         super().__init__()
@@ -97,18 +141,17 @@ class _TakeOver(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func not in BATCH_NORM_FUNCTIONS:
             return func(*args, **(kwargs or {}))
-        module = self.module
         call = BatchNormArgs.of(func, args, kwargs)
-        if call.running_mean is None and call.running_var is None:
-            # a subclass that passes no statistics in training still owns them (frozen uses them)
-            call.running_mean, call.running_var = (
-                getattr(module, "running_mean", None),
-                getattr(module, "running_var", None),
-            )
-        if module.normswap_observer is not None:
-            module.normswap_observer(call.input)
-        function, arguments = type(module).target.function(module.normswap_params, call)
-        return function(*arguments)
+        return self.module.normswap_batch_norm(
+            call.input,
+            call.running_mean,
+            call.running_var,
+            call.weight,
+            call.bias,
+            call.training,
+            call.momentum,
+            call.eps,
+        )
 
 
 def _taking_over(forward: Callable[..., Any]) -> Callable[..., Any]:
@@ -134,17 +177,37 @@ def converted_class(source: type, base: type) -> type:
     """The class a `source` BatchNorm subclass instance becomes over the takeover `base` (cached)."""
     key = (source, base)
     if key not in _CONVERTED:
-        built = _build(source, base)
+        unseen: list[str] = []
+        built = _build(source, base, methods_forward_runs(source), unseen)
+        if unseen:  # a batch_norm call may hide where the source rewrite cannot see: catch it at run time
+            log.debug("%s runs under a TorchFunctionMode: %s", built.__qualname__, "; ".join(unseen))
+            built.forward = _taking_over(built.forward)  # type: ignore[attr-defined]
+            built.__prepare_scriptable__ = _not_scriptable(source, unseen[0])  # type: ignore[attr-defined]
         built.source, built.base = source, base  # type: ignore[attr-defined]  # TakenOver's class attributes
         _CONVERTED[key] = built
     return _CONVERTED[key]
 
 
-def _build(cls: type, base: type) -> type:
+def _not_scriptable(source: type, reason: str) -> Callable[[nn.Module], nn.Module]:
+    """What torch.jit.script calls first on a converted module whose forward runs under the
+    TorchFunctionMode (TorchScript cannot compile that): one sentence instead of its error."""
+
+    def refuse(module: nn.Module) -> nn.Module:
+        raise PlanError(
+            f"{type(module).__name__} (converted from {source.__qualname__}) cannot be scripted: normswap computes its "
+            f"batch_norm calls with a TorchFunctionMode, because {reason}; trace it (torch.jit.trace) instead, or have "
+            "its forward call F.batch_norm directly."
+        )
+
+    return refuse
+
+
+def _build(cls: type, base: type, forward_runs: set[str], unseen: list[str]) -> type:
     """`cls` rebuilt over `base`: each class of its hierarchy above torch's BatchNorm copied, with
-    the methods' `super()` cell pointing at the copy; torch's BatchNorm classes replaced by `base`
-    (with the input-shape check of the torch class the subclass extended, unless `base` checks
-    its own)."""
+    the methods' batch_norm calls redirected (why a method that forward runs could not be goes to
+    `unseen`) and their
+    `super()` cell pointing at the copy; torch's BatchNorm classes replaced by `base` (with the
+    input-shape check of the torch class the subclass extended, unless `base` checks its own)."""
     if cls.__module__.startswith("torch.nn") and issubclass(cls, _BatchNorm):
         check = None if getattr(base, "checks_own_input", False) else getattr(cls, "_check_input_dim", None)
         return (
@@ -152,18 +215,37 @@ def _build(cls: type, base: type) -> type:
         )
     if not issubclass(cls, _BatchNorm):
         return cls  # a mixin: kept as it is
-    bases = tuple(_build(b, base) for b in cls.__bases__)
+    bases = tuple(_build(b, base, forward_runs, unseen) for b in cls.__bases__)
     name = base.class_name(cls.__name__)  # type: ignore[attr-defined]  # a TakenOver base
     cell = types.CellType()
     namespace = {
-        key: _rebound(value, cell) for key, value in vars(cls).items() if key not in ("__dict__", "__weakref__")
+        key: _rebound(_redirected(value, unseen if key in forward_runs else []), cell)
+        for key, value in vars(cls).items()
+        if key not in ("__dict__", "__weakref__")
     }
-    if "forward" in namespace:
-        namespace["forward"] = _taking_over(namespace["forward"])
     namespace.update(__module__=__name__, __qualname__=name)
     new = type(name, bases, namespace)
     cell.cell_contents = new
     return new
+
+
+def _redirected(value: Any, unseen: list[str]) -> Any:
+    """A function of the class body with its batch_norm calls redirected (as it is, noted in
+    `unseen`, when that cannot be done)."""
+    function = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+    if isinstance(value, property):
+        getter, setter, deleter = (
+            _redirected(f, unseen) if f is not None else None for f in (value.fget, value.fset, value.fdel)
+        )
+        return property(getter, setter, deleter, value.__doc__)
+    if not isinstance(function, types.FunctionType):
+        return value
+    try:
+        new = redirected(function)
+    except Unseen as reason:
+        unseen.append(str(reason))
+        return value
+    return type(value)(new) if isinstance(value, (staticmethod, classmethod)) else new
 
 
 def _rebound(value: Any, cell: types.CellType) -> Any:
