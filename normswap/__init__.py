@@ -20,6 +20,7 @@ _API = {
     "Conversion": ".conversion",
     "ConvertOptions": ".conversion",
     "HealOptions": ".calibration",
+    "HealResult": ".calibration",
     "NormswapError": ".errors",
     "Plan": ".plan",
     "PlanEntry": ".plan",
@@ -45,6 +46,7 @@ __all__ = [
     "Conversion",
     "ConvertOptions",
     "HealOptions",
+    "HealResult",
     "NormswapError",
     "Plan",
     "PlanEntry",
@@ -80,7 +82,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
-    from .calibration import HealOptions, calibrate, heal
+    from .calibration import HealOptions, HealResult, calibrate, heal
     from .context import Context
     from .conversion import Conversion, ConvertOptions, convert
     from .errors import NormswapError

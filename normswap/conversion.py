@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,19 +15,22 @@ from torch import nn
 from . import targets
 from .analysis import Analysis
 from .calibration import (
+    CalibrationOutcome,
     Drift,
     HealOptions,
     HealResult,
     SiteCost,
     SiteFit,
     calibrate_and_heal,
-    check_batches,
     check_model_accepts,
+    input_batches,
     site_costs,
 )
 from .calibration.attribution import DEFAULT_SAMPLES
 from .calibration.device import DEVICE_CHOICES
+from .calibration.fit import CALIBRATION_SAMPLES
 from .context import Context
+from .errors import ConfigError
 from .options import option
 from .plan import Plan
 from .policy import PlanRequest, entry_for
@@ -97,6 +101,18 @@ class ConvertOptions:
         metavar="PCT",
         parse=_percent,
     )
+    keep_function: float | None = option(
+        None,
+        "--keep-function",
+        help="With --calibration-data: keep held-out top-1 agreement with the original at or above FRACTION (e.g. 0.99); "
+        "the sites whose conversion costs most are frozen until it holds, and the plan says which and why.",
+        value_type=float,
+        minimum=0,
+        maximum=1,
+        open_minimum=True,
+        finite=True,
+        metavar="FRACTION",
+    )
     attribution_samples: int = option(
         DEFAULT_SAMPLES,
         "--attribution-samples",
@@ -129,6 +145,12 @@ class ConvertOptions:
         require_type(self.to, str, "to", "convert")
         if self.freeze_costly is not None and not 0 <= self.freeze_costly < 1:
             raise ValueError(f"freeze_costly is a fraction of agreement in [0, 1), got {self.freeze_costly!r}.")
+        if self.keep_function is not None and (
+            isinstance(self.keep_function, bool)
+            or not isinstance(self.keep_function, (int, float))
+            or not 0 < self.keep_function <= 1
+        ):
+            raise ValueError(f"keep_function is a fraction of top-1 agreement in (0, 1], got {self.keep_function!r}.")
         object.__setattr__(self, "keep", tuple(self.keep))
 
     @property
@@ -189,7 +211,7 @@ def convert(
     inplace: bool = False,
     *,
     plan: Plan | None = None,
-    calibration_data: Iterable[Any] | None = None,
+    calibration_data: Any = None,
     options: ConvertOptions | None = None,
     **settings: Any,
 ) -> Conversion:
@@ -205,8 +227,12 @@ def convert(
         context: how the model is trained / served (drives "auto").
         inplace: rewrite `model` itself instead of a copy.
         plan: apply this plan instead of planning (checked against the model first).
-        calibration_data: unlabeled input batches; when given, each new GroupNorm / LayerNorm
-            affine is fitted to the original BatchNorm output (see `normswap.calibrate`).
+        calibration_data: unlabeled inputs: a list of batches, a DataLoader, a Dataset or a tensor
+            of samples (batches that also hold labels are fine: items past the example inputs'
+            count are ignored); streamed, not held in memory. When given, a held-out part is set
+            aside (where every stage's drift is measured), each new GroupNorm / LayerNorm affine is
+            fitted to the original BatchNorm output on the first 4,096 samples of the rest (see
+            `normswap.calibrate`), and healing, when asked for, streams the rest.
         options: the settings (`ConvertOptions`); keyword `settings` override single fields:
             max_groups (largest GroupNorm group count), channels_per_group (fewest channels in a
             group), keep (names of sites to leave as they are, with their batch statistics),
@@ -244,40 +270,69 @@ def convert_with(
     options: ConvertOptions,
     *,
     plan: Plan | None = None,
-    calibration_data: Iterable[Any] | None = None,
+    calibration_data: Any = None,
     inplace: bool = False,
 ) -> Conversion:
     """`convert` with its settings as one object (the engine behind the API and the CLI)."""
     if example_inputs is not None:
         materialize_lazy(model, as_input_tuple(example_inputs))  # lazy modules cannot be copied before
     original = copy.deepcopy(model) if inplace and calibration_data is not None else model
-    freeze_costly = options.freeze_costly
+    searching = calibration_data is not None and (
+        options.freeze_costly is not None or options.keep_function is not None
+    )
     rewritten = rewrite_model(
-        model, example_inputs, context, options.plan_request, plan=plan, inplace=inplace and freeze_costly is None
+        model, example_inputs, context, options.plan_request, plan=plan, inplace=inplace and not searching
     )
     if calibration_data is None:
-        return _recorded(Conversion.of(rewritten))
-    batches = check_batches(calibration_data)
-    check_model_accepts(original, batches)
-    costs: list[SiteCost] | None = None
-    if freeze_costly is not None and options.to == "auto" and plan is None:
-        costs = site_costs(original, rewritten.plan, batches, samples=options.attribution_samples or DEFAULT_SAMPLES)
-        frozen = _freeze_costly(rewritten.plan, rewritten.sites, costs, freeze_costly, options.plan_options)
-        if frozen is not rewritten.plan or inplace:  # the first rewrite was on a copy
-            rewritten = rewrite_model(
-                model, example_inputs, context, options.plan_request, plan=frozen, inplace=inplace
+        if options.keep_function is not None:
+            raise ConfigError(
+                "--keep-function needs --calibration-data: the function kept is measured as agreement with the original on held-out data."
             )
+        return _recorded(Conversion.of(rewritten))
+    stream = input_batches(calibration_data, inputs=len(as_input_tuple(example_inputs)))
+    batches = stream.head(CALIBRATION_SAMPLES)
+    check_model_accepts(original, batches)  # one sentence naming the batch, before anything runs on it
+    costs: list[SiteCost] | None = None
+    if searching:
+        costs = site_costs(original, rewritten.plan, batches, samples=options.attribution_samples or DEFAULT_SAMPLES)
+    chosen = rewritten.plan
+    if costs is not None and options.freeze_costly is not None and options.to == "auto" and plan is None:
+        chosen = _freeze_costly(chosen, rewritten.sites, costs, options.freeze_costly, options.plan_options)
     memory_limit = None if options.calibration_memory is None else int(options.calibration_memory * 2**30)
-    outcome = calibrate_and_heal(
-        rewritten.model,
-        original,
-        rewritten.plan,
-        batches,
-        options.heal,
-        options.device,
-        0 if costs is not None else options.attribution_samples,  # measured above: each site alone costs the same
-        memory_limit,
-    )
+
+    def attempt(plan_now: Plan, in_place: bool) -> tuple[Rewritten, CalibrationOutcome]:
+        done = rewrite_model(model, example_inputs, context, options.plan_request, plan=plan_now, inplace=in_place)
+        outcome = calibrate_and_heal(
+            done.model,
+            original,
+            done.plan,
+            stream,
+            options.heal,
+            options.device,
+            0 if costs is not None else options.attribution_samples,  # measured above: each site alone costs the same
+            memory_limit,
+        )
+        return done, outcome
+
+    notes: list[str] = []
+    if options.keep_function is not None and costs is not None:
+        in_place = functools.partial(rewrite_model, model, example_inputs, context, options.plan_request, inplace=True)
+        rewritten, outcome, notes = _within_function(
+            attempt, lambda p: in_place(plan=p), chosen, rewritten.sites, costs, options, inplace
+        )
+    elif searching:
+        rewritten, outcome = attempt(chosen, inplace)
+    else:
+        outcome = calibrate_and_heal(
+            rewritten.model,
+            original,
+            rewritten.plan,
+            stream,
+            options.heal,
+            options.device,
+            options.attribution_samples,
+            memory_limit,
+        )
     if costs is not None and options.attribution_samples:
         outcome.attribution = [c for c in costs if _changes_function(rewritten.plan, c.site)]
     conversion = Conversion.of(rewritten)
@@ -288,10 +343,68 @@ def convert_with(
             attribution=outcome.attribution,
             healing=outcome.healing,
             drift=outcome.drift,
-            notes=[*conversion.notes, *outcome.notes],
+            notes=[*conversion.notes, *notes, *outcome.notes],
             timings={**conversion.timings, "calibrate": outcome.seconds},
         )
     )
+
+
+def _kept(outcome: CalibrationOutcome) -> float:
+    """The function kept after the last stage: held-out top-1 agreement (cosine without class scores)."""
+    drift = list(outcome.drift.values())[-1]
+    return drift.top1_agreement if drift.top1_agreement is not None else drift.cosine
+
+
+def _within_function(
+    attempt: Callable[[Plan, bool], tuple[Rewritten, CalibrationOutcome]],
+    rewrite: Callable[[Plan], Rewritten],
+    plan: Plan,
+    sites: list[Site],
+    costs: list[SiteCost],
+    options: ConvertOptions,
+    inplace: bool,
+) -> tuple[Rewritten, CalibrationOutcome, list[str]]:
+    """Convert, calibrate (and heal); while held-out agreement stays below `keep_function`, freeze
+    the sites whose conversion alone costs most (1, 2, 4, ... of them) and try again."""
+    goal = options.keep_function
+    assert goal is not None
+    by_name = {site.name: site for site in sites}
+    freezable = sorted(  # costliest first
+        (c for c in costs if by_name[c.site].track_running_stats and not by_name[c.site].batch_dependent_eval),
+        key=lambda c: c.worst,
+        reverse=True,
+    )
+    tried: list[str] = []
+    count = 0
+    while True:
+        frozen = {}
+        for cost in freezable[:count]:
+            measure = (
+                "top-1 agreement" if (cost.calibrated or cost.swap).top1_agreement is not None else "cosine similarity"
+            )
+            reason = (
+                f"--keep-function {goal:.1%}: converted alone and calibrated, {cost.target} loses {cost.worst:.1%} {measure} "
+                f"with the original, the most of the sites still converted; frozen keeps its function"
+            )
+            frozen[cost.site] = entry_for(by_name[cost.site], "frozen", reason, options.plan_options)
+        plan_now = Plan([frozen.get(e.name, e) for e in plan.entries], plan.version)
+        last = count >= len(freezable)
+        rewritten, outcome = attempt(plan_now, False)
+        kept = _kept(outcome)
+        tried.append(f"{count} frozen: {kept:.1%}")
+        if kept >= goal or last:
+            break
+        count = min(len(freezable), max(1, 2 * count))
+    if inplace:  # the attempts ran on copies: the kept plan on the user's model, with what was fitted
+        fitted = rewritten.model.state_dict()
+        rewritten = rewrite(plan_now)
+        rewritten.model.load_state_dict(fitted)
+    verdict = "kept" if kept >= goal else "NOT reached even with every site frozen that can be"
+    notes = [
+        f"--keep-function {goal:.1%}: held-out agreement {kept:.1%} with {count} site(s) frozen "
+        f"({', '.join(c.site for c in freezable[:count]) or 'none'}), {verdict}; tried {'; '.join(tried)}"
+    ]
+    return rewritten, outcome, notes
 
 
 CONFIG_KEY = "normswap_plan"  # where a Hugging Face model's config holds its plan

@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
-from .calibration import batches_from_tensor, check_model_accepts, load_calibration_tensor
+from .calibration import check_model_accepts, load_calibration_tensor
+from .calibration.data import TensorSamples
+from .calibration.images import ImageFolder, ImagePreprocessing
 from .checkpoint import Checkpoint, finite_state_dict, fit_to_model, load_checkpoint, save_weights
 from .config import ModelEntry
 from .context import Context
@@ -41,6 +44,36 @@ def _batch_inputs(spec: str) -> tuple[int, ...]:
     if not indices:
         raise ConfigError(f"--batch-inputs {spec} names no input; give input indices (from 0) or 'none'.")
     return indices
+
+
+def _numbers(flag: str, count: tuple[int, ...]) -> Any:
+    """A parser of comma-separated numbers for `flag`, `count` of them (any of those counts)."""
+
+    def parse(spec: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(part) for part in spec.split(","))
+        except ValueError:
+            raise ConfigError(f"{flag} expects comma-separated numbers, got '{spec}'.") from None
+        if len(values) not in count:
+            raise ConfigError(f"{flag} expects {' or '.join(map(str, count))} numbers, got {len(values)} in '{spec}'.")
+        return values
+
+    return parse
+
+
+def _image_size(spec: str) -> tuple[int, int]:
+    """`--image-size`: "224" or "224,224" (height, width)."""
+    values = _numbers("--image-size", (1, 2))(spec)
+    if any(v < 1 or v != int(v) for v in values):
+        raise ConfigError(f"--image-size expects positive whole numbers of pixels, got '{spec}'.")
+    return (int(values[0]), int(values[-1]))
+
+
+def _std(spec: str) -> tuple[float, ...]:
+    values = _numbers("--image-std", (1, 3))(spec)
+    if any(v <= 0 for v in values):
+        raise ConfigError(f"--image-std expects positive numbers, got '{spec}'.")
+    return values
 
 
 @dataclass(frozen=True)
@@ -86,8 +119,30 @@ class JobOptions:
     calibration_data: str | None = option(
         None,
         "--calibration-data",
-        help="Unlabeled inputs (.pt/.npz/.safetensors, first axis = samples) to calibrate the new layers.",
+        help="Unlabeled inputs to calibrate (and heal) the new layers: a tensor file (.pt/.npy/.npz/.safetensors, first axis = "
+        "samples) or a folder of images (read with --image-size/--image-mean/--image-std); streamed a batch at a time.",
         path="any",
+    )
+    image_size: tuple[int, int] | None = option(
+        None,
+        "--image-size",
+        help="With a folder of images: resize the shorter side and crop the centre to this size (H or H,W; default: as they are).",
+        metavar="H[,W]",
+        parse=_image_size,
+    )
+    image_mean: tuple[float, ...] = option(
+        (0.0, 0.0, 0.0),
+        "--image-mean",
+        help="With a folder of images: per-channel mean subtracted from pixels scaled to [0, 1] (R,G,B or one value for gray).",
+        metavar="R,G,B",
+        parse=_numbers("--image-mean", (1, 3)),
+    )
+    image_std: tuple[float, ...] = option(
+        (1.0, 1.0, 1.0),
+        "--image-std",
+        help="With a folder of images: per-channel standard deviation the pixels are divided by, after the mean.",
+        metavar="R,G,B",
+        parse=_std,
     )
     calibration_batch_size: int = option(
         32,
@@ -182,11 +237,7 @@ def convert_checkpoint(
             plan = Plan.read(job.plan_path) if job.plan_path else None
         stage = "trace, plan and rewrite" + (", calibrate and heal" if job.calibration_data else "")
         with steps.step(stage):
-            batches = (
-                _calibration_batches(module, job.calibration_data, job.calibration_batch_size)
-                if job.calibration_data
-                else None
-            )
+            batches = _calibration_data(module, job) if job.calibration_data else None
             conversion = convert_with(module, inputs, context, options, plan=plan, calibration_data=batches)
         section = ConversionSection.of(conversion)
         report = conversion_report(model_name or model.spec, conversion, context, section, model_definition(factory))
@@ -267,11 +318,20 @@ def _write_outputs(
     write_text_atomic(staging / MANIFEST, report.to_json())
 
 
-def _calibration_batches(model: torch.nn.Module, path: str, batch_size: int) -> list[torch.Tensor]:
-    """The calibration file in batches, checked to fit the model before anything else runs."""
-    batches = batches_from_tensor(load_calibration_tensor(path), batch_size)
-    check_model_accepts(model, [(batches[0],)], source=path)
-    return batches
+def _calibration_data(model: torch.nn.Module, job: JobOptions) -> DataLoader:
+    """The calibration file or folder, streamed in batches, checked to fit the model before
+    anything else runs."""
+    path = job.calibration_data
+    assert path is not None
+    if Path(path).is_dir():
+        dataset: Any = ImageFolder(path, ImagePreprocessing(job.image_size, job.image_mean, job.image_std))
+    else:
+        dataset = TensorSamples(load_calibration_tensor(path))
+    loader = DataLoader(
+        dataset, batch_size=job.calibration_batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    check_model_accepts(model, [(next(iter(loader)),)], source=path)
+    return loader
 
 
 def load_converted(model: torch.nn.Module, out_dir: str | Path, example_inputs: Any = None) -> torch.nn.Module:

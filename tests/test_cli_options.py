@@ -216,10 +216,12 @@ def test_calibration_batch_size_sets_the_batches(work: Path) -> None:
         "0",
         "-q",
     ]
+    held_out = 64 // 5  # a fifth of the 64 images is held out to measure drift; the rest calibrates
     assert run(*args, "--calibration-batch-size", "64").exit_code == 0
-    assert report(work)["calibration"][0]["samples"] == 64 * 8 * 8  # one batch of 64 images, 8x8 values per channel
+    assert report(work)["calibration"][0]["samples"] == (64 - held_out) * 8 * 8  # 8x8 values per channel
+    assert report(work)["drift"]["swap"]["samples"] == held_out
     assert run(*args, "--calibration-batch-size", "7", "--force").exit_code == 0
-    assert report(work)["calibration"][0]["samples"] == 64 * 8 * 8  # every sample, whatever the batching
+    assert report(work)["calibration"][0]["samples"] == (64 - held_out) * 8 * 8  # every sample, whatever the batching
 
 
 def test_calibration_memory_bounds_the_held_batches(work: Path) -> None:

@@ -524,7 +524,7 @@ CLI_CASES: list[tuple[str, Setup | None, list[str], str]] = [
         "calib-dir",
         _write("calib/x.pt", "x"),
         [*CONVERT, "--calibration-data", "calib"],
-        "is a directory; give the tensor file inside it",
+        "is a folder with no images (.jpg, .jpeg, .png, .bmp, .gif, .tif, .tiff, .webp); give a folder of images or a tensor file",
     ),
     (
         "calib-suffix",

@@ -30,11 +30,16 @@ def _terminal() -> Console:
     return Console(file=io.StringIO(), force_terminal=True, width=200, color_system=None)
 
 
-def test_progress_bar_shows_steps_per_second_and_the_time_left() -> None:
+@pytest.mark.parametrize(
+    "budget,left",
+    [(None, "0:20 left"), (12.0, "0:07 left"), (60.0, "0:20 left")],
+    ids=["no-budget", "budget-ends-first", "steps-end-first"],
+)
+def test_progress_bar_shows_steps_per_second_agreement_and_the_time_left(budget: float | None, left: str) -> None:
     console, clock = _terminal(), _Clock()
     bar = healing._progress_bar(True, console)
     bar.get_time = clock  # before add_task: the task takes its clock from the bar
-    task = bar.add_task("heal", total=100, drift="held-out loss 0.5")
+    task = bar.add_task("heal", total=100, score="agreement 91.3%", budget=budget)
     for _ in range(20):  # a step every 0.25 s (exact in binary): 4 steps/s, 80 steps left -> 20 s
         clock.now += 0.25
         bar.update(task, advance=1)
@@ -42,8 +47,8 @@ def test_progress_bar_shows_steps_per_second_and_the_time_left() -> None:
     line = console.file.getvalue()
     assert "20/100" in line
     assert "4.0 steps/s" in line
-    assert "0:00:20" in line  # time remaining, h:mm:ss
-    assert "held-out loss 0.5" in line
+    assert left in line  # the sooner of the steps left at this speed and the budget left (5 s elapsed)
+    assert "agreement 91.3%" in line
 
 
 @pytest.fixture

@@ -139,4 +139,4 @@ def test_calibration_and_healing_read_outputs_without_a_batch_axis(nets) -> None
         model, data[0], calibration_data=data, heal=normswap.HealOptions(steps=5), attribution_samples=8
     )
     assert conversion.calibration and conversion.healing is not None and conversion.healing.steps == 5
-    assert conversion.drift["healed"].samples == 32
+    assert conversion.drift["healed"].samples == 8  # measured on the held-out part: the last batch of a list

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,12 +13,14 @@ from .. import targets
 from ..plan import Plan
 from ..torchutil import Timings
 from .attribution import DEFAULT_SAMPLES, SiteCost, site_costs
-from .data import FORMATS, batches_from_tensor, check_batches, check_model_accepts, load_calibration_tensor
+from .data import FORMATS, check_model_accepts, load_calibration_tensor
 from .device import DEVICE_CHOICES, placed, resolve_device, to_device
 from .drift import Drift, measure_drift
-from .fit import Calibration, SiteFit, calibrate, calibrate_sites
-from .healing import HealResult, heal
+from .fit import CALIBRATION_SAMPLES, Calibration, SiteFit, calibrate, calibrate_sites
+from .healing import HealPoint, HealResult, heal, heal_on
+from .heldout import HeldOutScore
 from .options import HealOptions
+from .stream import InputBatches, batch_length, input_batches, model_inputs
 
 
 @dataclass
@@ -32,27 +33,43 @@ class CalibrationOutcome:
     drift: dict[str, Drift] = field(default_factory=dict)  # "swap" / "calibrated" / "healed"
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    heldout_samples: int = 0  # where the drift of every stage was measured
 
 
 def calibrate_and_heal(
     converted: nn.Module,
     original: nn.Module,
     plan: Plan,
-    data: Iterable[Any],
+    data: Any,
     options: HealOptions | None = None,
     device: str | torch.device | None = "auto",
     attribution_samples: int = DEFAULT_SAMPLES,
     memory_limit: int | None = None,
+    *,
+    inputs: int | None = None,
+    progress: bool | None = None,
 ) -> CalibrationOutcome:
     """Calibrate `converted` toward `original`, then heal it when `options` is given (and its
     steps are not 0), on `device`; measure what each site costs alone on `attribution_samples`
-    inputs (0: not measured) and the drift after each stage; all on the calibration data.
-    `memory_limit` bounds the activations calibration holds (bytes; default: half of what is
-    available)."""
+    inputs (0: not measured) and the drift after each stage.
+
+    The data (anything `input_batches` reads; items of a batch past `inputs` are labels) is split
+    once: a held-out part no stage trains on, where the drift of every stage is measured and
+    healing is judged, and the rest, whose first `CALIBRATION_SAMPLES` samples calibrate and which
+    healing streams. `memory_limit` bounds the activations calibration holds (bytes; default: half
+    of what is available)."""
     timings = Timings()
     with timings.measure("calibrate"):
         outcome = _calibrate_and_heal(
-            converted, original, plan, data, options, resolve_device(device), attribution_samples, memory_limit
+            converted,
+            original,
+            plan,
+            input_batches(data, inputs=inputs),
+            options,
+            resolve_device(device),
+            attribution_samples,
+            memory_limit,
+            progress,
         )
     outcome.seconds = timings.seconds["calibrate"]
     return outcome
@@ -62,32 +79,40 @@ def _calibrate_and_heal(
     converted: nn.Module,
     original: nn.Module,
     plan: Plan,
-    data: Iterable[Any],
+    stream: InputBatches,
     options: HealOptions | None,
     where: torch.device,
     attribution_samples: int,
     memory_limit: int | None,
+    progress: bool | None,
 ) -> CalibrationOutcome:
     outcome = CalibrationOutcome()
-    batches = [to_device(b, where) for b in check_batches(data)]
+    train, heldout = stream.split((options or HealOptions()).heldout_samples(stream.samples))
+    fitting = [to_device(b, where) for b in train.head(CALIBRATION_SAMPLES)]
+    judged = [to_device(b, where) for b in heldout] or fitting
+    if not heldout:
+        outcome.notes.append(
+            "the data is one batch: drift is measured on the batches calibration fits, not on held-out ones"
+        )
+    outcome.heldout_samples = sum(batch_length(b) for b in judged)
     with placed(where, converted, original):
+        check_model_accepts(original, [*fitting, *heldout])  # one sentence naming the batch, before any stage
         if attribution_samples:
-            outcome.attribution = site_costs(original, plan, batches, samples=attribution_samples)
-        outcome.drift["swap"] = measure_drift(original, converted, batches)
+            outcome.attribution = site_costs(original, plan, fitting, samples=attribution_samples)
+        outcome.drift["swap"] = measure_drift(original, converted, judged)
         if any(e.converts and targets.get(e.target).calibrated for e in plan):  # frozen / fold keep the function
-            calibration = calibrate_sites(
-                converted, original, batches, plan, device=where, memory_limit=memory_limit, drift=True
-            )
+            calibration = calibrate_sites(converted, original, fitting, plan, device=where, memory_limit=memory_limit)
             outcome.fits = calibration.fits
             outcome.notes.extend(calibration.notes)
-            outcome.drift["calibrated"] = calibration.drift or measure_drift(original, converted, batches)
+            outcome.drift["calibrated"] = measure_drift(original, converted, judged)
         if options is not None and options.steps != 0:
-            outcome.healing = heal(converted, original, batches, options, device=where)
-            if outcome.healing.best_heldout_loss >= outcome.healing.initial_heldout_loss:
+            outcome.healing = heal_on(converted, original, train, heldout, options, where, progress)
+            if not outcome.healing.improved:
                 outcome.notes.append(
-                    "healing did not lower the held-out loss: the calibrated parameters were kept (try a lower --heal-lr)"
+                    "healing did not improve on the held-out data: the calibrated parameters were kept (try a lower --heal-lr)"
                 )
-            outcome.drift["healed"] = measure_drift(original, converted, batches)
+            outcome.drift["healed"] = measure_drift(original, converted, judged)
+    outcome.notes.extend(stream.notes)
     return outcome
 
 
@@ -98,18 +123,22 @@ __all__ = [
     "CalibrationOutcome",
     "Drift",
     "HealOptions",
+    "HealPoint",
     "HealResult",
+    "HeldOutScore",
+    "InputBatches",
     "SiteCost",
     "SiteFit",
-    "batches_from_tensor",
     "calibrate",
     "calibrate_and_heal",
     "calibrate_sites",
-    "check_batches",
     "check_model_accepts",
     "heal",
+    "heal_on",
+    "input_batches",
     "load_calibration_tensor",
     "measure_drift",
+    "model_inputs",
     "resolve_device",
     "site_costs",
 ]

@@ -4,52 +4,44 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..errors import CalibrationError
-from ..torchutil import as_input_tuple, pickle_globals, preserved
+from ..torchutil import pickle_globals, preserved
 from .device import device_of, to_device
 
 FORMATS = (".pt", ".pth", ".npy", ".npz", ".safetensors")
 
 
-def check_batches(batches: Iterable[Any]) -> list[tuple]:
-    """Materialize and check calibration batches: non-empty, finite tensors."""
-    checked = [as_input_tuple(b) for b in batches]
-    if not checked:
-        raise CalibrationError("Calibration data is empty; give at least one batch of inputs.")
-    for index, batch in enumerate(checked):
-        for x in batch:
-            if isinstance(x, torch.Tensor) and x.is_complex():
-                raise CalibrationError(
-                    f"Calibration batch {index} holds complex values; the model's inputs are real numbers."
-                )
-            if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
-                raise CalibrationError(f"Calibration batch {index} holds NaN or infinite values; clean the data first.")
-    return checked
-
-
 def check_model_accepts(
-    model: nn.Module, batches: Sequence[tuple], source: str | None = None, *, restore: bool = True
+    model: nn.Module,
+    batches: Sequence[tuple],
+    source: str | None = None,
+    *,
+    restore: bool = True,
+    first_index: int = 0,
 ) -> None:
     """Run `model` (eval mode, no gradients, state restored) once per distinct batch layout
     (shapes past the batch axis, dtypes), so that data the model cannot take is one sentence
     here rather than a torch error from deep inside calibration, attribution or healing.
 
-    `source` names the file the batches came from, for the message; `restore=False` leaves the
-    restoring to a caller that already does it.
+    `source` names the file the batches came from, for the message; `first_index` is the first
+    batch's index in the user's data; `restore=False` leaves the restoring to a caller that
+    already does it.
     """
     seen: set[tuple] = set()
     where = device_of(model)
     with preserved(model) if restore else contextlib.nullcontext(), torch.no_grad():
         model.eval()
-        for index, batch in enumerate(batches):
+        for index, batch in enumerate(batches, start=first_index):
             layout = tuple((tuple(x.shape[1:]), x.dtype) if isinstance(x, torch.Tensor) else type(x) for x in batch)
             if layout in seen:
                 continue
@@ -99,10 +91,6 @@ def _reason(exc: Exception, path: Path) -> str:
     return text.strip().splitlines()[0][:160] if text.strip() else type(exc).__name__
 
 
-def batches_from_tensor(data: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return [data[i : i + batch_size] for i in range(0, data.shape[0], batch_size)]
-
-
 def load_calibration_tensor(path: str) -> torch.Tensor:
     """Inputs from a .pt / .npz / .safetensors file holding one tensor (first axis = samples)."""
     if os.path.isdir(path):
@@ -119,8 +107,10 @@ def load_calibration_tensor(path: str) -> torch.Tensor:
             ".pt / .pth (torch.save of one tensor), .npy, .npz or .safetensors."
         )
     try:
-        if path.endswith(".npy"):
-            tensors = [torch.from_numpy(np.load(path, allow_pickle=False))]
+        if path.endswith(".npy"):  # memory-mapped: samples are read as batches need them
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a read-only map: normswap never writes to it
+                tensors = [torch.from_numpy(np.load(path, mmap_mode="r", allow_pickle=False))]
         elif path.endswith(".npz"):
             with np.load(path) as archive:
                 arrays = [archive[k] for k in archive.files]
@@ -130,7 +120,7 @@ def load_calibration_tensor(path: str) -> torch.Tensor:
 
             tensors = list(load_file(path).values())
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _torch_load(path)
             tensors = (
                 [obj]
                 if isinstance(obj, torch.Tensor)
@@ -148,7 +138,35 @@ def load_calibration_tensor(path: str) -> torch.Tensor:
         raise CalibrationError(
             f"Calibration data '{path}' holds {str(tensors[0].dtype).removeprefix('torch.')} values; the model's inputs are real numbers."
         )
-    data = tensors[0].float()
+    data = tensors[0]
     if data.dim() == 0 or data.shape[0] == 0:
         raise CalibrationError(f"Calibration data '{path}' is empty.")
     return data
+
+
+def _torch_load(path: str) -> Any:
+    """torch.load, memory-mapped where the file's format allows (torch.save's zip format)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # the legacy format
+
+
+class TensorSamples(Dataset):
+    """The samples of one tensor (first axis), in float32 as they are read: a memory-mapped file
+    stays on disk but for the batches being used."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.data[index].float()
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        # one gather per batch instead of one indexing per sample (DataLoader's batched fetch)
+        return list(self.data[torch.as_tensor(indices)].float())

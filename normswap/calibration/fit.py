@@ -31,17 +31,19 @@ from ..plan import Plan, PlanEntry
 from ..sites import SiteKind
 from ..torchutil import available_memory, preserved, require_module, require_type
 from .affine import AffineSite, CallIndex, functional_site, module_site
-from .data import check_batches, check_model_accepts
+from .data import check_model_accepts
 from .device import placed, resolve_device, to_device
 from .drift import Drift, DriftAccumulator
 from .layerwise import call_counts, functional_pair, module_pair
 from .lockstep import LocatedSite, fit_in_lockstep
 from .stats import AffineFit, ChannelSums, fit_affine
+from .stream import input_batches, model_inputs
 from .walk import traced
 
 log = logging.getLogger(__name__)
 
 MEMORY_SHARE = 0.5  # of the memory available when calibration starts, by default
+CALIBRATION_SAMPLES = 4096  # the per-channel affine fit needs few samples; more data only heals
 
 
 @dataclass
@@ -91,7 +93,8 @@ def calibrate(
     Args:
         converted: the converted model (modified in place).
         original: the model before conversion.
-        batches: a re-iterable collection of input batches (tensors or tuples of tensors).
+        batches: input batches: a list, a DataLoader, a Dataset or a tensor of samples (items of a
+            batch past the model's inputs are labels, ignored); the first 4,096 samples are used.
         plan: the conversion plan (default: every GroupNorm / LayerNorm at a BatchNorm's name).
         device: where to run ("auto": this process's GPU when there is one, else the CPU); both
             models return to their own devices afterwards.
@@ -121,7 +124,8 @@ def calibrate_sites(
     require_module(original, "calibrate")
     require_type(plan, Plan, "plan", "calibrate")
     where = resolve_device(device)
-    batches = [to_device(b, where) for b in check_batches(batches)]
+    stream = input_batches(batches, inputs=model_inputs(original))
+    batches = [to_device(b, where) for b in stream.head(CALIBRATION_SAMPLES)]
     entries = list(plan) if plan is not None else _entries_from_modules(converted, original)
     entries = [e for e in entries if e.converts and targets.get(e.target).calibrated]
     if not entries:

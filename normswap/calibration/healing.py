@@ -1,24 +1,29 @@
-"""Heal: a short label-free distillation of the converted model toward the original's outputs.
+"""Heal: a label-free distillation of the converted model toward the original, streamed from the
+user's data and judged by top-1 agreement with the original on held-out samples.
 
-Loss: KL(softmax(original) || softmax(converted)) for (N, K) class scores, MSE otherwise, on
-random mixtures of two calibration batches labelled by the original (mixup). Adam with a cosine
-schedule; early stopping on a held-out part of the data, keeping the best parameters. Under torchrun (WORLD_SIZE > 1) it runs data-parallel
-with DistributedDataParallel (gloo on CPU, nccl on GPU).
+Loss: KL(softmax(original) || softmax(converted)) for (N, K) class scores, MSE otherwise, plus
+feature hints (hints.py: every converted site's output matched to the original BatchNorm's), on
+mixtures of two consecutive batches labelled by the original (mixup). Adam, a short warm-up, then
+cosine decay over the planned steps or the time budget, whichever ends first. Every few steps the
+held-out score is measured; healing keeps the best parameters and stops when it stops improving,
+when the budget or the planned steps run out. Under torchrun (WORLD_SIZE > 1) the data is sharded
+across ranks and healing runs data-parallel with DistributedDataParallel (gloo on CPU, nccl on GPU).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn
 from rich.text import Text
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -27,38 +32,62 @@ from .. import targets
 from ..errors import CalibrationError, ConfigError
 from ..terminal import stderr_console
 from ..torchutil import flat_outputs, preserved, require_module, require_type
-from .data import check_batches, check_model_accepts
+from .data import check_model_accepts
 from .device import device_of, placed, resolve_device, to_device
+from .heldout import HeldOut, HeldOutScore, distillation_loss, teacher_outputs
+from .hints import Hints
 from .options import HealOptions
+from .stream import InputBatches, batch_length, input_batches, model_inputs
 
 log = logging.getLogger(__name__)
+
+WARMUP = 0.02  # of the planned steps, at least one step: Adam's first steps are its largest
+WEIGHTS_LR_SCALE = (
+    1 / 3
+)  # the trained weights move less than the new layers: on ResNet-20 a tenth healed fastest, the tabular MLP needed a third (README)
+
+
+@dataclass(frozen=True)
+class HealPoint:
+    """The held-out score after `step` steps, `images` training samples and `seconds`."""
+
+    step: int
+    images: int
+    seconds: float
+    score: HeldOutScore
 
 
 @dataclass
 class HealResult:
     """What healing did. `model` is the healed model: the converted model it was given,
-    modified in place and holding the parameters with the best held-out loss."""
+    modified in place and holding the parameters with the best held-out score."""
 
     model: nn.Module
     steps: int
-    best_heldout_loss: float
-    initial_heldout_loss: float
-    stopped_early: bool
+    initial: HeldOutScore
+    best: HeldOutScore
+    stopped: str  # why it stopped: "plateau", "budget", "steps"
+    images: int = 0  # training samples seen, mixtures counted once
+    seconds: float = 0.0
+    heldout_samples: int = 0
+    curve: list[HealPoint] = field(default_factory=list)
     options: HealOptions | None = None  # the settings it ran with
 
+    @property
+    def best_heldout_loss(self) -> float:
+        return self.best.loss
 
-def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-    """KL on (N, K) class scores, MSE on other outputs; outputs whose shapes differ (a length the
-    model's own predictions decide) cannot be matched element by element and are left out."""
-    total = student[0].new_zeros(())
-    for s, t in zip(student, teacher, strict=True):
-        if s.shape != t.shape or not s.is_floating_point():
-            continue
-        if s.dim() == 2 and s.shape[1] > 1:  # class scores
-            total = total + F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
-        else:
-            total = total + F.mse_loss(s, t)
-    return total
+    @property
+    def initial_heldout_loss(self) -> float:
+        return self.initial.loss
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.stopped == "plateau"
+
+    @property
+    def improved(self) -> bool:
+        return self.best.better_than(self.initial)
 
 
 def norm_parameters(converted: nn.Module, original: nn.Module) -> list[nn.Parameter]:
@@ -86,91 +115,233 @@ def trainable_parameters(model: nn.Module, params: str, original: nn.Module) -> 
 def heal(
     converted: nn.Module,
     original: nn.Module,
-    batches: Iterable[Any],
+    data: Any,
     options: HealOptions | None = None,
     *,
     device: str | torch.device | None = "auto",
     progress: bool | None = None,
+    inputs: int | None = None,
     **settings: Any,
 ) -> HealResult:
-    """Distill `converted` toward `original` on unlabeled `batches` (modified in place).
+    """Distill `converted` toward `original` on unlabeled data (modified in place).
 
     Args:
+        data: batches of inputs: a list, a DataLoader, a Dataset or one tensor of samples
+            (normswap.calibration.stream.input_batches); batches that also hold labels are fine,
+            the labels are ignored. Streamed: only the held-out part is held in memory.
         options: the healing settings (default: `HealOptions()`); keyword `settings`
-            (steps=, lr=, params=, seed=, ...) override single fields.
+            (steps=, budget=, lr=, params=, seed=, ...) override single fields.
         device: where to run ("auto": this process's GPU when there is one, else the CPU); both
             models return to their own devices afterwards.
         progress: show a progress bar (default: on a terminal).
+        inputs: how many inputs the model takes (default: what forward requires); items of a
+            batch after them are labels.
 
     Returns:
-        HealResult; `.model` is `converted`, holding the parameters with the best held-out loss.
+        HealResult; `.model` is `converted`, holding the parameters with the best held-out score.
     """
     require_module(converted, "heal")
     require_module(original, "heal")
     require_type(options, HealOptions, "options", "heal", "pass normswap.HealOptions(steps=..., lr=...)")
     options = (options or HealOptions()).replace(**settings)
-    batches = check_batches(batches)
-    held = max(1, int(len(batches) * options.heldout_fraction)) if len(batches) > 1 and options.heldout_fraction else 0
-    train, heldout = batches[: len(batches) - held] or batches, batches[len(batches) - held :] or batches
-    steps = options.resolved_steps(len(train))
+    stream = input_batches(data, inputs=inputs if inputs is not None else model_inputs(original))
+    train, heldout = stream.split(options.heldout_samples(stream.samples))
     where = resolve_device(device)
     with placed(where, converted, original), preserved(original):
-        check_model_accepts(original, batches)
-        result = _heal(
-            converted,
-            original,
-            [to_device(b, where) for b in train],
-            [to_device(b, where) for b in heldout],
-            options,
-            steps,
-            progress,
-        )
+        # the held-out batches (read already; a list's last ones, so their index in it is after the kept ones)
+        kept = train.read()
+        first = len(kept) if heldout and isinstance(kept, list) else 0
+        check_model_accepts(original, heldout or train.head(1), first_index=first)
+        result = heal_on(converted, original, train, heldout, options, where, progress)
+    for note in stream.notes:
+        log.info(note)
+    return result
+
+
+def heal_on(
+    converted: nn.Module,
+    original: nn.Module,
+    train: InputBatches,
+    heldout: list[tuple],
+    options: HealOptions,
+    where: torch.device,
+    progress: bool | None = None,
+) -> HealResult:
+    """`heal` on data already split: trained on `train`, judged on `heldout` (both models on
+    `where` already). Without held-out batches it is judged on the first training batches."""
+    heldout = heldout or train.head(options.heldout_samples(None))
+    result = _Healing(converted, original, train, [to_device(b, where) for b in heldout], options, where).run(progress)
     log.info(
-        "healed %d step(s): held-out loss %.4g -> %.4g%s",
+        "healed %d step(s) in %.0f s, %d images: held-out %s -> %s (%s)",
         result.steps,
-        result.initial_heldout_loss,
-        result.best_heldout_loss,
-        " (stopped early)" if result.stopped_early else "",
+        result.seconds,
+        result.images,
+        _describe(result.initial),
+        _describe(result.best),
+        result.stopped,
     )
     return result
 
 
-def _heal(
-    converted: nn.Module,
-    original: nn.Module,
-    train: list[tuple],
-    heldout: list[tuple],
-    options: HealOptions,
-    steps: int,
-    progress: bool | None,
-) -> HealResult:
-    world = world_size()
-    with _only_trainable(converted, trainable_parameters(converted, options.params, original)) as chosen:
-        model = converted
-        if world > 1:  # after choosing parameters: DDP registers the ones that require grad
-            model = _distributed(converted)
-            rank = torch.distributed.get_rank()
-            train = train[rank::world] or train
-        distiller = _Distiller(model, original, train, options, chosen, steps)
-        judge = _HeldOut(converted, original, heldout)
-        converted.eval()  # statistics and dropout fixed: only the chosen parameters move
-        stopping = _EarlyStopping(converted, judge(), options.patience)
-        eval_every = options.resolved_eval_every(steps)
-        console = stderr_console()
-        show = progress if progress is not None else (console.is_terminal and not console.quiet and world == 1)
-        with _progress_bar(show, console) as bar:
-            task = bar.add_task("heal", total=steps, drift=f"held-out loss {stopping.initial:.4g}")
-            step = 0
-            for step in range(1, steps + 1):
-                distiller.step(step)
-                if step % eval_every == 0 or step == steps:
-                    current = judge()
-                    bar.update(task, advance=0, drift=f"held-out loss {current:.4g}")
-                    if stopping.stop(current):
+def _describe(score: HeldOutScore) -> str:
+    if score.agreement is not None:
+        return f"agreement {score.agreement:.1%}"
+    return f"loss {score.loss:.4g}"
+
+
+class _Healing:
+    """One healing run: the training stream, the held-out judge, the clock and the schedule."""
+
+    def __init__(
+        self,
+        converted: nn.Module,
+        original: nn.Module,
+        train: InputBatches,
+        heldout: list[tuple],
+        options: HealOptions,
+        where: torch.device,
+    ) -> None:
+        self.converted, self.original, self.options, self.where = converted, original, options, where
+        self.world = world_size()
+        self.train = train.sharded(_rank(), self.world) if self.world > 1 else train
+        self.heldout = heldout
+        samples = self.train.samples
+        batch = batch_length(heldout[0]) if heldout else 1
+        per_pass = math.ceil(samples / self.world / batch) if samples is not None else None
+        self.planned = options.planned_steps(per_pass, batch * self.world)
+        self.budget = options.budget * 60 if options.budget is not None else None
+
+    def run(self, progress: bool | None) -> HealResult:
+        options = self.options
+        chosen = trainable_parameters(self.converted, options.params, self.original)
+        with _only_trainable(self.converted, chosen):
+            model = _distributed(self.converted) if self.world > 1 else self.converted  # DDP: after choosing
+            judge = HeldOut(self.converted, self.original, self.heldout)
+            self.converted.eval()  # statistics and dropout fixed: only the chosen parameters move
+            self.original.eval()
+            hints = Hints(self.converted, self.original) if options.hints else None
+            optimizer = torch.optim.Adam(_parameter_groups(chosen, self.converted, self.original), lr=options.lr)
+            generator = torch.Generator().manual_seed(options.seed)
+            start = time.monotonic()
+            stopping = _EarlyStopping(self.converted, judge(), options.patience)
+            curve = [HealPoint(0, 0, 0.0, stopping.initial)]
+            eval_every = options.resolved_eval_every(self.planned)
+            console = stderr_console()
+            show = progress if progress is not None else (console.is_terminal and not console.quiet and self.world == 1)
+            step = images = 0
+            stopped = "steps"
+            with _progress_bar(show, console) as bar, hints.observing() if hints else contextlib.nullcontext():
+                task = bar.add_task("heal", total=self.planned, score=_describe(stopping.initial), budget=self.budget)
+                for batch in self._batches(generator):
+                    step += 1
+                    self._set_lr(optimizer, step, time.monotonic() - start)
+                    images += batch_length(batch)
+                    _step(model, self.original, batch, optimizer, hints, step, options.lr)
+                    elapsed = time.monotonic() - start
+                    out_of_time = self.budget is not None and elapsed >= self.budget
+                    last = step >= self.planned
+                    if step % eval_every == 0 or last or out_of_time:
+                        score = judge()
+                        curve.append(HealPoint(step, images, elapsed, score))
+                        if stopping.stop(score):
+                            stopped = "plateau"
+                            break
+                        bar.update(task, score=_describe(score))
+                    bar.update(task, advance=1)
+                    if out_of_time:
+                        stopped = "budget"
                         break
-                bar.update(task, advance=1)
-        converted.load_state_dict(stopping.best_state)
-    return HealResult(converted, step, stopping.best, stopping.initial, stopping.stopped, options)
+                    if last:
+                        break
+            self.converted.load_state_dict(stopping.best_state)
+        return HealResult(
+            self.converted,
+            step,
+            stopping.initial,
+            stopping.best,
+            stopped,
+            images,
+            time.monotonic() - start,
+            judge.samples,
+            curve,
+            options,
+        )
+
+    def _batches(self, generator: torch.Generator) -> Iterator[tuple]:
+        """Training batches on the device, pass after pass, mixed with the one before (mixup)."""
+        previous: tuple | None = None
+        while True:
+            seen = False
+            for batch in self.train:
+                seen = True
+                batch = to_device(batch, self.where)
+                if self.options.mixup and previous is not None:
+                    mixed_batch = mixed(batch, previous, generator)
+                    previous = batch
+                    batch = mixed_batch
+                else:
+                    previous = batch
+                yield batch
+            if not seen:
+                raise CalibrationError("Healing data is empty after the held-out part; give more batches.")
+
+    def _progress(self, step: int, elapsed: float) -> float:
+        """How far along the schedule is: the larger of the steps and the budget fractions."""
+        done = step / self.planned
+        if self.budget is not None:
+            done = max(done, elapsed / self.budget)
+        return min(done, 1.0)
+
+    def _set_lr(self, optimizer: torch.optim.Optimizer, step: int, elapsed: float) -> None:
+        lr = self.options.lr
+        warmup = max(1, int(WARMUP * self.planned))
+        if step <= warmup:
+            lr *= step / warmup
+        elif self.options.schedule == "cosine":
+            lr *= 0.5 * (1 + math.cos(math.pi * self._progress(step, elapsed)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["scale"]
+
+
+def _parameter_groups(chosen: list[nn.Parameter], converted: nn.Module, original: nn.Module) -> list[dict[str, Any]]:
+    """The new normalization layers' affine at the full rate; every other parameter (the
+    pretrained network's weights, which already fit the data) at WEIGHTS_LR_SCALE of it."""
+    new = set(norm_parameters(converted, original))
+    groups = [
+        {"params": [p for p in chosen if p in new], "scale": 1.0},
+        {"params": [p for p in chosen if p not in new], "scale": WEIGHTS_LR_SCALE},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def _minutes(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _step(
+    model: nn.Module,
+    teacher: nn.Module,
+    inputs: tuple,
+    optimizer: torch.optim.Optimizer,
+    hints: Hints | None,
+    step: int,
+    lr: float,
+) -> None:
+    """One optimisation step of the student toward the teacher's outputs (and hints) on `inputs`."""
+    optimizer.zero_grad(set_to_none=True)
+    target = teacher_outputs(teacher, inputs)
+    loss = distillation_loss(flat_outputs(model(*inputs)), target)
+    if hints is not None:
+        hinted = hints.loss()
+        if hinted is not None:
+            loss = loss + hinted
+    if not torch.isfinite(loss):
+        raise CalibrationError(
+            f"Healing diverged at step {step} (loss {float(loss.detach())}); lower the learning rate (now {lr:g})."
+        )
+    loss.backward()
+    optimizer.step()
 
 
 @contextlib.contextmanager
@@ -188,95 +359,38 @@ def _only_trainable(model: nn.Module, chosen: list[nn.Parameter]) -> Iterator[li
             p.requires_grad_(flag)
 
 
-class _Distiller:
-    """One optimisation step of the student toward the teacher's outputs on a training batch (or
-    on a mixture of two, labelled by the teacher)."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        teacher: nn.Module,
-        train: list[tuple],
-        options: HealOptions,
-        chosen: list[nn.Parameter],
-        steps: int,
-    ) -> None:
-        self.model, self.teacher, self.train, self.options = model, teacher, train, options
-        self.generator = torch.Generator().manual_seed(options.seed)
-        self.optimizer = torch.optim.Adam(chosen, lr=options.lr)
-        self.scheduler = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=steps)
-            if options.schedule == "cosine"
-            else None
-        )
-        teacher.eval()
-        self.targets = [] if options.mixup else [_teacher_outputs(teacher, b) for b in train]
-
-    def step(self, step: int) -> None:
-        pick = int(torch.randint(len(self.train), (1,), generator=self.generator))
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.options.mixup:
-            # distil on mixtures of two batches, labelled by the original: more distinct inputs
-            # than the calibration data holds (what reaches the original's accuracy on tabular data)
-            other = int(torch.randint(len(self.train), (1,), generator=self.generator))
-            inputs = mixed(self.train[pick], self.train[other], self.generator)
-            target = _teacher_outputs(self.teacher, inputs)
-        else:
-            inputs, target = self.train[pick], self.targets[pick]
-        loss = distillation_loss(flat_outputs(self.model(*inputs)), target)
-        if not torch.isfinite(loss):
-            raise CalibrationError(
-                f"Healing diverged at step {step} (loss {float(loss.detach())}); lower the learning rate (now {self.options.lr:g})."
-            )
-        loss.backward()
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-
-
-def _teacher_outputs(teacher: nn.Module, inputs: tuple) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [t.detach() for t in flat_outputs(teacher(*inputs))]
-
-
-class _HeldOut:
-    """The distillation loss on the held-out batches (the teacher's outputs computed once)."""
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, heldout: list[tuple]) -> None:
-        self.student, self.heldout = student, heldout
-        teacher.eval()
-        self.targets = [_teacher_outputs(teacher, b) for b in heldout]
-
-    def __call__(self) -> float:
-        with torch.no_grad():
-            losses = [
-                float(distillation_loss(flat_outputs(self.student(*b)), t))
-                for b, t in zip(self.heldout, self.targets, strict=True)
-            ]
-        return sum(losses) / len(losses)
-
-
 class _EarlyStopping:
-    """Keeps the parameters with the best held-out loss; says stop after `patience` evaluations
+    """Keeps the parameters with the best held-out score; says stop after `patience` evaluations
     without improvement."""
 
-    def __init__(self, model: nn.Module, initial: float, patience: int) -> None:
+    def __init__(self, model: nn.Module, initial: HeldOutScore, patience: int) -> None:
         self.model, self.patience = model, patience
         self.initial = self.best = initial
         self.best_state = self._state()
-        self.bad, self.stopped = 0, False
+        self.bad = 0
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    def stop(self, loss: float) -> bool:
-        if loss < self.best - 1e-12:
-            self.best, self.bad = loss, 0
+    def stop(self, score: HeldOutScore) -> bool:
+        if score.better_than(self.best):
+            self.best, self.bad = score, 0
             self.best_state = self._state()
             return False
         self.bad += 1
-        self.stopped = self.bad >= self.patience
-        return self.stopped
+        return self.bad >= self.patience
+
+
+class _TimeLeft(ProgressColumn):
+    """'0:20 left': rich's estimate from the steps per second, or the budget's end if sooner (a
+    task field `budget`, seconds, None for no budget)."""
+
+    def render(self, task: Task) -> Text:
+        left = [task.time_remaining] if task.time_remaining is not None else []
+        budget = task.fields.get("budget")
+        if budget is not None and task.elapsed is not None:
+            left.append(budget - task.elapsed)
+        return Text(f"{_minutes(min(left))} left" if left else "")
 
 
 class _StepsPerSecond(ProgressColumn):
@@ -287,16 +401,17 @@ class _StepsPerSecond(ProgressColumn):
 
 
 def _progress_bar(show: bool, console: Console) -> Progress:
-    """Steps done of all, steps per second, the held-out loss and the time left, drawn on
-    `console` (normswap's standard-error console: where the terminal check looks, and where a
-    spinner the bar nests under draws). Its task needs a `drift` field."""
+    """Steps done of all planned, steps per second, the held-out agreement (or loss) so far and the
+    time left (planned steps or budget, whichever ends first), drawn on `console` (normswap's
+    standard-error console: where the terminal check looks, and where a spinner the bar nests
+    under draws). Its task needs a `score` field and may have a `budget` one (seconds)."""
     columns = (
         TextColumn("heal"),
         BarColumn(),
         MofNCompleteColumn(),
         _StepsPerSecond(),
-        TextColumn("{task.fields[drift]}"),
-        TimeRemainingColumn(),
+        TextColumn("{task.fields[score]}"),
+        _TimeLeft(),
     )
     return Progress(*columns, console=console, disable=not show, transient=True)
 
@@ -323,6 +438,12 @@ def world_size() -> int:
             "run under torchrun, or unset WORLD_SIZE to heal on one device."
         )
     return world
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def _distributed(model: nn.Module) -> nn.Module:

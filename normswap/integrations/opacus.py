@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..analysis import analyze
-from ..calibration import check_batches
+from ..calibration import input_batches, model_inputs
 from ..context import Context
 from ..conversion import Conversion, ConvertOptions, convert_with
 from ..policy import resolve_plan
@@ -43,15 +43,16 @@ class OpacusSettings:
         batch, else no run at all: every BatchNorm module is judged and replaced from its
         constructor arguments, functional calls are not seen, and of the in-place operations
         Opacus' hooks trip on only `inplace=True` flags are turned off.
-    calibration_data: unlabeled input batches each new layer's affine is fitted on. They are
-        used outside DP-SGD's privacy accounting: give public data (the pretraining
-        distribution, say), never the private training set.
+    calibration_data: input batches each new layer's affine is fitted on, in any form `convert`
+        reads (a DataLoader, a Dataset, a list of batches; labels are dropped). They are used
+        outside DP-SGD's privacy accounting: give public data (the pretraining distribution,
+        say), never the private training set.
     """
 
     options: ConvertOptions = dataclasses.field(default_factory=ConvertOptions)
     context: Context = dataclasses.field(default_factory=lambda: Context(differential_privacy=True))
     example_inputs: Any = None
-    calibration_data: tuple[tuple[Any, ...], ...] | None = None
+    calibration_data: Any = None
 
     def __post_init__(self) -> None:
         require_type(self.options, ConvertOptions, "options", "install", "build one with normswap.ConvertOptions(...)")
@@ -59,14 +60,14 @@ class OpacusSettings:
         if not self.context.differential_privacy:
             object.__setattr__(self, "context", dataclasses.replace(self.context, differential_privacy=True))
 
-    def inputs(self, example_inputs: Any = None, calibration_data: Iterable[Any] | None = None) -> tuple[Any, Any]:
-        """(example inputs, calibration batches) for one call: its own, else the installed ones;
-        without example inputs, the first calibration batch."""
-        batches = tuple(check_batches(calibration_data)) if calibration_data is not None else self.calibration_data
+    def inputs(self, module: nn.Module, example_inputs: Any = None, calibration_data: Any = None) -> tuple[Any, Any]:
+        """(example inputs, calibration data) for one call on `module`: its own, else the
+        installed ones; without example inputs, the model's inputs in the first calibration batch."""
+        data = calibration_data if calibration_data is not None else self.calibration_data
         example = example_inputs if example_inputs is not None else self.example_inputs
-        if example is None and batches:
-            example = batches[0]
-        return example, batches
+        if example is None and data is not None:
+            example = input_batches(data, inputs=model_inputs(module)).head(1)[0]
+        return example, data
 
 
 class Installation:
@@ -103,7 +104,7 @@ class Installation:
                     f"ModuleValidator.fix(..., {key}=...) sets Opacus' own BatchNorm fixer, which normswap replaces while "
                     f"installed; pass {instead} to normswap.integrations.opacus.install(), or uninstall() it."
                 )
-        example, batches = self.settings.inputs(example_inputs, calibration_data)
+        example, batches = self.settings.inputs(module, example_inputs, calibration_data)
         conversion = convert_with(
             module, example, self.settings.context, self.settings.options, calibration_data=batches
         )
@@ -249,9 +250,8 @@ def install(
         )
     require_type(options, ConvertOptions, "options", "install", "build one with normswap.ConvertOptions(...)")
     options = (options or ConvertOptions()).replace(**settings, **({"to": to} if to is not None else {}))
-    batches = tuple(check_batches(calibration_data)) if calibration_data is not None else None
     installation = Installation(
-        OpacusSettings(options, context or Context(), example_inputs=example_inputs, calibration_data=batches)
+        OpacusSettings(options, context or Context(), example_inputs=example_inputs, calibration_data=calibration_data)
     )
     installation._enable()
     _current = installation

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from ..rules import CATALOGUE, FixSafety, Rule
 
 if TYPE_CHECKING:
-    from ..calibration import Drift, SiteCost
+    from ..calibration import Drift, HealResult, HeldOutScore, SiteCost
     from ..fix import Edit, SourceFixes
     from ..report import Report
     from ..rules import Finding
@@ -135,6 +135,28 @@ def drift_summary(drift: Drift) -> str:
         outputs = ", ".join(map(str, drift.not_compared))
         left_out = f" (output {outputs} not compared: its shape differs between the models)"
     return f"max abs {drift.max_abs:.3g}, mean abs {drift.mean_abs:.3g}, cosine {drift.cosine:.4f}{top1} over {drift.samples} samples{left_out}"
+
+
+STOPPED = {
+    "plateau": "held-out agreement stopped improving",
+    "budget": "the time budget ran out",
+    "steps": "the planned steps ran out",
+}
+
+
+def score_text(score: HeldOutScore) -> str:
+    return f"agreement {score.agreement:.1%}" if score.agreement is not None else f"loss {score.loss:.4g}"
+
+
+def healing_summary(healing: HealResult) -> str:
+    """'524 steps over 67,072 images in 9.6 min, held-out agreement 82.1% -> 94.3% on 2,048 samples
+    (stopped: ...)': what healing did, for text and markdown."""
+    before, best = score_text(healing.initial), score_text(healing.best)
+    return (
+        f"{healing.steps} steps over {healing.images:,} images in {healing.seconds / 60:.1f} min, "
+        f"held-out {before} -> {best.removeprefix('agreement ').removeprefix('loss ')} on {healing.heldout_samples:,} samples "
+        f"({STOPPED.get(healing.stopped, healing.stopped)})"
+    )
 
 
 def cost_text(cost: SiteCost) -> str:

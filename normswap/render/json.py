@@ -14,7 +14,7 @@ from .._version import __version__
 from .common import statistics
 
 if TYPE_CHECKING:
-    from ..calibration import Drift, HealResult, SiteCost, SiteFit
+    from ..calibration import Drift, HealResult, HeldOutScore, SiteCost, SiteFit
     from ..context import Context
     from ..export import Validation
     from ..export.tolerance import OutputCheck
@@ -133,14 +133,25 @@ def _cost(cost: SiteCost) -> dict[str, Any]:
     return {"site": cost.site, "target": cost.target, "swap": _drift(cost.swap), "calibrated": _drift(cost.calibrated)}
 
 
+def _score(score: HeldOutScore) -> dict[str, Any]:
+    return {"agreement": score.agreement, "loss": score.loss}
+
+
 def _healing(healing: HealResult | None) -> dict[str, Any] | None:
     if healing is None:
         return None
     return {
         "steps": healing.steps,
-        "best_heldout_loss": healing.best_heldout_loss,
-        "initial_heldout_loss": healing.initial_heldout_loss,
-        "stopped_early": healing.stopped_early,
+        "images": healing.images,
+        "seconds": round(healing.seconds, 3),
+        "stopped": healing.stopped,
+        "heldout_samples": healing.heldout_samples,
+        "initial": _score(healing.initial),
+        "best": _score(healing.best),
+        "curve": [
+            {"step": p.step, "images": p.images, "seconds": round(p.seconds, 3), **_score(p.score)}
+            for p in healing.curve
+        ],
         "options": dataclasses.asdict(healing.options) if healing.options is not None else None,
     }
 

@@ -6,7 +6,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import cost_text, fix_counts, location_text, plural, recommended_action, unfixable_groups
+from .common import (
+    cost_text,
+    fix_counts,
+    healing_summary,
+    location_text,
+    plural,
+    recommended_action,
+    score_text,
+    unfixable_groups,
+)
 from .text import summary_line
 
 if TYPE_CHECKING:
@@ -111,6 +120,13 @@ def _conversion(section: ConversionSection | None, notes: list[str]) -> list[str
     if section is not None and section.calibration:
         lines += ["#### Calibration", "", "| Layer | Target | R² | Values fitted per channel |", "|---|---|---|---|"]
         lines += [f"| `{fit.name}` | {fit.target} | {fit.r2:.3f} | {fit.samples} |" for fit in section.calibration]
+        lines.append("")
+    if section is not None and section.healing is not None:
+        lines += ["#### Healing", "", healing_summary(section.healing) + ".", ""]
+        lines += ["| Step | Images | Minutes | Held-out |", "|---|---|---|---|"]
+        lines += [
+            f"| {p.step} | {p.images:,} | {p.seconds / 60:.1f} | {score_text(p.score)} |" for p in section.healing.curve
+        ]
         lines.append("")
     if section is not None and section.drift:
         lines += [

@@ -20,6 +20,7 @@ from .common import (
     cost_text,
     drift_summary,
     fix_counts,
+    healing_summary,
     location_text,
     plural,
     recommended_action,
@@ -181,6 +182,8 @@ def _conversion(console: Console, report: Report) -> None:
                 console.print(f"  {cost.site:<24} {cost.target:<10} {cost_text(cost)}", soft_wrap=True)
             if len(section.attribution) > 10:
                 console.print(f"  ... {len(section.attribution) - 10} more in report.json")
+        if section.healing is not None:
+            console.print(f"healing: {healing_summary(section.healing)}", soft_wrap=True)
     for note in report.notes:
         console.print(f"note: {note}", soft_wrap=True)
     if section is not None:
