@@ -351,8 +351,7 @@ def convert_with(
 
 def _kept(outcome: CalibrationOutcome) -> float:
     """The function kept after the last stage: held-out top-1 agreement (cosine without class scores)."""
-    drift = list(outcome.drift.values())[-1]
-    return drift.top1_agreement if drift.top1_agreement is not None else drift.cosine
+    return list(outcome.drift.values())[-1].function_kept
 
 
 def _within_function(

@@ -101,10 +101,21 @@ def _calibrate_and_heal(
             outcome.attribution = site_costs(original, plan, fitting, samples=attribution_samples)
         outcome.drift["swap"] = measure_drift(original, converted, judged)
         if any(e.converts and targets.get(e.target).calibrated for e in plan):  # frozen / fold keep the function
+            swapped = {name: value.clone() for name, value in converted.state_dict().items()}
             calibration = calibrate_sites(converted, original, fitting, plan, device=where, memory_limit=memory_limit)
             outcome.fits = calibration.fits
             outcome.notes.extend(calibration.notes)
-            outcome.drift["calibrated"] = measure_drift(original, converted, judged)
+            swap, calibrated = outcome.drift["swap"], measure_drift(original, converted, judged)
+            outcome.drift["calibrated"] = calibrated
+            # each fit is the best affine for its own site, not for the model's output: where the
+            # fits together move the output away (seen on a recurrent model), the swap is kept
+            if calibrated.function_kept < swap.function_kept:
+                converted.load_state_dict(swapped)
+                outcome.drift["calibrated"] = swap  # the model returned
+                outcome.notes.append(
+                    f"calibration lowered held-out {swap.measure} from {swap.function_kept:.1%} to {calibrated.function_kept:.1%}: "
+                    "the swapped layers' parameters were kept"
+                )
         if options is not None and options.steps != 0:
             outcome.healing = heal_on(converted, original, train, heldout, options, where, progress)
             if not outcome.healing.improved:

@@ -24,6 +24,15 @@ class Drift:
     # outputs left out: their shapes differ between the models (a length the data decides)
     not_compared: tuple[int, ...] = ()
 
+    @property
+    def function_kept(self) -> float:
+        """Top-1 agreement where the output is class scores, else the cosine of the outputs."""
+        return self.top1_agreement if self.top1_agreement is not None else self.cosine
+
+    @property
+    def measure(self) -> str:
+        return "top-1 agreement" if self.top1_agreement is not None else "output cosine"
+
 
 def eval_outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
     with preserved(model), torch.no_grad():
