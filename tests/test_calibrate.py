@@ -406,10 +406,13 @@ def test_subclass_sites_are_calibrated(model_name: str, target: str) -> None:
 
     model = (build if model_name == "subclass" else build_real)(model_name, seed=SEED).eval()
     data = [input_for(model_name, batch=16) * (1 + i) for i in range(4)]
-    conversion = normswap.convert(model, data[0], to=target, calibration_data=data)
+    # calibrate alone: convert's calibration keeps the swap where the fits lower held-out agreement,
+    # which on this untrained model depends on the seed; what is tested here is the fit itself
+    conversion = normswap.convert(model, data[0], to=target)
+    fits = normswap.calibrate(conversion.model, model, data, conversion.plan)
     converted = {entry.name for entry in conversion.plan.converted}
-    assert converted and {fit.name for fit in conversion.calibration} == converted
-    assert all(0.0 < fit.r2 <= 1.0 for fit in conversion.calibration)
+    assert converted and {fit.name for fit in fits} == converted
+    assert all(0.0 < fit.r2 <= 1.0 for fit in fits)
     for name in converted:  # the fitted affine was written into the converted layer
         assert not torch.equal(conversion.model.get_submodule(name).weight, model.get_submodule(name).weight)
 
