@@ -301,7 +301,9 @@ def convert_with(
     memory_limit = None if options.calibration_memory is None else int(options.calibration_memory * 2**30)
 
     def attempt(plan_now: Plan, in_place: bool) -> tuple[Rewritten, CalibrationOutcome]:
-        done = rewrite_model(model, example_inputs, context, options.plan_request, plan=plan_now, inplace=in_place)
+        # entries copied: calibration writes the eps it chooses into the plan it calibrates
+        fresh = Plan([dataclasses.replace(e) for e in plan_now.entries], plan_now.version)
+        done = rewrite_model(model, example_inputs, context, options.plan_request, plan=fresh, inplace=in_place)
         outcome = calibrate_and_heal(
             done.model,
             original,
@@ -394,9 +396,9 @@ def _within_function(
         if kept >= goal or last:
             break
         count = min(len(freezable), max(1, 2 * count))
-    if inplace:  # the attempts ran on copies: the kept plan on the user's model, with what was fitted
+    if inplace:  # the attempts ran on copies: the kept plan (with the eps calibration chose) on the user's model
         fitted = rewritten.model.state_dict()
-        rewritten = rewrite(plan_now)
+        rewritten = rewrite(rewritten.plan)
         rewritten.model.load_state_dict(fitted)
     verdict = "kept" if kept >= goal else "NOT reached even with every site frozen that can be"
     notes = [

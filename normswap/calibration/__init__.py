@@ -16,7 +16,7 @@ from .attribution import DEFAULT_SAMPLES, SiteCost, site_costs
 from .data import FORMATS, check_model_accepts, load_calibration_tensor
 from .device import DEVICE_CHOICES, placed, resolve_device, to_device
 from .drift import Drift, measure_drift
-from .fit import CALIBRATION_SAMPLES, Calibration, SiteFit, calibrate, calibrate_sites
+from .fit import CALIBRATION_SAMPLES, Calibration, SiteFit, Swapped, calibrate, calibrate_sites
 from .healing import HealPoint, HealResult, heal, heal_on
 from .heldout import HeldOutScore
 from .options import HealOptions
@@ -101,7 +101,7 @@ def _calibrate_and_heal(
             outcome.attribution = site_costs(original, plan, fitting, samples=attribution_samples)
         outcome.drift["swap"] = measure_drift(original, converted, judged)
         if any(e.converts and targets.get(e.target).calibrated for e in plan):  # frozen / fold keep the function
-            swapped = {name: value.clone() for name, value in converted.state_dict().items()}
+            swapped = Swapped.of(converted, plan)
             calibration = calibrate_sites(converted, original, fitting, plan, device=where, memory_limit=memory_limit)
             outcome.fits = calibration.fits
             outcome.notes.extend(calibration.notes)
@@ -110,7 +110,7 @@ def _calibrate_and_heal(
             # each fit is the best affine for its own site, not for the model's output: where the
             # fits together move the output away (seen on a recurrent model), the swap is kept
             if calibrated.function_kept < swap.function_kept:
-                converted.load_state_dict(swapped)
+                swapped.restore(converted, plan)
                 outcome.drift["calibrated"] = swap  # the model returned
                 outcome.notes.append(
                     f"calibration lowered held-out {swap.measure} from {swap.function_kept:.1%} to {calibrated.function_kept:.1%}: "

@@ -4,6 +4,7 @@ fitted to, and how to watch both while a model runs."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,9 +22,15 @@ from ..errors import CalibrationError
 from ..passes.rewrite_functional import SITE_META
 from ..plan import PlanEntry
 from ..sites import SiteKind
+from ..targets.base import NormParams, set_attributes
 from ..targets.takeover import TakenOver
 from ..torchutil import tensor_attribute
-from .stats import AffineFit
+from .stats import AffineFit, EpsSums
+
+# the eps a new layer may take, in multiples of the typical variance it divides by: a larger eps
+# lets through some of the scale the normalization removes (an image's contrast, where BatchNorm
+# kept it), and at 1 still halves the range of scales a group can reach
+EPS_CHOICES = (0.25, 1.0, 4.0, 16.0)
 
 
 class Stop(Exception):
@@ -40,6 +47,9 @@ class AffineSite:
     weight: torch.Tensor
     bias: torch.Tensor
     batchnorm: _BatchNorm | None
+    layer: nn.Module | None = None  # the new layer, where calibration may choose its eps
+    eps_choices: tuple[float, ...] = ()  # chosen on the first batch's input; [0] is the layer's own
+    eps: float | None = None  # the eps the fit chose, once fitted
 
     @property
     def name(self) -> str:
@@ -49,12 +59,33 @@ class AffineSite:
     def functional(self) -> bool:
         return self.batchnorm is None
 
-    def normalized(self, x: torch.Tensor) -> torch.Tensor:
-        """z: the new layer's normalization of `x`, before its affine."""
-        z = targets.get(self.entry.target).normalize(self.entry.params, x)
+    @property
+    def params(self) -> NormParams:
+        return norm_params(self.entry)
+
+    def normalized(self, x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+        """z: the new layer's normalization of `x`, before its affine (with `eps`, that eps)."""
+        params = self.params if eps is None else dataclasses.replace(self.params, eps=eps)
+        z = targets.get(self.entry.target).normalize(params, x)
         if z is None:
             raise CalibrationError(f"Target '{self.entry.target}' of '{self.name}' is not calibrated.")
         return z
+
+    def sums(self, x: torch.Tensor, y: torch.Tensor) -> EpsSums:
+        """One batch's sums: z from the new layer's input `x` at each eps it may take, and the target `y`."""
+        if not self.eps_choices:
+            self.eps_choices = self._eps_choices(x)
+        return EpsSums.of({eps: self.normalized(x, eps) for eps in self.eps_choices}, y)
+
+    def _eps_choices(self, x: torch.Tensor) -> tuple[float, ...]:
+        """The layer's own eps, and larger ones scaled by the variance it divides by, where the
+        layer reads its eps from the attribute calibration sets."""
+        variance = targets.get(self.entry.target).normalized_variance(self.params, x)
+        own = _own_eps(self.layer) if self.layer is not None else None
+        if variance is None or own is None:
+            return (self.params.eps,)
+        typical = float(variance.detach().float().median())
+        return (own, *sorted({k * typical for k in EPS_CHOICES if k * typical > own}))
 
     def target(self, seen: torch.Tensor) -> torch.Tensor:
         """y: for a module site, the original BatchNorm's eval-mode output on its input `seen`;
@@ -62,8 +93,32 @@ class AffineSite:
         return seen if self.batchnorm is None else original_batchnorm_output(self.batchnorm, seen)
 
     def set_affine(self, fit: AffineFit) -> None:
+        """The fitted affine, and the eps it was fitted with (in the layer and in the plan entry)."""
         self.weight.copy_(fit.scale.to(self.weight.dtype))
         self.bias.copy_(fit.shift.to(self.bias.dtype))
+        if fit.eps is not None and self.layer is not None and _own_eps(self.layer) is not None:
+            self.eps = fit.eps
+            set_eps(self.entry, self.layer, fit.eps)
+
+
+def set_eps(entry: PlanEntry, layer: nn.Module, eps: float) -> None:
+    """The new layer's eps, in the layer and in its plan entry (which plan.json saves)."""
+    set_attributes(layer, eps=eps)
+    entry.params = dataclasses.replace(norm_params(entry), eps=eps)
+
+
+def norm_params(entry: PlanEntry) -> NormParams:
+    """The entry's parameters, which for every calibrated target carry eps and affine."""
+    if not isinstance(entry.params, NormParams):
+        raise CalibrationError(f"Target '{entry.target}' of '{entry.name}' is not calibrated.")
+    return entry.params
+
+
+def _own_eps(layer: nn.Module) -> float | None:
+    """The `eps` attribute the layer normalizes with: a torch or normswap layer's, not a taken-over
+    subclass's, whose forward may pass any eps (None)."""
+    eps = getattr(layer, "eps", None)
+    return eps if isinstance(eps, float) and not isinstance(layer, TakenOver) else None
 
 
 def module_site(entry: PlanEntry, converted: nn.Module, original: nn.Module) -> AffineSite:
@@ -75,7 +130,7 @@ def module_site(entry: PlanEntry, converted: nn.Module, original: nn.Module) -> 
         )
     if weight is None or bias is None:
         raise CalibrationError(f"Layer '{entry.name}' has no affine parameters (affine=False) to calibrate.")
-    return AffineSite(entry, weight, bias, old)
+    return AffineSite(entry, weight, bias, old, new)
 
 
 def functional_site(entry: PlanEntry, converted: fx.GraphModule, new: list[fx.Node], old: list[fx.Node]) -> AffineSite:

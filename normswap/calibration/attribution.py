@@ -16,6 +16,7 @@ models torch.fx cannot trace) are converted alone in a copy of the model, as bef
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from .affine import AffineSite, CallIndex, computes_batch_norm_alone, observing
 from .device import device_of
 from .drift import Drift, DriftAccumulator, batch_samples, eval_outputs, float_outputs, measure_drift
 from .fit import calibrate
-from .stats import ChannelSums, fit_affine
+from .stats import EpsSums, best_fit
 from .walk import Cursor, traced
 
 log = logging.getLogger(__name__)
@@ -157,19 +158,19 @@ class _Downstream:
             for cursor in self.cursors:
                 cursor.run_to(position)
             weight, bias = getattr(replacement, "weight", None), getattr(replacement, "bias", None)
-            site = (
-                AffineSite(entry, weight, bias, batchnorm)
+            site = (  # a copy of the entry: the eps fitted here is this measurement's, not the plan's
+                AffineSite(dataclasses.replace(entry), weight, bias, batchnorm, replacement)
                 if isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)
                 else None
             )
             swap, sums = self._drift(entry.name, replacement, site if calibrate_it else None)
             cost = SiteCost(entry.name, entry.target, swap)
             if site is not None and sums is not None:
-                site.set_affine(fit_affine(sums))
+                site.set_affine(best_fit(sums))
                 cost.calibrated, _ = self._drift(entry.name, replacement, None)
         return cost
 
-    def _drift(self, name: str, replacement: nn.Module, fitting: AffineSite | None) -> tuple[Drift, ChannelSums | None]:
+    def _drift(self, name: str, replacement: nn.Module, fitting: AffineSite | None) -> tuple[Drift, EpsSums | None]:
         """Each batch from the site to the output with `replacement` in the BatchNorm's place;
         when `fitting` a site, also the sums that fit its affine alone."""
         drift, sums = DriftAccumulator(), None
@@ -182,6 +183,6 @@ class _Downstream:
             drift.add(reference, float_outputs(output), batch_samples(inputs))
             if fitting is not None and fitting.batchnorm is not None:
                 args, kwargs = cursor.arguments()  # upstream is the original's: the BatchNorm's own input
-                part = ChannelSums.of(fitting.normalized(seen[0]), fitting.batchnorm(*args, **kwargs))
+                part = fitting.sums(seen[0], fitting.batchnorm(*args, **kwargs))
                 sums = part if sums is None else sums + part
         return drift.result(), sums

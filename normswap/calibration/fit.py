@@ -29,14 +29,15 @@ from ..capture.calls import one_line
 from ..errors import CalibrationError
 from ..plan import Plan, PlanEntry
 from ..sites import SiteKind
+from ..targets.base import NormParams
 from ..torchutil import available_memory, preserved, require_module, require_type
-from .affine import AffineSite, CallIndex, functional_site, module_site
+from .affine import AffineSite, CallIndex, functional_site, module_site, set_eps
 from .data import check_model_accepts
 from .device import placed, resolve_device, to_device
 from .drift import Drift, DriftAccumulator
 from .layerwise import call_counts, functional_pair, module_pair
 from .lockstep import LocatedSite, fit_in_lockstep
-from .stats import AffineFit, ChannelSums, fit_affine
+from .stats import AffineFit, EpsSums, best_fit
 from .stream import input_batches, model_inputs
 from .walk import traced
 
@@ -54,6 +55,7 @@ class SiteFit:
     target: str
     r2: float
     samples: int
+    eps: float | None = None  # the eps calibration chose for the new layer, where it changed it
 
 
 @dataclass
@@ -65,6 +67,27 @@ class Calibration:
     held_bytes: int = 0  # the most activations the walk held at once, all batches and both models
     drift: Drift | None = None  # the calibrated model against the original, when asked for and walked
     notes: list[str] = field(default_factory=list)  # a fallback or a memory limit, and what it costs
+    sites: list[AffineSite] = field(default_factory=list, repr=False)  # the layers fitted
+
+
+@dataclass
+class Swapped:
+    """The converted model as the swap left it, to return to: its tensors and each site's eps
+    (calibration may choose a larger one)."""
+
+    state: dict[str, torch.Tensor]
+    eps: dict[str, float]
+
+    @classmethod
+    def of(cls, converted: nn.Module, plan: Plan) -> Swapped:
+        state = {name: value.clone() for name, value in converted.state_dict().items()}
+        return cls(state, {e.name: e.params.eps for e in plan if isinstance(e.params, NormParams)})
+
+    def restore(self, converted: nn.Module, plan: Plan) -> None:
+        converted.load_state_dict(self.state)
+        for entry in plan:
+            if isinstance(entry.params, NormParams) and entry.params.eps != self.eps[entry.name]:
+                set_eps(entry, converted.get_submodule(entry.name), self.eps[entry.name])
 
 
 def _entries_from_modules(converted: nn.Module, original: nn.Module) -> list[PlanEntry]:
@@ -168,6 +191,9 @@ def calibrate_sites(
         else:
             result.walked = False
             _fit_layer_by_layer(entries, converted, original, batches, result)
+    for site in result.sites:  # leaving `preserved` put the layers' old eps back
+        if site.layer is not None and site.eps is not None:
+            set_eps(site.entry, site.layer, site.eps)
     for note in result.notes:
         log.info(note)
     return result
@@ -249,7 +275,7 @@ def _fit_layer_by_layer(
     new_calls = CallIndex(converted) if isinstance(converted, fx.GraphModule) else None
     old_calls = CallIndex(original_graph) if original_graph is not None else None
     for entry in entries:  # graph order: each fit sees the calibrated layers upstream
-        pair: Callable[[tuple], ChannelSums]
+        pair: Callable[[tuple], EpsSums]
         if entry.kind is SiteKind.FUNCTIONAL:
             assert isinstance(converted, fx.GraphModule) and original_graph is not None
             assert new_calls is not None and old_calls is not None
@@ -259,7 +285,7 @@ def _fit_layer_by_layer(
         else:
             site = module_site(entry, converted, original)
             pair = functools.partial(module_pair, site, converted, original, calls=calls.get(entry.name, 0))
-        sums: ChannelSums | None = None
+        sums: EpsSums | None = None
         for batch in batches:
             part = pair(batch)
             sums = part if sums is None else sums + part
@@ -268,15 +294,17 @@ def _fit_layer_by_layer(
         _set_fit(site, sums, result)
 
 
-def _set_fit(site: AffineSite, sums: ChannelSums, result: Calibration) -> AffineFit:
-    fit = fit_affine(sums)
+def _set_fit(site: AffineSite, sums: EpsSums, result: Calibration) -> AffineFit:
+    fit = best_fit(sums)
     if not fit.finite:
         raise CalibrationError(
             f"Calibrating layer '{site.name}' gives non-finite affine parameters: the calibration data's scale is far from "
             "what the model was trained on; check that it is the model's input, preprocessed the same way."
         )
     site.set_affine(fit)
-    result.fits.append(SiteFit(site.name, site.entry.target, fit.r2, fit.samples))
+    changes_eps = site.eps is not None and site.eps != site.eps_choices[0]  # [0]: the layer's own
+    result.sites.append(site)
+    result.fits.append(SiteFit(site.name, site.entry.target, fit.r2, fit.samples, fit.eps if changes_eps else None))
     log.debug(
         "calibrated %s (%s): R^2 %.3f over %d values per channel", site.name, site.entry.target, fit.r2, fit.samples
     )

@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from ..errors import CalibrationError
 from .affine import AffineSite, BatchNormInputs, Stop, concatenated, observing
-from .stats import ChannelSums
+from .stats import EpsSums
 
 
 def _run_until_stop(model: nn.Module, inputs: tuple) -> None:
@@ -78,10 +78,10 @@ def _node_arguments(graph_module: fx.GraphModule, node: fx.Node, inputs: tuple) 
     raise CalibrationError(f"Graph node '{node.name}' was not reached on the calibration inputs.")
 
 
-def module_pair(site: AffineSite, converted: nn.Module, original: nn.Module, batch: tuple, calls: int) -> ChannelSums:
+def module_pair(site: AffineSite, converted: nn.Module, original: nn.Module, batch: tuple, calls: int) -> EpsSums:
     """The sums of one batch for a module site, each model run from the input to the site."""
-    z = site.normalized(converted_inputs(converted, site.name, batch, calls))
-    return ChannelSums.of(z, site.target(original_inputs(original, site.name, batch, calls)))
+    x = converted_inputs(converted, site.name, batch, calls)
+    return site.sums(x, site.target(original_inputs(original, site.name, batch, calls)))
 
 
 def functional_pair(
@@ -91,11 +91,11 @@ def functional_pair(
     original_graph: fx.GraphModule,
     old: fx.Node,
     batch: tuple,
-) -> ChannelSums:
+) -> EpsSums:
     """The sums of one batch for a functional site: its replacement node `new` in the converted
     graph and the original call `old` in the eval-mode trace, each run from the input."""
     args, _ = _node_arguments(converted, new, batch)
     old_args, old_kwargs = _node_arguments(original_graph, old, batch)
     original_call = old.target
     assert callable(original_call)
-    return ChannelSums.of(site.normalized(args[0]), original_call(*old_args, **old_kwargs))  # running statistics
+    return site.sums(args[0], original_call(*old_args, **old_kwargs))  # running statistics

@@ -24,7 +24,7 @@ from ..errors import CalibrationError
 from ..targets.takeover import TakenOver
 from .affine import AffineSite, BatchNormInputs, Stop, computes_batch_norm_alone, concatenated, observing
 from .drift import DriftAccumulator, batch_samples, float_outputs
-from .stats import AffineFit, ChannelSums
+from .stats import AffineFit, EpsSums
 from .walk import Cursor
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def fit_in_lockstep(
     original: fx.GraphModule,
     batches: Sequence[tuple],
     memory_limit: int,
-    fitted: Callable[[AffineSite, ChannelSums], AffineFit],
+    fitted: Callable[[AffineSite, EpsSums], AffineFit],
     drift: DriftAccumulator | None = None,
 ) -> Walked:
     """Fit `sites` (in the order their first calls run) on every batch; `fitted` turns a site's
@@ -146,11 +146,10 @@ def fit_in_lockstep(
         )
 
     for located in sites:
-        sums: ChannelSums | None = None
+        sums: EpsSums | None = None
         for i in range(len(batches)):
             batch = cursors(i)
-            z = located.site.normalized(_normalized_input(batch.converted, located))
-            part = ChannelSums.of(z, batch.original.recorded(located))
+            part = located.site.sums(_normalized_input(batch.converted, located), batch.original.recorded(located))
             sums = part if sums is None else sums + part
             held_bytes[i] = batch.live_bytes()
             walked.peak_bytes = max(walked.peak_bytes, sum(held_bytes))

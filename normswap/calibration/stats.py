@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +22,10 @@ class ChannelSums:
     @classmethod
     def of(cls, z: torch.Tensor, y: torch.Tensor) -> ChannelSums:
         """The sums over one batch of normalized outputs `z` and targets `y` (channels on dim 1)."""
-        channels = z.shape[1]
-        # one float64 copy each, channels first
-        zc = z.transpose(0, 1).to(torch.float64, memory_format=torch.contiguous_format).view(channels, -1)
-        yc = y.transpose(0, 1).to(torch.float64, memory_format=torch.contiguous_format).view(channels, -1)
+        return cls._of(_channels_first(z), _channels_first(y))
+
+    @classmethod
+    def _of(cls, zc: torch.Tensor, yc: torch.Tensor) -> ChannelSums:
         return cls(zc.sum(1), yc.sum(1), _squares(zc), _squares(yc), (zc * yc).sum(1), torch.tensor(float(zc.shape[1])))
 
     def __add__(self, other: ChannelSums) -> ChannelSums:
@@ -39,6 +40,21 @@ class ChannelSums:
 
 
 @dataclass(frozen=True)
+class EpsSums:
+    """A site's ChannelSums for each eps its new layer may normalize with: one z per eps, one y."""
+
+    by_eps: Mapping[float, ChannelSums]
+
+    @classmethod
+    def of(cls, normalized: Mapping[float, torch.Tensor], y: torch.Tensor) -> EpsSums:
+        yc = _channels_first(y)
+        return cls({eps: ChannelSums._of(_channels_first(z), yc) for eps, z in normalized.items()})
+
+    def __add__(self, other: EpsSums) -> EpsSums:
+        return EpsSums({eps: sums + other.by_eps[eps] for eps, sums in self.by_eps.items()})
+
+
+@dataclass(frozen=True)
 class AffineFit:
     """y ~ scale * z + shift per channel, and how much of y's variance it explains over all channels."""
 
@@ -46,6 +62,7 @@ class AffineFit:
     shift: torch.Tensor
     r2: float
     samples: int  # values per channel
+    eps: float | None = None  # the eps z was normalized with, when calibration chose it
 
     @property
     def finite(self) -> bool:
@@ -66,6 +83,20 @@ def fit_affine(s: ChannelSums) -> AffineFit:
     total = float(var_y.sum())
     r2 = 1.0 - float(residual.sum()) / total if total > 0 else 1.0
     return AffineFit(scale, shift, r2, int(n))
+
+
+def best_fit(sums: EpsSums, tolerance: float = 1e-3) -> AffineFit:
+    """The fit of the smallest eps whose R^2 is within `tolerance` of the best: an eps buys only
+    the fit it improves, since a larger one normalizes less."""
+    fits = [(eps, fit_affine(s)) for eps, s in sorted(sums.by_eps.items())]
+    best = max(fit.r2 for _, fit in fits)
+    eps, fit = next((eps, fit) for eps, fit in fits if fit.r2 >= best - tolerance)
+    return AffineFit(fit.scale, fit.shift, fit.r2, fit.samples, eps)
+
+
+def _channels_first(a: torch.Tensor) -> torch.Tensor:
+    """A (C, everything else) float64 copy of `a` (channels on dim 1)."""
+    return a.transpose(0, 1).to(torch.float64, memory_format=torch.contiguous_format).view(a.shape[1], -1)
 
 
 def _squares(a: torch.Tensor) -> torch.Tensor:

@@ -126,7 +126,7 @@ def _validation(validation: Validation | None) -> dict[str, Any] | None:
 
 
 def _fit(fit: SiteFit) -> dict[str, Any]:
-    return {"site": fit.name, "target": fit.target, "r2": fit.r2, "samples": fit.samples}
+    return {"site": fit.name, "target": fit.target, "r2": fit.r2, "samples": fit.samples, "eps": fit.eps}
 
 
 def _cost(cost: SiteCost) -> dict[str, Any]:

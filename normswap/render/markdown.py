@@ -118,8 +118,16 @@ def _conversion(section: ConversionSection | None, notes: list[str]) -> list[str
     if notes:
         lines += ["#### Notes", ""] + [f"- {_cell(n)}" for n in notes] + [""]
     if section is not None and section.calibration:
-        lines += ["#### Calibration", "", "| Layer | Target | R² | Values fitted per channel |", "|---|---|---|---|"]
-        lines += [f"| `{fit.name}` | {fit.target} | {fit.r2:.3f} | {fit.samples} |" for fit in section.calibration]
+        lines += [
+            "#### Calibration",
+            "",
+            "| Layer | Target | R² | Values fitted per channel | eps chosen |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{fit.name}` | {fit.target} | {fit.r2:.3f} | {fit.samples} | {'' if fit.eps is None else f'{fit.eps:.3g}'} |"
+            for fit in section.calibration
+        ]
         lines.append("")
     if section is not None and section.healing is not None:
         lines += ["#### Healing", "", healing_summary(section.healing) + ".", ""]

@@ -174,7 +174,10 @@ def _conversion(console: Console, report: Report) -> None:
         if section.validation is not None:
             console.print(section.validation.summary(), soft_wrap=True)
         if section.calibration:
-            fits = ", ".join(f"{fit.name} R² {fit.r2:.3f}" for fit in section.calibration)
+            fits = ", ".join(
+                f"{fit.name} R² {fit.r2:.3f}" + (f" (eps {fit.eps:.3g})" if fit.eps is not None else "")
+                for fit in section.calibration
+            )
             console.print(f"calibration: {fits}", soft_wrap=True)
         if section.attribution:
             console.print("what each site costs alone (converted one at a time, worst first):")

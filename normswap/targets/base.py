@@ -373,6 +373,11 @@ class Target(Generic[P]):
         None when the target is not calibrated (it keeps the function, or has no affine)."""
         return None
 
+    def normalized_variance(self, params: P, x: torch.Tensor) -> torch.Tensor | None:
+        """The variance `normalize` divides each of its groups of `x` by (before its eps): the scale
+        calibration chooses eps on. None when eps is not calibration's to choose."""
+        return None
+
     def params_from_module(self, module: nn.Module) -> dict[str, Any] | None:
         """This target's plan parameters read back from a module it built (calibrating a
         converted model without its plan); None when `module` is not one of its modules."""

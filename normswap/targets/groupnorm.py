@@ -266,6 +266,9 @@ class GroupNormTarget(Target[GroupNormParams]):
     def normalize(self, params: GroupNormParams, x: torch.Tensor) -> torch.Tensor | None:
         return F.group_norm(x, params.num_groups, None, None, params.eps)
 
+    def normalized_variance(self, params: GroupNormParams, x: torch.Tensor) -> torch.Tensor | None:
+        return x.reshape(x.shape[0], params.num_groups, -1).var(-1, unbiased=False)
+
     def params_from_module(self, module: nn.Module) -> dict[str, Any] | None:
         if not isinstance(module, nn.GroupNorm):
             return None

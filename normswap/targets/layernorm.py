@@ -233,6 +233,9 @@ class LayerNormTarget(Target[LayerNormParams]):
     def normalize(self, params: LayerNormParams, x: torch.Tensor) -> torch.Tensor | None:
         return channel_layer_norm(x, None, None, params.eps, params.num_channels)
 
+    def normalized_variance(self, params: LayerNormParams, x: torch.Tensor) -> torch.Tensor | None:
+        return x.var(1, unbiased=False)  # over the channels at each position
+
     def params_from_module(self, module: nn.Module) -> dict[str, Any] | None:
         if isinstance(module, ChannelLayerNorm):
             return {
