@@ -221,8 +221,12 @@ def test_heal_all_parameters_moves_conv_weights(shapes) -> None:
             r"Calibration batch 0 of shape \(4, 5, 16, 16\) does not fit the model: .*expected input",
         ),
         (lambda x: [x[:4], torch.randn(4, 3, 9)], r"Calibration batch 1 of shape \(4, 3, 9\) does not fit the model"),
+        (  # the held-out part: named by its index in the data as given
+            lambda x: [x[:4]] * 5 + [torch.randn(4, 3, 9)],
+            r"Calibration batch 5 of shape \(4, 3, 9\) does not fit the model",
+        ),
     ],
-    ids=["empty", "non-finite", "wrong-shape", "one-bad-batch"],
+    ids=["empty", "non-finite", "wrong-shape", "one-bad-batch", "bad-held-out-batch"],
 )
 def test_bad_calibration_data(shapes, make_data, message: str) -> None:
     model, x, _, _ = shapes

@@ -43,7 +43,7 @@ def test_a_dataloader_with_labels_gives_the_inputs_and_says_so() -> None:
 def test_a_dataloader_is_split_by_sample_and_the_parts_never_meet() -> None:
     data = Counting()
     stream = input_batches(DataLoader(data, batch_size=8, shuffle=True), inputs=None)  # keep the index "labels"
-    train, heldout = stream.split(10)
+    train, heldout, _ = stream.split(10)
     held = {int(i) for b in heldout for i in b[1]}
     trained = [int(i) for b in train for i in b[1]]
     assert len(held) == 10 and len(trained) == 30 and not held & set(trained)
@@ -69,12 +69,13 @@ def test_every_form_of_data_yields_the_same_samples(make) -> None:
 
 def test_a_list_holds_out_its_last_batches() -> None:
     batches = [torch.full((8, 2), float(i)) for i in range(5)]
-    train, heldout = input_batches(batches).split(16)
-    assert [int(b[0][0, 0]) for b in heldout] == [3, 4] and [int(b[0][0, 0]) for b in train] == [0, 1, 2]
+    split = input_batches(batches).split(16)
+    assert [int(b[0][0, 0]) for b in split.heldout] == [3, 4] and [int(b[0][0, 0]) for b in split.train] == [0, 1, 2]
+    assert (split.train_from, split.heldout_from) == (0, 3)  # where messages count each part from
 
 
 def test_one_batch_holds_nothing_out() -> None:
-    train, heldout = input_batches([torch.randn(8, 2)]).split(4)
+    train, heldout, _ = input_batches([torch.randn(8, 2)]).split(4)
     assert heldout == [] and len(list(train)) == 1
 
 
@@ -85,7 +86,9 @@ class Stream(IterableDataset):
 
 
 def test_an_iterable_dataset_streams_and_skips_its_held_out_head_in_training() -> None:
-    train, heldout = input_batches(Stream(), batch_size=2).split(2)
+    split = input_batches(Stream(), batch_size=2).split(2)
+    train, heldout = split.train, split.heldout
+    assert (split.heldout_from, split.train_from) == (0, 1)  # the stream's first batch is held out
     assert [b[0][:, 0].tolist() for b in heldout] == [[0.0, 1.0]]
     assert [b[0][:, 0].tolist() for b in train] == [[2.0, 3.0], [4.0, 5.0]]
     assert [b[0][:, 0].tolist() for b in train] == [[2.0, 3.0], [4.0, 5.0]]  # read again on the next pass

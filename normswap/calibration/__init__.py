@@ -87,7 +87,8 @@ def _calibrate_and_heal(
     progress: bool | None,
 ) -> CalibrationOutcome:
     outcome = CalibrationOutcome()
-    train, heldout = stream.split((options or HealOptions()).heldout_samples(stream.samples))
+    split = stream.split((options or HealOptions()).heldout_samples(stream.samples))
+    train, heldout = split.train, split.heldout
     fitting = [to_device(b, where) for b in train.head(CALIBRATION_SAMPLES)]
     judged = [to_device(b, where) for b in heldout] or fitting
     if not heldout:
@@ -96,7 +97,9 @@ def _calibrate_and_heal(
         )
     outcome.heldout_samples = sum(batch_length(b) for b in judged)
     with placed(where, converted, original):
-        check_model_accepts(original, [*fitting, *heldout])  # one sentence naming the batch, before any stage
+        # one sentence naming the batch, before any stage
+        check_model_accepts(original, fitting, first_index=split.train_from)
+        check_model_accepts(original, heldout, first_index=split.heldout_from)
         if attribution_samples:
             outcome.attribution = site_costs(original, plan, fitting, samples=attribution_samples)
         outcome.drift["swap"] = measure_drift(original, converted, judged)

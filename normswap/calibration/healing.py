@@ -145,14 +145,14 @@ def heal(
     require_type(options, HealOptions, "options", "heal", "pass normswap.HealOptions(steps=..., lr=...)")
     options = (options or HealOptions()).replace(**settings)
     stream = input_batches(data, inputs=inputs if inputs is not None else model_inputs(original))
-    train, heldout = stream.split(options.heldout_samples(stream.samples))
+    split = stream.split(options.heldout_samples(stream.samples))
     where = resolve_device(device)
     with placed(where, converted, original), preserved(original):
-        # the held-out batches (read already; a list's last ones, so their index in it is after the kept ones)
-        kept = train.read()
-        first = len(kept) if heldout and isinstance(kept, list) else 0
-        check_model_accepts(original, heldout or train.head(1), first_index=first)
-        result = heal_on(converted, original, train, heldout, options, where, progress)
+        if split.heldout:  # read already
+            check_model_accepts(original, split.heldout, first_index=split.heldout_from)
+        else:
+            check_model_accepts(original, split.train.head(1), first_index=split.train_from)
+        result = heal_on(converted, original, split.train, split.heldout, options, where, progress)
     for note in stream.notes:
         log.info(note)
     return result

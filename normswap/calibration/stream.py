@@ -13,7 +13,7 @@ import inspect
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -22,6 +22,20 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 from ..errors import CalibrationError
 
 DEFAULT_BATCH_SIZE = 64  # for a Dataset or a tensor of samples, which come without one
+
+
+class Split(NamedTuple):
+    """Data split once: the part that calibrates and heals, the held-out batches (in memory), and
+    where each part starts in the data as given, in batches, for messages naming a batch (0 for a
+    Dataset, which is split by sample)."""
+
+    train: InputBatches
+    heldout: list[tuple]
+    heldout_from: int = 0
+
+    @property
+    def train_from(self) -> int:
+        return self.train.skip
 
 
 @dataclass(frozen=True)
@@ -73,28 +87,30 @@ class InputBatches:
             raise CalibrationError("Calibration data is empty; give at least one batch of inputs.")
         return taken
 
-    def split(self, heldout_samples: int) -> tuple[InputBatches, list[tuple]]:
-        """(training part, held-out batches in memory), disjoint; about `heldout_samples` samples
-        held out. One batch in all: nothing is held out."""
+    def split(self, heldout_samples: int) -> Split:
+        """The training part and the held-out batches (in memory), disjoint; about
+        `heldout_samples` samples held out. One batch in all: nothing is held out."""
         if heldout_samples <= 0:
-            return self, []
+            return Split(self, [])
         if self.dataset is not None and self.samples is not None and self.samples > 1:
             held = min(heldout_samples, self.samples // 2)
             order = torch.randperm(self.samples, generator=torch.Generator().manual_seed(0)).tolist()
             heldout = self._over(Subset(self.dataset, order[:held]), shuffle=False).head(None)
-            return self._over(Subset(self.dataset, order[held:])), heldout
+            return Split(self._over(Subset(self.dataset, order[held:])), heldout)
         if self.loader is None and not isinstance(self.read(), Iterator):  # batches in memory: the last ones
             batches = list(self)
             if len(batches) < 2:
-                return self, []
+                return Split(self, [])
             held = _count_for(batches[::-1], heldout_samples, most=len(batches) - 1)
             kept = batches[: len(batches) - held]
-            return dataclasses.replace(self, read=lambda: kept, samples=_samples(kept)), batches[len(batches) - held :]
+            return Split(
+                dataclasses.replace(self, read=lambda: kept, samples=_samples(kept)), batches[len(kept) :], len(kept)
+            )
         heldout = self.head(heldout_samples)  # a stream: its first batches, skipped in training
         rest = dataclasses.replace(self, skip=self.skip + len(heldout), samples=None)
         if next(iter(rest), None) is None:
-            return self, []
-        return rest, heldout
+            return Split(self, [])
+        return Split(rest, heldout, self.skip)
 
     def sharded(self, rank: int, world: int) -> InputBatches:
         """This rank's part under data-parallel healing: a DistributedSampler over a map-style
