@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from normswap import Context
 from normswap.capture import Capture
@@ -334,3 +335,32 @@ def test_every_fix_is_the_natural_target() -> None:
             result = rule.check(s, ctx)
             if isinstance(result, Finding) and result.remedy is not None:
                 assert result.remedy.target == policy.natural_target(s, ctx)[0] == "frozen", (rule.code, ctx)
+
+
+class _Tagger(torch.nn.Module):
+    """BatchNorm1d over (N, C, L) steps that an LSTM then reads: the order shows downstream only."""
+
+    def __init__(self, pooled: bool = False) -> None:
+        super().__init__()
+        self.embed = torch.nn.Conv1d(6, 6, 1)  # kernel 1: no evidence of order, and not the raw input
+        self.norm = torch.nn.BatchNorm1d(6)
+        self.lstm = torch.nn.LSTM(6, 8, batch_first=True)
+        self.pooled = pooled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.norm(self.embed(x)))
+        if self.pooled:  # L reduced away first: what reaches the LSTM says nothing about it
+            y = y.amax(-1, keepdim=True).expand(-1, -1, 5).contiguous().sum(-1, keepdim=True).expand(-1, -1, 5)
+        return self.lstm(y.transpose(1, 2))[0][:, -1]
+
+
+def test_a_recurrent_layer_reading_the_output_is_evidence_of_order() -> None:
+    import normswap
+
+    x = torch.randn(4, 6, 5)
+    report = normswap.lint(_Tagger(), x, Context(batch_size=4))
+    found = {f.site_name: f.message for f in report.findings if f.code == "NS102"}
+    assert "(its steps are ordered: it feeds lstm (LSTM, recurrent))" in found["norm"]
+    assert {e.name: e.target for e in report.lint.plan}["norm"] == "layernorm"
+    far = normswap.lint(_Tagger(pooled=True), x, Context(batch_size=4))  # beyond four operations
+    assert not [f for f in far.findings if f.code == "NS102"]

@@ -58,7 +58,7 @@ def capture_hooks(model: nn.Module, inputs: tuple) -> Capture:
             stack.append((name, module))
             why = module_order(module)
             if why:
-                ordered.append(f"{name} ({why}), run earlier in forward")
+                ordered.append(f"it follows {name} ({why}), run earlier in forward")
             if is_batchnorm_like(module) and not any(is_batchnorm_like(m) for _, m in stack[:-1]):
                 shape = shape_of(args[0] if args else None)
                 calls.append(

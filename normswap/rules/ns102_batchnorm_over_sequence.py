@@ -13,7 +13,8 @@ class BatchNormOverSequence(Rule):
     Flags BatchNorm whose input is an (N, C, L) sequence, i.e. whose statistics are pooled over
     the batch *and* every time step. A rank-3 input alone is no evidence of time: the rule needs
     evidence of order along L, a recurrent layer or a 1-d convolution or pooling whose kernel (or
-    dilation) spans several steps upstream of the BatchNorm, or `--sequence` (`sequence = true` in
+    dilation) spans several steps upstream of the BatchNorm, a recurrent layer reading its output
+    a few operations downstream, or `--sequence` (`sequence = true` in
     `[tool.normswap]`), which reads every rank-3 input as time steps. A point set (PointNet's
     (N, C, points) after kernel-1 convolutions, max-pooled over the points) has no order: it is
     planned like the pixels of a feature map (GroupNorm).
@@ -49,12 +50,12 @@ class BatchNormOverSequence(Rule):
         if not policy.over_sequence(site, context):
             return self.skip(
                 f"a {site.flavour} on a rank-3 input with no evidence of order along its last axis "
-                "(no recurrent layer or 1-d kernel above 1 upstream: a point set, say); pass --sequence if it is time"
+                "(no recurrent layer or 1-d kernel above 1 upstream, no recurrent layer reading it: a point set, say); pass --sequence if it is time"
             )
         if site.call_count > 1:
             return self.skip("reported as batchnorm-in-recurrence (NS101)")
         padding = "; padded steps of shorter sequences change the statistics" if context.sequence else ""
-        evidence = f" (its steps are ordered: it follows {site.order})" if site.order else ""
+        evidence = f" (its steps are ordered: {site.order})" if site.order else ""
         return self.finding(
             site,
             f"'{site.name}' normalizes the sequence {shape_text(site)}{evidence} with statistics pooled over batch and time steps{padding}.",
