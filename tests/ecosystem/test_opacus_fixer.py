@@ -194,9 +194,10 @@ def test_opacus_other_fixers_still_run_after_normswap() -> None:
         fixed = ModuleValidator.fix(_Tagger())
     assert isinstance(fixed.lstm, DPLSTM)
     assert isinstance(fixed.norm, nn.Module) and not isinstance(fixed.norm, _BatchNorm)
-    # one BatchNorm site, converted by normswap (its target is lint's reading of the data: an LSTM
-    # downstream is not taken as evidence of order along L, see NS102)
-    assert [e.converts for e in installed.conversion.plan] == [True]
+    # one BatchNorm site, its steps ordered because the LSTM reads them (NS102's downstream
+    # evidence): a LayerNorm per step
+    assert [e.target for e in installed.conversion.plan] == ["layernorm"]
+    assert ModuleValidator.validate(fixed, strict=False) == []
 
 
 def test_per_call_inputs_and_opacus_own_settings() -> None:
