@@ -64,9 +64,9 @@ class HealOptions:
         metavar="MINUTES",
     )
     lr: float = option(
-        3e-3,
+        1e-3,
         "--heal-lr",
-        help="Healing learning rate of the new layers (implies --heal; default 3e-3, the other weights a third of it; cosine decay).",
+        help="Healing learning rate of the new layers (implies --heal; default 1e-3, the other weights a third of it; cosine decay).",
         value_type=float,
         minimum=0,
         open_minimum=True,
