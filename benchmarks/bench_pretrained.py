@@ -160,13 +160,14 @@ def table(results: list[dict]) -> str:
     ]
     for r in results:
         for stage in ("original", "swap", "calibrated", "healed"):
-            s = r[stage]
-            seen = f"{r['images']:,} + {r['healing']['images']:,} seen" if stage == "healed" else ""
+            s, healing = r[stage], r["healing"]
+            label = f"healed ({healing['steps']} steps, stopped: {healing['stopped']})" if stage == "healed" else stage
+            seen = f"{r['images']:,} + {healing['images']:,} seen" if stage == "healed" else ""
             memory = f"{r['peak_mib']:.0f} MiB" if stage == "healed" else ""
             wall = f"{s['seconds']:.0f} s" if stage != "original" else ""
             agreement = f"{s['agreement']:.1%}" if stage != "original" else "—"
             lines.append(
-                f"| {r['model']} | {r['target']} | {stage} | {s['accuracy']:.1%} | {agreement} | {wall} | {seen} | {memory} |"
+                f"| {r['model']} | {r['target']} | {label} | {s['accuracy']:.1%} | {agreement} | {wall} | {seen} | {memory} |"
             )
     return "\n".join(lines) + "\n"
 
