@@ -113,6 +113,13 @@ class ConvertOptions:
         finite=True,
         metavar="FRACTION",
     )
+    keep_eps: bool = option(
+        False,
+        "--keep-eps",
+        help="With --calibration-data: keep each new layer's eps (the BatchNorm's) instead of letting calibration choose a "
+        "larger one that keeps more of each sample's scale.",
+        value_type=bool,
+    )
     attribution_samples: int = option(
         DEFAULT_SAMPLES,
         "--attribution-samples",
@@ -243,7 +250,8 @@ def convert(
             than this fraction of top-1 agreement or cosine similarity), attribution_samples
             (calibration inputs used to measure what each site costs alone; 0: not measured),
             calibration_memory (GiB of activations calibration holds at once; default: half
-            the memory available).
+            the memory available), keep_eps (calibration keeps each new layer's eps instead of
+            choosing one; see `normswap.calibrate`).
 
     Returns:
         Conversion with `.model` (the user's module tree with swapped submodules, or an
@@ -313,6 +321,7 @@ def convert_with(
             options.device,
             0 if costs is not None else options.attribution_samples,  # measured above: each site alone costs the same
             memory_limit,
+            fit_eps=not options.keep_eps,
         )
         return done, outcome
 
@@ -334,6 +343,7 @@ def convert_with(
             options.device,
             options.attribution_samples,
             memory_limit,
+            fit_eps=not options.keep_eps,
         )
     if costs is not None and options.attribution_samples:
         outcome.attribution = [c for c in costs if _changes_function(rewritten.plan, c.site)]

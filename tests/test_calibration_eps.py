@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import normswap
-from normswap.calibration import affine, calibrate_sites
+from normswap.calibration import calibrate_sites
 from normswap.calibration.fit import Swapped
 from normswap.plan import Plan
 
@@ -64,7 +64,7 @@ def _output_error(converted: nn.Module, original: nn.Module) -> float:
 
 
 @pytest.mark.parametrize("target", ["groupnorm", "layernorm"])
-def test_calibration_chooses_a_larger_eps_where_it_keeps_the_scale(target: str, monkeypatch) -> None:
+def test_calibration_chooses_a_larger_eps_where_it_keeps_the_scale(target: str) -> None:
     conversion, model, fits = _calibrated(target)
     first = fits[0]
     assert first.eps is not None and first.eps > 1e-3  # the stem keeps part of each image's contrast
@@ -75,8 +75,7 @@ def test_calibration_chooses_a_larger_eps_where_it_keeps_the_scale(target: str, 
         assert fit.eps is None or fit.eps == entry.params.eps
 
     # the same calibration with the layers' own eps: a worse fit and a worse model
-    monkeypatch.setattr(affine, "EPS_CHOICES", ())
-    own, _, own_fits = _calibrated(target)
+    own, _, own_fits = _calibrated(target, fit_eps=False)
     assert all(fit.eps is None for fit in own_fits)
     assert own.model.get_submodule(first.name).eps == 1e-5
     assert first.r2 > own_fits[0].r2 + 0.05
@@ -144,3 +143,33 @@ def test_convert_with_calibration_data_reports_the_eps_in_model_and_plan(tmp_pat
     assert all(
         conversion.model.get_submodule(e.name).eps == e.params.eps for e in conversion.plan if e.name not in chosen
     )
+
+
+def test_keep_eps_keeps_the_conversions_eps_through_convert() -> None:
+    model = _contrast_net()
+    kept = normswap.convert(model, _batches()[0][:2], to="groupnorm", calibration_data=_batches(count=6), keep_eps=True)
+    assert kept.calibration and all(fit.eps is None for fit in kept.calibration)
+    assert all(e.params.eps == 1e-5 == kept.model.get_submodule(e.name).eps for e in kept.plan)
+
+
+class _Untraceable(nn.Module):
+    """The contrast net behind data-dependent control flow: torch.fx cannot trace it, so each site's
+    cost is measured by converting it alone in a copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _contrast_net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) if x.sum() > -1e9 else -self.net(x)
+
+
+def test_measuring_a_site_alone_in_a_copy_leaves_the_plan_alone() -> None:
+    from normswap.calibration import site_costs
+
+    model = _Untraceable().eval()
+    plan = normswap.convert(model, _batches()[0][:2], to="groupnorm").plan
+    before = {entry.name: entry.params for entry in plan}
+    costs = site_costs(model, plan, [(x,) for x in _batches()], samples=64)
+    assert costs and all(cost.calibrated is not None for cost in costs)  # each site fitted alone, in a copy
+    assert {entry.name: entry.params for entry in plan} == before  # its eps stayed the measurement's

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,7 @@ def calibrate_and_heal(
     *,
     inputs: int | None = None,
     progress: bool | None = None,
+    fit_eps: bool = True,
 ) -> CalibrationOutcome:
     """Calibrate `converted` toward `original`, then heal it when `options` is given (and its
     steps are not 0), on `device`; measure what each site costs alone on `attribution_samples`
@@ -57,7 +59,7 @@ def calibrate_and_heal(
     once: a held-out part no stage trains on, where the drift of every stage is measured and
     healing is judged, and the rest, whose first `CALIBRATION_SAMPLES` samples calibrate and which
     healing streams. `memory_limit` bounds the activations calibration holds (bytes; default: half
-    of what is available)."""
+    of what is available); `fit_eps=False` keeps each new layer's eps (see `calibrate`)."""
     timings = Timings()
     with timings.measure("calibrate"):
         outcome = _calibrate_and_heal(
@@ -70,6 +72,7 @@ def calibrate_and_heal(
             attribution_samples,
             memory_limit,
             progress,
+            fit_eps,
         )
     outcome.seconds = timings.seconds["calibrate"]
     return outcome
@@ -85,6 +88,7 @@ def _calibrate_and_heal(
     attribution_samples: int,
     memory_limit: int | None,
     progress: bool | None,
+    fit_eps: bool,
 ) -> CalibrationOutcome:
     outcome = CalibrationOutcome()
     split = stream.split((options or HealOptions()).heldout_samples(stream.samples))
@@ -105,7 +109,9 @@ def _calibrate_and_heal(
         outcome.drift["swap"] = measure_drift(original, converted, judged)
         if any(e.converts and targets.get(e.target).calibrated for e in plan):  # frozen / fold keep the function
             swapped = Swapped.of(converted, plan)
-            calibration = calibrate_sites(converted, original, fitting, plan, device=where, memory_limit=memory_limit)
+            calibration = calibrate_sites(
+                converted, original, fitting, plan, device=where, memory_limit=memory_limit, fit_eps=fit_eps
+            )
             outcome.fits = calibration.fits
             outcome.notes.extend(calibration.notes)
             swap, calibrated = outcome.drift["swap"], measure_drift(original, converted, judged)
@@ -114,6 +120,7 @@ def _calibrate_and_heal(
             # fits together move the output away (seen on a recurrent model), the swap is kept
             if calibrated.function_kept < swap.function_kept:
                 swapped.restore(converted, plan)
+                outcome.fits = [dataclasses.replace(fit, eps=None) for fit in outcome.fits]  # no eps was kept
                 outcome.drift["calibrated"] = swap  # the model returned
                 outcome.notes.append(
                     f"calibration lowered held-out {swap.measure} from {swap.function_kept:.1%} to {calibrated.function_kept:.1%}: "

@@ -121,7 +121,8 @@ def _own_eps(layer: nn.Module) -> float | None:
     return eps if isinstance(eps, float) and not isinstance(layer, TakenOver) else None
 
 
-def module_site(entry: PlanEntry, converted: nn.Module, original: nn.Module) -> AffineSite:
+def module_site(entry: PlanEntry, converted: nn.Module, original: nn.Module, fit_eps: bool = True) -> AffineSite:
+    """The site of a module; with `fit_eps`, calibration may choose its new layer's eps."""
     old, new = original.get_submodule(entry.name), converted.get_submodule(entry.name)
     weight, bias = tensor_attribute(new, "weight"), tensor_attribute(new, "bias")
     if not isinstance(old, _BatchNorm):
@@ -130,7 +131,7 @@ def module_site(entry: PlanEntry, converted: nn.Module, original: nn.Module) -> 
         )
     if weight is None or bias is None:
         raise CalibrationError(f"Layer '{entry.name}' has no affine parameters (affine=False) to calibrate.")
-    return AffineSite(entry, weight, bias, old, new)
+    return AffineSite(entry, weight, bias, old, new if fit_eps else None)
 
 
 def functional_site(entry: PlanEntry, converted: fx.GraphModule, new: list[fx.Node], old: list[fx.Node]) -> AffineSite:

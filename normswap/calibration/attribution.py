@@ -103,7 +103,7 @@ def site_costs(
 
 def _cost_in_a_copy(original: nn.Module, entry: PlanEntry, used: list[tuple], calibrate_it: bool) -> SiteCost:
     """The site converted alone in a copy of the model, both models run from the input."""
-    alone = Plan([entry])
+    alone = Plan([dataclasses.replace(entry)])  # a copy: the eps fitted here is this measurement's, not the plan's
     one = apply_plan(original, alone)
     cost = SiteCost(entry.name, entry.target, measure_drift(original, one, used))
     if calibrate_it:

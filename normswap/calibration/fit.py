@@ -109,6 +109,7 @@ def calibrate(
     plan: Plan | None = None,
     *,
     device: str | torch.device | None = "auto",
+    fit_eps: bool = True,
 ) -> list[SiteFit]:
     """Fit the affine of every converted site whose target is calibrated (groupnorm, layernorm)
     to the original BatchNorm output.
@@ -121,11 +122,14 @@ def calibrate(
         plan: the conversion plan (default: every GroupNorm / LayerNorm at a BatchNorm's name).
         device: where to run ("auto": this process's GPU when there is one, else the CPU); both
             models return to their own devices afterwards.
+        fit_eps: also choose each new layer's eps (its own, or 0.25-16 times the typical
+            variance it divides by: the smallest within 0.001 R² of the best fit), written into
+            the layer and the plan; False keeps the eps the conversion gave it.
 
     Returns:
         Per site, the fit quality (R^2 of the per-channel affine regression).
     """
-    return calibrate_sites(converted, original, batches, plan, device=device).fits
+    return calibrate_sites(converted, original, batches, plan, device=device, fit_eps=fit_eps).fits
 
 
 def calibrate_sites(
@@ -138,6 +142,7 @@ def calibrate_sites(
     memory_limit: int | None = None,
     layer_by_layer: bool = False,
     drift: bool = False,
+    fit_eps: bool = True,
 ) -> Calibration:
     """`calibrate`, saying how: `memory_limit` (bytes; default half the memory available) bounds
     the activations the walk holds; `layer_by_layer` forces the method for models fx cannot trace;
@@ -163,7 +168,7 @@ def calibrate_sites(
         located: list[LocatedSite] | None = None
         if not layer_by_layer:
             try:
-                located, converted_graph, original_graph = _located(entries, converted, original)
+                located, converted_graph, original_graph = _located(entries, converted, original, fit_eps)
             except _NoWalk as reason:
                 result.walked = False
                 result.notes.append(
@@ -190,7 +195,7 @@ def calibrate_sites(
                 )
         else:
             result.walked = False
-            _fit_layer_by_layer(entries, converted, original, batches, result)
+            _fit_layer_by_layer(entries, converted, original, batches, result, fit_eps)
     for site in result.sites:  # leaving `preserved` put the layers' old eps back
         if site.layer is not None and site.eps is not None:
             set_eps(site.entry, site.layer, site.eps)
@@ -204,7 +209,7 @@ class _NoWalk(Exception):
 
 
 def _located(
-    entries: list[PlanEntry], converted: nn.Module, original: nn.Module
+    entries: list[PlanEntry], converted: nn.Module, original: nn.Module, fit_eps: bool
 ) -> tuple[list[LocatedSite], fx.GraphModule, fx.GraphModule]:
     """Trace both models with every module site kept whole and find each site's calls in both."""
     leaves = {e.name for e in entries if e.kind is not SiteKind.FUNCTIONAL}
@@ -230,7 +235,7 @@ def _located(
         if entry.kind is SiteKind.FUNCTIONAL:
             site, module = functional_site(entry, converted_graph, new, old), None
         else:
-            site, module = module_site(entry, converted, original), converted_graph.get_submodule(entry.name)
+            site, module = module_site(entry, converted, original, fit_eps), converted_graph.get_submodule(entry.name)
         located.append(
             LocatedSite(site, [converted_positions[n] for n in new], [original_positions[n] for n in old], module)
         )
@@ -261,7 +266,12 @@ def _default_memory_limit(where: torch.device) -> int:
 
 
 def _fit_layer_by_layer(
-    entries: list[PlanEntry], converted: nn.Module, original: nn.Module, batches: list[tuple], result: Calibration
+    entries: list[PlanEntry],
+    converted: nn.Module,
+    original: nn.Module,
+    batches: list[tuple],
+    result: Calibration,
+    fit_eps: bool,
 ) -> None:
     """Each site in plan order, each batch run through both models from the input to the site."""
     module_names = [e.name for e in entries if e.kind is not SiteKind.FUNCTIONAL]
@@ -283,7 +293,7 @@ def _fit_layer_by_layer(
             site = functional_site(entry, converted, new, old)
             pair = functools.partial(functional_pair, site, converted, new[0], original_graph, old[0])
         else:
-            site = module_site(entry, converted, original)
+            site = module_site(entry, converted, original, fit_eps)
             pair = functools.partial(module_pair, site, converted, original, calls=calls.get(entry.name, 0))
         sums: EpsSums | None = None
         for batch in batches:
