@@ -299,11 +299,12 @@ def test_cli_calibration_data_files(shapes, tmp_path: Path, suffix: str) -> None
     report = json.loads((tmp_path / "out" / "report.json").read_text())["reports"][0]
     assert set(report["drift"]) == {"swap", "calibrated", "healed"}
     assert [c["site"] for c in report["calibration"]] == ["bn1", "bn2", "bn3"]
-    # calibration improves the output, or keeps the swap and says so (its fits lowered held-out agreement)
-    kept_swap = any("the swapped layers' parameters were kept" in note for note in report["notes"])
-    assert report["drift"]["calibrated"]["cosine"] > report["drift"]["swap"]["cosine"] or (
-        kept_swap and report["drift"]["calibrated"] == report["drift"]["swap"]
-    )
+    # what convert guarantees: held-out agreement does not drop (where the fits would lower it, the
+    # swap is kept and a note says so); the output's cosine may move either way (seed 3 of the sweep)
+    calibrated, swap = report["drift"]["calibrated"], report["drift"]["swap"]
+    assert calibrated["top1_agreement"] >= swap["top1_agreement"]
+    if calibrated == swap:
+        assert any("the swapped layers' parameters were kept" in note for note in report["notes"])
     # what each site costs alone: worst first, in json, markdown (with the chart) and text
     costs = [1 - c["calibrated"]["top1_agreement"] for c in report["attribution"]]
     assert sorted(c["site"] for c in report["attribution"]) == ["bn1", "bn2", "bn3"] and costs == sorted(
