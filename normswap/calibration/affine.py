@@ -63,10 +63,9 @@ class AffineSite:
     def params(self) -> NormParams:
         return norm_params(self.entry)
 
-    def normalized(self, x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
-        """z: the new layer's normalization of `x`, before its affine (with `eps`, that eps)."""
-        params = self.params if eps is None else dataclasses.replace(self.params, eps=eps)
-        z = targets.get(self.entry.target).normalize(params, x)
+    def normalized(self, x: torch.Tensor, eps: float) -> torch.Tensor:
+        """z: the new layer's normalization of `x` with `eps`, before its affine."""
+        z = targets.get(self.entry.target).normalize(dataclasses.replace(self.params, eps=eps), x)
         if z is None:
             raise CalibrationError(f"Target '{self.entry.target}' of '{self.name}' is not calibrated.")
         return z

@@ -20,12 +20,8 @@ class ChannelSums:
     n: torch.Tensor
 
     @classmethod
-    def of(cls, z: torch.Tensor, y: torch.Tensor) -> ChannelSums:
-        """The sums over one batch of normalized outputs `z` and targets `y` (channels on dim 1)."""
-        return cls._of(_channels_first(z), _channels_first(y))
-
-    @classmethod
-    def _of(cls, zc: torch.Tensor, yc: torch.Tensor) -> ChannelSums:
+    def of(cls, zc: torch.Tensor, yc: torch.Tensor) -> ChannelSums:
+        """The sums over one batch of normalized outputs and targets as (C, values) float64 matrices."""
         return cls(zc.sum(1), yc.sum(1), _squares(zc), _squares(yc), (zc * yc).sum(1), torch.tensor(float(zc.shape[1])))
 
     def __add__(self, other: ChannelSums) -> ChannelSums:
@@ -48,7 +44,7 @@ class EpsSums:
     @classmethod
     def of(cls, normalized: Mapping[float, torch.Tensor], y: torch.Tensor) -> EpsSums:
         yc = _channels_first(y)
-        return cls({eps: ChannelSums._of(_channels_first(z), yc) for eps, z in normalized.items()})
+        return cls({eps: ChannelSums.of(_channels_first(z), yc) for eps, z in normalized.items()})
 
     def __add__(self, other: EpsSums) -> EpsSums:
         return EpsSums({eps: sums + other.by_eps[eps] for eps, sums in self.by_eps.items()})
