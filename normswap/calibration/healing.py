@@ -230,7 +230,7 @@ class _Healing:
             show = progress if progress is not None else (console.is_terminal and not console.quiet and self.world == 1)
             step = images = 0
             stopped = "steps"
-            with _progress_bar(show, console) as bar, hints.observing() if hints else contextlib.nullcontext():
+            with _progress_bar(show, console) as bar:
                 task = bar.add_task("heal", total=self.planned, score=_describe(stopping.initial), budget=self.budget)
                 for batch in self._batches(generator):
                     step += 1
@@ -330,8 +330,11 @@ def _step(
 ) -> None:
     """One optimisation step of the student toward the teacher's outputs (and hints) on `inputs`."""
     optimizer.zero_grad(set_to_none=True)
-    target = teacher_outputs(teacher, inputs)
-    loss = distillation_loss(flat_outputs(model(*inputs)), target)
+    # hints observe these two forward passes only, never the held-out judge's
+    with hints.observing() if hints is not None else contextlib.nullcontext():
+        target = teacher_outputs(teacher, inputs)
+        outputs = flat_outputs(model(*inputs))
+    loss = distillation_loss(outputs, target)
     if hints is not None:
         hinted = hints.loss()
         if hinted is not None:
