@@ -174,8 +174,8 @@ def test_attribution_samples_zero_measures_nothing(work: Path) -> None:
     assert report(work)["attribution"] == []
 
 
-@pytest.mark.parametrize("params", ["norm", "all"])
-def test_heal_options_reach_healing(work: Path, params: str) -> None:
+@pytest.mark.parametrize("params,loss", [("norm", "kl"), ("all", "mse")])
+def test_heal_options_reach_healing(work: Path, params: str, loss: str) -> None:
     """(What each choice trains is measured in tests/test_calibrate.py.)"""
     _calibration(work)
     args = [
@@ -190,9 +190,10 @@ def test_heal_options_reach_healing(work: Path, params: str) -> None:
         "--heal-lr",
         "1e-2",
     ]
-    assert run(*args, "--heal-params", params, "-q").exit_code == 0
+    assert run(*args, "--heal-params", params, "--heal-loss", loss, "-q").exit_code == 0
     healing = report(work)["healing"]
-    assert (healing["options"]["params"], healing["options"]["lr"], healing["options"]["steps"]) == (params, 1e-2, 20)
+    chosen = healing["options"]
+    assert (chosen["params"], chosen["loss"], chosen["lr"], chosen["steps"]) == (params, loss, 1e-2, 20)
     assert 1 <= healing["steps"] <= 20 and "healed" in report(work)["drift"]
 
 

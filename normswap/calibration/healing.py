@@ -1,8 +1,9 @@
 """Heal: a label-free distillation of the converted model toward the original, streamed from the
 user's data and judged by top-1 agreement with the original on held-out samples.
 
-Loss: KL(softmax(original) || softmax(converted)) for (N, K) class scores, MSE otherwise, plus
-feature hints (hints.py: every converted site's output matched to the original BatchNorm's), on
+Loss: KL(softmax(original) || softmax(converted)) on (N, K) class scores, or the MSE between their
+logits (HealOptions.loss); MSE on other outputs; optionally feature hints (hints.py: every
+converted site's output matched to the original BatchNorm's); on
 mixtures of two consecutive batches labelled by the original (mixup). Adam, a short warm-up, then
 cosine decay over the planned steps or the time budget, whichever ends first. Every few steps the
 held-out score is measured; healing keeps the best parameters and stops when it stops improving,
@@ -216,7 +217,7 @@ class _Healing:
         chosen = trainable_parameters(self.converted, options.params, self.original)
         with _only_trainable(self.converted, chosen):
             model = _distributed(self.converted) if self.world > 1 else self.converted  # DDP: after choosing
-            judge = HeldOut(self.converted, self.original, self.heldout)
+            judge = HeldOut(self.converted, self.original, self.heldout, options.loss)
             self.converted.eval()  # statistics and dropout fixed: only the chosen parameters move
             self.original.eval()
             hints = Hints(self.converted, self.original) if options.hints else None
@@ -236,7 +237,7 @@ class _Healing:
                     step += 1
                     self._set_lr(optimizer, step, time.monotonic() - start)
                     images += batch_length(batch)
-                    _step(model, self.original, batch, optimizer, hints, step, options.lr)
+                    _step(model, self.original, batch, optimizer, hints, step, options)
                     elapsed = time.monotonic() - start
                     out_of_time = self.budget is not None and elapsed >= self.budget
                     last = step >= self.planned
@@ -326,7 +327,7 @@ def _step(
     optimizer: torch.optim.Optimizer,
     hints: Hints | None,
     step: int,
-    lr: float,
+    options: HealOptions,
 ) -> None:
     """One optimisation step of the student toward the teacher's outputs (and hints) on `inputs`."""
     optimizer.zero_grad(set_to_none=True)
@@ -334,14 +335,14 @@ def _step(
     with hints.observing() if hints is not None else contextlib.nullcontext():
         target = teacher_outputs(teacher, inputs)
         outputs = flat_outputs(model(*inputs))
-    loss = distillation_loss(outputs, target)
+    loss = distillation_loss(outputs, target, options.loss)
     if hints is not None:
         hinted = hints.loss()
         if hinted is not None:
             loss = loss + hinted
     if not torch.isfinite(loss):
         raise CalibrationError(
-            f"Healing diverged at step {step} (loss {float(loss.detach())}); lower the learning rate (now {lr:g})."
+            f"Healing diverged at step {step} (loss {float(loss.detach())}); lower the learning rate (now {options.lr:g})."
         )
     loss.backward()
     optimizer.step()

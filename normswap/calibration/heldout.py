@@ -16,7 +16,7 @@ from ..torchutil import flat_outputs
 class HeldOutScore:
     """The converted model against the original on the held-out samples."""
 
-    loss: float  # distillation loss (KL on class scores, MSE on other outputs)
+    loss: float  # the distillation loss healing minimises (HealOptions.loss)
     agreement: float | None  # top-1 agreement when an output is (N, K) class scores
 
     def better_than(self, other: HeldOutScore) -> bool:
@@ -26,14 +26,16 @@ class HeldOutScore:
         return self.loss < other.loss - 1e-12
 
 
-def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-    """KL on (N, K) class scores, MSE on other outputs; outputs whose shapes differ (a length the
-    model's own predictions decide) cannot be matched element by element and are left out."""
+def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], loss: str = "kl") -> torch.Tensor:
+    """Per output: on (N, K) class scores, KL(softmax(teacher) || softmax(student)) ("kl") or the
+    MSE between the logits ("mse"); MSE on every other output. Outputs whose shapes differ (a
+    length the model's own predictions decide) cannot be matched element by element and are left
+    out."""
     total = student[0].new_zeros(())
     for s, t in zip(student, teacher, strict=True):
         if s.shape != t.shape or not s.is_floating_point():
             continue
-        if is_class_scores(s):
+        if loss == "kl" and is_class_scores(s):
             total = total + F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
         else:
             total = total + F.mse_loss(s, t)
@@ -52,8 +54,8 @@ def teacher_outputs(teacher: nn.Module, inputs: tuple) -> list[torch.Tensor]:
 class HeldOut:
     """Scores the student on held-out batches against the teacher's outputs (computed once)."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, heldout: list[tuple]) -> None:
-        self.student, self.heldout = student, heldout
+    def __init__(self, student: nn.Module, teacher: nn.Module, heldout: list[tuple], loss: str = "kl") -> None:
+        self.student, self.heldout, self.loss = student, heldout, loss
         teacher.eval()
         self.targets = [teacher_outputs(teacher, b) for b in heldout]
         self.samples = sum(int(t[0].shape[0]) if t and t[0].dim() else 1 for t in self.targets)
@@ -65,7 +67,7 @@ class HeldOut:
         with torch.no_grad():
             for batch, target in zip(self.heldout, self.targets, strict=True):
                 outputs = flat_outputs(self.student(*batch))
-                losses.append(float(distillation_loss(outputs, target)))
+                losses.append(float(distillation_loss(outputs, target, self.loss)))
                 for s, t in zip(outputs, target, strict=True):
                     if s.shape == t.shape and is_class_scores(t):
                         agree += int((s.argmax(1) == t.argmax(1)).sum())

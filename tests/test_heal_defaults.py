@@ -1,0 +1,56 @@
+"""What healing optimises and how often it judges, by default."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normswap
+from models import build, input_for
+from normswap.calibration.heldout import distillation_loss
+
+
+def test_class_scores_are_distilled_by_kl_or_as_logits() -> None:
+    teacher = torch.randn(8, 10)
+    # a softmax cannot see a shift of every logit: KL does not, the logits' MSE does
+    assert float(distillation_loss([teacher + 0.5], [teacher])) < 1e-6
+    assert torch.allclose(distillation_loss([teacher + 0.5], [teacher], "mse"), torch.tensor(0.25))
+    student = torch.randn(8, 10)
+    assert torch.allclose(distillation_loss([student], [teacher], "mse"), ((student - teacher) ** 2).mean())
+    kl = (teacher.softmax(1) * (teacher.log_softmax(1) - student.log_softmax(1))).sum(1).mean()
+    assert torch.allclose(distillation_loss([student], [teacher]), kl, atol=1e-6)
+
+
+def test_mse_healing_minimises_and_judges_the_logits_mse() -> None:
+    torch.manual_seed(0)
+    model = build("resnet").eval()
+    converted = normswap.convert(model, input_for("resnet"), to="groupnorm").model
+    batches = [input_for("resnet", batch=8) * (1 + i / 4) for i in range(5)]
+    result = normswap.heal(converted, model, batches, steps=6, eval_every=3, loss="mse", progress=False)
+    heldout = batches[-1:]  # a fifth of 40 samples: the last batch
+    with torch.no_grad():
+        expected = float(((result.model(*heldout) - model(*heldout)) ** 2).mean())
+    assert result.best.loss == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="heal loss must be one of kl, mse"):
+        normswap.HealOptions(loss="l1")
+
+
+def test_outputs_of_another_shape_or_dtype_are_left_out() -> None:
+    features, boxes = torch.randn(4, 3, 5), torch.randn(4, 2)
+    loss = distillation_loss([features, boxes, torch.arange(4)], [features + 1, boxes[:3], torch.arange(4) + 1])
+    assert torch.allclose(loss, torch.tensor(1.0))  # only the features: boxes differ in length, ids are integers
+
+
+def test_default_healing_judges_about_twenty_times_and_stops_after_eight_without_gain() -> None:
+    options = normswap.HealOptions()
+    assert options.planned_steps(batches_per_pass=63, batch_size=128) == 512  # 65,536 samples at 128
+    assert options.resolved_eval_every(512) == 25 and options.resolved_eval_every(60) == 5
+    torch.manual_seed(0)
+    model = build("mlp")
+    converted = normswap.convert(model, input_for("mlp"), to="layernorm").model
+    result = normswap.heal(converted, model, [torch.randn(16, 10) for _ in range(5)], steps=100, progress=False)
+    assert [p.step for p in result.curve][:3] == [0, 5, 10]  # 100 planned steps: every 5
+    assert result.stopped in {"plateau", "steps"}
+    if result.stopped == "plateau":  # eight evaluations after the best one
+        best = min(p.step for p in result.curve if p.score == result.best)
+        assert result.steps == best + 8 * 5
