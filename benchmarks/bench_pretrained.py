@@ -138,7 +138,7 @@ def run_one(args: argparse.Namespace) -> None:
     conversion = normswap.convert(original, example, to=args.target, calibration_data=loader)
     calibrated = time.monotonic() - start
     score("calibrated", conversion.model, calibrated)
-    options = normswap.HealOptions() if args.heal_budget is None else normswap.HealOptions(budget=args.heal_budget)
+    options = normswap.HealOptions(budget=args.heal_budget, loss=args.heal_loss)
     start = time.monotonic()
     healing = normswap.heal(conversion.model, original, loader, options, inputs=1, progress=False)
     score("healed", conversion.model, calibrated + time.monotonic() - start)
@@ -146,6 +146,7 @@ def run_one(args: argparse.Namespace) -> None:
         "steps": healing.steps,
         "images": healing.images,
         "stopped": healing.stopped,
+        "loss": args.heal_loss,
         "heldout_agreement": [healing.initial.agreement, healing.best.agreement],
         "curve": [(p.images, p.score.agreement) for p in healing.curve],
     }
@@ -161,7 +162,11 @@ def table(results: list[dict]) -> str:
     for r in results:
         for stage in ("original", "swap", "calibrated", "healed"):
             s, healing = r[stage], r["healing"]
-            label = f"healed ({healing['steps']} steps, stopped: {healing['stopped']})" if stage == "healed" else stage
+            label = (
+                f"healed ({healing['loss']}, {healing['steps']} steps, stopped: {healing['stopped']})"
+                if stage == "healed"
+                else stage
+            )
             seen = f"{r['images']:,} + {healing['images']:,} seen" if stage == "healed" else ""
             memory = f"{r['peak_mib']:.0f} MiB" if stage == "healed" else ""
             wall = f"{s['seconds']:.0f} s" if stage != "original" else ""
@@ -181,6 +186,10 @@ def clone_if_missing(path: Path | None, what: str, cache: Path) -> Path:
     return target
 
 
+# the settings each (model, target) subprocess gets from the command line
+PASSED_TO_EACH_RUN = ("resnets", "images", "cache", "train_images", "batch_size", "threads", "heal_budget", "heal_loss")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resnets", type=Path, help="a clone of akamaster/pytorch_resnet_cifar10 (default: clone it)")
@@ -192,6 +201,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--heal-budget", type=float, help="minutes (default: HealOptions' default, no budget)")
+    parser.add_argument("--heal-loss", choices=("kl", "mse"), default="kl", help="HealOptions.loss (default kl)")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -209,7 +219,7 @@ def main() -> int:
     for model in args.models.split(","):
         for target in args.targets.split(","):
             command = [sys.executable, __file__, "--one", model, target]
-            for flag in ("resnets", "images", "cache", "train_images", "batch_size", "threads", "heal_budget"):
+            for flag in PASSED_TO_EACH_RUN:
                 value = getattr(args, flag)
                 if value is not None:
                     command += [f"--{flag.replace('_', '-')}", str(value)]
