@@ -139,6 +139,7 @@ def run_one(args: argparse.Namespace) -> None:
     calibrated = time.monotonic() - start
     score("calibrated", conversion.model, calibrated)
     options = normswap.HealOptions(budget=args.heal_budget, loss=args.heal_loss)
+    options = options.replace(lr=args.heal_lr) if args.heal_lr is not None else options
     start = time.monotonic()
     healing = normswap.heal(conversion.model, original, loader, options, inputs=1, progress=False)
     score("healed", conversion.model, calibrated + time.monotonic() - start)
@@ -147,10 +148,12 @@ def run_one(args: argparse.Namespace) -> None:
         "images": healing.images,
         "stopped": healing.stopped,
         "loss": args.heal_loss,
+        "lr": options.lr,
         "heldout_agreement": [healing.initial.agreement, healing.best.agreement],
         "curve": [(p.images, p.score.agreement) for p in healing.curve],
     }
     rows["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"  {args.model} {args.target} healing: {rows['healing']}", file=sys.stderr, flush=True)
     print(json.dumps(rows), flush=True)
 
 
@@ -163,7 +166,7 @@ def table(results: list[dict]) -> str:
         for stage in ("original", "swap", "calibrated", "healed"):
             s, healing = r[stage], r["healing"]
             label = (
-                f"healed ({healing['loss']}, {healing['steps']} steps, stopped: {healing['stopped']})"
+                f"healed ({healing['loss']}, lr {healing['lr']:g}, {healing['steps']} steps, stopped: {healing['stopped']})"
                 if stage == "healed"
                 else stage
             )
@@ -187,7 +190,17 @@ def clone_if_missing(path: Path | None, what: str, cache: Path) -> Path:
 
 
 # the settings each (model, target) subprocess gets from the command line
-PASSED_TO_EACH_RUN = ("resnets", "images", "cache", "train_images", "batch_size", "threads", "heal_budget", "heal_loss")
+PASSED_TO_EACH_RUN = (
+    "resnets",
+    "images",
+    "cache",
+    "train_images",
+    "batch_size",
+    "threads",
+    "heal_budget",
+    "heal_loss",
+    "heal_lr",
+)
 
 
 def main() -> int:
@@ -202,6 +215,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--heal-budget", type=float, help="minutes (default: HealOptions' default, no budget)")
     parser.add_argument("--heal-loss", choices=("kl", "mse"), default="kl", help="HealOptions.loss (default kl)")
+    parser.add_argument("--heal-lr", type=float, help="HealOptions.lr (default: its default)")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
