@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from normswap.calibration.options import LOSSES
+
 CHECKPOINTS = {
     "resnet20": "resnet20-12fca82f.th",
     "resnet32": "resnet32-d509ac18.th",
@@ -214,7 +216,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--heal-budget", type=float, help="minutes (default: HealOptions' default, no budget)")
-    parser.add_argument("--heal-loss", choices=("kl", "mse"), default="kl", help="HealOptions.loss (default kl)")
+    parser.add_argument("--heal-loss", choices=LOSSES, default="kl", help="HealOptions.loss (default kl)")
     parser.add_argument("--heal-lr", type=float, help="HealOptions.lr (default: its default)")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "TARGET"), help=argparse.SUPPRESS)
