@@ -298,10 +298,10 @@ def convert_with(
             )
         return _recorded(Conversion.of(rewritten))
     stream = input_batches(calibration_data, inputs=len(as_input_tuple(example_inputs)))
-    batches = stream.head(CALIBRATION_SAMPLES)
-    check_model_accepts(original, batches)  # one sentence naming the batch, before anything runs on it
     costs: list[SiteCost] | None = None
-    if searching:
+    if searching:  # (calibrate_and_heal reads and checks the data itself: read here only to search)
+        batches = stream.head(CALIBRATION_SAMPLES)
+        check_model_accepts(original, batches)  # one sentence naming the batch, before anything runs on it
         costs = site_costs(original, rewritten.plan, batches, samples=options.attribution_samples or DEFAULT_SAMPLES)
     chosen = rewritten.plan
     if costs is not None and options.freeze_costly is not None and options.to == "auto" and plan is None:

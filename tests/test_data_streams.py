@@ -146,6 +146,18 @@ def test_heal_streams_a_dataloader_with_labels_and_reads_each_sample_once_per_pa
     assert [p.step for p in result.curve] == [0, 7]
 
 
+def test_convert_reads_each_calibration_sample_once() -> None:
+    """Without a search, convert leaves reading to calibration: an image folder decodes each image once."""
+    torch.manual_seed(0)
+    model = build("mlp").eval()
+    data = Counting(n=200)
+    conversion = normswap.convert(
+        model, input_for("mlp"), to="layernorm", calibration_data=DataLoader(data, batch_size=16, shuffle=True)
+    )
+    assert conversion.drift["calibrated"].samples == 40  # a fifth held out
+    assert int(data.reads.max()) == 1 and int(data.reads.sum()) == 200
+
+
 def test_a_budget_stops_healing_and_says_so() -> None:
     model = build("mlp")
     converted = normswap.convert(model, input_for("mlp"), to="layernorm").model
