@@ -140,8 +140,7 @@ def run_one(args: argparse.Namespace) -> None:
     conversion = normswap.convert(original, example, to=args.target, calibration_data=loader)
     calibrated = time.monotonic() - start
     score("calibrated", conversion.model, calibrated)
-    options = normswap.HealOptions(budget=args.heal_budget, loss=args.heal_loss)
-    options = options.replace(lr=args.heal_lr) if args.heal_lr is not None else options
+    options = normswap.HealOptions(budget=args.heal_budget, loss=args.heal_loss, lr=args.heal_lr)
     start = time.monotonic()
     healing = normswap.heal(conversion.model, original, loader, options, inputs=1, progress=False)
     score("healed", conversion.model, calibrated + time.monotonic() - start)
@@ -150,7 +149,7 @@ def run_one(args: argparse.Namespace) -> None:
         "images": healing.images,
         "stopped": healing.stopped,
         "loss": args.heal_loss,
-        "lr": options.lr,
+        "lr": healing.options.lr if healing.options is not None else None,  # the rate it resolved
         "heldout_agreement": [healing.initial.agreement, healing.best.agreement],
         "curve": [(p.images, p.score.agreement) for p in healing.curve],
     }
@@ -217,7 +216,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--heal-budget", type=float, help="minutes (default: HealOptions' default, no budget)")
     parser.add_argument("--heal-loss", choices=LOSSES, default="kl", help="HealOptions.loss (default kl)")
-    parser.add_argument("--heal-lr", type=float, help="HealOptions.lr (default: its default)")
+    parser.add_argument("--heal-lr", type=float, help="HealOptions.lr (default: its default, scaled by depth)")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import normswap
 from models import build, input_for
@@ -54,3 +55,35 @@ def test_default_healing_judges_about_twenty_times_and_stops_after_eight_without
     if result.stopped == "plateau":  # eight evaluations after the best one
         best = min(p.step for p in result.curve if p.score == result.best)
         assert result.steps == best + 8 * 5
+
+
+def _deep_mlp(sites: int) -> torch.nn.Sequential:
+    layers: list[torch.nn.Module] = []
+    for _ in range(sites):
+        layers += [torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers).eval()
+
+
+@pytest.mark.parametrize("sites,lr", [(4, 1e-3), (20, 1e-3), (40, 5e-4)])
+def test_the_default_rate_is_scaled_down_by_depth_beyond_twenty_sites(sites: int, lr: float) -> None:
+    torch.manual_seed(0)
+    model = _deep_mlp(sites)
+    converted = normswap.convert(model, torch.randn(2, 8), to="layernorm").model
+    applied: list[list[float]] = []
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: applied.append([group["lr"] for group in optimizer.param_groups])
+    )
+    try:
+        result = normswap.heal(converted, model, [torch.randn(16, 8) for _ in range(5)], steps=1, progress=False)
+    finally:
+        hook.remove()
+    assert result.options is not None and result.options.lr == pytest.approx(lr)  # the report names the rate used
+    # one planned step: no warm-up below the rate; the new layers at it, the trained weights at a third
+    assert applied == [[pytest.approx(lr), pytest.approx(lr / 3)]]
+
+
+def test_a_rate_given_is_used_whatever_the_depth() -> None:
+    options = normswap.HealOptions(lr=2e-3)
+    assert options.resolved_lr(55) == options.resolved_lr(3) == 2e-3
+    assert normswap.HealOptions().resolved_lr(55) == pytest.approx(1e-3 * 20 / 55)  # ResNet-56's sites
+    assert normswap.HealOptions().resolved_lr(0) == 1e-3  # frozen BN or a fold: no new layers

@@ -91,15 +91,21 @@ class HealResult:
         return self.best.better_than(self.initial)
 
 
-def norm_parameters(converted: nn.Module, original: nn.Module) -> list[nn.Parameter]:
-    """The affine parameters of the calibrated normalizations the conversion introduced: modules
-    a target recognizes as its own where the original model has a BatchNorm."""
+def new_norm_layers(converted: nn.Module, original: nn.Module) -> list[tuple[targets.Target, nn.Module]]:
+    """The calibrated normalizations the conversion introduced, with their targets: modules a
+    target recognizes as its own where the original model has a BatchNorm."""
     originals = dict(original.named_modules())
-    chosen = []
+    found = []
     for name, module in converted.named_modules():
-        found = targets.recognize(module) if isinstance(originals.get(name), _BatchNorm) else None
-        if found is not None and found[0].calibrated:
-            chosen += found[0].affine_parameters(module)
+        recognized = targets.recognize(module) if isinstance(originals.get(name), _BatchNorm) else None
+        if recognized is not None and recognized[0].calibrated:
+            found.append((recognized[0], module))
+    return found
+
+
+def norm_parameters(converted: nn.Module, original: nn.Module) -> list[nn.Parameter]:
+    """The affine parameters of the calibrated normalizations the conversion introduced."""
+    chosen = [p for target, module in new_norm_layers(converted, original) for p in target.affine_parameters(module)]
     return list(dict.fromkeys(chosen))
 
 
@@ -202,7 +208,10 @@ class _Healing:
         options: HealOptions,
         where: torch.device,
     ) -> None:
-        self.converted, self.original, self.options, self.where = converted, original, options, where
+        self.converted, self.original, self.where = converted, original, where
+        # the rate resolved once, so the schedule, the messages and the result all name the one used
+        self.lr = options.resolved_lr(len(new_norm_layers(converted, original)))
+        self.options = options.replace(lr=self.lr)
         self.world = world_size()
         self.train = train.sharded(_rank(), self.world) if self.world > 1 else train
         self.heldout = heldout
@@ -221,7 +230,7 @@ class _Healing:
             self.converted.eval()  # statistics and dropout fixed: only the chosen parameters move
             self.original.eval()
             hints = Hints(self.converted, self.original) if options.hints else None
-            optimizer = torch.optim.Adam(_parameter_groups(chosen, self.converted, self.original), lr=options.lr)
+            optimizer = torch.optim.Adam(_parameter_groups(chosen, self.converted, self.original), lr=self.lr)
             generator = torch.Generator().manual_seed(options.seed)
             start = time.monotonic()
             stopping = _EarlyStopping(self.converted, judge(), options.patience)
@@ -294,7 +303,7 @@ class _Healing:
         return min(done, 1.0)
 
     def _set_lr(self, optimizer: torch.optim.Optimizer, step: int, elapsed: float) -> None:
-        lr = self.options.lr
+        lr = self.lr
         warmup = max(1, int(WARMUP * self.planned))
         if step <= warmup:
             lr *= step / warmup

@@ -15,6 +15,11 @@ SCHEDULES = ("cosine", "constant")
 MAX_PASSES = 80  # over the training part of small data
 MAX_IMAGES = 65_536  # training samples seen at most by default: about 80 passes over 1k samples, 6 over 10k
 MIN_STEPS = 200  # small data: at least this many steps, the passes notwithstanding
+BASE_LR = 1e-3  # the healing rate of a network with up to SHALLOW_SITES converted sites
+# Deeper, it is BASE_LR * SHALLOW_SITES / sites: one Adam step moves every parameter by about the
+# rate, and the output's change sums over the sites it passes through. ResNet-56 (55 sites) kept its
+# calibrated model at 1e-3 and healed at 3e-4; ResNet-20 (19) heals best at 1e-3 (README).
+SHALLOW_SITES = 20
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,8 @@ class HealOptions:
         budget: minutes healing may take at most (None: no limit); the learning-rate schedule
             spreads over the budget when it binds before the steps do.
         lr: Adam learning rate of the new normalization layers' affine (positive, finite); the
-            other parameters train at a third of it.
+            other parameters train at a third of it. None: 1e-3, scaled down by depth beyond 20
+            converted sites (1e-3 * 20 / sites: 3.6e-4 on ResNet-56's 55; `resolved_lr`).
         params: "all" (every floating parameter; needed where a swap removes information a
             per-channel affine cannot restore) or "norm" (the new normalization layers' affine
             only: lighter).
@@ -70,10 +76,10 @@ class HealOptions:
         finite=True,
         metavar="MINUTES",
     )
-    lr: float = option(
-        1e-3,
+    lr: float | None = option(
+        None,
         "--heal-lr",
-        help="Healing learning rate of the new layers (implies --heal; default 1e-3, the other weights a third of it; cosine decay).",
+        help="Healing learning rate of the new layers (implies --heal; default 1e-3, times 20/sites beyond 20 converted sites; the other weights a third of it; cosine decay).",
         value_type=float,
         minimum=0,
         open_minimum=True,
@@ -101,7 +107,7 @@ class HealOptions:
             isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
         ):
             raise ValueError(f"heal steps must be a positive integer, got {self.steps!r}.")
-        if (
+        if self.lr is not None and (
             isinstance(self.lr, bool)
             or not isinstance(self.lr, (int, float))
             or not math.isfinite(self.lr)
@@ -142,6 +148,13 @@ class HealOptions:
         by_images = MAX_IMAGES // max(1, batch_size)
         by_passes = MAX_PASSES * batches_per_pass if batches_per_pass is not None else by_images
         return max(MIN_STEPS, min(by_passes, by_images))
+
+    def resolved_lr(self, sites: int) -> float:
+        """The learning rate healing runs at on a model with `sites` converted normalization
+        layers: `lr`, else BASE_LR scaled down by depth beyond SHALLOW_SITES."""
+        if self.lr is not None:
+            return self.lr
+        return BASE_LR * min(1.0, SHALLOW_SITES / max(1, sites))
 
     def heldout_samples(self, samples: int | None) -> int:
         """How many samples to hold out of `samples` (None: unknown)."""
