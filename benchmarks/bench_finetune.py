@@ -22,7 +22,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_pretrained import Images, clone_if_missing, decoded, normalized, predictions, resnet
+from bench_pretrained import (
+    Images,
+    clone_if_missing,
+    decoded,
+    normalized,
+    predictions,
+    resnet,
+    shuffled,
+    training_images,
+)
 
 import normswap
 
@@ -30,9 +39,7 @@ import normswap
 def fine_tuned(model: torch.nn.Module, data: Images, lr: float, steps: int, warmup: int, batch: int) -> list[float]:
     """Train `model` in place with labels; the loss of every step."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(1)
-    )
+    loader = shuffled(data, batch, seed=1)
     model.train()
     losses: list[float] = []
     while len(losses) < steps:
@@ -43,7 +50,7 @@ def fine_tuned(model: torch.nn.Module, data: Images, lr: float, steps: int, warm
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if len(losses) >= steps:
                 break
     return losses
@@ -68,11 +75,8 @@ def main() -> int:
     args.images = clone_if_missing(args.images, "images", args.cache)
     data = decoded(args.images, args.cache)
     test_x, test_y = normalized(data["test_x"]), data["test_y"]
-    chosen = torch.randperm(len(data["train_x"]), generator=torch.Generator().manual_seed(0))[: args.train_images]
-    images = Images(data["train_x"][chosen], data["train_y"][chosen])
-    calibration = torch.utils.data.DataLoader(
-        images, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0)
-    )
+    images = training_images(data, args.train_images)
+    calibration = shuffled(images, 128)  # as bench_pretrained calibrates
     original = resnet(args.resnets, args.model)
     converted = normswap.convert(
         original, test_x[:2], to="groupnorm", calibration_data=calibration, keep_eps=args.keep_eps

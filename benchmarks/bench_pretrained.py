@@ -87,6 +87,19 @@ class Images(torch.utils.data.Dataset):
         return normalized(self.pixels[index : index + 1])[0], self.labels[index]
 
 
+def training_images(data: dict[str, torch.Tensor], count: int) -> Images:
+    """`count` training images with their labels, the same ones on every run (seed 0)."""
+    chosen = torch.randperm(len(data["train_x"]), generator=torch.Generator().manual_seed(0))[:count]
+    return Images(data["train_x"][chosen], data["train_y"][chosen])
+
+
+def shuffled(images: Images, batch_size: int, seed: int = 0) -> torch.utils.data.DataLoader:
+    """A shuffled loader over `images`, as a user's training loader is (seeded)."""
+    return torch.utils.data.DataLoader(
+        images, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
+
+
 def resnet(resnets: Path, name: str) -> torch.nn.Module:
     spec = importlib.util.spec_from_file_location("akamaster_resnet", resnets / "resnet.py")
     assert spec is not None and spec.loader is not None
@@ -111,13 +124,7 @@ def run_one(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     data = decoded(args.images, args.cache)
     test_x, test_y = normalized(data["test_x"]), data["test_y"]
-    chosen = torch.randperm(len(data["train_x"]), generator=torch.Generator().manual_seed(0))[: args.train_images]
-    loader = torch.utils.data.DataLoader(
-        Images(data["train_x"][chosen], data["train_y"][chosen]),
-        batch_size=args.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(0),
-    )
+    loader = shuffled(training_images(data, args.train_images), args.batch_size)
     original = resnet(args.resnets, args.model)
     reference = predictions(original, test_x)
     rows = {"model": args.model, "target": args.target, "images": args.train_images}
