@@ -19,6 +19,7 @@ from normswap.sites import SiteKind
 from .base import Pass, PassResult
 
 SITE_META = "normswap_site"
+TARGET_META = "normswap_target"  # the target's name on the replacement: healing finds the new layers by it
 
 
 class RewriteFunctionalBatchNorm(Pass):
@@ -74,6 +75,7 @@ class RewriteFunctionalBatchNorm(Pass):
             replacement = graph.call_function(function, arguments)
         replacement.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "val")})
         replacement.meta[SITE_META] = entry.name  # calibration finds the replacement of this site by it
+        replacement.meta[TARGET_META] = entry.target
         inputs = node.all_input_nodes
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)

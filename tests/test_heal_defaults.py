@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import normswap
@@ -80,6 +81,48 @@ def test_the_default_rate_is_scaled_down_by_depth_beyond_twenty_sites(sites: int
     assert result.options is not None and result.options.lr == pytest.approx(lr)  # the report names the rate used
     # one planned step: no warm-up below the rate; the new layers at it, the trained weights at a third
     assert applied == [[pytest.approx(lr), pytest.approx(lr / 3)]]
+
+
+class _FunctionalDeepMLP(torch.nn.Module):
+    """`sites` Linear layers each normalized by an `F.batch_norm` call on its own parameters and
+    statistics (the way some libraries write BatchNorm without a module)."""
+
+    def __init__(self, sites: int) -> None:
+        super().__init__()
+        self.linears = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(sites))
+        self.weights = torch.nn.ParameterList(torch.nn.Parameter(torch.ones(8)) for _ in range(sites))
+        self.biases = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(8)) for _ in range(sites))
+        for i in range(sites):
+            self.register_buffer(f"mean{i}", torch.zeros(8))
+            self.register_buffer(f"var{i}", torch.ones(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, linear in enumerate(self.linears):
+            x = linear(x)
+            mean, var = getattr(self, f"mean{i}"), getattr(self, f"var{i}")
+            x = torch.relu(F.batch_norm(x, mean, var, self.weights[i], self.biases[i], self.training, 0.1, 1e-5))
+        return x
+
+
+def test_functional_sites_count_for_the_rate_and_train_at_it() -> None:
+    torch.manual_seed(0)
+    model = _FunctionalDeepMLP(40).eval()
+    converted = normswap.convert(model, torch.randn(2, 8), to="layernorm").model
+    applied: list[list[float]] = []
+    sizes: list[list[int]] = []
+
+    def record(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        applied.append([group["lr"] for group in optimizer.param_groups])
+        sizes.append([len(group["params"]) for group in optimizer.param_groups])
+
+    hook = register_optimizer_step_pre_hook(record)
+    try:
+        result = normswap.heal(converted, model, [torch.randn(16, 8) for _ in range(5)], steps=1, progress=False)
+    finally:
+        hook.remove()
+    assert result.options is not None and result.options.lr == pytest.approx(5e-4)  # 40 sites, as modules
+    # the 40 calls' weight and bias at the rate; the 40 Linear layers' weight and bias at a third
+    assert applied == [[pytest.approx(5e-4), pytest.approx(5e-4 / 3)]] and sizes == [[80, 80]]
 
 
 def test_a_rate_given_is_used_whatever_the_depth() -> None:

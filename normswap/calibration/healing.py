@@ -26,11 +26,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn
 from rich.text import Text
-from torch import nn
+from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import targets
 from ..errors import CalibrationError, ConfigError
+from ..passes.rewrite_functional import TARGET_META
 from ..terminal import stderr_console
 from ..torchutil import flat_outputs, preserved, require_module, require_type
 from .data import check_model_accepts
@@ -91,22 +92,37 @@ class HealResult:
         return self.best.better_than(self.initial)
 
 
-def new_norm_layers(converted: nn.Module, original: nn.Module) -> list[tuple[targets.Target, nn.Module]]:
-    """The calibrated normalizations the conversion introduced, with their targets: modules a
-    target recognizes as its own where the original model has a BatchNorm."""
+def new_norm_sites(converted: nn.Module, original: nn.Module) -> list[list[nn.Parameter]]:
+    """The affine parameters of each calibrated normalization the conversion introduced: a module
+    a target recognizes as its own where the original model has a BatchNorm, or a functional
+    batch_norm call the rewrite replaced (tagged in the graph; its weight and bias are the
+    original attributes the call reads)."""
     originals = dict(original.named_modules())
-    found = []
+    sites = []
     for name, module in converted.named_modules():
         recognized = targets.recognize(module) if isinstance(originals.get(name), _BatchNorm) else None
         if recognized is not None and recognized[0].calibrated:
-            found.append((recognized[0], module))
-    return found
+            sites.append(list(recognized[0].affine_parameters(module)))
+        if isinstance(module, fx.GraphModule):
+            sites += _functional_sites(module)
+    return sites
+
+
+def _functional_sites(graph_module: fx.GraphModule) -> list[list[nn.Parameter]]:
+    """The parameters each calibrated replacement call in the graph reads through get_attr."""
+    parameters = dict(graph_module.named_parameters())
+    sites = []
+    for node in graph_module.graph.nodes:
+        name = node.meta.get(TARGET_META)
+        if name is not None and targets.get(name).calibrated:
+            read = [str(v.target) for v in node.all_input_nodes if v.op == "get_attr"]
+            sites.append([parameters[t] for t in read if t in parameters])
+    return sites
 
 
 def norm_parameters(converted: nn.Module, original: nn.Module) -> list[nn.Parameter]:
     """The affine parameters of the calibrated normalizations the conversion introduced."""
-    chosen = [p for target, module in new_norm_layers(converted, original) for p in target.affine_parameters(module)]
-    return list(dict.fromkeys(chosen))
+    return list(dict.fromkeys(p for site in new_norm_sites(converted, original) for p in site))
 
 
 def trainable_parameters(model: nn.Module, params: str, original: nn.Module) -> list[nn.Parameter]:
@@ -210,7 +226,7 @@ class _Healing:
     ) -> None:
         self.converted, self.original, self.where = converted, original, where
         # the rate resolved once, so the schedule, the messages and the result all name the one used
-        self.lr = options.resolved_lr(len(new_norm_layers(converted, original)))
+        self.lr = options.resolved_lr(len(new_norm_sites(converted, original)))
         self.options = options.replace(lr=self.lr)
         self.world = world_size()
         self.train = train.sharded(_rank(), self.world) if self.world > 1 else train
