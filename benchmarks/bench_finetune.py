@@ -6,6 +6,7 @@ after, and the mean loss of the first and last 50 steps, for each learning rate.
 
     python benchmarks/bench_finetune.py --resnets pytorch_resnet_cifar10 --images CIFAR-10-images
     python benchmarks/bench_finetune.py ... --lrs 0.01,0.001 --steps 150 --warmup 100
+    python benchmarks/bench_finetune.py ... --lrs 0.01 --channels-per-group 4
 
 SGD with momentum 0.9 and weight decay 5e-4 (the ResNets' own training recipe, at fine-tuning
 rates), a constant rate after an optional linear warm-up, batch 32 over the same 10,000 training
@@ -68,6 +69,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--train-images", type=int, default=10_000)
     parser.add_argument("--keep-eps", action="store_true", help="calibrate with keep_eps=True")
+    parser.add_argument(
+        "--channels-per-group", type=int, default=None, help="GroupNorm's fewest channels in a group (default: 16)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -78,15 +82,17 @@ def main() -> int:
     images = training_images(data, args.train_images)
     calibration = shuffled(images, 128)  # as bench_pretrained calibrates
     original = resnet(args.resnets, args.model)
+    grouping = {"channels_per_group": args.channels_per_group} if args.channels_per_group else {}
     converted = normswap.convert(
-        original, test_x[:2], to="groupnorm", calibration_data=calibration, keep_eps=args.keep_eps
+        original, test_x[:2], to="groupnorm", calibration_data=calibration, keep_eps=args.keep_eps, **grouping
     ).model
 
     def accuracy(model: torch.nn.Module) -> float:
         return float((predictions(model, test_x) == test_y).float().mean())
 
     print(
-        f"{args.model}, batch {args.batch_size}, {args.steps} steps, warm-up {args.warmup}, torch {torch.__version__}"
+        f"{args.model}, batch {args.batch_size}, {args.steps} steps, warm-up {args.warmup}, "
+        f"channels per group {args.channels_per_group or 'default'}, torch {torch.__version__}"
     )
     print("| model | lr | accuracy before | after | loss, first 50 steps | last 50 | seconds |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
