@@ -113,8 +113,8 @@ def _functional_sites(graph_module: fx.GraphModule) -> list[list[nn.Parameter]]:
     parameters = dict(graph_module.named_parameters())
     sites = []
     for node in graph_module.graph.nodes:
-        name = node.meta.get(TARGET_META)
-        if name is not None and targets.get(name).calibrated:
+        name = node.meta.get(TARGET_META)  # a target unregistered since the rewrite: not one to heal
+        if name in targets.names() and targets.get(name).calibrated:
             read = [str(v.target) for v in node.all_input_nodes if v.op == "get_attr"]
             sites.append([parameters[t] for t in read if t in parameters])
     return sites
