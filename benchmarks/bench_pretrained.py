@@ -143,11 +143,22 @@ def run_one(args: argparse.Namespace) -> None:
     start = time.monotonic()
     swapped = normswap.convert(original, example, to=args.target).model
     score("swap", swapped, time.monotonic() - start)
+    options = normswap.HealOptions(budget=args.heal_budget, loss=args.heal_loss, lr=args.heal_lr)
+    if args.keep_function is not None:  # the function budget instead: convert, calibrate and heal in one call
+        start = time.monotonic()
+        kept = normswap.convert(
+            original, example, to=args.target, calibration_data=loader, keep_function=args.keep_function, heal=options
+        )
+        score("kept", kept.model, time.monotonic() - start)
+        rows["frozen"] = [entry.name for entry in kept.plan if entry.target == "frozen"]
+        rows["keep_function"] = args.keep_function
+        rows["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(rows), flush=True)
+        return
     start = time.monotonic()
     conversion = normswap.convert(original, example, to=args.target, calibration_data=loader)
     calibrated = time.monotonic() - start
     score("calibrated", conversion.model, calibrated)
-    options = normswap.HealOptions(budget=args.heal_budget, loss=args.heal_loss, lr=args.heal_lr)
     start = time.monotonic()
     healing = normswap.heal(conversion.model, original, loader, options, inputs=1, progress=False)
     score("healed", conversion.model, calibrated + time.monotonic() - start)
@@ -171,15 +182,19 @@ def table(results: list[dict]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
-        for stage in ("original", "swap", "calibrated", "healed"):
-            s, healing = r[stage], r["healing"]
-            label = (
-                f"healed ({healing['loss']}, lr {healing['lr']:g}, {healing['steps']} steps, stopped: {healing['stopped']})"
-                if stage == "healed"
-                else stage
-            )
-            seen = f"{r['images']:,} + {healing['images']:,} seen" if stage == "healed" else ""
-            memory = f"{r['peak_mib']:.0f} MiB" if stage == "healed" else ""
+        last = "kept" if "kept" in r else "healed"
+        for stage in ("original", "swap", "calibrated", "healed", "kept"):
+            if stage not in r:
+                continue
+            s = r[stage]
+            label = stage
+            if stage == "healed":
+                healing = r["healing"]
+                label = f"healed ({healing['loss']}, lr {healing['lr']:g}, {healing['steps']} steps, stopped: {healing['stopped']})"
+            elif stage == "kept":
+                label = f"--keep-function {r['keep_function']:g}, healed: {len(r['frozen'])} frozen ({', '.join(r['frozen']) or 'none'})"
+            seen = f"{r['images']:,} + {r['healing']['images']:,} seen" if stage == "healed" else ""
+            memory = f"{r['peak_mib']:.0f} MiB" if stage == last else ""
             wall = f"{s['seconds']:.0f} s" if stage != "original" else ""
             agreement = f"{s['agreement']:.1%}" if stage != "original" else "—"
             lines.append(
@@ -208,6 +223,7 @@ PASSED_TO_EACH_RUN = (
     "heal_budget",
     "heal_loss",
     "heal_lr",
+    "keep_function",
 )
 
 
@@ -224,6 +240,12 @@ def main() -> int:
     parser.add_argument("--heal-budget", type=float, help="minutes (default: HealOptions' default, no budget)")
     parser.add_argument("--heal-loss", choices=LOSSES, default="kl", help="HealOptions.loss (default kl)")
     parser.add_argument("--heal-lr", type=float, help="HealOptions.lr (default: its default, scaled by depth)")
+    parser.add_argument(
+        "--keep-function",
+        type=float,
+        help="instead of calibrating and healing every site: convert with keep_function= this (sites frozen until "
+        "held-out agreement reaches it), healing with the defaults",
+    )
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
