@@ -7,6 +7,7 @@ after, and the mean loss of the first and last 50 steps, for each learning rate.
     python benchmarks/bench_finetune.py --resnets pytorch_resnet_cifar10 --images CIFAR-10-images
     python benchmarks/bench_finetune.py ... --lrs 0.01,0.001 --steps 150 --warmup 100
     python benchmarks/bench_finetune.py ... --lrs 0.01 --channels-per-group 4
+    python benchmarks/bench_finetune.py ... --lrs 0.01 --heal-steps 200
 
 SGD with momentum 0.9 and weight decay 5e-4 (the ResNets' own training recipe, at fine-tuning
 rates), a constant rate after an optional linear warm-up, batch 32 over the same 10,000 training
@@ -70,6 +71,12 @@ def main() -> int:
     parser.add_argument("--train-images", type=int, default=10_000)
     parser.add_argument("--keep-eps", action="store_true", help="calibrate with keep_eps=True")
     parser.add_argument(
+        "--heal-steps",
+        type=int,
+        default=0,
+        help="heal the calibrated model this many steps first (default: not healed)",
+    )
+    parser.add_argument(
         "--channels-per-group", type=int, default=None, help="GroupNorm's fewest channels in a group (default: 16)"
     )
     parser.add_argument("--threads", type=int, default=2)
@@ -86,6 +93,8 @@ def main() -> int:
     converted = normswap.convert(
         original, test_x[:2], to="groupnorm", calibration_data=calibration, keep_eps=args.keep_eps, **grouping
     ).model
+    if args.heal_steps:
+        normswap.heal(converted, original, calibration, normswap.HealOptions(steps=args.heal_steps), progress=False)
 
     def accuracy(model: torch.nn.Module) -> float:
         return float((predictions(model, test_x) == test_y).float().mean())
@@ -97,7 +106,8 @@ def main() -> int:
     print("| model | lr | accuracy before | after | loss, first 50 steps | last 50 | seconds |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for lr in (float(v) for v in args.lrs.split(",")):
-        for name, model in (("batchnorm original", original), ("groupnorm, calibrated", converted)):
+        stage = f"healed {args.heal_steps} steps" if args.heal_steps else "calibrated"
+        for name, model in (("batchnorm original", original), (f"groupnorm, {stage}", converted)):
             trained = copy.deepcopy(model)
             before = accuracy(trained)
             start = time.monotonic()
