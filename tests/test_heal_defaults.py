@@ -9,6 +9,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import normswap
 from models import build, input_for
+from normswap.calibration import UNHEALED_NOTE
 from normswap.calibration.heldout import distillation_loss
 
 
@@ -130,3 +131,17 @@ def test_a_rate_given_is_used_whatever_the_depth() -> None:
     assert options.resolved_lr(55) == options.resolved_lr(3) == 2e-3
     assert normswap.HealOptions().resolved_lr(55) == pytest.approx(1e-3 * 20 / 55)  # ResNet-56's sites
     assert normswap.HealOptions().resolved_lr(0) == 1e-3  # frozen BN or a fold: no new layers
+
+
+def test_a_calibration_without_healing_says_to_heal_before_training_on() -> None:
+    torch.manual_seed(0)
+    model = build("resnet").eval()
+    data = [input_for("resnet", batch=8) for _ in range(5)]
+    calibrated = normswap.convert(model, input_for("resnet"), to="groupnorm", calibration_data=data)
+    assert UNHEALED_NOTE in calibrated.notes
+    healed = normswap.convert(
+        model, input_for("resnet"), to="groupnorm", calibration_data=data, heal=normswap.HealOptions(steps=2)
+    )
+    assert healed.healing is not None and UNHEALED_NOTE not in healed.notes
+    frozen = normswap.convert(model, input_for("resnet"), to="frozen", calibration_data=data)
+    assert UNHEALED_NOTE not in frozen.notes  # frozen BatchNorm keeps the function: nothing was fitted

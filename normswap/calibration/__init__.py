@@ -37,6 +37,14 @@ class CalibrationOutcome:
     heldout_samples: int = 0  # where the drift of every stage was measured
 
 
+# measured with benchmarks/bench_finetune.py (README: Limits)
+UNHEALED_NOTE = (
+    "calibrated, not healed: heal before training this model on (--heal, heal=HealOptions()), or warm the "
+    "learning rate up; at its original's rate the calibrated ResNet-20 of the README's benchmark collapsed "
+    "(79.1% -> 26.9% in 150 steps) where the healed one trained"
+)
+
+
 def calibrate_and_heal(
     converted: nn.Module,
     original: nn.Module,
@@ -133,6 +141,8 @@ def _calibrate_and_heal(
                     "healing did not improve on the held-out data: the calibrated parameters were kept (try a lower --heal-lr)"
                 )
             outcome.drift["healed"] = measure_drift(original, converted, judged)
+        elif "calibrated" in outcome.drift:
+            outcome.notes.append(UNHEALED_NOTE)
     outcome.notes.extend(stream.notes)
     return outcome
 
