@@ -36,6 +36,7 @@ from bench_pretrained import (
 )
 
 import normswap
+from normswap.targets.base import DEFAULT_CHANNELS_PER_GROUP
 
 
 def fine_tuned(model: torch.nn.Module, data: Images, lr: float, steps: int, warmup: int, batch: int) -> list[float]:
@@ -77,7 +78,10 @@ def main() -> int:
         help="heal the calibrated model this many steps first (default: not healed)",
     )
     parser.add_argument(
-        "--channels-per-group", type=int, default=None, help="GroupNorm's fewest channels in a group (default: 16)"
+        "--channels-per-group",
+        type=int,
+        default=DEFAULT_CHANNELS_PER_GROUP,
+        help=f"GroupNorm's fewest channels in a group (default: {DEFAULT_CHANNELS_PER_GROUP}, normswap's)",
     )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -89,9 +93,13 @@ def main() -> int:
     images = training_images(data, args.train_images)
     calibration = shuffled(images, 128)  # as bench_pretrained calibrates
     original = resnet(args.resnets, args.model)
-    grouping = {"channels_per_group": args.channels_per_group} if args.channels_per_group else {}
     converted = normswap.convert(
-        original, test_x[:2], to="groupnorm", calibration_data=calibration, keep_eps=args.keep_eps, **grouping
+        original,
+        test_x[:2],
+        to="groupnorm",
+        calibration_data=calibration,
+        keep_eps=args.keep_eps,
+        channels_per_group=args.channels_per_group,
     ).model
     if args.heal_steps:
         normswap.heal(converted, original, calibration, normswap.HealOptions(steps=args.heal_steps), progress=False)
@@ -101,7 +109,7 @@ def main() -> int:
 
     print(
         f"{args.model}, batch {args.batch_size}, {args.steps} steps, warm-up {args.warmup}, "
-        f"channels per group {args.channels_per_group or 'default'}, torch {torch.__version__}"
+        f"channels per group {args.channels_per_group}, torch {torch.__version__}"
     )
     print("| model | lr | accuracy before | after | loss, first 50 steps | last 50 | seconds |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
