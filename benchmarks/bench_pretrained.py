@@ -152,6 +152,8 @@ def run_one(args: argparse.Namespace) -> None:
         score("kept", kept.model, time.monotonic() - start)
         rows["frozen"] = [entry.name for entry in kept.plan if entry.target == "frozen"]
         rows["keep_function"] = args.keep_function
+        for note in kept.notes:  # the search's own account: held-out agreement at each count frozen
+            print(f"  {args.model} {args.target} note: {note}", file=sys.stderr, flush=True)
         rows["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(rows), flush=True)
         return
