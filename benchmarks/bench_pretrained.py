@@ -117,6 +117,36 @@ def predictions(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([model(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)])
 
 
+def disagreement_by_certainty(
+    original: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> str:
+    """Where `model` disagrees with `original`: by how far the original's top class leads its
+    second (softmax probability), in its least certain tenth, the tenth after, and the rest."""
+    with torch.no_grad():
+        probs = torch.cat([original(x[i : i + 500]).softmax(1) for i in range(0, len(x), 500)])
+    top = probs.topk(2, 1)
+    lead = top.values[:, 0] - top.values[:, 1]
+    reference = top.indices[:, 0]
+    disagree = predictions(model, x) != reference
+    total = int(disagree.sum())
+    parts = [
+        f"{total} disagreements, the original wrong on {float((reference[disagree] != y[disagree]).float().mean()):.1%} of them"
+    ]
+    order = lead.argsort()
+    tenth = len(x) // 10
+    for name, chosen in (
+        ("least certain tenth", order[:tenth]),
+        ("next tenth", order[tenth : 2 * tenth]),
+        ("other eight tenths", order[2 * tenth :]),
+    ):
+        inside = disagree[chosen]
+        parts.append(
+            f"{name} (lead {float(lead[chosen].min()):.2f}-{float(lead[chosen].max()):.2f}): agreement "
+            f"{1 - float(inside.float().mean()):.1%}, {int(inside.sum()) / max(total, 1):.1%} of the disagreements"
+        )
+    return "; ".join(parts)
+
+
 def run_one(args: argparse.Namespace) -> None:
     """One (model, target) in this process; prints one JSON line of figures."""
     import normswap
@@ -150,6 +180,10 @@ def run_one(args: argparse.Namespace) -> None:
             original, example, to=args.target, calibration_data=loader, keep_function=args.keep_function, heal=options
         )
         score("kept", kept.model, time.monotonic() - start)
+        print(
+            f"  {args.model} {args.target} kept: {disagreement_by_certainty(original, kept.model, test_x, test_y)}",
+            file=sys.stderr,
+        )
         rows["frozen"] = [entry.name for entry in kept.plan if entry.target == "frozen"]
         rows["keep_function"] = args.keep_function
         for note in kept.notes:  # the search's own account: held-out agreement at each count frozen
@@ -164,6 +198,10 @@ def run_one(args: argparse.Namespace) -> None:
     start = time.monotonic()
     healing = normswap.heal(conversion.model, original, loader, options, inputs=1, progress=False)
     score("healed", conversion.model, calibrated + time.monotonic() - start)
+    print(
+        f"  {args.model} {args.target} healed: {disagreement_by_certainty(original, conversion.model, test_x, test_y)}",
+        file=sys.stderr,
+    )
     rows["healing"] = {
         "steps": healing.steps,
         "images": healing.images,
