@@ -112,28 +112,29 @@ def resnet(resnets: Path, name: str) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def predictions(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)])
-
-
-def disagreement_by_certainty(
-    original: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
-) -> str:
-    """Where `model` disagrees with `original`: by how far the original's top class leads its
-    second (softmax probability), in its least certain tenth, the tenth after, and the rest."""
     with torch.no_grad():
-        probs = torch.cat([original(x[i : i + 500]).softmax(1) for i in range(0, len(x), 500)])
-    top = probs.topk(2, 1)
+        return torch.cat([model(x[i : i + 500]) for i in range(0, len(x), 500)])
+
+
+def predictions(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return outputs(model, x).argmax(1)
+
+
+def disagreement_by_certainty(original_probs: torch.Tensor, predicted: torch.Tensor, y: torch.Tensor) -> str:
+    """Where `predicted` disagrees with the original: by how far the original's top class leads its
+    second (softmax probability), in its least certain tenth, the tenth after, and the rest."""
+    top = original_probs.topk(2, 1)
     lead = top.values[:, 0] - top.values[:, 1]
     reference = top.indices[:, 0]
-    disagree = predictions(model, x) != reference
+    disagree = predicted != reference
     total = int(disagree.sum())
     parts = [
         f"{total} disagreements, the original wrong on {float((reference[disagree] != y[disagree]).float().mean()):.1%} of them"
     ]
     order = lead.argsort()
-    tenth = len(x) // 10
+    tenth = len(y) // 10
     for name, chosen in (
         ("least certain tenth", order[:tenth]),
         ("next tenth", order[tenth : 2 * tenth]),
@@ -156,10 +157,11 @@ def run_one(args: argparse.Namespace) -> None:
     test_x, test_y = normalized(data["test_x"]), data["test_y"]
     loader = shuffled(training_images(data, args.train_images), args.batch_size)
     original = resnet(args.resnets, args.model)
-    reference = predictions(original, test_x)
+    original_probs = outputs(original, test_x).softmax(1)  # once: the reference and the breakdown's certainty
+    reference = original_probs.argmax(1)
     rows = {"model": args.model, "target": args.target, "images": args.train_images}
 
-    def score(stage: str, model: torch.nn.Module, seconds: float) -> None:
+    def score(stage: str, model: torch.nn.Module, seconds: float, breakdown: bool = False) -> None:
         p = predictions(model, test_x)
         rows[stage] = {
             "accuracy": float((p == test_y).float().mean()),
@@ -167,6 +169,11 @@ def run_one(args: argparse.Namespace) -> None:
             "seconds": seconds,
         }
         print(f"  {args.model} {args.target} {stage}: {rows[stage]}", file=sys.stderr, flush=True)
+        if breakdown:  # the last stage: where it still disagrees
+            print(
+                f"  {args.model} {args.target} {stage}: {disagreement_by_certainty(original_probs, p, test_y)}",
+                file=sys.stderr,
+            )
 
     score("original", original, 0.0)
     example = test_x[:2]
@@ -179,11 +186,7 @@ def run_one(args: argparse.Namespace) -> None:
         kept = normswap.convert(
             original, example, to=args.target, calibration_data=loader, keep_function=args.keep_function, heal=options
         )
-        score("kept", kept.model, time.monotonic() - start)
-        print(
-            f"  {args.model} {args.target} kept: {disagreement_by_certainty(original, kept.model, test_x, test_y)}",
-            file=sys.stderr,
-        )
+        score("kept", kept.model, time.monotonic() - start, breakdown=True)
         rows["frozen"] = [entry.name for entry in kept.plan if entry.target == "frozen"]
         rows["keep_function"] = args.keep_function
         for note in kept.notes:  # the search's own account: held-out agreement at each count frozen
@@ -197,11 +200,7 @@ def run_one(args: argparse.Namespace) -> None:
     score("calibrated", conversion.model, calibrated)
     start = time.monotonic()
     healing = normswap.heal(conversion.model, original, loader, options, inputs=1, progress=False)
-    score("healed", conversion.model, calibrated + time.monotonic() - start)
-    print(
-        f"  {args.model} {args.target} healed: {disagreement_by_certainty(original, conversion.model, test_x, test_y)}",
-        file=sys.stderr,
-    )
+    score("healed", conversion.model, calibrated + time.monotonic() - start, breakdown=True)
     rows["healing"] = {
         "steps": healing.steps,
         "images": healing.images,
